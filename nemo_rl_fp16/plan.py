@@ -1,0 +1,100 @@
+"""The run plan a dry run prints: engines, dtypes per side, parallel layout; and layout checks.
+
+Everything here is derived from the config alone (no model is built), so a bad layout fails in
+a second on a login node instead of after minutes of model loading on a cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nemo_rl_fp16.config import ConfigError, RecipeConfig
+from nemo_rl_fp16.precision import resolve_policies
+
+
+@dataclass(frozen=True)
+class Layout:
+    world_size: int
+    tp: int
+    pp: int
+    cp: int
+    ep: int
+    dp: int
+
+    def __str__(self) -> str:
+        return f"world {self.world_size} = TP {self.tp} x PP {self.pp} x CP {self.cp} x DP {self.dp} (EP {self.ep})"
+
+
+def parallel_layout(cfg: RecipeConfig) -> Layout:
+    """Derive DP from world size and TP/PP/CP; refuse layouts that do not divide."""
+    p = cfg.policy
+    world = cfg.cluster.nodes * max(cfg.cluster.gpus_per_node, 1)
+    model_parallel = p.tensor_parallel_size * p.pipeline_parallel_size * p.context_parallel_size
+    problems = []
+    if p.backend == "torch" and model_parallel * p.expert_parallel_size > 1:
+        problems.append(
+            "policy.tensor/pipeline/context/expert_parallel_size > 1 need policy.backend=megatron "
+            "(the torch backend shards with FSDP2 data parallelism only)"
+        )
+    if world % model_parallel:
+        problems.append(
+            f"world size {world} (cluster.nodes x cluster.gpus_per_node) is not divisible by "
+            f"TP x PP x CP = {model_parallel}; change the parallel sizes or the node count"
+        )
+    dp = max(world // model_parallel, 1)
+    if (dp * p.context_parallel_size) % p.expert_parallel_size:
+        problems.append(
+            f"policy.expert_parallel_size={p.expert_parallel_size} must divide DP x CP = "
+            f"{dp * p.context_parallel_size}"
+        )
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return Layout(world, p.tensor_parallel_size, p.pipeline_parallel_size, p.context_parallel_size,
+                  p.expert_parallel_size, dp)
+
+
+def make_plan(cfg: RecipeConfig) -> dict[str, object]:
+    """What the run will do, as an ordered dict of printable facts."""
+    train_pol, rollout_pol = resolve_policies(cfg.precision.model_dump())
+    layout = parallel_layout(cfg)
+    device = cfg.device if cfg.device != "auto" else ("cuda" if cfg.cluster.gpus_per_node else "cpu (auto)")
+    model = cfg.model.name_or_path or f"built from config ({cfg.model.config.get('model_type', '?')})"
+    samples = cfg.data.prompts_per_step * cfg.rollout.num_generations
+    return {
+        "recipe": cfg.recipe,
+        "output_dir": cfg.output_dir,
+        "model": model,
+        "device": device,
+        "trainer": f"{cfg.policy.backend}  dtypes: {_dtypes(train_pol.describe())}",
+        "rollout": f"{cfg.rollout.backend}  dtypes: {_dtypes(rollout_pol.describe())}",
+        "precision contract": (
+            "trainer and rollout agree" if not train_pol.differences(rollout_pol)
+            else "DELIBERATE MISMATCH: " + "; ".join(train_pol.differences(rollout_pol))
+        ),
+        "loss scaling": train_pol.describe()["loss_scale"],
+        "layout": str(layout),
+        "algorithm": (
+            f"{cfg.algorithm.name} + correction {cfg.algorithm.correction}, reduction "
+            f"{cfg.algorithm.reduction}, clip [{1 - cfg.algorithm.clip_low:g}, {1 + cfg.algorithm.clip_high:g}]"
+        ),
+        "data": f"{cfg.data.dataset} ({cfg.data.path or f'{cfg.data.num_problems} problems'}), reward {cfg.reward.name}",
+        "batch": (
+            f"{cfg.data.prompts_per_step} prompts x {cfg.rollout.num_generations} generations = {samples} "
+            f"samples/step, <= {cfg.rollout.max_new_tokens} new tokens, {cfg.algorithm.updates_per_rollout} "
+            f"update(s)/rollout"
+        ),
+        "steps": f"{cfg.trainer.max_steps} (save every {cfg.trainer.save_every or 'end'}, resume {cfg.trainer.resume})",
+        "warm start": (f"{cfg.warm_start.steps} SFT steps, cached in {cfg.warm_start.cache_dir}"
+                       if cfg.warm_start.enabled else "off"),
+    }
+
+
+def _dtypes(d: dict[str, str]) -> str:
+    short = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+    keys = ("param_dtype", "compute_dtype", "master_dtype", "logits_dtype", "router_dtype", "kv_cache_dtype")
+    return ", ".join(f"{k.removesuffix('_dtype')}={short[d[k]]}" for k in keys)
+
+
+def format_plan(plan: dict[str, object]) -> str:
+    width = max(len(k) for k in plan)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in plan.items())

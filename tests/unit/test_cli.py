@@ -1,0 +1,54 @@
+"""The console script, as a user runs it (subprocess)."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXE = shutil.which("nemo-rl-fp16", path=str(Path(sys.executable).parent))
+
+
+def cli(*args):
+    cmd = [EXE] if EXE else [sys.executable, "-m", "nemo_rl_fp16.cli"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_dry_run_prints_config_and_plan():
+    r = cli("rl", "recipe=grpo_fp16", "trainer.max_steps=3", "dry_run=true")
+    assert r.returncode == 0, r.stderr
+    assert "trainer:\n  max_steps: 3\n" in r.stdout
+    assert "# plan (rl)" in r.stdout and "layout" in r.stdout and "param=fp16" in r.stdout
+
+
+def test_unknown_key_is_one_line_error():
+    r = cli("rl", "recipe=grpo_fp16", "trainer.max_stepz=3", "dry_run=true")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "error: unknown key 'trainer.max_stepz' (value 3); did you mean 'trainer.max_steps'?"
+    ]
+    assert r.stdout == ""
+
+
+def test_undeclared_precision_ablation_refused():
+    r = cli("rl", "recipe=grpo_fp16", "precision.rollout=bf16", "dry_run=true")
+    assert r.returncode == 3 and "allow_mismatch" in r.stderr
+    r = cli("rl", "recipe=grpo_fp16", "precision.rollout=bf16", "precision.allow_mismatch=true", "dry_run=true")
+    assert r.returncode == 0 and "DELIBERATE MISMATCH" in r.stdout
+
+
+def test_help_lists_commands_and_recipes_command():
+    r = cli("--help")
+    assert r.returncode == 0
+    for c in ("rl", "mismatch", "demo", "recipes"):
+        assert c in r.stdout
+    r = cli("recipes")
+    assert r.returncode == 0 and "sanity_tiny" in r.stdout.split()
+
+
+@pytest.mark.parametrize("command", ["mismatch", "demo"])
+def test_other_commands_dry_run(command):
+    r = cli(command, "dry_run=true")
+    assert r.returncode == 0, r.stderr
+    assert "plan" in r.stdout
