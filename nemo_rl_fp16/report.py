@@ -1,0 +1,296 @@
+"""Offline training-inference mismatch report: JSON + Markdown + PNG plots, one run per precision.
+
+Reproduces the measurements of "Defeating the Training-Inference Mismatch via FP16"
+(https://arxiv.org/abs/2510.26788): KL(µ‖π) per response-length bucket (their Fig. 2), the π-vs-µ
+token-probability scatter, and the spread of sequence-level log-ratios, plus the headline
+KL ratio of each precision over FP16 (the paper reports ~24x for BF16).
+
+Every file is written atomically (temp file in ``out_dir`` + ``os.replace``) and ``report.json``
+is written last, so its presence means the report is complete. Plots use
+``matplotlib.figure.Figure`` directly, which needs no GUI backend and never touches pyplot state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+
+from nemo_rl_fp16.mismatch import PREFIX, bucket_edges, mismatch_metrics, sequence_logratios
+
+REQUIRED_ARRAYS = ("train_logp", "rollout_logp", "mask")
+OPTIONAL_ARRAYS = ("train_experts", "rollout_experts")
+MAX_SCATTER_POINTS = 20_000
+PLOTS = {
+    "kl_vs_length": "kl_vs_length.png",
+    "prob_scatter": "prob_scatter.png",
+    "seq_logratio_hist": "seq_logratio_hist.png",
+}
+_TABLE = (  # (column header, metric key without the prefix)
+    ("KL k1", "kl_k1"),
+    ("KL k3", "kl_k3"),
+    (r"\|log-ratio\| mean", "abs_logratio_mean"),  # pipes escaped for the table
+    (r"\|log-ratio\| max", "abs_logratio_max"),
+    ("seq log-ratio std", "seq_logratio_std"),
+)
+
+
+def auto_length_buckets(max_len: int, n_bins: int = 8) -> tuple[int, ...]:
+    """Linear response-length bucket edges covering [1, max_len] with at most ``n_bins`` bins.
+
+    Args:
+        max_len (int): longest response length in the data.
+        n_bins (int): maximum number of buckets.
+
+    Returns:
+        tuple[int, ...]: strictly increasing upper edges ending at ``max_len`` (``(1,)`` if the
+        data has no tokens).
+    """
+    if max_len < 1:
+        return (1,)
+    n = min(n_bins, max_len)
+    return tuple(sorted({max(1, round(max_len * (k + 1) / n)) for k in range(n)}))
+
+
+def write_report(
+    out_dir: str | os.PathLike,
+    runs: Mapping[str, Mapping[str, Any]],
+    *,
+    title: str = "Training-inference mismatch: KL(µ‖π) by precision",
+    length_buckets: Sequence[int] | None = None,
+    seed: int = 0,
+) -> dict:
+    """Compute :func:`~nemo_rl_fp16.mismatch.mismatch_metrics` per precision and write the report.
+
+    Files in ``out_dir``: ``report.json``, ``report.md``, ``kl_vs_length.png``,
+    ``prob_scatter.png``, ``seq_logratio_hist.png``.
+
+    ``report.json`` = ``{"title", "length_buckets", "runs": {precision: {n_sequences, n_tokens,
+    <all mismatch/* metrics>, <extra scalars>}}, "ratios": {"kl_k3_<p>_over_fp16": float | None},
+    "files": {...}}``. Ratios exist only when an ``fp16`` run is present, one per other precision;
+    a ratio over a zero fp16 KL is ``None``. Non-finite numbers are written as ``null``.
+
+    Args:
+        out_dir: directory (created if missing).
+        runs: precision name (``"fp32"``, ``"fp16"``, ``"bf16"``, …) → dict with numpy/torch
+            arrays ``train_logp`` ``[N, T]``, ``rollout_logp`` ``[N, T]``, ``mask`` ``[N, T]``;
+            optionally ``train_experts``/``rollout_experts`` ``[N, T, layers, k]`` (flip rate)
+            and extra scalar fields (numbers or strings), copied to the JSON and the table.
+        title (str): report heading.
+        length_buckets (Sequence[int] | None): bucket upper edges; ``None`` picks linear buckets
+            from the longest response over all runs (:func:`auto_length_buckets`).
+        seed (int): RNG seed for the scatter subsample (≤ ``MAX_SCATTER_POINTS`` per panel).
+
+    Returns:
+        dict: the JSON content.
+
+    Raises:
+        ValueError: no runs, a missing array, or a non-scalar extra field.
+    """
+    if not runs:
+        raise ValueError("write_report needs at least one run")
+    data = {name: _split_run(name, run) for name, run in runs.items()}
+    if length_buckets is None:
+        max_len = max(int(arrs["mask"].sum(-1).max(initial=0)) for arrs, _ in data.values())
+        length_buckets = auto_length_buckets(max_len)
+    buckets = tuple(int(b) for b in length_buckets)
+
+    report: dict[str, Any] = {"title": title, "length_buckets": list(buckets), "runs": {}}
+    for name, (arrs, extras) in data.items():
+        metrics = mismatch_metrics(
+            arrs["train_logp"], arrs["rollout_logp"], arrs["mask"], length_buckets=buckets,
+            train_experts=arrs.get("train_experts"), rollout_experts=arrs.get("rollout_experts"),
+        )
+        report["runs"][name] = {
+            "n_sequences": int(arrs["mask"].shape[0]),
+            "n_tokens": int(arrs["mask"].sum()),
+            **metrics,
+            **extras,
+        }
+    ratios = {}
+    if "fp16" in report["runs"]:
+        ref = report["runs"]["fp16"][PREFIX + "kl_k3"]
+        for name, entry in report["runs"].items():
+            if name != "fp16":
+                ratios[f"kl_k3_{name}_over_fp16"] = entry[PREFIX + "kl_k3"] / ref if ref > 0 else None
+    report["ratios"] = ratios
+    report["files"] = {"markdown": "report.md", **PLOTS}
+    report = _json_safe(report)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    _atomic_write(out / PLOTS["kl_vs_length"], lambda f: _plot_kl_vs_length(f, report, buckets))
+    _atomic_write(out / PLOTS["prob_scatter"], lambda f: _plot_scatter(f, data, rng))
+    _atomic_write(out / PLOTS["seq_logratio_hist"], lambda f: _plot_hist(f, data))
+    md = _markdown(report).encode()
+    _atomic_write(out / "report.md", lambda f: f.write(md))
+    js = (json.dumps(report, indent=2, allow_nan=False) + "\n").encode()
+    _atomic_write(out / "report.json", lambda f: f.write(js))
+    return report
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        if x.is_floating_point():
+            x = x.to(torch.float64)
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _split_run(name: str, run: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict]:
+    missing = [k for k in REQUIRED_ARRAYS if k not in run]
+    if missing:
+        raise ValueError(f"run {name!r} is missing {missing}; each run needs {list(REQUIRED_ARRAYS)}")
+    arrs = {k: _to_numpy(run[k]) for k in REQUIRED_ARRAYS + OPTIONAL_ARRAYS if k in run}
+    arrs["mask"] = arrs["mask"] != 0
+    extras = {}
+    for key, value in run.items():
+        if key in arrs:
+            continue
+        if isinstance(value, str):
+            extras[key] = value
+            continue
+        value = _to_numpy(value)
+        if value.ndim != 0:
+            raise ValueError(
+                f"run {name!r} field {key!r} is not a scalar (shape {value.shape}); extra fields "
+                f"must be numbers or strings, arrays are only {list(REQUIRED_ARRAYS + OPTIONAL_ARRAYS)}"
+            )
+        extras[key] = value.item()
+    return arrs, extras
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.3e}"
+    return str(x)
+
+
+def _markdown(report: dict) -> str:
+    runs = report["runs"]
+    known = {"n_sequences", "n_tokens"}
+    extra_keys = sorted({k for e in runs.values() for k in e if k not in known and not k.startswith(PREFIX)})
+    header = ["precision", "sequences", "tokens", *(h for h, _ in _TABLE), *extra_keys]
+    lines = [f"# {report['title']}", "", "| " + " | ".join(header) + " |",
+             "|" + "---|" * len(header)]
+    for name, e in runs.items():
+        cells = [name, str(e["n_sequences"]), str(e["n_tokens"])]
+        cells += [_fmt(e.get(PREFIX + key)) for _, key in _TABLE]
+        cells += [_fmt(e.get(k, "")) for k in extra_keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    if report["ratios"]:
+        for key, value in report["ratios"].items():
+            other = key[len("kl_k3_"):-len("_over_fp16")]
+            shown = "n/a (fp16 KL is 0)" if value is None else f"**{value:.2f}x**"
+            lines.append(f"- KL(µ‖π) k3 ratio {other}/fp16: {shown}")
+    else:
+        lines.append("- No fp16 run, so no KL ratio over fp16.")
+    lines += ["", f"Length buckets (upper edges): {report['length_buckets']}", ""]
+    lines += [f"![{stem}]({png})" for stem, png in PLOTS.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _figure(ncols: int = 1, bottom: float = 0.13):
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:  # pragma: no cover - matplotlib ships with the package's deps
+        raise ImportError("write_report needs matplotlib: pip install matplotlib") from e
+    # Fixed margins instead of constrained/tight layout: same look here, half the render time.
+    fig = Figure(figsize=(4.5 * ncols, 4.0))
+    fig.subplots_adjust(left=0.16 / ncols, right=1 - 0.04 / ncols, bottom=bottom, top=0.9,
+                        wspace=0.3)
+    return fig
+
+
+def _plot_kl_vs_length(f: IO[bytes], report: dict, buckets: tuple[int, ...]) -> None:
+    names = [name for _, _, name in bucket_edges(buckets)  # buckets some run has data for
+             if any(f"{PREFIX}kl_by_length/{name}" in e for e in report["runs"].values())]
+    fig = _figure(bottom=0.24)
+    ax = fig.add_subplot()
+    positive = False
+    for prec, entry in report["runs"].items():
+        pts = [(i, entry.get(f"{PREFIX}kl_by_length/{b}")) for i, b in enumerate(names)]
+        pts = [(i, v) for i, v in pts if v is not None and v > 0]
+        positive |= bool(pts)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=prec)
+    if positive:
+        ax.set_yscale("log")
+        ax.legend()
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    ax.set_xlabel("response length (tokens)")
+    ax.set_ylabel("KL(µ‖π), k3 estimator")
+    ax.set_title("Mismatch KL vs response length")
+    fig.savefig(f, format="png", dpi=100)
+
+
+def _plot_scatter(f: IO[bytes], data: dict, rng: np.random.Generator) -> None:
+    fig = _figure(len(data))
+    for k, (prec, (arrs, _)) in enumerate(data.items()):
+        ax = fig.add_subplot(1, len(data), k + 1)
+        m = arrs["mask"]
+        mu = np.exp(arrs["rollout_logp"][m].astype(np.float64))
+        pi = np.exp(arrs["train_logp"][m].astype(np.float64))
+        if mu.size > MAX_SCATTER_POINTS:
+            idx = rng.choice(mu.size, MAX_SCATTER_POINTS, replace=False)
+            mu, pi = mu[idx], pi[idx]
+        ax.scatter(mu, pi, s=2, alpha=0.3, linewidths=0)
+        ax.plot([0, 1], [0, 1], color="gray", linewidth=0.8)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="µ (rollout) token prob",
+               ylabel="π (trainer) token prob", title=prec)
+    fig.savefig(f, format="png", dpi=100)
+
+
+def _plot_hist(f: IO[bytes], data: dict) -> None:
+    fig = _figure()
+    ax = fig.add_subplot()
+    seqs = {p: sequence_logratios(a["train_logp"], a["rollout_logp"], a["mask"]).cpu().numpy()
+            for p, (a, _) in data.items()}
+    values = np.concatenate([v for v in seqs.values()] + [np.zeros(1)])
+    values = values[np.isfinite(values)]
+    lo, hi = float(values.min()), float(values.max())
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    bins = np.linspace(lo, hi, 51)
+    for prec, v in seqs.items():
+        ax.hist(v[np.isfinite(v)], bins=bins, histtype="step", label=prec)
+    ax.legend()
+    ax.set_xlabel("sequence log-ratio Σ_t (log π − log µ)")
+    ax.set_ylabel("sequences")
+    ax.set_title("Sequence-level log-ratio")
+    fig.savefig(f, format="png", dpi=100)
