@@ -151,8 +151,8 @@ class RewardSection(_Section):
 
 class WarmStartSection(_Section):
     enabled: bool = False
-    steps: int = Field(300, ge=1)
-    lr: float = Field(3e-3, gt=0)
+    steps: int = Field(70, ge=1)
+    lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(32, ge=1)
     cache_dir: str = "outputs/.cache/warm_start"
 

@@ -1,0 +1,323 @@
+"""Atomic checkpoints: save, find the latest complete one, verify and load, export to HF.
+
+A multi-day RL run is killed at arbitrary moments (preemption, OOM, Slurm time limit), so a
+checkpoint is either complete or invisible: files are written into `<root>/.tmp_step_<N>_<pid>`,
+`meta.json` (sizes + sha256 of every file) is written last as the completeness marker, and the
+directory is renamed to `<root>/step_<N:06d>` in one step. Loading re-verifies the checksums and
+never returns partial data; resuming must reproduce the run, so the RNG states travel too.
+
+Layout of a step directory:
+    model.safetensors   fp32 master weights (safetensors: no pickle, mmap-able)
+    trainer_state.pt    {"trainer_state", "rng", "data_state"} via torch.save; loads with
+                        torch.load(weights_only=True) (tensors, containers, python scalars)
+    meta.json           {"format", "step", "files": {name: {"bytes", "sha256"}}, "meta"}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT = "nemo_rl_fp16.checkpoint/1"
+MODEL_FILE, STATE_FILE, META_FILE = "model.safetensors", "trainer_state.pt", "meta.json"
+_STEP_RE = re.compile(r"^step_(\d+)$")
+# what torch.load(weights_only=True) accepts (checked at save time, not discovered at resume)
+_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.Tensor, torch.dtype, torch.Size, torch.device)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or corrupt; the message names the file and the fix."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or directory to disk so a crash after rename cannot expose empty files."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _check_serialisable(obj, where: str) -> None:
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            _check_serialisable(k, f"{where} key {k!r}")
+            _check_serialisable(v, f"{where}[{k!r}]")
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        for i, v in enumerate(obj):
+            _check_serialisable(v, f"{where}[{i}]")
+    elif not isinstance(obj, _LEAVES):
+        raise CheckpointError(
+            f"cannot checkpoint {where}: {type(obj).__name__} does not load with torch.load(weights_only=True); "
+            "convert it to a tensor, list or python scalar"
+        )
+
+
+def _safetensors_ready(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, no shared storage (safetensors refuses aliased tensors, e.g. tied heads)."""
+    out, seen = {}, set()
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"cannot checkpoint model_state[{k!r}]: {type(v).__name__} is not a tensor")
+        t = v.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() and ptr in seen:
+            t = t.clone()
+        seen.add(ptr)
+        out[k] = t
+    return out
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename `src` onto `dst`; an existing `dst` is swapped out first, then deleted."""
+    if dst.exists():
+        old = dst.parent / f".old_{dst.name}_{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+    _fsync(dst.parent)
+
+
+def save_checkpoint(
+    root: str | os.PathLike,
+    step: int,
+    *,
+    model_state: Mapping[str, torch.Tensor],
+    trainer_state: dict,
+    rng: dict,
+    data_state: dict,
+    meta: dict | None = None,
+    keep_last: int | None = 2,
+) -> Path:
+    """Write `<root>/step_<N:06d>` atomically and prune to the newest `keep_last` (None/0: keep all).
+
+    `meta` must be JSON-serialisable (recipe name, config, metrics); it goes into meta.json.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    bundle = {"trainer_state": trainer_state, "rng": rng, "data_state": data_state}
+    _check_serialisable(bundle, "checkpoint")
+    tensors = _safetensors_ready(model_state)
+    try:
+        meta_json = json.loads(json.dumps(meta or {}))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"cannot checkpoint meta: not JSON-serialisable ({e}); pass plain python values"
+        ) from None
+    tmp = root / f".tmp_step_{step}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "step": str(step)})
+        torch.save(bundle, tmp / STATE_FILE)
+        files = {}
+        for name in (MODEL_FILE, STATE_FILE):
+            _fsync(tmp / name)
+            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+        record = {"format": FORMAT, "step": int(step), "time": time.time(), "files": files, "meta": meta_json}
+        (tmp / META_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
+        _fsync(tmp / META_FILE)
+        _fsync(tmp)
+        final = root / f"step_{step:06d}"
+        _replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep_last:
+        for old in list_checkpoints(root)[:-keep_last]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _read_meta(path: Path) -> dict:
+    """Parse and sanity-check meta.json; CheckpointError (one line) otherwise."""
+    mpath = path / META_FILE
+    if not mpath.is_file():
+        raise CheckpointError(
+            f"{mpath} is missing: {path} is not a complete checkpoint; pass a complete step_NNNNNN dir"
+        )
+    try:
+        record = json.loads(mpath.read_text())
+        files = record["files"]
+        int(record["step"])
+        if not all(
+            isinstance(files[n]["bytes"], int) and isinstance(files[n]["sha256"], str) for n in (MODEL_FILE, STATE_FILE)
+        ):
+            raise ValueError("bad file entry")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"{mpath} is unreadable ({type(e).__name__}: {e}): the checkpoint is corrupt; delete it or resume from an older step dir"
+        ) from None
+    return record
+
+
+def _check_files(path: Path, record: dict, checksums: bool) -> None:
+    for name, info in record["files"].items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(
+                f"{f} is missing: the checkpoint is incomplete; delete it or pass trainer.resume=<older step dir>"
+            )
+        size = f.stat().st_size
+        if size != info["bytes"]:
+            raise CheckpointError(
+                f"size mismatch in {f} ({size} bytes, meta.json says {info['bytes']}): the checkpoint is corrupt; delete it or pass trainer.resume=<older step dir>"
+            )
+        if checksums and _sha256(f) != info["sha256"]:
+            raise CheckpointError(
+                f"checksum mismatch in {f}: the checkpoint is corrupt; delete it or pass trainer.resume=<older step dir>"
+            )
+
+
+def _is_complete(path: Path) -> bool:
+    """Cheap completeness test (meta.json present and sizes match); checksums are load's job."""
+    try:
+        _check_files(path, _read_meta(path), checksums=False)
+        return True
+    except CheckpointError:
+        return False
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete `step_*` dirs under `root`, oldest first (temp and incomplete dirs skipped)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = _STEP_RE.match(d.name)
+        if m and d.is_dir() and _is_complete(d):
+            found.append((int(m.group(1)), d))
+    return [d for _, d in sorted(found)]
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The highest complete step dir under `root`, or None."""
+    ckpts = list_checkpoints(root)
+    return ckpts[-1] if ckpts else None
+
+
+def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict:
+    """Verify (sizes + sha256 when `verify`) and load a step dir.
+
+    Returns {"step", "model_state", "trainer_state", "rng", "data_state", "meta", "path"};
+    raises CheckpointError instead of returning anything partial.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} does not exist or is not a directory; pass a step_NNNNNN checkpoint dir")
+    if not (path / META_FILE).exists() and list_checkpoints(path):
+        raise CheckpointError(f"{path} is a checkpoint root, not a step dir; pass e.g. {latest_checkpoint(path)}")
+    record = _read_meta(path)
+    _check_files(path, record, checksums=verify)
+    try:
+        model_state = load_file(str(path / MODEL_FILE))
+    except Exception as e:
+        raise CheckpointError(
+            f"cannot read {path / MODEL_FILE} ({type(e).__name__}: {e}); the checkpoint is corrupt; delete it or pass trainer.resume=<older step dir>"
+        ) from None
+    try:
+        bundle = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        parts = bundle["trainer_state"], bundle["rng"], bundle["data_state"]
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"cannot read {path / STATE_FILE} ({type(e).__name__}: {msg}); the checkpoint is corrupt; delete it or pass trainer.resume=<older step dir>"
+        ) from None
+    return {
+        "step": int(record["step"]),
+        "model_state": model_state,
+        "trainer_state": parts[0],
+        "rng": parts[1],
+        "data_state": parts[2],
+        "meta": record.get("meta", {}),
+        "path": path,
+    }
+
+
+def capture_rng() -> dict:
+    """Python, numpy, torch CPU (and CUDA) RNG states as tensors/lists (weights_only-safe)."""
+    import numpy as np
+
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    """Inverse of `capture_rng`; CUDA states are restored only when the device count matches."""
+    import numpy as np
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def export_hf(path: str | os.PathLike, model, tokenizer=None) -> Path:
+    """`save_pretrained` (safetensors) of model (+ tokenizer) into `path`, swapped in atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp_{path.name}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    kwargs = {}
+    if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:  # transformers < 5
+        kwargs["safe_serialization"] = True
+    try:
+        model.save_pretrained(tmp, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for f in tmp.iterdir():
+            _fsync(f)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

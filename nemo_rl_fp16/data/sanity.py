@@ -1,0 +1,91 @@
+"""Perfectible sanity tasks and the dataset registry.
+
+The paper's "perfectible" set keeps only problems the initial policy solves with non-zero
+probability, so a correct RL algorithm should drive training accuracy to ~100% and any plateau
+or collapse is the algorithm's (or the precision's) fault. These synthetic tasks give the same
+property on CPU: a tiny Qwen2 warm-started by SFT (`warmstart.py`) solves them sometimes, and RL
+only has to sharpen what the model already knows.
+
+Every generator is deterministic given `(num_problems, seed)` and draws without replacement.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One prompt (already templated, ready to tokenize) and its reference answer."""
+
+    prompt: str
+    answer: str
+
+
+def _sample_unique(rng: random.Random, n: int, space: int, name: str) -> list[int]:
+    if n < 1 or n > space:
+        raise ValueError(f"{name}: num_problems={n} must be in [1, {space}] (distinct problems available)")
+    return rng.sample(range(space), n)
+
+
+def make_add(num_problems: int, seed: int) -> list[Problem]:
+    """Two-digit addition, `"37+45="` -> `"82"` (8100 distinct problems)."""
+    rng = random.Random(f"sanity_add:{seed}")
+    out = []
+    for k in _sample_unique(rng, num_problems, 90 * 90, "sanity_add"):
+        a, b = 10 + k // 90, 10 + k % 90
+        out.append(Problem(prompt=f"{a}+{b}=", answer=str(a + b)))
+    return out
+
+
+def make_reverse(num_problems: int, seed: int) -> list[Problem]:
+    """Reverse a 4-digit string, `"1234="` -> `"4321"` (10000 distinct problems)."""
+    rng = random.Random(f"sanity_reverse:{seed}")
+    out = []
+    for k in _sample_unique(rng, num_problems, 10_000, "sanity_reverse"):
+        s = f"{k:04d}"
+        out.append(Problem(prompt=f"{s}=", answer=s[::-1]))
+    return out
+
+
+# name -> generator(num_problems, seed); `jsonl` is handled by `get_dataset` (it reads a file)
+DATASETS: dict[str, Callable[[int, int], list[Problem]]] = {
+    "sanity_add": make_add,
+    "sanity_reverse": make_reverse,
+}
+DEFAULT_NUM_PROBLEMS = 64
+
+
+def make_sanity_dataset(name: str, num_problems: int = DEFAULT_NUM_PROBLEMS, seed: int = 0) -> list[Problem]:
+    """Build the registered synthetic dataset `name`; unknown names list the choices."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown sanity dataset '{name}'; choose one of: {', '.join(sorted(DATASETS))}")
+    return DATASETS[name](num_problems, seed)
+
+
+def get_dataset(data_cfg: Mapping[str, Any], seed: int = 0) -> list[Problem]:
+    """Problems selected by the recipe's `data` block (`data.dataset` = registered name | jsonl).
+
+    Reads `dataset`, and for `jsonl`: `path`, `prompt_key`, `answer_key`, `template`; for the
+    synthetic sets: `num_problems` (optional) and the run `seed`.
+    """
+    name = data_cfg.get("dataset")
+    if name == "jsonl":
+        from nemo_rl_fp16.data.jsonl import load_jsonl  # lazy: jsonl imports Problem from here
+
+        path = data_cfg.get("path")
+        if not path:
+            raise ValueError("data.dataset=jsonl needs data.path=<file.jsonl>")
+        return load_jsonl(
+            path,
+            prompt_key=data_cfg.get("prompt_key") or "prompt",
+            answer_key=data_cfg.get("answer_key") or "answer",
+            template=data_cfg.get("template") or "{prompt}",
+        )
+    if name not in DATASETS:
+        choices = ", ".join([*sorted(DATASETS), "jsonl"])
+        raise ValueError(f"unknown data.dataset '{name}'; choose one of: {choices}")
+    return make_sanity_dataset(name, int(data_cfg.get("num_problems") or DEFAULT_NUM_PROBLEMS), seed)
