@@ -1,0 +1,128 @@
+"""The two engine protocols the RL loop talks to, and the batch that flows between them.
+
+The trainer loop (`trainer.py`) imports only these names: a `RolloutEngine` samples responses
+and reports the log-probs µ of what it sampled; a `PolicyTrainer` scores the same tokens under
+π and takes optimizer steps. Both are built from one `PrecisionPolicy` (`precision.py`).
+
+Token layout of a `RolloutBatch` (one row per sample, `N = prompts * num_generations`):
+
+    input_ids  [N, P + T]   left-padded prompt (width P) followed by the response (width T,
+                            right-padded with pad_token_id after EOS)
+    attention_mask [N, P + T]  1 on real prompt and response tokens (EOS included), 0 on padding
+    response_mask  [N, T]      1 on real response tokens (EOS included), 0 on padding
+    rollout_logp   [N, T]      fp32 log µ(token) from the distribution the engine sampled from
+                               (logits / temperature, fp32 log-softmax); 0 where masked
+
+Response token t of row i sits at `input_ids[i, P + t]` and is predicted by the logits at
+position `P + t - 1`. Position ids are `attention_mask.cumsum(-1) - 1` (clamped at 0), so a
+left-padded prompt is positioned as if unpadded, identically in both engines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from nemo_rl_fp16.precision import PrecisionPolicy
+
+
+@dataclass
+class RolloutBatch:
+    """Sampled responses plus what the rollout engine believed about them (see module doc)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    rollout_logp: torch.Tensor
+    prompt_width: int
+    # index of the prompt each row answers (rows of one prompt are consecutive)
+    prompt_index: torch.Tensor
+    # MoE only: experts the engine picked, [N, T, layers, top_k] int; None for dense models
+    rollout_experts: torch.Tensor | None = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def responses(self) -> torch.Tensor:
+        """Response token ids `[N, T]` (padding included)."""
+        return self.input_ids[:, self.prompt_width :]
+
+    @property
+    def num_samples(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, rows: torch.Tensor | slice) -> RolloutBatch:
+        """Rows of the batch (micro-batching); tensors are views where possible."""
+        return RolloutBatch(
+            input_ids=self.input_ids[rows],
+            attention_mask=self.attention_mask[rows],
+            response_mask=self.response_mask[rows],
+            rollout_logp=self.rollout_logp[rows],
+            prompt_width=self.prompt_width,
+            prompt_index=self.prompt_index[rows],
+            rollout_experts=None if self.rollout_experts is None else self.rollout_experts[rows],
+            extras=self.extras,
+        )
+
+
+@dataclass
+class SamplingParams:
+    """How the rollout engine samples; the trainer scores with the same temperature."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    num_generations: int = 1
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class TrainStepResult:
+    """Outcome of one optimizer step attempt."""
+
+    skipped: bool  # True when fp16 gradients overflowed: weights untouched, scale backed off
+    grad_norm: float  # fp32 norm of the unscaled gradients before clipping (inf/nan if skipped)
+    loss_scale: float  # the scale used for this attempt
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+# A loss closure: given π log-probs [n, T] (fp32, with grad) for rows `rows` of the batch,
+# return (loss contribution, metrics). The trainer loop owns normalisation across micro-batches.
+LossFn = Callable[[torch.Tensor, slice], tuple[torch.Tensor, dict[str, float]]]
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """Samples responses in the rollout precision and refits weights from the trainer."""
+
+    policy: PrecisionPolicy
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> RolloutBatch: ...
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None: ...
+
+    def audit(self) -> list[str]: ...
+
+
+@runtime_checkable
+class PolicyTrainer(Protocol):
+    """Holds π: fp32 master weights, optimizer, loss scaler; scores and updates."""
+
+    policy: PrecisionPolicy
+
+    def logprobs(self, batch: RolloutBatch, temperature: float) -> torch.Tensor: ...
+
+    def train_step(self, batch: RolloutBatch, loss_fn: LossFn, temperature: float) -> TrainStepResult: ...
+
+    def rollout_state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def activation_headroom(self, batch: RolloutBatch) -> dict[str, float]: ...
+
+    def audit(self) -> list[str]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...

@@ -1,0 +1,274 @@
+"""`TorchPolicyTrainer`: the HF/torch policy π with fp32 master weights and fp16/bf16 compute.
+
+Layout (what FSDP's `MixedPrecisionPolicy(param_dtype=...)` and Megatron's fp16 optimizer do,
+deliberately *not* autocast): an fp32 master model owns the parameters and the AdamW state; a
+compute copy in `policy.param_dtype` runs forward and backward. Each step casts master ->
+compute, backpropagates `loss * scale` through the compute copy micro-batch by micro-batch,
+accumulates each micro-batch's low-precision gradients in `grad_reduce_dtype` (fp32, as FSDP's
+`reduce_dtype` and Megatron's main_grad do), unscales them into fp32 master `.grad` (dividing in
+fp32), and either skips the step (any inf/nan: weights and optimizer state untouched, loss scale
+backed off per hysteresis) or clips and steps. When `param_dtype` is fp32 the compute copy *is*
+the master (no copy).
+
+Optional multi-GPU: with torch.distributed initialised and world size > 1 the master is wrapped
+with FSDP2 `fully_shard` + `MixedPrecisionPolicy(param_dtype, reduce_dtype=grad_reduce_dtype)`,
+which then plays the compute copy's role (see `_fsdp_wrap`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from nemo_rl_fp16.fp16_cpu import maybe_fp16_gemm_as_fp32
+from nemo_rl_fp16.interfaces import LossFn, RolloutBatch, TrainStepResult
+from nemo_rl_fp16.models import (
+    ActivationMonitor,
+    build_model,
+    cast_params_,
+    decoder_layers,
+    load_weights_,
+    position_ids_from_mask,
+    response_logprobs,
+)
+from nemo_rl_fp16.precision import DynamicLossScaler, PrecisionPolicy, audit_model, dtype_name
+
+GradHook = Callable[[list[torch.Tensor]], None]
+
+
+class TorchPolicyTrainer:
+    """PolicyTrainer over an HF causal LM (see module doc for the precision layout).
+
+    Args:
+        model_cfg: the recipe's `model:` block (see `models.build_model`).
+        policy: the trainer-side precision policy.
+        lr, weight_decay, max_grad_norm: AdamW and clipping (`max_grad_norm <= 0`: no clipping).
+        micro_batch_size: rows per forward/backward; gradients accumulate across micro-batches.
+        seed: seeds the random init of a `config`-built model (`models.build_model`).
+        device: torch device of both copies.
+        initial_state_dict: fp32 HF state dict to start from (e.g. after a warm start).
+    """
+
+    def __init__(self, model_cfg: Mapping[str, Any], policy: PrecisionPolicy, *, lr: float,
+                 weight_decay: float = 0.0, max_grad_norm: float = 1.0, micro_batch_size: int = 8,
+                 seed: int = 0, device: torch.device | str = "cpu",
+                 initial_state_dict: Mapping[str, torch.Tensor] | None = None):
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        if policy.master_dtype != torch.float32:
+            raise ValueError(f"master weights must be float32, policy has {dtype_name(policy.master_dtype)}")
+        self.policy = policy
+        self.device = torch.device(device)
+        self.max_grad_norm = float(max_grad_norm)
+        self.micro_batch_size = int(micro_batch_size)
+        #: test/debug hook applied to the fp32 master grads before the inf check (e.g. plant an inf).
+        self.grad_hook: GradHook | None = None
+
+        self.master = build_model(model_cfg, torch.float32, seed=seed, device=self.device)
+        if initial_state_dict is not None:
+            load_weights_(self.master, initial_state_dict)
+        self._fsdp = _fsdp_wrap(self.master, policy)
+        if self._fsdp or policy.param_dtype == torch.float32:
+            self.compute = self.master
+        else:
+            self.compute = cast_params_(copy.deepcopy(self.master), policy.param_dtype)
+        self._compute_stale = True
+        self._master_params = list(self.master.parameters())
+        self._compute_params = list(self.compute.parameters())
+        self._acc: list[torch.Tensor | None] = [None] * len(self._compute_params)  # grad accumulators
+        self.optimizer = torch.optim.AdamW(self._master_params, lr=lr, weight_decay=weight_decay)
+        ls = policy.loss_scale
+        self.scaler = DynamicLossScaler.from_config(ls) if ls.enabled else None
+
+    # ------------------------------------------------------------------ helpers
+    def _sync_compute(self) -> None:
+        """Cast master -> compute copy, once per optimizer step (lazily)."""
+        if self._compute_stale and self.compute is not self.master:
+            with torch.no_grad():
+                for pc, pm in zip(self._compute_params, self._master_params, strict=True):
+                    pc.copy_(pm)
+        self._compute_stale = False
+
+    def _gemm_ctx(self):
+        return maybe_fp16_gemm_as_fp32(self.device, self.policy.param_dtype)
+
+    def _micro_batches(self, n: int):
+        for start in range(0, n, self.micro_batch_size):
+            yield slice(start, min(n, start + self.micro_batch_size))
+
+    # ------------------------------------------------------------------ PolicyTrainer
+    def logprobs(self, batch: RolloutBatch, temperature: float) -> torch.Tensor:
+        """`[N, T]` fp32 log π of the batch's response tokens (0 where masked), no grad.
+
+        Returned on the batch's device, like the log-probs `train_step` hands to `loss_fn`.
+        """
+        self._sync_compute()
+        out = []
+        with torch.no_grad(), self._gemm_ctx():
+            for rows in self._micro_batches(batch.num_samples):
+                mb = batch.select(rows)
+                logp = response_logprobs(self.compute, mb.input_ids.to(self.device),
+                                         mb.attention_mask.to(self.device), mb.prompt_width,
+                                         temperature, self.policy.logits_dtype)
+                out.append(torch.where(mb.response_mask.to(self.device).bool(), logp, 0.0))
+        return torch.cat(out).to(batch.input_ids.device)
+
+    def train_step(self, batch: RolloutBatch, loss_fn: LossFn, temperature: float) -> TrainStepResult:
+        """One optimizer step over `batch` (micro-batched; see module doc for the skip rules)."""
+        self._sync_compute()
+        self.compute.zero_grad(set_to_none=True)
+        self.master.zero_grad(set_to_none=True)
+        self._acc = [None] * len(self._compute_params)
+        scale = self.scaler.scale if self.scaler is not None else 1.0
+        loss_sum, metric_sums, n_rows = 0.0, {}, batch.num_samples
+        with self._gemm_ctx():
+            for rows in self._micro_batches(n_rows):
+                mb = batch.select(rows)
+                logp = response_logprobs(self.compute, mb.input_ids.to(self.device),
+                                         mb.attention_mask.to(self.device), mb.prompt_width,
+                                         temperature, self.policy.logits_dtype)
+                loss, metrics = loss_fn(logp.to(mb.input_ids.device), rows)
+                (loss * scale).backward()
+                self._accumulate_grads()
+                loss_sum += float(loss.detach())
+                w = (rows.stop - rows.start) / n_rows
+                for k, v in metrics.items():
+                    metric_sums[k] = metric_sums.get(k, 0.0) + w * float(v)
+
+        grads = self._unscale_into_master(scale)
+        if self.grad_hook is not None:
+            self.grad_hook(grads)
+        found_inf = _any_nonfinite(grads)
+        if found_inf:
+            grad_norm = float("nan")
+        elif self.max_grad_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self._master_params, self.max_grad_norm))
+        else:
+            grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        if not found_inf:
+            self.optimizer.step()
+            self._compute_stale = True
+        self.master.zero_grad(set_to_none=True)
+        self.compute.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.update(found_inf)
+
+        metrics = {"loss": loss_sum, **metric_sums, "loss_scale": scale, "skipped": float(found_inf)}
+        return TrainStepResult(skipped=found_inf, grad_norm=grad_norm, loss_scale=scale, metrics=metrics)
+
+    def _accumulate_grads(self) -> None:
+        """Move the compute copy's micro-batch grads into accumulators in `grad_reduce_dtype`."""
+        if self.compute is self.master:
+            return  # fp32, or FSDP (which reduces in reduce_dtype itself): .grad accumulates
+        for i, pc in enumerate(self._compute_params):
+            if pc.grad is not None:
+                g = pc.grad.to(self.policy.grad_reduce_dtype, copy=True)
+                self._acc[i] = g if self._acc[i] is None else self._acc[i].add_(g)
+                pc.grad = None
+
+    def _unscale_into_master(self, scale: float) -> list[torch.Tensor]:
+        """fp32 master grads = accumulated grads (upcast) / scale, divided in fp32."""
+        grads = []
+        for i, pm in enumerate(self._master_params):
+            if self.compute is not self.master:
+                acc, self._acc[i] = self._acc[i], None
+                pm.grad = None if acc is None else acc.to(pm.dtype)
+            if pm.grad is None:
+                continue
+            if scale != 1.0:
+                pm.grad.div_(scale)
+            grads.append(pm.grad)
+        return grads
+
+    def activation_headroom(self, batch: RolloutBatch) -> dict[str, float]:
+        """fp16 range monitor: max |hidden state| per decoder layer over a no-grad forward of `batch`.
+
+        Returns `range/act_absmax[/layer{i}]`, `range/fp16_headroom` (65504 / max) and
+        `range/act_nonfinite`; every position counts, padding included (it runs in fp16 too).
+        """
+        self._sync_compute()
+        with torch.no_grad(), self._gemm_ctx(), ActivationMonitor(self.compute) as monitor:
+            for rows in self._micro_batches(batch.num_samples):
+                mb = batch.select(rows)
+                attn = mb.attention_mask.to(self.device)
+                self.compute(input_ids=mb.input_ids.to(self.device), attention_mask=attn,
+                             position_ids=position_ids_from_mask(attn), use_cache=False, logits_to_keep=1)
+        return monitor.metrics()
+
+    def rollout_state_dict(self) -> dict[str, torch.Tensor]:
+        """fp32 master weights under HF names, for the rollout engine's refit."""
+        if self._fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self.master, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v.detach() for k, v in self.master.state_dict().items()}
+
+    def audit(self) -> list[str]:
+        """Dtype findings: the compute copy against the policy, the master against fp32."""
+        lines = [] if self._fsdp else audit_model(self.compute, self.policy)
+        bad_master = sorted({dtype_name(p.dtype) for p in self._master_params if p.dtype != self.policy.master_dtype})
+        if bad_master:
+            lines.append(f"<master weights>: found {', '.join(bad_master)}, expected "
+                         f"{dtype_name(self.policy.master_dtype)} (master_dtype)")
+        bad_state = sorted({f"{k} {dtype_name(v.dtype)}" for st in self.optimizer.state.values() for k, v in st.items()
+                            if torch.is_tensor(v) and v.is_floating_point() and k != "step"
+                            and v.dtype != self.policy.master_dtype})
+        if bad_state:
+            lines.append(f"<optimizer state>: found {', '.join(bad_state)}, expected "
+                         f"{dtype_name(self.policy.master_dtype)} (master_dtype)")
+        return lines
+
+    def state_dict(self) -> dict:
+        """{"model", "optimizer", "scaler"}: live references, like torch's (clone before mutating)."""
+        return {"model": self.rollout_state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": None if self.scaler is None else self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore master weights, optimizer state and loss scale (validated before any copy)."""
+        if (state.get("scaler") is None) != (self.scaler is None):
+            raise ValueError("checkpoint and trainer disagree on loss scaling (precision.loss_scale.enabled)")
+        if self._fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.master, state["model"], options=StateDictOptions(full_state_dict=True))
+        else:
+            load_weights_(self.master, state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self._compute_stale = True
+
+
+def _any_nonfinite(grads: list[torch.Tensor]) -> bool:
+    """True if any gradient holds inf/nan (one host sync, all-reduced under torch.distributed)."""
+    if not grads:
+        return False
+    flags = torch.stack([(~torch.isfinite(_local(g))).any() for g in grads]).any().float()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    return bool(flags.item())
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _fsdp_wrap(model: torch.nn.Module, policy: PrecisionPolicy) -> bool:
+    """FSDP2 per decoder layer + root with the policy's param/reduce dtypes, when world > 1.
+
+    Parameters stay fp32 (the master); FSDP casts them to `param_dtype` for compute and reduces
+    gradients in `grad_reduce_dtype`, so the grads land in fp32 on the sharded master.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=policy.param_dtype, reduce_dtype=policy.grad_reduce_dtype)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return True

@@ -1,0 +1,208 @@
+"""`TorchRolloutEngine`: a real KV-cached batched sampler over the HF model, in the rollout dtype.
+
+It is the CPU default rollout engine and the second implementation that produces a genuine
+training-inference mismatch: it holds its own copy of the weights in `policy.param_dtype`, runs
+one prefill over the left-padded prompts and then decodes token by token with a KV cache (HF
+`DynamicCache`, whose dtype follows the model's: checked against `policy.kv_cache_dtype`), while
+the trainer scores the same tokens with one full-sequence forward. In fp32 both agree to ~1e-6;
+in fp16/bf16 they differ by rounding noise, bf16 much more (arXiv 2510.26788).
+
+Log-prob semantics (`rollout_logp`): fp32 `log_softmax(logits / temperature)` of the sampled
+token, computed from the model's low-precision logits *before* top-p truncation — the quantity
+the trainer computes, so that π and µ are compared like for like. With `top_p = 1` it is exactly
+the log-prob of the distribution sampled from. Greedy decoding (`temperature = 0`) is scored at
+temperature 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from nemo_rl_fp16.fp16_cpu import maybe_fp16_gemm_as_fp32
+from nemo_rl_fp16.interfaces import RolloutBatch, SamplingParams
+from nemo_rl_fp16.models import (
+    build_model,
+    cache_kwarg,
+    load_weights_,
+    logprob_table,
+    position_ids_from_mask,
+)
+from nemo_rl_fp16.precision import PrecisionMismatchError, PrecisionPolicy, audit_model, dtype_name
+
+
+class TorchRolloutEngine:
+    """RolloutEngine over an HF causal LM with KV-cached decoding (see module doc).
+
+    Args:
+        model_cfg: the recipe's `model:` block (see `models.build_model`).
+        policy: the rollout-side precision policy (`param_dtype`, `kv_cache_dtype`, `logits_dtype`).
+        pad_token_id: fills left padding of prompts and the tail of finished responses.
+        eos_token_id: one id or several; a row stops after emitting any of them.
+        device: torch device of the model.
+        initial_state_dict: fp32 HF state dict to start from (else the seeded random/checkpoint init).
+        max_batch_size: rows decoded together; larger batches are processed in chunks.
+        seed: seeds the random init of a `config`-built model (same default as the trainer's).
+    """
+
+    def __init__(self, model_cfg: Mapping[str, Any], policy: PrecisionPolicy, *, pad_token_id: int,
+                 eos_token_id: int | Sequence[int] | None, device: torch.device | str = "cpu",
+                 initial_state_dict: Mapping[str, torch.Tensor] | None = None,
+                 max_batch_size: int = 64, seed: int = 0):
+        if policy.kv_cache_dtype != policy.param_dtype:
+            raise PrecisionMismatchError("torch rollout engine", [
+                f"kv_cache_dtype {dtype_name(policy.kv_cache_dtype)} != param_dtype "
+                f"{dtype_name(policy.param_dtype)}: HF DynamicCache stores keys/values in the model dtype"])
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.policy = policy
+        self.device = torch.device(device)
+        self.pad_token_id = int(pad_token_id)
+        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        self.eos_token_ids = tuple(int(e) for e in eos)
+        self.max_batch_size = int(max_batch_size)
+        self.model = build_model(model_cfg, policy.param_dtype, seed=seed, device=self.device)
+        self._cache_kw = cache_kwarg(self.model)
+        #: dtypes of the KV cache observed at the last prefill (for `audit`)
+        self.last_kv_cache_dtypes: set[torch.dtype] = set()
+        if initial_state_dict is not None:
+            self.update_weights(initial_state_dict)
+
+    # ------------------------------------------------------------------ RolloutEngine
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Refit from fp32 master weights (HF names), cast in place; all-or-nothing."""
+        load_weights_(self.model, state_dict)
+
+    def audit(self) -> list[str]:
+        """Parameter dtypes against the policy, plus the KV cache dtypes seen at the last prefill."""
+        lines = audit_model(self.model, self.policy)
+        bad = sorted(dtype_name(d) for d in self.last_kv_cache_dtypes if d != self.policy.kv_cache_dtype)
+        if bad:
+            lines.append(f"<kv cache>: found {', '.join(bad)}, expected "
+                         f"{dtype_name(self.policy.kv_cache_dtype)} (kv_cache_dtype)")
+        return lines
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> RolloutBatch:
+        """Sample `num_generations` responses per prompt (rows of one prompt consecutive).
+
+        Seeded by `params.seed` (a `torch.Generator`): the same seed, prompts and batch size give
+        the same samples. Returned tensors are on CPU; the response width is the longest response.
+        """
+        _check_params(prompts, params)
+        g = params.num_generations
+        rows = [list(p) for p in prompts for _ in range(g)]
+        width = max(len(p) for p in prompts)
+        stop = torch.tensor(sorted(set(self.eos_token_ids) | set(params.stop_token_ids)) or [-1],
+                            device=self.device)
+        gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        chunks = []
+        with torch.no_grad(), maybe_fp16_gemm_as_fp32(self.device, self.policy.param_dtype):
+            for start in range(0, len(rows), self.max_batch_size):
+                chunks.append(self._generate_chunk(rows[start:start + self.max_batch_size], width, params, gen, stop))
+        n_resp = max(c["tokens"].shape[1] for c in chunks)
+        cols = {k: torch.cat([_pad_right(c[k], n_resp, fill) for c in chunks])
+                for k, fill in (("tokens", self.pad_token_id), ("mask", 0), ("logp", 0.0))}
+        prompt_ids = torch.cat([c["prompt_ids"] for c in chunks])
+        prompt_mask = torch.cat([c["prompt_mask"] for c in chunks])
+        return RolloutBatch(
+            input_ids=torch.cat([prompt_ids, cols["tokens"]], 1),
+            attention_mask=torch.cat([prompt_mask, cols["mask"]], 1),
+            response_mask=cols["mask"],
+            rollout_logp=cols["logp"],
+            prompt_width=width,
+            prompt_index=torch.arange(len(prompts)).repeat_interleave(g),
+            extras={"truncated": torch.cat([c["truncated"] for c in chunks])},
+        )
+
+    # ------------------------------------------------------------------ internals
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+        """Logits of the last position, extending `cache` in place."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        return out.logits[:, -1]
+
+    def _generate_chunk(self, rows: list[list[int]], width: int, params: SamplingParams,
+                        gen: torch.Generator, stop: torch.Tensor) -> dict[str, torch.Tensor]:
+        b, dev = len(rows), self.device
+        prompt_ids = torch.full((b, width), self.pad_token_id, dtype=torch.long)
+        prompt_mask = torch.zeros((b, width), dtype=torch.long)
+        for i, p in enumerate(rows):  # left padding
+            prompt_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            prompt_mask[i, width - len(p):] = 1
+        attn = prompt_mask.to(dev)
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(prompt_ids.to(dev), attn, position_ids_from_mask(attn), cache)
+        self.last_kv_cache_dtypes = _cache_dtypes(cache)
+        if self.last_kv_cache_dtypes - {self.policy.kv_cache_dtype}:
+            raise PrecisionMismatchError("torch rollout engine", self.audit())
+
+        alive = torch.ones(b, dtype=torch.bool, device=dev)
+        tokens, logps, masks = [], [], []
+        for step in range(params.max_new_tokens):
+            tok, lp = sample_tokens(logits, params.temperature, params.top_p, gen, self.policy.logits_dtype)
+            tok = torch.where(alive, tok, self.pad_token_id)
+            tokens.append(tok)
+            logps.append(torch.where(alive, lp, 0.0))
+            masks.append(alive.long())
+            alive = alive & ~torch.isin(tok, stop)
+            if not bool(alive.any()) or step == params.max_new_tokens - 1:
+                break
+            attn = torch.cat([attn, masks[-1][:, None]], 1)
+            logits = self._forward(tok[:, None], attn, position_ids_from_mask(attn)[:, -1:], cache)
+        return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+                "tokens": torch.stack(tokens, 1).cpu(), "mask": torch.stack(masks, 1).cpu(),
+                "logp": torch.stack(logps, 1).float().cpu(), "truncated": alive.cpu()}
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator,
+                  logits_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row from `[B, V]` logits; returns (tokens, pre-top-p fp32 log-probs).
+
+    Nucleus sampling keeps the smallest set of most likely tokens whose cumulative probability
+    reaches `top_p` (the top token always survives) and renormalises over it.
+    """
+    logp = logprob_table(logits, temperature, logits_dtype)
+    if temperature == 0:
+        tok = logp.argmax(-1)
+    else:
+        probs = logp.exp()
+        if top_p < 1.0:
+            sorted_p, idx = probs.sort(dim=-1, descending=True)
+            before = sorted_p.cumsum(-1) - sorted_p  # mass of strictly more likely tokens
+            sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
+            probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+            probs = probs / probs.sum(-1, keepdim=True)
+        tok = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+
+def _cache_dtypes(cache: Any) -> set[torch.dtype]:
+    """Key/value dtypes of every layer of an HF cache (transformers 5 `layers`, or 4.x lists)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        tensors = [t for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))]
+    else:  # pragma: no cover - older transformers
+        tensors = list(getattr(cache, "key_cache", [])) + list(getattr(cache, "value_cache", []))
+    return {t.dtype for t in tensors if isinstance(t, torch.Tensor) and t.numel()}
+
+
+def _pad_right(t: torch.Tensor, width: int, fill: float) -> torch.Tensor:
+    if t.shape[1] == width:
+        return t
+    return torch.cat([t, torch.full((t.shape[0], width - t.shape[1]), fill, dtype=t.dtype)], 1)
+
+
+def _check_params(prompts: list[list[int]], params: SamplingParams) -> None:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate() needs at least one prompt and no empty prompt")
+    if params.max_new_tokens < 1 or params.num_generations < 1:
+        raise ValueError(f"max_new_tokens and num_generations must be >= 1, got "
+                         f"{params.max_new_tokens}, {params.num_generations}")
+    if not 0.0 < params.top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
+    if params.temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {params.temperature}")

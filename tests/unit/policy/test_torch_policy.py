@@ -1,0 +1,248 @@
+"""TorchPolicyTrainer: fp32 master + low-precision compute copy, loss scaling with overflow skip,
+exact checkpoint round trip, audit."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+
+import pytest
+import torch
+
+from nemo_rl_fp16.interfaces import PolicyTrainer, RolloutBatch
+from nemo_rl_fp16.policy import TorchPolicyTrainer
+from nemo_rl_fp16.precision import PrecisionPolicy
+
+VOCAB = 48
+CFG = {"config": {"model_type": "qwen2", "vocab_size": VOCAB, "hidden_size": 64, "num_hidden_layers": 2,
+                  "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 128,
+                  "max_position_embeddings": 64, "tie_word_embeddings": False}}
+
+
+def _batch(n=12, p=5, t=7, seed=0) -> RolloutBatch:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (n, p + t), generator=g)
+    attn = torch.ones_like(ids)
+    attn[::3, :2] = 0  # left-padded prompts
+    resp = torch.ones(n, t, dtype=torch.long)
+    resp[1::2, -3:] = 0  # responses that ended early
+    attn[:, p:] = resp
+    return RolloutBatch(input_ids=ids, attention_mask=attn, response_mask=resp,
+                        rollout_logp=torch.zeros(n, t), prompt_width=p,
+                        prompt_index=torch.arange(n) // 2)
+
+
+def _loss_fn(batch: RolloutBatch, seed=1):
+    adv = torch.randn(batch.num_samples, generator=torch.Generator().manual_seed(seed))
+    mask = batch.response_mask.float()
+
+    def loss_fn(logp, rows):  # -mean(logp * A) over all masked tokens, split over micro-batches
+        loss = -(logp * adv[rows, None] * mask[rows]).sum() / mask.sum()
+        return loss, {"adv_mean": float(adv[rows].mean())}
+
+    return loss_fn
+
+
+def _trainer(name="fp16", policy=None, **kw):
+    kw = {"lr": 1e-2, "micro_batch_size": 5, "max_grad_norm": 1.0, **kw}
+    return TorchPolicyTrainer(CFG, policy or PrecisionPolicy.from_name(name), **kw)
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16", "fp16"])
+def test_train_steps_reduce_the_loss(name):
+    trainer = _trainer(name)
+    assert isinstance(trainer, PolicyTrainer)
+    batch, loss_fn = _batch(), _loss_fn(_batch())
+    results = [trainer.train_step(batch, loss_fn, 1.0) for _ in range(4)]
+    losses = [r.metrics["loss"] for r in results]
+    assert not any(r.skipped for r in results)
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert all(0 < r.grad_norm < float("inf") for r in results)
+    assert results[0].loss_scale == (2.0**16 if name == "fp16" else 1.0)
+    assert {p.dtype for p in trainer.compute.parameters()} == {trainer.policy.param_dtype}
+    assert {p.dtype for p in trainer.master.parameters()} == {torch.float32}
+    assert (trainer.compute is trainer.master) == (name == "fp32")
+    assert trainer.audit() == []
+
+
+def test_logprobs_zero_masked_and_micro_batch_invariant():
+    trainer = _trainer("fp32", micro_batch_size=12)
+    batch = _batch()
+    full = trainer.logprobs(batch, 0.9)
+    trainer.micro_batch_size = 1
+    assert torch.equal(full == 0, batch.response_mask == 0)
+    torch.testing.assert_close(trainer.logprobs(batch, 0.9), full, rtol=0, atol=1e-5)
+
+
+def test_grad_norm_is_reported_before_clipping():
+    a, b = _trainer("fp32", max_grad_norm=0.0), _trainer("fp32", max_grad_norm=1e-4)
+    batch, loss_fn = _batch(), _loss_fn(_batch())
+    ra, rb = a.train_step(batch, loss_fn, 1.0), b.train_step(batch, loss_fn, 1.0)
+    assert rb.grad_norm == pytest.approx(ra.grad_norm, rel=1e-5) and ra.grad_norm > 1e-3
+    step_a = sum((p - q).norm() ** 2 for p, q in zip(a.master.parameters(), _trainer("fp32").master.parameters(), strict=True))
+    step_b = sum((p - q).norm() ** 2 for p, q in zip(b.master.parameters(), _trainer("fp32").master.parameters(), strict=True))
+    assert step_b < step_a  # clipping shrank the first Adam step (|update| ~ lr per element otherwise)
+
+
+def test_injected_inf_skips_step_and_backs_off_per_hysteresis():
+    trainer = _trainer("fp16")  # hysteresis 2, backoff 0.5
+    batch, loss_fn = _batch(), _loss_fn(_batch())
+    trainer.train_step(batch, loss_fn, 1.0)  # give the optimizer some state
+    trainer.logprobs(batch, 1.0)  # refresh the compute copy from the stepped master
+    weights = {k: v.clone() for k, v in trainer.master.state_dict().items()}
+    compute = {k: v.clone() for k, v in trainer.compute.state_dict().items()}
+    opt = copy.deepcopy(trainer.optimizer.state_dict())
+
+    def plant_inf(grads):
+        grads[3].view(-1)[0] = float("inf")
+
+    trainer.grad_hook = plant_inf
+    scales = []
+    for _ in range(2):
+        r = trainer.train_step(batch, loss_fn, 1.0)
+        assert r.skipped and r.metrics["skipped"] == 1.0 and r.grad_norm != r.grad_norm  # nan
+        assert all(torch.equal(v, weights[k]) for k, v in trainer.master.state_dict().items())
+        assert all(torch.equal(v, compute[k]) for k, v in trainer.compute.state_dict().items())
+        assert _state_equal(trainer.optimizer.state_dict(), opt)
+        scales.append(trainer.scaler.scale)
+    assert scales == [2.0**16, 2.0**15]  # first overflow absorbed by hysteresis, second halves
+    trainer.grad_hook = None
+    r = trainer.train_step(batch, loss_fn, 1.0)
+    assert not r.skipped and r.loss_scale == 2.0**15
+    assert not all(torch.equal(v, weights[k]) for k, v in trainer.master.state_dict().items())
+
+
+def test_real_fp16_gradient_overflow_is_skipped():
+    """A loss scale far too large overflows the fp16 gradients for real (no injection)."""
+    fp16 = PrecisionPolicy.from_name("fp16")
+    policy = dataclasses.replace(fp16, loss_scale=dataclasses.replace(fp16.loss_scale, initial_scale=2.0**40,
+                                                                      hysteresis=1))
+    trainer = _trainer(policy=policy)
+    before = {k: v.clone() for k, v in trainer.master.state_dict().items()}
+    r = trainer.train_step(_batch(), _loss_fn(_batch()), 1.0)
+    assert r.skipped and r.loss_scale == 2.0**40 and trainer.scaler.scale == 2.0**39
+    assert all(torch.equal(v, before[k]) for k, v in trainer.master.state_dict().items())
+    assert trainer.optimizer.state_dict()["state"] == {}
+
+
+def test_state_dict_round_trip_continues_bitwise():
+    batch, loss_fn = _batch(), _loss_fn(_batch())
+    a = _trainer("fp16")
+    for _ in range(2):
+        a.train_step(batch, loss_fn, 1.0)
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b = _trainer("fp16", seed=99)
+    b.load_state_dict(torch.load(buf, weights_only=True))
+    for _ in range(2):
+        ra, rb = a.train_step(batch, loss_fn, 1.0), b.train_step(batch, loss_fn, 1.0)
+        assert ra.metrics["loss"] == rb.metrics["loss"] and ra.grad_norm == rb.grad_norm
+    assert all(torch.equal(v, b.master.state_dict()[k]) for k, v in a.master.state_dict().items())
+    assert _state_equal(a.optimizer.state_dict(), b.optimizer.state_dict())
+    assert a.scaler.state_dict() == b.scaler.state_dict()
+    with pytest.raises(ValueError, match="loss scaling"):
+        _trainer("bf16").load_state_dict(a.state_dict())
+
+
+def test_audit_catches_planted_mismatches():
+    trainer = _trainer("fp16")
+    assert trainer.audit() == []
+    trainer.compute.model.layers[0].self_attn.q_proj.to(torch.bfloat16)
+    problems = trainer.audit()
+    assert len(problems) == 1 and "layers.0.self_attn.q_proj" in problems[0]
+    trainer = _trainer("fp16")
+    trainer.master.lm_head.half()
+    assert any("master" in p for p in trainer.audit())
+
+
+def test_activation_headroom_and_loss_fn_metrics():
+    trainer = _trainer("fp16")
+    batch = _batch()
+    m = trainer.activation_headroom(batch)
+    assert 0 < m["range/act_absmax"] < 65504 and m["range/act_nonfinite"] == 0
+    assert m["range/fp16_headroom"] == pytest.approx(65504 / m["range/act_absmax"])
+    assert "range/act_absmax/layer1" in m
+    r = trainer.train_step(batch, _loss_fn(batch), 1.0)
+    adv = torch.randn(12, generator=torch.Generator().manual_seed(1))
+    assert r.metrics["adv_mean"] == pytest.approx(float(adv.mean()), rel=1e-5, abs=1e-6)  # row-weighted
+
+
+def test_initial_state_dict_is_loaded():
+    src = _trainer("fp32", seed=7).rollout_state_dict()
+    t = _trainer("bf16", initial_state_dict=src)
+    assert all(torch.equal(v, src[k]) for k, v in t.rollout_state_dict().items())
+    with pytest.raises(ValueError, match="missing"):
+        _trainer("fp32", initial_state_dict={k: v for k, v in src.items() if "norm" not in k})
+
+
+def _state_equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_state_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_state_equal(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def _fsdp_worker(rank: int, world: int, port: int, name: str, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        trainer = _trainer(name)
+        batch = _batch()
+        results = [trainer.train_step(batch, _loss_fn(batch), 1.0) for _ in range(2)]
+        state = trainer.rollout_state_dict()  # collective: full state dict on every rank
+        if rank == 0:
+            torch.save({"fsdp": trainer._fsdp, "loss": [r.metrics["loss"] for r in results],
+                        "grad_norm": [r.grad_norm for r in results], "skipped": [r.skipped for r in results],
+                        "state": state}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("NEMO_RL_DIST_TESTS"),
+                    reason="multi-process FSDP2 test (~20 s, 2 gloo processes): set NEMO_RL_DIST_TESTS=1")
+@pytest.mark.parametrize("name", ["fp32", "fp16"])
+def test_fsdp2_gloo_two_processes_match_single_process(name, tmp_path):
+    """Optional: FSDP2 `fully_shard` + MixedPrecisionPolicy over gloo on CPU, 2 ranks, same batch
+    on both: step 1 matches one process (loss bitwise, grad norm to fp32 rounding: the sharded
+    norm sums in another order); after that Adam amplifies that rounding, so only closeness."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "rank0.pt")
+    mp.start_processes(_fsdp_worker, args=(2, port, name, out), nprocs=2, start_method="spawn")
+    got = torch.load(out, weights_only=True)
+    single = _trainer(name)
+    batch = _batch()
+    ref = [single.train_step(batch, _loss_fn(batch), 1.0) for _ in range(2)]
+    assert got["fsdp"] and got["skipped"] == [False, False]
+    assert got["loss"][0] == ref[0].metrics["loss"]
+    assert got["grad_norm"][0] == pytest.approx(ref[0].grad_norm, rel=1e-6)
+    assert got["loss"][1] == pytest.approx(ref[1].metrics["loss"], rel=1e-3)
+    assert set(got["state"]) == set(single.rollout_state_dict())
+
+
+def test_micro_batch_grads_accumulate_in_grad_reduce_dtype():
+    """bf16 compute with bf16 gradient accumulation (a deliberate, unusual policy) still steps;
+    with the default fp32 accumulation, micro-batching changes the step only at rounding level."""
+    bf16 = PrecisionPolicy.from_name("bf16")
+    odd = _trainer(policy=dataclasses.replace(bf16, grad_reduce_dtype=torch.bfloat16))
+    r = odd.train_step(_batch(), _loss_fn(_batch()), 1.0)
+    assert not r.skipped and r.grad_norm > 0
+    one, many = _trainer("fp16", micro_batch_size=12), _trainer("fp16", micro_batch_size=1)
+    g1 = one.train_step(_batch(), _loss_fn(_batch()), 1.0).grad_norm
+    g12 = many.train_step(_batch(), _loss_fn(_batch()), 1.0).grad_norm
+    assert g12 == pytest.approx(g1, rel=2e-3)
