@@ -1,0 +1,117 @@
+"""Build a run's pieces from a typed recipe: tokenizer, data, reward, and the two engines.
+
+Both engines are built from the same `PrecisionPolicy` pair and start from the same fp32
+weights (a seeded init, an optional cached SFT warm start, or a local HF checkpoint).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from nemo_rl_fp16.config import ConfigError, RecipeConfig
+from nemo_rl_fp16.data import Problem, build_char_tokenizer, get_dataset, get_reward
+from nemo_rl_fp16.interfaces import PolicyTrainer, RolloutEngine
+from nemo_rl_fp16.precision import PrecisionPolicy, resolve_policies
+
+
+@dataclass
+class RunSetup:
+    tokenizer: object
+    problems: list[Problem]
+    prompt_ids: list[list[int]]
+    reward: Callable[[str, str], float]
+    model_cfg: dict
+    train_policy: PrecisionPolicy
+    rollout_policy: PrecisionPolicy
+    policy: PolicyTrainer
+    rollout: RolloutEngine
+    reference: PolicyTrainer | None
+    device: str
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but torch sees no CUDA device; use device=cpu or auto")
+    return device
+
+
+def build_tokenizer(rc: RecipeConfig):
+    """The model's tokenizer, or the project's char tokenizer for models built from a config."""
+    source = rc.model.tokenizer or rc.model.name_or_path
+    if source is None:
+        return build_char_tokenizer()
+    if not Path(source).exists():
+        raise ConfigError(
+            f"tokenizer/model path '{source}' does not exist; this package loads local HF folders only "
+            f"(download the model first, then set model.name_or_path=/path/to/it)"
+        )
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=rc.model.trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def initial_weights(rc: RecipeConfig, tokenizer, problems: list[Problem], console: Console) -> dict | None:
+    """fp32 starting weights shared by both engines (None = the checkpoint at model.name_or_path)."""
+    from nemo_rl_fp16.models import build_model
+
+    model_cfg = rc.model.model_dump()
+    if rc.model.config is None and not rc.warm_start.enabled:
+        return None
+    torch.manual_seed(rc.seed)  # the init is part of the run's identity (and the warm-start cache key)
+    model = build_model(model_cfg, torch.float32)
+    if not rc.warm_start.enabled:
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    from nemo_rl_fp16.data.warmstart import warm_start
+
+    ws = rc.warm_start
+    console.print(f"warm start: {ws.steps} SFT steps on {len(problems)} problems (cached in {ws.cache_dir})")
+    return warm_start(model, tokenizer, problems, steps=ws.steps, lr=ws.lr, batch_size=ws.batch_size,
+                      seed=rc.seed, cache_dir=ws.cache_dir, progress=rc.logging.progress)
+
+
+def build_run(rc: RecipeConfig, console: Console | None = None) -> RunSetup:
+    console = console or Console()
+    if rc.policy.backend != "torch":
+        raise ConfigError(f"policy.backend={rc.policy.backend} is not available in this version; use policy.backend=torch")
+    if rc.rollout.backend != "torch":
+        raise ConfigError(f"rollout.backend={rc.rollout.backend} is not available in this version; use rollout.backend=torch")
+    device = resolve_device(rc.device)
+    tokenizer = build_tokenizer(rc)
+    problems = get_dataset(rc.data.model_dump(), seed=rc.seed)
+    prompt_ids = [tokenizer(p.prompt)["input_ids"] for p in problems]
+    model_cfg = rc.model.model_dump()
+    if rc.model.config is not None and rc.model.config.get("vocab_size", 0) < len(tokenizer):
+        raise ConfigError(
+            f"model.config.vocab_size={rc.model.config.get('vocab_size')} is smaller than the tokenizer "
+            f"({len(tokenizer)} tokens); set model.config.vocab_size={len(tokenizer)} or more"
+        )
+    init = initial_weights(rc, tokenizer, problems, console)
+    train_pol, rollout_pol = resolve_policies(rc.precision.model_dump())
+
+    from nemo_rl_fp16.policy import TorchPolicyTrainer
+    from nemo_rl_fp16.rollout import TorchRolloutEngine
+
+    p = rc.policy
+
+    def trainer(lr: float) -> TorchPolicyTrainer:
+        return TorchPolicyTrainer(model_cfg, train_pol, lr=lr, weight_decay=p.weight_decay,
+                                  max_grad_norm=p.max_grad_norm, micro_batch_size=p.micro_batch_size,
+                                  seed=rc.seed, device=device, initial_state_dict=init)
+
+    policy = trainer(p.lr)
+    reference = trainer(p.lr) if rc.algorithm.kl_coef > 0 else None
+    rollout = TorchRolloutEngine(model_cfg, rollout_pol, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, device=device,
+                                 initial_state_dict=policy.rollout_state_dict())
+    return RunSetup(tokenizer, problems, prompt_ids, get_reward(rc.reward.name), model_cfg, train_pol,
+                    rollout_pol, policy, rollout, reference, device)
