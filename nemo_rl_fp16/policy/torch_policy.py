@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from nemo_rl_fp16.fp16_cpu import maybe_fp16_gemm_as_fp32
+from nemo_rl_fp16.cpu_gemm import maybe_lowp_gemm_as_fp32
 from nemo_rl_fp16.interfaces import LossFn, RolloutBatch, TrainStepResult
 from nemo_rl_fp16.models import (
     ActivationMonitor,
@@ -93,7 +93,7 @@ class TorchPolicyTrainer:
         self._compute_stale = False
 
     def _gemm_ctx(self):
-        return maybe_fp16_gemm_as_fp32(self.device, self.policy.param_dtype)
+        return maybe_lowp_gemm_as_fp32(self.device, self.policy.param_dtype)
 
     def _micro_batches(self, n: int):
         for start in range(0, n, self.micro_batch_size):

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from nemo_rl_fp16.fp16_cpu import maybe_fp16_gemm_as_fp32
+from nemo_rl_fp16.cpu_gemm import maybe_lowp_gemm_as_fp32
 from nemo_rl_fp16.interfaces import RolloutBatch, SamplingParams
 from nemo_rl_fp16.models import (
     build_model,
@@ -99,7 +99,7 @@ class TorchRolloutEngine:
                             device=self.device)
         gen = torch.Generator(device=self.device).manual_seed(params.seed)
         chunks = []
-        with torch.no_grad(), maybe_fp16_gemm_as_fp32(self.device, self.policy.param_dtype):
+        with torch.no_grad(), maybe_lowp_gemm_as_fp32(self.device, self.policy.param_dtype):
             for start in range(0, len(rows), self.max_batch_size):
                 chunks.append(self._generate_chunk(rows[start:start + self.max_batch_size], width, params, gen, stop))
         n_resp = max(c["tokens"].shape[1] for c in chunks)
