@@ -23,7 +23,7 @@ COMMANDS = {
     "mismatch": ("mismatch_tiny", "offline π-vs-µ mismatch check across precisions (paper Fig. 2)"),
     "demo": ("sanity_tiny", "CPU sanity demo: warm start, fp16 run, bf16 run, side-by-side report"),
 }
-EXIT_CONFIG, EXIT_PRECISION, EXIT_RUNTIME = 2, 3, 4
+EXIT_CONFIG, EXIT_PRECISION, EXIT_INPUT = 2, 3, 4
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -60,6 +60,8 @@ def split_args(command: str, args: Sequence[str]) -> tuple[str, list[str], bool]
 
 def run_command(command: str, args: Sequence[str]) -> int:
     """Run one command with its key=value arguments; returns the exit code."""
+    from nemo_rl_fp16.checkpoint import CheckpointError
+    from nemo_rl_fp16.data.jsonl import DataError
     from nemo_rl_fp16.precision import PrecisionMismatchError
 
     try:
@@ -98,6 +100,9 @@ def run_command(command: str, args: Sequence[str]) -> int:
     except PrecisionMismatchError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_PRECISION
+    except (DataError, CheckpointError) as e:  # bad dataset rows, corrupt checkpoint: one line
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_INPUT
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -59,9 +59,10 @@ def run_mismatch(cfg: DictConfig, console: Console | None = None) -> dict:
         runs[name] = {"train_logp": train_logp, "rollout_logp": batch.rollout_logp, "mask": batch.response_mask}
         console.print(f"{name}: {batch.num_samples} samples, {int(batch.response_mask.sum())} tokens "
                       f"({time.perf_counter() - t0:.1f}s)")
-    report = write_report(out, runs, title=f"π vs µ mismatch: {rc.recipe}")
-    rows = [(f"KL(µ‖π) k3 {name}", f"{report['precisions'][name]['mismatch/kl_k3']:.3e}") for name in runs]
-    rows += [(k, f"{v:.1f}x") for k, v in report.get("ratios", {}).items()]
+    report = write_report(out, runs, title=f"π vs µ mismatch: {rc.recipe}",
+                          length_buckets=rc.mismatch.length_buckets, seed=rc.seed)
+    rows = [(f"KL(µ‖π) k3 {name}", f"{report['runs'][name]['mismatch/kl_k3']:.3e}") for name in runs]
+    rows += [(k, "n/a" if v is None else f"{v:.1f}x") for k, v in report["ratios"].items()]
     rows.append(("report", str(out / "report.md")))
     console.print(summary_table("mismatch", rows))
     return report

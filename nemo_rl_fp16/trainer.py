@@ -119,7 +119,7 @@ class RLTrainer:
             "time/refit_s": t_refit,
             "time/step_s": time.perf_counter() - t0,
         })
-        metrics.update({k: v for k, v in last.metrics.items() if k != "overflow_retries"})
+        metrics.update({k: v for k, v in last.metrics.items() if k.startswith("loss/")})
         every = cfg.trainer.headroom_every
         if every and (step % every == 0 or step == cfg.trainer.max_steps - 1):
             metrics.update(self.policy.activation_headroom(batch))
@@ -183,7 +183,8 @@ class RLTrainer:
                                    f"(scale now {result.loss_scale:g}): update skipped")
                 break
             retries += 1
-        result.metrics.update(_combine(parts))
+        loss_value = result.metrics.get("loss", float("nan"))
+        result.metrics.update(_combine(parts), **{"loss/value": loss_value})
         result.metrics["overflow_retries"] = retries
         return result
 

@@ -1,0 +1,169 @@
+"""The RL loop end to end on CPU: learning, exact resume after kill -9, overflow retries, audit."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from nemo_rl_fp16.build import build_run
+from nemo_rl_fp16.config import load_recipe, typed
+from nemo_rl_fp16.precision import PrecisionMismatchError
+from nemo_rl_fp16.trainer import RLTrainer, audit, run
+
+QUIET = Console(quiet=True)
+
+
+def _cfg(tmp_path, *extra):
+    return load_recipe("sanity_tiny", [
+        f"output_dir={tmp_path}/run", f"warm_start.cache_dir={tmp_path.parent}/ws_cache",
+        "logging.progress=false", "logging.tensorboard=false", *extra,
+    ])
+
+
+def _rows(path):
+    return [json.loads(x) for x in Path(path).read_text().splitlines()]
+
+
+def test_short_grpo_run_improves_reward(tmp_path):
+    final = run(_cfg(tmp_path, "trainer.max_steps=15", "trainer.save_every=0"), console=QUIET)
+    acc = [r["reward/accuracy"] for r in _rows(tmp_path / "run/metrics.jsonl")]
+    assert len(acc) == 15
+    assert sum(acc[-4:]) / 4 > sum(acc[:4]) / 4 + 0.1, acc
+    for key in ("mismatch/kl_k3", "mismatch/kl_k1", "mismatch/abs_logratio_max", "mismatch/seq_logratio_std",
+                "mismatch/is_ratio_max", "train/loss_scale", "train/grad_norm", "train/overflow_skips",
+                "time/rollout_s", "loss/clip_fraction", "loss/value", "reward/mean"):
+        assert key in final, key
+    assert final["train/loss_scale"] == 65536.0
+    rows = _rows(tmp_path / "run/metrics.jsonl")
+    assert any(k.startswith("range/") or k.startswith("headroom/") for k in rows[0]), rows[0].keys()
+    assert (tmp_path / "run/config.yaml").exists()
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["step_000015"]
+
+
+def _strip_time(rows):
+    return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "run/wall_s"} for r in rows]
+
+
+def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
+    args = ["trainer.max_steps=6", "trainer.save_every=2", "data.prompts_per_step=4"]
+    ref_dir, crash_dir = tmp_path / "ref", tmp_path / "crash"
+    common = [f"warm_start.cache_dir={tmp_path}/ws", "logging.progress=false", "logging.tensorboard=false", *args]
+    cmd = [sys.executable, "-m", "nemo_rl_fp16.cli", "rl", "recipe=sanity_tiny", *common]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    subprocess.run([*cmd, f"output_dir={ref_dir}"], check=True, capture_output=True, env=env, timeout=300)
+
+    proc = subprocess.Popen([*cmd, f"output_dir={crash_dir}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
+    deadline = time.time() + 240
+    while not (crash_dir / "checkpoints" / "step_000002").exists():
+        assert proc.poll() is None, "run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    crashed = _rows(crash_dir / "metrics.jsonl")
+    assert len(crashed) < 6  # it really died mid-run
+    r = subprocess.run([*cmd, f"output_dir={crash_dir}"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stdout
+    ref, resumed = _rows(ref_dir / "metrics.jsonl"), _rows(crash_dir / "metrics.jsonl")
+    assert [x["step"] for x in resumed] == list(range(1, 7))
+    assert _strip_time(resumed) == _strip_time(ref)  # bitwise: floats compared exactly
+
+
+def test_injected_inf_skips_backs_off_and_retries_same_batch(tmp_path):
+    rc = typed(_cfg(tmp_path, "data.prompts_per_step=4", "precision.loss_scale.hysteresis=1"))
+    setup = build_run(rc, console=QUIET)
+    trainer = RLTrainer(rc, setup, QUIET)
+    policy = setup.policy
+    seen = []
+
+    def plant_inf_once(grads):
+        seen.append(policy.state_dict()["model"]["lm_head.weight"].clone())
+        if len(seen) == 1:
+            grads[0].view(-1)[0] = float("inf")
+
+    policy.grad_hook = plant_inf_once
+    calls = []
+    inner = policy.train_step
+
+    def spy(batch, loss_fn, temperature):
+        calls.append(batch)
+        return inner(batch, loss_fn, temperature)
+
+    policy.train_step = spy
+    before = {k: v.clone() for k, v in policy.state_dict()["model"].items()}
+    m = trainer.step(0)
+    assert len(calls) == 2 and calls[0] is calls[1]  # retried on the same rollout batch
+    assert torch.equal(seen[0], seen[1])  # the overflowed attempt left the weights untouched
+    assert m["train/overflow_skips"] == 1 and m["train/overflow_retries"] == 1
+    assert m["train/loss_scale"] == 32768.0  # backed off once (hysteresis 1), used by the retry
+    after = policy.state_dict()["model"]
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the retry did train
+    m2 = trainer.step(1)  # and training goes on
+    assert m2["train/overflow_retries"] == 0 and m2["train/overflow_skips"] == 1
+
+
+def test_persistent_overflow_gives_up_after_bounded_retries(tmp_path):
+    rc = typed(_cfg(tmp_path, "data.prompts_per_step=4", "trainer.max_overflow_retries=2"))
+    setup = build_run(rc, console=QUIET)
+    trainer = RLTrainer(rc, setup, QUIET)
+    setup.policy.grad_hook = lambda grads: grads[0].view(-1).__setitem__(0, float("nan"))
+    before = {k: v.clone() for k, v in setup.policy.state_dict()["model"].items()}
+    m = trainer.step(0)
+    assert m["train/overflow_skips"] == 3 and m["train/overflow_retries"] == 2
+    assert all(torch.equal(before[k], v) for k, v in setup.policy.state_dict()["model"].items())
+
+
+def test_audit_refuses_planted_mismatch(tmp_path):
+    rc = typed(_cfg(tmp_path, "data.prompts_per_step=4"))
+    setup = build_run(rc, console=QUIET)
+    audit(setup, rc)  # clean
+    setup.rollout.model.model.layers[1].mlp.to(torch.bfloat16)
+    with pytest.raises(PrecisionMismatchError, match=r"(?s)rollout engine .*layers\.1\.mlp\.gate_proj"):
+        audit(setup, rc)
+
+
+@pytest.mark.parametrize("algo", [
+    ["algorithm.name=grpo", "algorithm.correction=tis", "precision=bf16"],
+    ["algorithm.name=grpo", "algorithm.correction=mis", "algorithm.reduction=seq_mean_token_mean"],
+    ["algorithm.name=gspo", "algorithm.clip_low=3e-4", "algorithm.clip_high=4e-4"],
+    ["algorithm.name=pg_seq_is", "algorithm.correction=mis", "algorithm.kl_coef=0.01"],
+    ["precision.rollout=bf16", "precision.allow_mismatch=true", "algorithm.updates_per_rollout=2"],
+])
+def test_algorithm_variants_run(tmp_path, algo):
+    final = run(_cfg(tmp_path, "trainer.max_steps=2", "trainer.save_every=0", "data.prompts_per_step=4",
+                     "policy.micro_batch_size=8", *algo), console=QUIET)
+    assert all(v == v for v in final.values())  # no NaN anywhere
+    # (pg_seq_is sums log-probs over tokens: its first fp16 steps may overflow at 2**16 and back off)
+    assert final["train/overflow_retries"] <= 3 and final["loss/value"] == final["loss/value"]
+
+
+def test_bad_dataset_rows_give_one_line_error(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2="}\n')
+    r = subprocess.run([sys.executable, "-m", "nemo_rl_fp16.cli", "rl", "recipe=sanity_tiny", "data.dataset=jsonl",
+                        f"data.path={data}", f"output_dir={tmp_path}/o", "warm_start.enabled=false"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 4
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "train.jsonl:2:" in lines[0] and "missing key 'answer'" in lines[0], r.stderr
+
+
+def test_mismatch_command_writes_report(tmp_path):
+    from nemo_rl_fp16.experiments import run_mismatch
+
+    cfg = load_recipe("mismatch_tiny", [f"output_dir={tmp_path}/mm", "mismatch.num_prompts=8",
+                                        "rollout.max_new_tokens=16", "logging.progress=false"])
+    report = run_mismatch(cfg, console=QUIET)
+    for f in ("report.md", "report.json", "kl_vs_length.png", "prob_scatter.png", "seq_logratio_hist.png"):
+        assert (tmp_path / "mm" / f).stat().st_size > 0
+    kl = {p: report["runs"][p]["mismatch/kl_k3"] for p in ("fp32", "fp16", "bf16")}
+    assert kl["fp32"] < kl["fp16"] < kl["bf16"], kl
