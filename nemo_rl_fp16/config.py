@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -357,11 +356,6 @@ def to_yaml(cfg: DictConfig) -> str:
 
 def save_resolved(cfg: DictConfig, out_dir: str | os.PathLike) -> Path:
     """Write the resolved config to `<out_dir>/config.yaml` atomically."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / "config.yaml"
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".config.", suffix=".yaml")
-    with os.fdopen(fd, "w") as f:
-        f.write(to_yaml(cfg))
-    os.replace(tmp, target)
-    return target
+    from nemo_rl_fp16.fsutil import atomic_write
+
+    return atomic_write(Path(out_dir) / "config.yaml", to_yaml(cfg))

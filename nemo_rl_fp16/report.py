@@ -15,14 +15,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 import torch
 
+from nemo_rl_fp16.fsutil import atomic_write
 from nemo_rl_fp16.mismatch import PREFIX, bucket_edges, mismatch_metrics, sequence_logratios
 
 REQUIRED_ARRAYS = ("train_logp", "rollout_logp", "mask")
@@ -127,13 +127,13 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    _atomic_write(out / PLOTS["kl_vs_length"], lambda f: _plot_kl_vs_length(f, report, buckets))
-    _atomic_write(out / PLOTS["prob_scatter"], lambda f: _plot_scatter(f, data, rng))
-    _atomic_write(out / PLOTS["seq_logratio_hist"], lambda f: _plot_hist(f, data))
+    atomic_write(out / PLOTS["kl_vs_length"], lambda f: _plot_kl_vs_length(f, report, buckets))
+    atomic_write(out / PLOTS["prob_scatter"], lambda f: _plot_scatter(f, data, rng))
+    atomic_write(out / PLOTS["seq_logratio_hist"], lambda f: _plot_hist(f, data))
     md = _markdown(report).encode()
-    _atomic_write(out / "report.md", lambda f: f.write(md))
+    atomic_write(out / "report.md", lambda f: f.write(md))
     js = (json.dumps(report, indent=2, allow_nan=False) + "\n").encode()
-    _atomic_write(out / "report.json", lambda f: f.write(js))
+    atomic_write(out / "report.json", lambda f: f.write(js))
     return report
 
 
@@ -177,19 +177,6 @@ def _json_safe(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return x
-
-
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _fmt(x: Any) -> str:

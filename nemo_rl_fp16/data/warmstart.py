@@ -12,17 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from nemo_rl_fp16.data.rewards import exact_match
 from nemo_rl_fp16.data.sanity import Problem
+from nemo_rl_fp16.fsutil import atomic_write
 
 CACHE_VERSION = 1
 # Measured on 2 shared CPU cores (1 torch thread), sanity_add, 64 problems, tiny_qwen2_config(32),
@@ -224,15 +224,7 @@ def warm_start(
         _train(model, tokenizer, problems, steps, lr, batch_size, seed, progress)
     state = _fp32_state(model)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_", suffix=".safetensors")
-        os.close(fd)
-        try:
-            save_file(state, tmp, metadata={"sha256": _state_digest(state)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(path, save(state, metadata={"sha256": _state_digest(state)}))
     return state
 
 
