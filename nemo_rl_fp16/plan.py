@@ -47,10 +47,67 @@ def parallel_layout(cfg: RecipeConfig) -> Layout:
             f"policy.expert_parallel_size={p.expert_parallel_size} must divide DP x CP = "
             f"{dp * p.context_parallel_size}"
         )
+    if p.backend == "megatron":
+        problems += megatron_layout_problems(cfg)
     if problems:
         raise ConfigError("\n".join(problems))
     return Layout(world, p.tensor_parallel_size, p.pipeline_parallel_size, p.context_parallel_size,
                   p.expert_parallel_size, dp)
+
+
+def megatron_layout_problems(cfg: RecipeConfig) -> list[str]:
+    """Model-shape checks for megatron parallelism (one line each; empty when the layout is unknown)."""
+    from nemo_rl_fp16.policy.memory import model_layout
+
+    try:
+        lay, _ = model_layout(cfg.model)
+    except (ValueError, KeyError) as e:
+        return [f"model layout: {e}"]
+    if lay is None:
+        return []
+    p, out = cfg.policy, []
+    tp, pp, ep = p.tensor_parallel_size, p.pipeline_parallel_size, p.expert_parallel_size
+    if lay.num_heads % tp:
+        out.append(f"attention heads ({lay.num_heads}) not divisible by policy.tensor_parallel_size={tp}")
+    if lay.num_kv_heads % tp:
+        out.append(f"key/value heads ({lay.num_kv_heads}) not divisible by policy.tensor_parallel_size={tp}")
+    if lay.vocab_size % tp:
+        out.append(f"vocab size ({lay.vocab_size}) not divisible by policy.tensor_parallel_size={tp}")
+    if lay.num_layers % pp:
+        out.append(f"layers ({lay.num_layers}) not divisible by policy.pipeline_parallel_size={pp}")
+    if ep > 1 and not lay.is_moe:
+        out.append(f"policy.expert_parallel_size={ep} needs an MoE model ({lay.model_type} is dense)")
+    elif lay.is_moe and lay.num_experts % ep:
+        out.append(f"experts ({lay.num_experts}) not divisible by policy.expert_parallel_size={ep}")
+    return out
+
+
+def _megatron_plan_lines(cfg: RecipeConfig, layout: Layout, param_dtype) -> dict[str, str]:
+    """Parameter count and per-GPU memory estimate lines (megatron backend)."""
+    from nemo_rl_fp16.policy.memory import estimate_memory, fmt_gib, fmt_params, model_layout
+
+    lay, source = model_layout(cfg.model)
+    if lay is None:
+        return {"parameters": f"unknown ({source}); memory estimate skipped"}
+    n = lay.num_parameters()
+    params = f"{fmt_params(n['total'])} total"
+    if lay.is_moe:
+        params += f", {fmt_params(n['active'])} active/token ({lay.num_experts} experts, top-{lay.moe_top_k})"
+    seq = min(cfg.rollout.max_new_tokens + 1024, lay.max_position_embeddings)
+    import torch
+
+    m = estimate_memory(lay, tp=layout.tp, pp=layout.pp, ep=layout.ep, dp=layout.dp,
+                        param_bytes=torch.tensor([], dtype=param_dtype).element_size(),
+                        micro_batch=cfg.policy.micro_batch_size, seq=seq,
+                        sequence_parallel=cfg.policy.sequence_parallel, recompute=cfg.policy.activation_checkpointing)
+    return {
+        "parameters": f"{params}; {fmt_params(m.params_local)} per GPU (layout from {source})",
+        "memory/GPU": (f"weights {fmt_gib(m.weights)} + grads {fmt_gib(m.grads)} (fp32) + optimizer "
+                       f"{fmt_gib(m.optimizer)} (fp32 master+Adam; {fmt_gib(m.optimizer_distributed)} distributed) + "
+                       f"activations {fmt_gib(m.activations)} (micro-batch {cfg.policy.micro_batch_size} x seq {seq}"
+                       f"{', recompute' if cfg.policy.activation_checkpointing else ''}) = {fmt_gib(m.total)} "
+                       f"({fmt_gib(m.total_distributed)} with the distributed optimizer)"),
+    }
 
 
 def make_plan(cfg: RecipeConfig) -> dict[str, object]:
@@ -60,7 +117,7 @@ def make_plan(cfg: RecipeConfig) -> dict[str, object]:
     device = cfg.device if cfg.device != "auto" else ("cuda" if cfg.cluster.gpus_per_node else "cpu (auto)")
     model = cfg.model.name_or_path or f"built from config ({cfg.model.config.get('model_type', '?')})"
     samples = cfg.data.prompts_per_step * cfg.rollout.num_generations
-    return {
+    plan = {
         "recipe": cfg.recipe,
         "output_dir": cfg.output_dir,
         "model": model,
@@ -87,6 +144,9 @@ def make_plan(cfg: RecipeConfig) -> dict[str, object]:
         "warm start": (f"{cfg.warm_start.steps} SFT steps, cached in {cfg.warm_start.cache_dir}"
                        if cfg.warm_start.enabled else "off"),
     }
+    if cfg.policy.backend == "megatron":
+        plan.update(_megatron_plan_lines(cfg, layout, train_pol.param_dtype))
+    return plan
 
 
 def _dtypes(d: dict[str, str]) -> str:

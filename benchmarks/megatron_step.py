@@ -1,0 +1,116 @@
+"""Megatron RL train-step benchmark: fp16 vs bf16 step time, tokens/s and model FLOP utilization.
+
+The real trainer path (`MegatronPolicyTrainer.train_step`: Float16Module + megatron DDP +
+megatron Adam with dynamic loss scaling in fp16, fp32 log-softmax over the full vocabulary) on a
+~1B dense config (Llama layout: hidden 2048 x 16 layers, 16 heads, SwiGLU 5632, vocab 32000),
+batch 4 x seq 2048, with the local spec's unfused attention (`--attention local`) and with torch
+SDPA (flash) swapped into the local spec (`--attention sdpa`). Run on the device machine by
+scripts/gpu_check.sh; prints one `BENCH` line per (attention, precision) and a JSON summary.
+
+Model FLOPs per step = tokens x (6 N + 6 L s h): N = parameters excluding the input embedding
+(output layer included), the second term the causal attention score/context GEMMs (half of the
+full 12 L s h). Utilization = that / step time / peak (989 TFLOP/s: H100/H200 SXM dense fp16/bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import torch
+
+from nemo_rl_fp16.interfaces import RolloutBatch
+from nemo_rl_fp16.models import build_model
+from nemo_rl_fp16.precision import PrecisionPolicy
+
+CONFIG = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632,
+          "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 16,
+          "max_position_embeddings": 4096, "rope_theta": 10000.0, "tie_word_embeddings": False}
+PEAK = 989e12
+
+
+def model_flops(cfg: dict, n_params: int, tokens: int, seq: int) -> float:
+    n = n_params - cfg["vocab_size"] * cfg["hidden_size"]
+    return tokens * (6 * n + 6 * cfg["num_hidden_layers"] * seq * cfg["hidden_size"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--attention", nargs="+", default=["sdpa", "local"])
+    ap.add_argument("--precisions", nargs="+", default=["bf16", "fp16"])
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run (needs the test CUDA redirects)")
+    ap.add_argument("--hidden", type=int, default=2048)
+    a = ap.parse_args()
+    from nemo_rl_fp16.policy.megatron_policy import MegatronPolicyTrainer
+
+    cfg = {**CONFIG, "num_hidden_layers": a.layers}
+    if a.hidden != 2048:  # smoke runs: shrink everything
+        cfg.update(hidden_size=a.hidden, intermediate_size=2 * a.hidden, num_attention_heads=4, num_key_value_heads=4,
+                   vocab_size=256)
+    cuda = a.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    model_cfg = {"config": cfg}
+    hf = build_model(model_cfg, torch.float32, seed=0)
+    n_params = sum(p.numel() for p in hf.parameters())
+    sd = {k: v.detach().clone() for k, v in hf.state_dict().items()}
+    del hf
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg["vocab_size"], (a.batch, a.seq), generator=g)
+    p = 1
+    batch = RolloutBatch(input_ids=ids, attention_mask=torch.ones_like(ids),
+                         response_mask=torch.ones(a.batch, a.seq - p, dtype=torch.long),
+                         rollout_logp=torch.zeros(a.batch, a.seq - p), prompt_width=p,
+                         prompt_index=torch.arange(a.batch))
+    adv = torch.randn(a.batch, generator=g)
+
+    def loss_fn(logp, rows):
+        return -(logp * adv[rows, None].to(logp.device)).mean(), {}
+
+    tokens = a.batch * a.seq
+    flops = model_flops(cfg, n_params, tokens, a.seq)
+    results = []
+    for attn in a.attention:
+        for name in a.precisions:
+            tr = MegatronPolicyTrainer(model_cfg, PrecisionPolicy.from_name(name), lr=1e-5, micro_batch_size=a.batch,
+                                       device=a.device, seed=0, initial_state_dict=sd, attention=attn)
+            for _ in range(a.warmup):
+                tr.train_step(batch, loss_fn, 1.0)
+            sync()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            res = [tr.train_step(batch, loss_fn, 1.0) for _ in range(a.steps)]
+            sync()
+            dt = (time.perf_counter() - t0) / a.steps
+            r = {"attention": attn, "precision": name, "step_ms": 1e3 * dt, "tokens_per_s": tokens / dt,
+                 "model_tflops": flops / dt / 1e12, "mfu": flops / dt / PEAK,
+                 "skipped": sum(x.skipped for x in res), "loss_scale": res[-1].loss_scale,
+                 "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, "params": n_params}
+            results.append(r)
+            print(f"BENCH attention={attn} {name}: step {r['step_ms']:.1f} ms, {r['tokens_per_s']:.0f} tok/s, "
+                  f"{r['model_tflops']:.0f} model TFLOP/s, MFU {100 * r['mfu']:.1f}%, skipped {r['skipped']}, "
+                  f"loss_scale {r['loss_scale']:g}, peak {r['peak_mem_gib']:.1f} GiB", flush=True)
+            del tr, res
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+    for attn in a.attention:
+        t = {r["precision"]: r["step_ms"] for r in results if r["attention"] == attn}
+        if "fp16" in t and "bf16" in t:
+            print(f"BENCH attention={attn} fp16/bf16 step time = {t['fp16'] / t['bf16']:.3f}", flush=True)
+    print(f"BENCH params {n_params / 1e9:.3f}B, {tokens} tokens/step, {flops / 1e12:.1f} model TFLOP/step")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

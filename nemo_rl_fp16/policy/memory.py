@@ -1,0 +1,116 @@
+"""Parameter counts and per-GPU memory estimates for the dry-run plan (megatron backend).
+
+Everything is computed from the model layout (`ModelLayout`, an HF config) and the parallel
+sizes; no model is built and megatron-core need not be installed. The layout comes from, in
+order: `model.config` (built-from-config recipes), `<model.name_or_path>/config.json` when that
+is a local folder, or `KNOWN_LAYOUTS` for a few hub ids the shipped recipes name.
+
+Estimates (bytes per GPU; megatron's fp16/bf16 mixed-precision layout):
+- weights: local parameters x 2 (fp16/bf16; 4 for fp32);
+- grads: local parameters x 4 (megatron's fp32 main-grad buffer, `grad_reduce_dtype` fp32);
+- optimizer: local parameters x 12 (fp32 master copy + Adam m and v), divided by the
+  data-parallel size of each parameter with the distributed optimizer (shown alongside);
+- activations: one micro-batch of `seq` tokens through `layers/PP` layers, Korthikanti et al.
+  (2022) per layer `s*b*h*(10 + 24/TP + 5*a*s/(h*TP))` bytes (sequence parallel: all of it / TP;
+  fused/flash attention drops the `5*a*s/h` score term; full recompute keeps `2*s*b*h` per
+  layer), plus the fp32 logits and log-softmax `2 * 4*s*b*V/TP`. A planning figure, not a bound.
+Local parameters: non-expert parameters / (TP x PP) (embeddings and output layer split over TP on
+their stage), expert parameters / (EP x PP) (expert tensor parallelism is 1 in this backend).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nemo_rl_fp16.policy.megatron_convert import ModelLayout
+
+#: Layouts of hub checkpoints the shipped recipes name (their config.json fields), so a dry run on
+#: a login node plans them without a download. A local folder's config.json always wins.
+KNOWN_LAYOUTS: dict[str, dict[str, Any]] = {
+    "Qwen/Qwen2.5-14B": dict(model_type="qwen2", hidden_size=5120, num_hidden_layers=48, num_attention_heads=40,
+                             num_key_value_heads=8, intermediate_size=13824, vocab_size=152064,
+                             tie_word_embeddings=False, rope_theta=1000000.0, rms_norm_eps=1e-5,
+                             max_position_embeddings=131072),
+    "Qwen/Qwen3-30B-A3B": dict(model_type="qwen3_moe", hidden_size=2048, num_hidden_layers=48,
+                               num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144,
+                               moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                               norm_topk_prob=True, vocab_size=151936, tie_word_embeddings=False,
+                               rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=40960),
+    "Qwen/Qwen2.5-Math-1.5B": dict(model_type="qwen2", hidden_size=1536, num_hidden_layers=28,
+                                   num_attention_heads=12, num_key_value_heads=2, intermediate_size=8960,
+                                   vocab_size=151936, tie_word_embeddings=True, rope_theta=10000.0,
+                                   rms_norm_eps=1e-6, max_position_embeddings=4096),
+}
+KNOWN_LAYOUTS["deepseek-ai/DeepSeek-R1-Distill-Qwen-14B"] = {**KNOWN_LAYOUTS["Qwen/Qwen2.5-14B"],
+                                                             "max_position_embeddings": 131072}
+
+GIB = 1024**3
+
+
+def model_layout(model_cfg: Any) -> tuple[ModelLayout | None, str]:
+    """(layout, where it came from) for a recipe's `model:` block; (None, why) when unknown."""
+    cfg = model_cfg if isinstance(model_cfg, dict) else model_cfg.model_dump()
+    if cfg.get("config"):
+        return ModelLayout.from_hf_config(cfg["config"]), "model.config"
+    path = cfg.get("name_or_path")
+    if path and (Path(path) / "config.json").is_file():
+        return ModelLayout.from_hf_config(json.loads((Path(path) / "config.json").read_text())), f"{path}/config.json"
+    if path in KNOWN_LAYOUTS:
+        return ModelLayout.from_hf_config(KNOWN_LAYOUTS[path]), f"known layout of {path}"
+    return None, f"no local {path}/config.json and not a known layout"
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    params_local: int
+    weights: float
+    grads: float
+    optimizer: float
+    optimizer_distributed: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations
+
+    @property
+    def total_distributed(self) -> float:
+        return self.weights + self.grads + self.optimizer_distributed + self.activations
+
+
+def estimate_memory(lay: ModelLayout, *, tp: int, pp: int, ep: int, dp: int, param_bytes: int, micro_batch: int,
+                    seq: int, sequence_parallel: bool = False, recompute: bool = False,
+                    fused_attention: bool = True) -> MemoryEstimate:
+    """Per-GPU bytes (see module doc for the formulas)."""
+    n = lay.num_parameters()
+    experts = n["experts"]
+    dense = n["total"] - experts
+    local_dense = dense / (tp * pp)
+    local_experts = experts / (ep * pp)
+    local = local_dense + local_experts
+    expert_dp = max(dp * tp // ep, 1)  # expert data parallel size with expert TP = 1
+    opt = 12 * local
+    opt_dist = 12 * (local_dense / dp + local_experts / expert_dp)
+    s, b, h, a = seq, micro_batch, lay.hidden_size, lay.num_heads
+    layers = -(-lay.num_layers // pp)
+    if recompute:
+        per_layer = 2 * s * b * h / (tp if sequence_parallel else 1)
+    else:
+        score = 0 if fused_attention else 5 * a * s / (h * tp)
+        per_layer = s * b * h * ((34 / tp if sequence_parallel else 10 + 24 / tp) + score)
+        if lay.is_moe:  # routed tokens: k copies of the expert MLP activations instead of one dense MLP
+            per_layer += s * b * h * 8 * max(lay.moe_top_k - 1, 0) * lay.moe_ffn_hidden_size / max(4 * h, 1)
+    logits = 2 * 4 * s * b * lay.vocab_size / tp
+    return MemoryEstimate(params_local=int(local), weights=param_bytes * local, grads=4 * local, optimizer=opt,
+                          optimizer_distributed=opt_dist, activations=layers * per_layer + logits)
+
+
+def fmt_params(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def fmt_gib(x: float) -> str:
+    return f"{x / GIB:.1f} GiB"

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One prepared GPU check for the device machine (one H100/H200, Python 3.12, torch 2.11 CUDA, no
+# megatron-core, no Transformer Engine, no apex). Runs, within ~8 minutes:
+#   1. `pytest -m gpu tests/gpu/test_megatron_gpu.py`: fp16 and bf16 RL (GRPO) updates through
+#      megatron's optimizer (Float16Module + DDP + get_megatron_optimizer, dynamic loss scale),
+#      dense and MoE (4 experts top-2, non-grouped, fp32 router), a planted fp16 overflow, and
+#      fp32 megatron log-probs vs the torch backend;
+#   2. benchmarks/megatron_step.py: fp16 vs bf16 step time, tokens/s and model FLOP utilization of
+#      a ~1B dense config (hidden 2048 x 16 layers, batch 4 x seq 2048), local-spec attention and
+#      torch SDPA (flash) in the local spec.
+# Other engineers may append sections (e.g. vLLM) below; each section is independent.
+#
+# Before the run, here (repo root; the wheel is ~2.4 MB, megatron-core needs only torch, numpy,
+# packaging, all on the device machine):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --abi cp312 --platform manylinux_2_28_x86_64 -d .whl "megatron-core==0.19.2"
+# Then run it with the device tool: command `bash scripts/gpu_check.sh`, carry [".whl"], timeout 540.
+# Outputs (logs, bench JSON) go to $OUT when set (the device tool's return folder), else /tmp.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/gpu_check_out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore TOKENIZERS_PARALLELISM=false
+PY="${PYTHON:-python3}"
+status=0
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+
+if ! "$PY" -c "import megatron.core" 2>/dev/null; then
+    whl=$(ls .whl/megatron_core-*.whl 2>/dev/null | head -1)
+    if [ -z "$whl" ]; then
+        echo "megatron-core missing and no .whl/megatron_core-*.whl carried (see this script's header)"; exit 2
+    fi
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$whl" || exit 2
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # the package from this checkout (no install needed)
+"$PY" -c "import megatron.core, nemo_rl_fp16.policy.megatron_policy as m; print('megatron-core', megatron.core.__version__, 'TE', m.te_available())" || exit 2
+
+echo "=== megatron GPU tests"
+timeout 240 "$PY" -m pytest -q -m gpu -s -p no:cacheprovider tests/gpu/test_megatron_gpu.py 2>&1 | tee "$OUT/megatron_gpu_tests.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "=== megatron step benchmark"
+timeout 240 "$PY" benchmarks/megatron_step.py --json "$OUT/megatron_bench.json" 2>&1 | tee "$OUT/megatron_bench.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "=== summary"
+grep -h -E "GPU-RESULT|BENCH|passed|failed|error" "$OUT/megatron_gpu_tests.log" "$OUT/megatron_bench.log" || true
+exit $status

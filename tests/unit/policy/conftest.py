@@ -1,0 +1,71 @@
+"""Test-only CUDA redirects that let megatron-core run on CPU (PLATFORM.md, section megatron-core).
+
+megatron-core hard-codes a few CUDA calls (current device, the model-parallel RNG tracker's CUDA
+RNG state). Tests redirect them to the CPU; the package never does. `cpu_redirects()` is a plain
+function so torchrun worker processes (which pytest fixtures do not reach) can apply it too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+
+import pytest
+import torch
+
+try:
+    import megatron.core  # noqa: F401
+
+    HAVE_MCORE = True
+except Exception:  # pragma: no cover - megatron-core not installed
+    HAVE_MCORE = False
+
+
+def cpu_redirects() -> contextlib.ExitStack:
+    """Patch the CUDA calls megatron-core makes on CPU; returns an ExitStack that undoes them."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    stack = contextlib.ExitStack()
+    patches = [
+        (torch.cuda, "current_device", lambda: "cpu"),
+        (torch.cuda, "get_rng_state", lambda *a, **k: torch.get_rng_state()),
+        (torch.cuda, "manual_seed", lambda seed: torch.manual_seed(seed)),
+        (mrandom, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state()),
+        (mrandom, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state)),
+    ]
+    for obj, name, fn in patches:
+        old = getattr(obj, name)
+        setattr(obj, name, fn)
+        stack.callback(setattr, obj, name, old)
+    return stack
+
+
+def reset_megatron() -> None:
+    """Tear down megatron parallel state and the single-process group (between tests)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture
+def mcore_cpu():
+    """megatron-core on CPU for one test: redirects on, parallel state reset before and after."""
+    if not HAVE_MCORE:
+        pytest.skip("megatron-core not installed (pip install -e .[megatron])")
+    reset_megatron()
+    with cpu_redirects():
+        yield
+        reset_megatron()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+__all__ = ["cpu_redirects", "reset_megatron", "free_port", "HAVE_MCORE", "os"]

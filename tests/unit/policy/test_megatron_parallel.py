@@ -1,0 +1,76 @@
+"""TP=2 == TP=1 (dense) and EP=2 == EP=1 (MoE) on CPU: 2 processes, gloo, one torchrun launch.
+
+The worker is this file run as a script (`__main__`); it applies the test-only CUDA redirects
+from conftest.py itself (pytest fixtures do not reach torchrun's processes).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+
+def test_tp2_and_ep2_match_single_rank(tmp_path):
+    pytest.importorskip("megatron.core")
+    from conftest import free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(Path(__file__).resolve())]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=HERE.parents[2])
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    for check in ("TP2 logprobs OK", "TP2 refit OK", "EP2 logprobs OK", "EP2 experts OK", "EP2 refit OK"):
+        assert f"rank0 {check}" in out and f"rank1 {check}" in out, out[-4000:]
+
+
+def _worker() -> None:  # pragma: no cover - runs under torchrun
+    sys.path.insert(0, str(HERE))
+    import torch
+    import torch.distributed as dist
+    from conftest import cpu_redirects
+    from megatron.core import parallel_state
+    from test_megatron_policy import DENSE, MOE, _batch, _weights
+
+    from nemo_rl_fp16.policy.megatron_policy import MegatronPolicyTrainer
+    from nemo_rl_fp16.precision import PrecisionPolicy
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    pol = PrecisionPolicy.from_name("fp32")
+
+    def run(cfg, sd, **par):
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        tr = MegatronPolicyTrainer(cfg, pol, lr=1e-3, micro_batch_size=3, initial_state_dict=sd, **par)
+        b = _batch()
+        return tr, tr.logprobs(b, 0.8), b
+
+    with cpu_redirects():
+        for tag, cfg, par in (("TP2", DENSE, {"tensor_parallel_size": 2}), ("EP2", MOE, {"expert_parallel_size": 2})):
+            _, sd = _weights(cfg)
+            ref_tr, ref, b = run(cfg, sd)
+            ref_ex = ref_tr.selected_experts(b) if tag == "EP2" else None
+            tr, lp, _ = run(cfg, sd, **par)
+            err = (lp - ref).abs().max().item()
+            assert err < 1e-5, (tag, err)
+            print(f"rank{rank} {tag} logprobs OK max|diff|={err:.2e}", flush=True)
+            if ref_ex is not None:
+                assert torch.equal(tr.selected_experts(b), ref_ex)
+                print(f"rank{rank} {tag} experts OK", flush=True)
+            back = tr.rollout_state_dict()
+            assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd), tag
+            print(f"rank{rank} {tag} refit OK", flush=True)
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _worker()

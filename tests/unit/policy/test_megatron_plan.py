@@ -1,0 +1,75 @@
+"""Dry-run plan for policy.backend=megatron: parameter counts, memory lines, layout refusals.
+(No megatron-core needed: the plan works from the HF layout alone.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nemo_rl_fp16.config import ConfigError, load_recipe, typed
+from nemo_rl_fp16.plan import make_plan, parallel_layout
+from nemo_rl_fp16.policy.memory import KNOWN_LAYOUTS, ModelLayout, estimate_memory
+
+
+def _plan(recipe, *over):
+    return make_plan(typed(load_recipe(recipe, list(over))))
+
+
+def test_dense_14b_plan():
+    plan = _plan("dense_14b_fp16")
+    assert plan["layout"] == "world 16 = TP 4 x PP 1 x CP 1 x DP 4 (EP 1)"
+    assert plan["parameters"].startswith("14.77B total; 3.69B per GPU")
+    assert "weights 6.9 GiB" in plan["memory/GPU"] and "grads 13.8 GiB" in plan["memory/GPU"]
+    assert plan["trainer"].startswith("megatron")
+
+
+def test_moe_30b_plan():
+    plan = _plan("moe_30b_a3b_fp16")
+    assert plan["layout"] == "world 32 = TP 2 x PP 1 x CP 1 x DP 16 (EP 8)"
+    assert plan["parameters"].startswith("30.53B total, 3.35B active/token (128 experts, top-8)")
+
+
+@pytest.mark.parametrize("over, msg", [
+    (("policy.tensor_parallel_size=3", "cluster.gpus_per_node=6"), "attention heads (40) not divisible by"),
+    (("policy.tensor_parallel_size=16", "cluster.nodes=2"), "key/value heads (8) not divisible by"),
+    (("policy.pipeline_parallel_size=5", "policy.tensor_parallel_size=1", "cluster.nodes=5"),
+     "layers (48) not divisible by policy.pipeline_parallel_size=5"),
+    (("policy.expert_parallel_size=2",), "needs an MoE model"),
+])
+def test_dense_layout_refusals(over, msg):
+    with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        parallel_layout(typed(load_recipe("dense_14b_fp16", list(over))))
+
+
+def test_experts_must_divide_by_ep():
+    with pytest.raises(ConfigError, match=r"experts \(128\) not divisible by policy.expert_parallel_size=3"):
+        parallel_layout(typed(load_recipe("moe_30b_a3b_fp16", ["policy.expert_parallel_size=3",
+                                                               "cluster.gpus_per_node=6"])))
+
+
+def test_layout_from_model_config_and_local_folder(tmp_path):
+    plan = _plan("sanity_tiny", "policy.backend=megatron")
+    assert "per GPU (layout from model.config)" in plan["parameters"]
+    (tmp_path / "config.json").write_text(json.dumps(KNOWN_LAYOUTS["Qwen/Qwen3-30B-A3B"]))
+    plan = _plan("moe_30b_a3b_fp16", f"model.name_or_path={tmp_path}")
+    assert f"layout from {tmp_path}/config.json" in plan["parameters"]
+    plan = _plan("grpo_fp16", "policy.backend=megatron", "model.name_or_path=/nonexistent/model")
+    assert plan["parameters"].startswith("unknown")
+
+
+def test_memory_estimate_scales_with_parallelism():
+    lay = ModelLayout.from_hf_config(KNOWN_LAYOUTS["Qwen/Qwen2.5-14B"])
+    kw = dict(pp=1, ep=1, param_bytes=2, micro_batch=1, seq=4096)
+    one, four = estimate_memory(lay, tp=1, dp=1, **kw), estimate_memory(lay, tp=4, dp=4, **kw)
+    assert one.params_local == lay.num_parameters()["total"]
+    assert four.weights == pytest.approx(one.weights / 4)
+    assert four.optimizer_distributed == pytest.approx(one.optimizer / 16)
+    assert estimate_memory(lay, tp=4, dp=4, recompute=True, **kw).activations < four.activations
+
+
+def test_build_refuses_megatron_without_cuda_or_megatron_core():
+    from nemo_rl_fp16.build import _check_megatron_backend
+
+    with pytest.raises(ConfigError, match="policy.backend=megatron (needs megatron-core|runs on CUDA)"):
+        _check_megatron_backend(typed(load_recipe("sanity_tiny", ["policy.backend=megatron", "device=cpu"])))
