@@ -10,17 +10,16 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig
 from rich.console import Console
 
-from nemo_rl_fp16.build import build_tokenizer, initial_weights, resolve_device
+from nemo_rl_fp16.build import build_rollout_engine, build_tokenizer, initial_weights, resolve_device
 from nemo_rl_fp16.config import load_recipe, save_resolved, typed
 from nemo_rl_fp16.data import get_dataset
+from nemo_rl_fp16.fsutil import atomic_write
 from nemo_rl_fp16.interfaces import SamplingParams
 from nemo_rl_fp16.loggers import read_jsonl, summary_table
 from nemo_rl_fp16.precision import PrecisionPolicy
@@ -30,7 +29,6 @@ def run_mismatch(cfg: DictConfig, console: Console | None = None) -> dict:
     """Offline π-vs-µ mismatch for each precision in `mismatch.precisions`; returns report.json."""
     from nemo_rl_fp16.policy import TorchPolicyTrainer
     from nemo_rl_fp16.report import write_report
-    from nemo_rl_fp16.rollout import TorchRolloutEngine
 
     console = console or Console()
     rc = typed(cfg)
@@ -49,12 +47,14 @@ def run_mismatch(cfg: DictConfig, console: Console | None = None) -> dict:
     for name in rc.mismatch.precisions:
         t0 = time.perf_counter()
         pol = PrecisionPolicy.from_name(name)
-        engine = TorchRolloutEngine(model_cfg, pol, pad_token_id=tokenizer.pad_token_id,
-                                    eos_token_id=tokenizer.eos_token_id, device=device, initial_state_dict=init)
+        engine = build_rollout_engine(rc, pol, model_cfg, tokenizer, device, initial_state_dict=init,
+                                      model_dir=out / "rollout_model" / name)
         scorer = TorchPolicyTrainer(model_cfg, pol, lr=rc.policy.lr, weight_decay=0.0, max_grad_norm=1.0,
                                     micro_batch_size=rc.policy.micro_batch_size, seed=rc.seed, device=device,
                                     initial_state_dict=init)
         batch = engine.generate(prompts, params)
+        if hasattr(engine, "shutdown"):  # vLLM: free its KV cache before the next precision
+            engine.shutdown()
         train_logp = scorer.logprobs(batch, rc.rollout.temperature)
         runs[name] = {"train_logp": train_logp, "rollout_logp": batch.rollout_logp, "mask": batch.response_mask}
         console.print(f"{name}: {batch.num_samples} samples, {int(batch.response_mask.sum())} tokens "
@@ -135,11 +135,11 @@ def write_demo_report(root: Path, run_dirs: dict[str, Path]) -> dict:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     root.mkdir(parents=True, exist_ok=True)
-    _atomic(root / "training_curves.png", lambda f: fig.savefig(f, format="png", dpi=110))
+    atomic_write(root / "training_curves.png", lambda f: fig.savefig(f, format="png", dpi=110))
     summary = {"runs": runs}
     if {"fp16", "bf16"} <= runs.keys() and runs["fp16"]["mean_kl_k3"] > 0:
         summary["kl_k3_bf16_over_fp16"] = runs["bf16"]["mean_kl_k3"] / runs["fp16"]["mean_kl_k3"]
-    _atomic(root / "report.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    atomic_write(root / "report.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
     lines = ["# Sanity demo: FP16 vs BF16", "", "Same recipe, seed, warm start and step budget; only the precision differs.",
              "", "| metric | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
     for key in next(iter(runs.values())):
@@ -147,16 +147,6 @@ def write_demo_report(root: Path, run_dirs: dict[str, Path]) -> dict:
     if "kl_k3_bf16_over_fp16" in summary:
         lines += ["", f"Mean KL(µ‖π) over the run, bf16 / fp16: **{summary['kl_k3_bf16_over_fp16']:.1f}x**."]
     lines += ["", "![training curves](training_curves.png)", ""]
-    _atomic(root / "report.md", lambda f: f.write("\n".join(lines).encode()))
+    atomic_write(root / "report.md", lambda f: f.write("\n".join(lines).encode()))
     return summary
 
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

