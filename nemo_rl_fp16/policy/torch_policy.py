@@ -13,6 +13,13 @@ the master (no copy).
 Optional multi-GPU: with torch.distributed initialised and world size > 1 the master is wrapped
 with FSDP2 `fully_shard` + `MixedPrecisionPolicy(param_dtype, reduce_dtype=grad_reduce_dtype)`,
 which then plays the compute copy's role (see `_fsdp_wrap`).
+
+Optional LoRA (`lora={"enabled": True, "rank", "alpha", "target_modules"}`, the recipe's
+`policy.lora`): the fp32 master is wrapped with peft `LoraConfig(r, lora_alpha, target_modules)`
+before the compute copy is made, so the base weights are frozen in both copies, only the adapters
+get gradients (in the policy precision, unscaled into fp32 master adapters) and the optimizer
+holds the adapters only. `rollout_state_dict()` returns the merged fp32 weights (W + scale*B@A)
+under the base model's HF names, which is what the rollout engine loads. Single process only.
 """
 
 from __future__ import annotations
@@ -50,12 +57,14 @@ class TorchPolicyTrainer:
         seed: seeds the random init of a `config`-built model (`models.build_model`).
         device: torch device of both copies.
         initial_state_dict: fp32 HF state dict to start from (e.g. after a warm start).
+        lora: the recipe's `policy.lora` block; when `enabled`, train LoRA adapters only (module doc).
     """
 
     def __init__(self, model_cfg: Mapping[str, Any], policy: PrecisionPolicy, *, lr: float,
                  weight_decay: float = 0.0, max_grad_norm: float = 1.0, micro_batch_size: int = 8,
                  seed: int = 0, device: torch.device | str = "cpu",
-                 initial_state_dict: Mapping[str, torch.Tensor] | None = None):
+                 initial_state_dict: Mapping[str, torch.Tensor] | None = None,
+                 lora: Mapping[str, Any] | None = None):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         if policy.master_dtype != torch.float32:
@@ -70,6 +79,9 @@ class TorchPolicyTrainer:
         self.master = build_model(model_cfg, torch.float32, seed=seed, device=self.device)
         if initial_state_dict is not None:
             load_weights_(self.master, initial_state_dict)
+        self._lora = bool(lora and lora.get("enabled"))
+        if self._lora:
+            self.master = _lora_wrap(self.master, lora)
         self._fsdp = _fsdp_wrap(self.master, policy)
         if self._fsdp or policy.param_dtype == torch.float32:
             self.compute = self.master
@@ -79,7 +91,8 @@ class TorchPolicyTrainer:
         self._master_params = list(self.master.parameters())
         self._compute_params = list(self.compute.parameters())
         self._acc: list[torch.Tensor | None] = [None] * len(self._compute_params)  # grad accumulators
-        self.optimizer = torch.optim.AdamW(self._master_params, lr=lr, weight_decay=weight_decay)
+        trainable = [p for p in self._master_params if p.requires_grad]  # LoRA: the adapters only
+        self.optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
         ls = policy.loss_scale
         self.scaler = DynamicLossScaler.from_config(ls) if ls.enabled else None
 
@@ -199,7 +212,9 @@ class TorchPolicyTrainer:
         return monitor.metrics()
 
     def rollout_state_dict(self) -> dict[str, torch.Tensor]:
-        """fp32 master weights under HF names, for the rollout engine's refit."""
+        """fp32 master weights under HF names, for the rollout engine's refit (LoRA: merged)."""
+        if self._lora:
+            return _merged_lora_state_dict(self.master)
         if self._fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -223,7 +238,8 @@ class TorchPolicyTrainer:
 
     def state_dict(self) -> dict:
         """{"model", "optimizer", "scaler"}: live references, like torch's (clone before mutating)."""
-        return {"model": self.rollout_state_dict(), "optimizer": self.optimizer.state_dict(),
+        model = {k: v.detach() for k, v in self.master.state_dict().items()} if self._lora else self.rollout_state_dict()
+        return {"model": model, "optimizer": self.optimizer.state_dict(),
                 "scaler": None if self.scaler is None else self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -234,6 +250,8 @@ class TorchPolicyTrainer:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
             set_model_state_dict(self.master, state["model"], options=StateDictOptions(full_state_dict=True))
+        elif self._lora:  # peft names (base_layer + lora_A/B), as `state_dict` saved them
+            self.master.load_state_dict(state["model"], strict=True)
         else:
             load_weights_(self.master, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -272,3 +290,34 @@ def _fsdp_wrap(model: torch.nn.Module, policy: PrecisionPolicy) -> bool:
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     return True
+
+
+def _lora_wrap(model: torch.nn.Module, lora: Mapping[str, Any]) -> torch.nn.Module:
+    """peft LoRA around the fp32 master: base weights frozen, adapters (fp32) trainable."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError("policy.lora with torch.distributed (FSDP) is not implemented; run LoRA single-process")
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise ImportError("policy.lora.enabled=true needs peft (pip install peft)") from e
+    cfg = LoraConfig(r=int(lora["rank"]), lora_alpha=float(lora["alpha"]),
+                     target_modules=list(lora["target_modules"]), lora_dropout=0.0, bias="none")
+    return get_peft_model(model, cfg)
+
+
+def _merged_lora_state_dict(peft_model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Base model's HF-named state dict with every LoRA delta merged in (W + scale*B@A, fp32)."""
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_model.get_base_model()
+    with torch.no_grad():
+        deltas = {f"{name}.weight": sum(m.get_delta_weight(a) for a in m.active_adapters)
+                  for name, m in base.named_modules() if isinstance(m, LoraLayer)}
+        out = {}
+        for k, v in base.state_dict().items():
+            if ".lora_" in k:
+                continue
+            k = k.replace(".base_layer.", ".")
+            out[k] = (v + deltas[k]).detach() if k in deltas else v.detach()
+    return out
