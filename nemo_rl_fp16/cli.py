@@ -4,6 +4,7 @@
     nemo-rl-fp16 mismatch recipe=mismatch_tiny
     nemo-rl-fp16 demo [output_dir=...]
     nemo-rl-fp16 recipes
+    nemo-rl-fp16 launch slurm recipe=grpo_fp16 nodes=8 gpus_per_node=8 account=A partition=P [submit=true]
 
 Arguments after the command are `recipe=NAME` plus OmegaConf dotlist overrides; `dry_run=true`
 prints the resolved config and the plan and exits. Errors print one line per problem and exit
@@ -39,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("overrides", nargs=argparse.REMAINDER,
                         help="recipe=NAME|PATH, dry_run=true, and key=value overrides")
     sub.add_parser("recipes", help="list the packaged recipes")
+    sl = sub.add_parser("launch", help="write (and optionally submit) a cluster launch script",
+                        description="Write an sbatch script (Ray head + workers, then the rl run); "
+                                    "see nemo_rl_fp16/launch.py and docs/scaling.md.")
+    sl.add_argument("target", choices=["slurm"], help="scheduler")
+    sl.add_argument("overrides", nargs=argparse.REMAINDER,
+                    help="recipe=NAME, nodes=, gpus_per_node=, time=, account=, partition=, image=, mounts=, "
+                         "submit=true|false, script=PATH, and recipe key=value overrides")
     return p
 
 
@@ -70,6 +78,10 @@ def run_command(command: str, args: Sequence[str]) -> int:
 
             print("\n".join(available_recipes()))
             return 0
+        if command == "launch":
+            from nemo_rl_fp16.launch import launch_slurm
+
+            return launch_slurm(args)
         recipe, overrides, dry_run = split_args(command, args)
         if command == "demo":
             from nemo_rl_fp16.experiments import run_demo
@@ -108,7 +120,7 @@ def run_command(command: str, args: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = _parser().parse_args(argv)
-    return run_command(ns.command, getattr(ns, "overrides", []))
+    return run_command(ns.command, getattr(ns, "overrides", []))  # launch: target is always slurm
 
 
 if __name__ == "__main__":  # pragma: no cover

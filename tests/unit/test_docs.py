@@ -17,7 +17,7 @@ def _doc_commands():
             block = block.replace("\\\n", " ")
             for line in block.splitlines():
                 line = line.split("#")[0].strip()
-                if line.startswith("nemo-rl-fp16 ") and line.split()[1] in ("rl", "mismatch", "demo"):
+                if line.startswith("nemo-rl-fp16 ") and line.split()[1] in ("rl", "mismatch", "demo", "launch"):
                     cmds.append((md.name, line.split()[1:]))
     return cmds
 
@@ -38,6 +38,13 @@ def test_every_documented_metric_name_is_real():
 @pytest.mark.parametrize("doc,args", _doc_commands(), ids=lambda x: x if isinstance(x, str) else " ".join(x)[:60])
 def test_documented_command_dry_runs(doc, args, tmp_path):
     # model.name_or_path / data.path in docs point at the user's files: a dry run needs neither
+    if args[0] == "launch":  # writes the sbatch script under tmp_path, never submits
+        args = [a for a in args if not a.startswith("submit=")]
+        r = subprocess.run([sys.executable, "-m", "nemo_rl_fp16.cli", *args, "submit=false"],
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert r.returncode == 0, f"{doc}: {' '.join(args)}\n{r.stderr}"
+        assert "\nsbatch " in r.stdout
+        return
     r = subprocess.run([sys.executable, "-m", "nemo_rl_fp16.cli", *args, "dry_run=true"],
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 0, f"{doc}: {' '.join(args)}\n{r.stderr}"
