@@ -25,6 +25,7 @@ import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -321,3 +322,26 @@ def export_hf(path: str | os.PathLike, model, tokenizer=None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def write_hf_checkpoint(model_cfg: Mapping[str, Any], path: str | os.PathLike, tokenizer: Any,
+                        state_dict: Mapping[str, torch.Tensor] | None = None, seed: int = 0) -> Path:
+    """An HF folder (config.json, fp32 model.safetensors, tokenizer) of policy weights, atomically.
+
+    `model_cfg` is a recipe `model:` block: the model is built from it (a seeded init for
+    `config`, the local checkpoint for `name_or_path`), then `state_dict` (fp32, HF names, e.g.
+    the trainer's `rollout_state_dict()`) overwrites its weights. The config carries the
+    tokenizer's special ids, so the folder loads in vLLM and `AutoModelForCausalLM` alike.
+    """
+    from nemo_rl_fp16.models import build_model, load_weights_
+
+    model = build_model(model_cfg, torch.float32, seed=seed)
+    if state_dict is not None:
+        load_weights_(model, state_dict)
+    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        val = getattr(tokenizer, key, None)
+        if val is not None:
+            setattr(model.config, key, val)
+            if getattr(model, "generation_config", None) is not None:
+                setattr(model.generation_config, key, val)
+    return export_hf(path, model, tokenizer)

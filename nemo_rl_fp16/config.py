@@ -165,6 +165,7 @@ class TrainerSection(_Section):
     keep_last: int = Field(2, ge=1)
     max_overflow_retries: int = Field(3, ge=0)
     headroom_every: int = Field(10, ge=0)
+    export_hf: bool = False
 
 
 class ToggleSection(_Section):

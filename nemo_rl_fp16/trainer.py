@@ -249,6 +249,10 @@ def run(cfg: DictConfig, console: Console | None = None) -> dict[str, float]:
                     trainer.save(ckpt_root)
     finally:
         logger.close()
+    if rc.trainer.export_hf:
+        path = ckpt.write_hf_checkpoint(setup.model_cfg, out / "hf", setup.tokenizer,
+                                        state_dict=trainer.policy.rollout_state_dict(), seed=rc.seed)
+        console.print(f"policy exported (HF, safetensors): {path}")
     metrics["run/wall_s"] = time.perf_counter() - start_time
     if rc.trainer.max_steps:
         console.print(summary_table(f"{rc.recipe}: done after {trainer.state.step} steps", _summary_rows(metrics, out)))

@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 
+from nemo_rl_fp16.checkpoint import write_hf_checkpoint
 from nemo_rl_fp16.interfaces import RolloutBatch, SamplingParams
 from nemo_rl_fp16.precision import PrecisionMismatchError, PrecisionPolicy, audit_model, dtype_name, get_dtype
 from nemo_rl_fp16.rollout.vllm_worker import tensor_to_wire
@@ -55,32 +56,6 @@ WORKER_EXTENSION = "nemo_rl_fp16.rollout.vllm_worker.RolloutWorkerExtension"
 LOGPROBS_MODE = "processed_logprobs"
 COMPONENT = "vLLM rollout engine"
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # engines of this process with a running LLM
-
-
-def write_hf_checkpoint(model_cfg: Mapping[str, Any], path: str | Path, tokenizer: Any,
-                        state_dict: Mapping[str, torch.Tensor] | None = None, seed: int = 0) -> Path:
-    """Write an HF folder (config.json, fp32 model.safetensors, tokenizer) vLLM can load.
-
-    `model_cfg` is a recipe `model:` block with `config` (a seeded random init, as
-    `models.build_model` does for the trainer) and optionally `state_dict` to overwrite the weights
-    (e.g. the run's shared initial weights). The config carries the tokenizer's special ids.
-    """
-    from nemo_rl_fp16.models import build_model, load_weights_
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model = build_model(model_cfg, torch.float32, seed=seed)
-    if state_dict is not None:
-        load_weights_(model, state_dict)
-    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
-        val = getattr(tokenizer, key, None)
-        if val is not None:
-            setattr(model.config, key, val)
-            if getattr(model, "generation_config", None) is not None:
-                setattr(model.generation_config, key, val)
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 class VllmRolloutEngine:

@@ -32,7 +32,8 @@ def _rows(path):
 
 
 def test_short_grpo_run_improves_reward(tmp_path):
-    final = run(_cfg(tmp_path, "trainer.max_steps=15", "trainer.save_every=0"), console=QUIET)
+    final = run(_cfg(tmp_path, "trainer.max_steps=15", "trainer.save_every=0", "trainer.export_hf=true"),
+                console=QUIET)
     acc = [r["reward/accuracy"] for r in _rows(tmp_path / "run/metrics.jsonl")]
     assert len(acc) == 15
     assert sum(acc[-4:]) / 4 > sum(acc[:4]) / 4 + 0.1, acc
@@ -45,6 +46,14 @@ def test_short_grpo_run_improves_reward(tmp_path):
     assert any(k.startswith("range/") or k.startswith("headroom/") for k in rows[0]), rows[0].keys()
     assert (tmp_path / "run/config.yaml").exists()
     assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["step_000015"]
+    # the HF export loads with plain transformers and holds the final master weights
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run/hf")
+    assert AutoTokenizer.from_pretrained(tmp_path / "run/hf").decode([5, 6]) == "12"
+    last = load_file(tmp_path / "run/checkpoints/step_000015/model.safetensors")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in last.items())
 
 
 def _strip_time(rows):

@@ -14,11 +14,12 @@ import torch
 
 vllm = pytest.importorskip("vllm")
 
+from nemo_rl_fp16.checkpoint import write_hf_checkpoint  # noqa: E402
 from nemo_rl_fp16.data import build_char_tokenizer  # noqa: E402
 from nemo_rl_fp16.interfaces import SamplingParams  # noqa: E402
 from nemo_rl_fp16.policy import TorchPolicyTrainer  # noqa: E402
 from nemo_rl_fp16.precision import PrecisionMismatchError, PrecisionPolicy  # noqa: E402
-from nemo_rl_fp16.rollout.vllm_engine import VllmRolloutEngine, write_hf_checkpoint  # noqa: E402
+from nemo_rl_fp16.rollout.vllm_engine import VllmRolloutEngine  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
