@@ -139,7 +139,7 @@ def write_demo_report(root: Path, run_dirs: dict[str, Path]) -> dict:
     summary = {"runs": runs}
     if {"fp16", "bf16"} <= runs.keys() and runs["fp16"]["mean_kl_k3"] > 0:
         summary["kl_k3_bf16_over_fp16"] = runs["bf16"]["mean_kl_k3"] / runs["fp16"]["mean_kl_k3"]
-    atomic_write(root / "report.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    atomic_write(root / "report.json", json.dumps(summary, indent=2))
     lines = ["# Sanity demo: FP16 vs BF16", "", "Same recipe, seed, warm start and step budget; only the precision differs.",
              "", "| metric | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
     for key in next(iter(runs.values())):
@@ -147,6 +147,6 @@ def write_demo_report(root: Path, run_dirs: dict[str, Path]) -> dict:
     if "kl_k3_bf16_over_fp16" in summary:
         lines += ["", f"Mean KL(µ‖π) over the run, bf16 / fp16: **{summary['kl_k3_bf16_over_fp16']:.1f}x**."]
     lines += ["", "![training curves](training_curves.png)", ""]
-    atomic_write(root / "report.md", lambda f: f.write("\n".join(lines).encode()))
+    atomic_write(root / "report.md", "\n".join(lines))
     return summary
 

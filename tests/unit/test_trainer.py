@@ -176,3 +176,17 @@ def test_mismatch_command_writes_report(tmp_path):
         assert (tmp_path / "mm" / f).stat().st_size > 0
     kl = {p: report["runs"][p]["mismatch/kl_k3"] for p in ("fp32", "fp16", "bf16")}
     assert kl["fp32"] < kl["fp16"] < kl["bf16"], kl
+
+
+def test_demo_runs_both_precisions_and_reports(tmp_path):
+    from nemo_rl_fp16.experiments import run_demo
+
+    code = run_demo([f"output_dir={tmp_path}/demo", f"warm_start.cache_dir={tmp_path}/ws", "trainer.max_steps=3",
+                     "data.prompts_per_step=4", "logging.progress=false", "logging.tensorboard=false"], console=QUIET)
+    assert code == 0
+    report = json.loads((tmp_path / "demo/report.json").read_text())
+    assert set(report["runs"]) == {"fp16", "bf16"} and report["runs"]["fp16"]["steps"] == 3
+    kl = {p: sum(r["mismatch/kl_k3"] for r in _rows(tmp_path / f"demo/{p}/metrics.jsonl")) / 3 for p in ("fp16", "bf16")}
+    assert report["kl_k3_bf16_over_fp16"] == pytest.approx(kl["bf16"] / kl["fp16"])
+    assert f"{report['kl_k3_bf16_over_fp16']:.1f}x" in (tmp_path / "demo/report.md").read_text()
+    assert (tmp_path / "demo/training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

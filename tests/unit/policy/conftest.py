@@ -22,6 +22,21 @@ except Exception:  # pragma: no cover - megatron-core not installed
     HAVE_MCORE = False
 
 
+def synthetic_batch(vocab: int, n: int, p: int, t: int, seed: int = 0):
+    """A RolloutBatch of random tokens with left-padded prompts and some early-ended responses."""
+    from nemo_rl_fp16.interfaces import RolloutBatch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, vocab, (n, p + t), generator=g)
+    attn = torch.ones_like(ids)
+    attn[::3, :2] = 0  # left-padded prompts
+    resp = torch.ones(n, t, dtype=torch.long)
+    resp[1::2, -3:] = 0  # responses that ended early
+    attn[:, p:] = resp
+    return RolloutBatch(input_ids=ids, attention_mask=attn, response_mask=resp, rollout_logp=torch.zeros(n, t),
+                        prompt_width=p, prompt_index=torch.arange(n) // 2)
+
+
 def cpu_redirects() -> contextlib.ExitStack:
     """Patch the CUDA calls megatron-core makes on CPU; returns an ExitStack that undoes them."""
     from megatron.core.tensor_parallel import random as mrandom

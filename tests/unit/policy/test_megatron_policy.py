@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import synthetic_batch
 
 from nemo_rl_fp16.interfaces import PolicyTrainer, RolloutBatch
 from nemo_rl_fp16.models import build_model, position_ids_from_mask
@@ -42,15 +43,7 @@ def _weights(cfg, seed=0):
 
 
 def _batch(n=6, p=5, t=6, seed=0) -> RolloutBatch:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, VOCAB, (n, p + t), generator=g)
-    attn = torch.ones_like(ids)
-    attn[::3, :2] = 0  # left-padded prompts
-    resp = torch.ones(n, t, dtype=torch.long)
-    resp[1::2, -3:] = 0  # responses that ended early
-    attn[:, p:] = resp
-    return RolloutBatch(input_ids=ids, attention_mask=attn, response_mask=resp, rollout_logp=torch.zeros(n, t),
-                        prompt_width=p, prompt_index=torch.arange(n) // 2)
+    return synthetic_batch(VOCAB, n, p, t, seed)
 
 
 def _loss_fn(batch, seed=1):

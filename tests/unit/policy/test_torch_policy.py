@@ -9,6 +9,7 @@ import io
 
 import pytest
 import torch
+from conftest import synthetic_batch
 
 from nemo_rl_fp16.interfaces import PolicyTrainer, RolloutBatch
 from nemo_rl_fp16.policy import TorchPolicyTrainer
@@ -21,16 +22,7 @@ CFG = {"config": {"model_type": "qwen2", "vocab_size": VOCAB, "hidden_size": 64,
 
 
 def _batch(n=12, p=5, t=7, seed=0) -> RolloutBatch:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, VOCAB, (n, p + t), generator=g)
-    attn = torch.ones_like(ids)
-    attn[::3, :2] = 0  # left-padded prompts
-    resp = torch.ones(n, t, dtype=torch.long)
-    resp[1::2, -3:] = 0  # responses that ended early
-    attn[:, p:] = resp
-    return RolloutBatch(input_ids=ids, attention_mask=attn, response_mask=resp,
-                        rollout_logp=torch.zeros(n, t), prompt_width=p,
-                        prompt_index=torch.arange(n) // 2)
+    return synthetic_batch(VOCAB, n, p, t, seed)
 
 
 def _loss_fn(batch: RolloutBatch, seed=1):
