@@ -53,7 +53,9 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=resume_step + 1 or None)
+                # drop events past the step we (re)start from, like the JSONL rewrite above
+
+                self._tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=resume_step + 1)
             except ImportError:  # pragma: no cover - tensorboard is a core dependency
                 Console(stderr=True).print("[yellow]tensorboard not installed: TensorBoard logging off")
         self._wandb = self._mlflow = None

@@ -8,6 +8,7 @@ scale and overflow skips, so a user sees the precision story of their own run.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from dataclasses import dataclass
@@ -83,7 +84,7 @@ class RLTrainer:
         t0 = time.perf_counter()
         idx = self.prompts_for_step(step)
         prompts = [run.prompt_ids[i] for i in idx]
-        sampling = SamplingParams(**{**self.sampling.__dict__, "seed": _mix(cfg.seed, step)})
+        sampling = dataclasses.replace(self.sampling, seed=_mix(cfg.seed, step))
         batch = self.rollout.generate(prompts, sampling)
         t_rollout = time.perf_counter() - t0
 
