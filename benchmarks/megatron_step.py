@@ -3,9 +3,13 @@
 The real trainer path (`MegatronPolicyTrainer.train_step`: Float16Module + megatron DDP +
 megatron Adam with dynamic loss scaling in fp16, fp32 log-softmax over the full vocabulary) on a
 ~1B dense config (Llama layout: hidden 2048 x 16 layers, 16 heads, SwiGLU 5632, vocab 32000),
-batch 4 x seq 2048, with the local spec's unfused attention (`--attention local`) and with torch
-SDPA (flash) swapped into the local spec (`--attention sdpa`). Run on the device machine by
-scripts/gpu_check.sh; prints one `BENCH` line per (attention, precision) and a JSON summary.
+micro-batch 4 x seq 2048, with the local spec's unfused attention (`--attention local`) and with
+torch SDPA (flash) swapped into the local spec (`--attention sdpa`). With SDPA it also runs four
+micro-batches per optimizer step (`sdpa:4`, 16 x 2048 tokens), as an RL step with a large global
+batch does, so the fp32 optimizer update is amortised, and the same with megatron's compiled
+SwiGLU / bias-dropout-add fusions (`sdpa+fused:4`). Run on the device machine by
+scripts/gpu_check.sh; prints one `BENCH` line per (attention, accumulation, precision) and a JSON
+summary.
 
 Model FLOPs per step = tokens x (6 N + 6 L s h): N = parameters excluding the input embedding
 (output layer included), the second term the causal attention score/context GEMMs (half of the
@@ -43,9 +47,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--attention", nargs="+", default=["sdpa", "local"])
+    ap.add_argument("--runs", nargs="+", default=["local:1", "sdpa:1", "sdpa:4", "sdpa+fused:4"],
+                    help="ATTENTION[+fused]:MICRO_BATCHES_PER_STEP; +fused = megatron's compiled SwiGLU/bias-dropout")
     ap.add_argument("--precisions", nargs="+", default=["bf16", "fp16"])
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true", help="after each run, print torch.profiler's top CUDA kernels")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run (needs the test CUDA redirects)")
     ap.add_argument("--hidden", type=int, default=2048)
     a = ap.parse_args()
@@ -63,24 +69,31 @@ def main() -> None:
     sd = {k: v.detach().clone() for k, v in hf.state_dict().items()}
     del hf
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, cfg["vocab_size"], (a.batch, a.seq), generator=g)
+    runs = []
+    for spec in a.runs:
+        attn, acc = spec.split(":")
+        runs.append((attn.removesuffix("+fused"), attn.endswith("+fused"), int(acc)))
+    n_rows = a.batch * max(acc for *_, acc in runs)
+    ids = torch.randint(0, cfg["vocab_size"], (n_rows, a.seq), generator=g)
     p = 1
-    batch = RolloutBatch(input_ids=ids, attention_mask=torch.ones_like(ids),
-                         response_mask=torch.ones(a.batch, a.seq - p, dtype=torch.long),
-                         rollout_logp=torch.zeros(a.batch, a.seq - p), prompt_width=p,
-                         prompt_index=torch.arange(a.batch))
-    adv = torch.randn(a.batch, generator=g)
+    full = RolloutBatch(input_ids=ids, attention_mask=torch.ones_like(ids),
+                        response_mask=torch.ones(n_rows, a.seq - p, dtype=torch.long),
+                        rollout_logp=torch.zeros(n_rows, a.seq - p), prompt_width=p,
+                        prompt_index=torch.arange(n_rows))
+    adv = torch.randn(n_rows, generator=g)
 
     def loss_fn(logp, rows):
         return -(logp * adv[rows, None].to(logp.device)).mean(), {}
 
-    tokens = a.batch * a.seq
-    flops = model_flops(cfg, n_params, tokens, a.seq)
     results = []
-    for attn in a.attention:
+    for attn, fused, acc in runs:
+        batch = full.select(slice(0, a.batch * acc))
+        tokens = a.batch * acc * a.seq
+        flops = model_flops(cfg, n_params, tokens, a.seq)
         for name in a.precisions:
             tr = MegatronPolicyTrainer(model_cfg, PrecisionPolicy.from_name(name), lr=1e-5, micro_batch_size=a.batch,
-                                       device=a.device, seed=0, initial_state_dict=sd, attention=attn)
+                                       device=a.device, seed=0, initial_state_dict=sd, attention=attn,
+                                       fused_elementwise=fused)
             for _ in range(a.warmup):
                 tr.train_step(batch, loss_fn, 1.0)
             sync()
@@ -90,23 +103,34 @@ def main() -> None:
             res = [tr.train_step(batch, loss_fn, 1.0) for _ in range(a.steps)]
             sync()
             dt = (time.perf_counter() - t0) / a.steps
-            r = {"attention": attn, "precision": name, "step_ms": 1e3 * dt, "tokens_per_s": tokens / dt,
+            r = {"attention": attn, "fused": fused, "accum": acc, "tokens": tokens, "precision": name, "step_ms": 1e3 * dt, "tokens_per_s": tokens / dt,
                  "model_tflops": flops / dt / 1e12, "mfu": flops / dt / PEAK,
                  "skipped": sum(x.skipped for x in res), "loss_scale": res[-1].loss_scale,
                  "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, "params": n_params}
             results.append(r)
-            print(f"BENCH attention={attn} {name}: step {r['step_ms']:.1f} ms, {r['tokens_per_s']:.0f} tok/s, "
+            if a.profile:
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+                    for _ in range(2):
+                        tr.train_step(batch, loss_fn, 1.0)
+                    sync()
+                print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=30,
+                                                max_name_column_width=70), flush=True)
+            print(f"BENCH attention={attn}{'+fused' * fused} accum={acc} {name}: step {r['step_ms']:.1f} ms, {r['tokens_per_s']:.0f} tok/s, "
                   f"{r['model_tflops']:.0f} model TFLOP/s, MFU {100 * r['mfu']:.1f}%, skipped {r['skipped']}, "
                   f"loss_scale {r['loss_scale']:g}, peak {r['peak_mem_gib']:.1f} GiB", flush=True)
             del tr, res
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
-    for attn in a.attention:
-        t = {r["precision"]: r["step_ms"] for r in results if r["attention"] == attn}
+    for attn, fused, acc in runs:
+        t = {r["precision"]: r["step_ms"] for r in results if (r["attention"], r["fused"], r["accum"]) == (attn, fused, acc)}
         if "fp16" in t and "bf16" in t:
-            print(f"BENCH attention={attn} fp16/bf16 step time = {t['fp16'] / t['bf16']:.3f}", flush=True)
-    print(f"BENCH params {n_params / 1e9:.3f}B, {tokens} tokens/step, {flops / 1e12:.1f} model TFLOP/step")
+            print(f"BENCH attention={attn}{'+fused' * fused} accum={acc} fp16/bf16 step time = {t['fp16'] / t['bf16']:.3f}", flush=True)
+    per_tok = model_flops(cfg, n_params, 1, a.seq)
+    print(f"BENCH params {n_params / 1e9:.3f}B, {a.batch} x {a.seq} tokens per micro-batch, "
+          f"{per_tok * a.batch * a.seq / 1e12:.1f} model TFLOP per micro-batch")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)

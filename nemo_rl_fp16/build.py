@@ -161,7 +161,8 @@ def build_run(rc: RecipeConfig, console: Console | None = None) -> RunSetup:
                 micro_batch_size=p.micro_batch_size, seed=rc.seed, device=device, initial_state_dict=init,
                 tensor_parallel_size=p.tensor_parallel_size, pipeline_parallel_size=p.pipeline_parallel_size,
                 expert_parallel_size=p.expert_parallel_size, sequence_parallel=p.sequence_parallel,
-                activation_checkpointing=p.activation_checkpointing)
+                activation_checkpointing=p.activation_checkpointing, attention=p.attention,
+                fused_elementwise=p.fused_elementwise)
         return TorchPolicyTrainer(model_cfg, train_pol, lr=lr, weight_decay=p.weight_decay,
                                   max_grad_norm=p.max_grad_norm, micro_batch_size=p.micro_batch_size,
                                   seed=rc.seed, device=device, initial_state_dict=init,

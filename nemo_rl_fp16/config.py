@@ -91,6 +91,8 @@ class PolicySection(_Section):
     context_parallel_size: int = Field(1, ge=1)
     sequence_parallel: bool = False
     activation_checkpointing: bool = False
+    attention: Literal["auto", "te", "sdpa", "local"] = "auto"
+    fused_elementwise: bool = False
     lora: LoraSection = LoraSection()
 
 

@@ -7,15 +7,22 @@
 #      fp32 megatron log-probs vs the torch backend;
 #   2. benchmarks/megatron_step.py: fp16 vs bf16 step time, tokens/s and model FLOP utilization of
 #      a ~1B dense config (hidden 2048 x 16 layers, batch 4 x seq 2048), local-spec attention and
-#      torch SDPA (flash) in the local spec.
-# Other engineers may append sections (e.g. vLLM) below; each section is independent.
+#      torch SDPA (flash) in the local spec;
+#   3. `nemo-rl-fp16 mismatch recipe=mismatch_tiny` on CUDA: the rollout engine vs the trainer in
+#      fp32/fp16/bf16 with the GPU's own kernels (report into $OUT/mismatch);
+#   4. `nemo-rl-fp16 demo` on CUDA: the sanity RL task in fp16 and bf16 (report into $OUT/demo).
+# Each section is independent and has its own timeout.
 #
-# Before the run, here (repo root; the wheel is ~2.4 MB, megatron-core needs only torch, numpy,
-# packaging, all on the device machine):
+# Before the run, here (repo root): megatron-core needs only torch, numpy, packaging (on the device
+# machine); the package itself also needs omegaconf and pydantic, which the machine lacks (~5 MB):
 #   echo /.whl/ >> .git/info/exclude
+#   for p in megatron-core==0.19.2 omegaconf==2.4.0 antlr4-python3-runtime==4.13.2 pydantic==2.14.4 \
+#            annotated-types typing-inspection; do
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --abi cp312 --platform manylinux_2_28_x86_64 -d .whl "$p"; done
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --abi cp312 --platform manylinux_2_28_x86_64 -d .whl "megatron-core==0.19.2"
-# Then run it with the device tool: command `bash scripts/gpu_check.sh`, carry [".whl"], timeout 540.
+#       --abi cp312 --platform manylinux_2_17_x86_64 -d .whl pydantic-core==2.50.5
+# Then run it with the device tool: command `bash scripts/gpu_check.sh`, carry [".whl"], timeout 590.
 # Outputs (logs, bench JSON) go to $OUT when set (the device tool's return folder), else /tmp.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,23 +35,31 @@ status=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
-if ! "$PY" -c "import megatron.core" 2>/dev/null; then
-    whl=$(ls .whl/megatron_core-*.whl 2>/dev/null | head -1)
-    if [ -z "$whl" ]; then
-        echo "megatron-core missing and no .whl/megatron_core-*.whl carried (see this script's header)"; exit 2
+if ! "$PY" -c "import megatron.core, omegaconf, pydantic" 2>/dev/null; then
+    if ! ls .whl/megatron_core-*.whl >/dev/null 2>&1; then
+        echo "megatron-core/omegaconf/pydantic missing and no .whl/ carried (see this script's header)"; exit 2
     fi
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$whl" || exit 2
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 2
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # the package from this checkout (no install needed)
 "$PY" -c "import megatron.core, nemo_rl_fp16.policy.megatron_policy as m; print('megatron-core', megatron.core.__version__, 'TE', m.te_available())" || exit 2
 
 echo "=== megatron GPU tests"
-timeout 240 "$PY" -m pytest -q -m gpu -s -p no:cacheprovider tests/gpu/test_megatron_gpu.py 2>&1 | tee "$OUT/megatron_gpu_tests.log"
+timeout 180 "$PY" -m pytest -q -m gpu -s -p no:cacheprovider tests/gpu/test_megatron_gpu.py 2>&1 | tee "$OUT/megatron_gpu_tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "=== megatron step benchmark"
 timeout 240 "$PY" benchmarks/megatron_step.py --json "$OUT/megatron_bench.json" 2>&1 | tee "$OUT/megatron_bench.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "=== rollout-vs-trainer mismatch on CUDA (torch engines)"
+timeout 60 "$PY" -m nemo_rl_fp16.cli mismatch recipe=mismatch_tiny device=cuda output_dir="$OUT/mismatch" 2>&1 \
+    | tee "$OUT/mismatch.log" | tail -25
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "=== sanity demo on CUDA (fp16 vs bf16)"
+timeout 120 "$PY" -m nemo_rl_fp16.cli demo device=cuda output_dir="$OUT/demo" 2>&1 | tee "$OUT/demo.log" | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "=== summary"

@@ -98,6 +98,32 @@ def test_sdpa_attention_matches_local_spec(mcore_cpu):
     torch.testing.assert_close(_mtrainer(DENSE, init=sd, attention="sdpa").logprobs(b, 1.0), ref, rtol=0, atol=1e-5)
 
 
+def test_fused_elementwise_matches_unfused(mcore_cpu):
+    """megatron's torch.compile'd SwiGLU path (the GPU benchmark's `+fused`) computes the same model."""
+    _, sd = _weights(DENSE)
+    b = _batch()
+    ref = _mtrainer(DENSE, init=sd).logprobs(b, 1.0)
+    fused = _mtrainer(DENSE, init=sd, fused_elementwise=True)
+    assert fused.tconfig.bias_activation_fusion
+    torch.testing.assert_close(fused.logprobs(b, 1.0), ref, rtol=0, atol=1e-5)
+
+
+def test_attention_choice_is_resolved_and_checked(monkeypatch):
+    from nemo_rl_fp16.policy import megatron_policy as mp
+
+    monkeypatch.setattr(mp, "te_available", lambda: False)
+    assert mp.resolve_attention("auto", cuda=False) == "local"
+    assert mp.resolve_attention("auto", cuda=True) == "sdpa"
+    assert mp.resolve_attention("sdpa", cuda=False) == "sdpa"
+    with pytest.raises(ValueError, match="needs CUDA and transformer_engine"):
+        mp.resolve_attention("te", cuda=True)
+    with pytest.raises(ValueError, match="must be one of"):
+        mp.resolve_attention("flash", cuda=True)
+    monkeypatch.setattr(mp, "te_available", lambda: True)
+    assert mp.resolve_attention("auto", cuda=True) == "te"
+    assert mp.resolve_attention("auto", cuda=False) == "local"
+
+
 @pytest.mark.parametrize("name", ["fp32", "fp16"])
 def test_train_steps_reduce_the_loss_cpu_fallback(mcore_cpu, name):
     _, sd = _weights(DENSE)
