@@ -32,6 +32,7 @@ class RunSetup:
     rollout: RolloutEngine
     reference: PolicyTrainer | None
     device: str
+    close: Callable[[], None] | None = None  # releases remote workers (Ray); None for in-process engines
 
 
 def resolve_device(device: str) -> str:
@@ -148,30 +149,39 @@ def build_run(rc: RecipeConfig, console: Console | None = None) -> RunSetup:
     init = initial_weights(rc, tokenizer, problems, console)
     train_pol, rollout_pol = resolve_policies(rc.precision.model_dump())
 
-    from nemo_rl_fp16.policy import TorchPolicyTrainer
+    model_dir = Path(rc.output_dir) / "rollout_model"
+    if rc.cluster.ray.enabled:
+        from nemo_rl_fp16.distributed import RayEngines
 
-    p = rc.policy
-
-    def trainer(lr: float) -> TorchPolicyTrainer:
-        if p.backend == "megatron":
-            from nemo_rl_fp16.policy.megatron_policy import MegatronPolicyTrainer
-
-            return MegatronPolicyTrainer(
-                model_cfg, train_pol, lr=lr, weight_decay=p.weight_decay, max_grad_norm=p.max_grad_norm,
-                micro_batch_size=p.micro_batch_size, seed=rc.seed, device=device, initial_state_dict=init,
-                tensor_parallel_size=p.tensor_parallel_size, pipeline_parallel_size=p.pipeline_parallel_size,
-                expert_parallel_size=p.expert_parallel_size, sequence_parallel=p.sequence_parallel,
-                activation_checkpointing=p.activation_checkpointing, attention=p.attention,
-                fused_elementwise=p.fused_elementwise)
-        return TorchPolicyTrainer(model_cfg, train_pol, lr=lr, weight_decay=p.weight_decay,
-                                  max_grad_norm=p.max_grad_norm, micro_batch_size=p.micro_batch_size,
-                                  seed=rc.seed, device=device, initial_state_dict=init,
-                                  lora=p.lora.model_dump() if p.lora.enabled else None)
-
-    policy = trainer(p.lr)
-    reference = trainer(p.lr) if rc.algorithm.kl_coef > 0 else None
+        ray_engines = RayEngines(rc, model_cfg, train_pol, rollout_pol, tokenizer, init, model_dir, console)
+        return RunSetup(tokenizer, problems, prompt_ids, get_reward(rc.reward.name), model_cfg, train_pol,
+                        rollout_pol, ray_engines.policy, ray_engines.rollout, ray_engines.reference,
+                        ray_engines.device, close=ray_engines.close)
+    policy = build_policy_trainer(rc, model_cfg, train_pol, device, init)
+    reference = build_policy_trainer(rc, model_cfg, train_pol, device, init) if rc.algorithm.kl_coef > 0 else None
     rollout = build_rollout_engine(rc, rollout_pol, model_cfg, tokenizer, device,
-                                   initial_state_dict=policy.rollout_state_dict(),
-                                   model_dir=Path(rc.output_dir) / "rollout_model")
+                                   initial_state_dict=policy.rollout_state_dict(), model_dir=model_dir)
     return RunSetup(tokenizer, problems, prompt_ids, get_reward(rc.reward.name), model_cfg, train_pol,
                     rollout_pol, policy, rollout, reference, device)
+
+
+def build_policy_trainer(rc: RecipeConfig, model_cfg: dict, train_pol: PrecisionPolicy, device: str,
+                         init: dict | None) -> PolicyTrainer:
+    """The trainer `policy.backend` names (one per process; one per rank under torch.distributed)."""
+    p = rc.policy
+    if p.backend == "megatron":
+        from nemo_rl_fp16.policy.megatron_policy import MegatronPolicyTrainer
+
+        return MegatronPolicyTrainer(
+            model_cfg, train_pol, lr=p.lr, weight_decay=p.weight_decay, max_grad_norm=p.max_grad_norm,
+            micro_batch_size=p.micro_batch_size, seed=rc.seed, device=device, initial_state_dict=init,
+            tensor_parallel_size=p.tensor_parallel_size, pipeline_parallel_size=p.pipeline_parallel_size,
+            expert_parallel_size=p.expert_parallel_size, sequence_parallel=p.sequence_parallel,
+            activation_checkpointing=p.activation_checkpointing, attention=p.attention,
+            fused_elementwise=p.fused_elementwise)
+    from nemo_rl_fp16.policy import TorchPolicyTrainer
+
+    return TorchPolicyTrainer(model_cfg, train_pol, lr=p.lr, weight_decay=p.weight_decay,
+                              max_grad_norm=p.max_grad_norm, micro_batch_size=p.micro_batch_size,
+                              seed=rc.seed, device=device, initial_state_dict=init,
+                              lora=p.lora.model_dump() if p.lora.enabled else None)

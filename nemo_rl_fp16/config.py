@@ -183,9 +183,19 @@ class LoggingSection(_Section):
     mlflow: ToggleSection = ToggleSection()
 
 
+class RaySection(_Section):
+    enabled: bool = False
+    address: str | None = None
+    layout: Literal["colocated", "split"] = "colocated"
+    trainer_workers: int = Field(1, ge=1)
+    rollout_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+
 class ClusterSection(_Section):
     nodes: int = Field(1, ge=1)
     gpus_per_node: int = Field(0, ge=0)
+    ray: RaySection = RaySection()
 
 
 class MismatchSection(_Section):

@@ -53,6 +53,38 @@ class RolloutBatch:
     def num_samples(self) -> int:
         return self.input_ids.shape[0]
 
+    @classmethod
+    def concat(cls, batches: list[RolloutBatch], pad_token_id: int) -> RolloutBatch:
+        """Stack batches of consecutive prompt groups (e.g. from several rollout engines).
+
+        Prompts are left-padded to the widest prompt and responses right-padded to the longest,
+        so every row keeps the layout of the module doc; `prompt_index` continues across batches.
+        """
+        if len(batches) == 1:
+            return batches[0]
+        p = max(b.prompt_width for b in batches)
+        t = max(b.response_mask.shape[1] for b in batches)
+
+        def pad(x: torch.Tensor, left: int, right: int, value) -> torch.Tensor:
+            return torch.nn.functional.pad(x, (left, right), value=value) if left or right else x
+
+        ids, attn, resp, logp, index, experts, offset = [], [], [], [], [], [], 0
+        for b in batches:
+            dp, dt = p - b.prompt_width, t - b.response_mask.shape[1]
+            ids.append(pad(b.input_ids, dp, dt, pad_token_id))
+            attn.append(pad(b.attention_mask, dp, dt, 0))
+            resp.append(pad(b.response_mask, 0, dt, 0))
+            logp.append(pad(b.rollout_logp, 0, dt, 0.0))
+            index.append(b.prompt_index + offset)
+            offset += int(b.prompt_index.max()) + 1 if b.num_samples else 0
+            if b.rollout_experts is not None:
+                experts.append(torch.nn.functional.pad(b.rollout_experts, (0, 0, 0, 0, 0, dt), value=-1))
+        if experts and len(experts) != len(batches):
+            raise ValueError("cannot concatenate batches with and without rollout_experts")
+        return cls(input_ids=torch.cat(ids), attention_mask=torch.cat(attn), response_mask=torch.cat(resp),
+                   rollout_logp=torch.cat(logp), prompt_width=p, prompt_index=torch.cat(index),
+                   rollout_experts=torch.cat(experts) if experts else None, extras=dict(batches[0].extras))
+
     def select(self, rows: torch.Tensor | slice) -> RolloutBatch:
         """Rows of the batch (micro-batching); tensors are views where possible."""
         return RolloutBatch(
@@ -87,6 +119,8 @@ class TrainStepResult:
     grad_norm: float  # fp32 norm of the unscaled gradients before clipping (inf/nan if skipped)
     loss_scale: float  # the scale used for this attempt
     metrics: dict[str, float] = field(default_factory=dict)
+    # each micro-batch's metrics dict as the loss closure returned it (all data-parallel ranks)
+    micro_metrics: list[dict[str, float]] = field(default_factory=list)
 
 
 # A loss closure: given π log-probs [n, T] (fp32, with grad) for rows `rows` of the batch,

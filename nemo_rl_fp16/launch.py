@@ -85,7 +85,9 @@ class SlurmJob:
     def rl_command(self) -> list[str]:
         """The run's argv on the head node (recipe + cluster size + overrides)."""
         head = ["nemo", "llm", "rl"] if self.launcher == "nemo" else ["nemo-rl-fp16", "rl"]
-        cluster = [f"cluster.nodes={self.nodes}", f"cluster.gpus_per_node={self.gpus_per_node}"]
+        # the Ray cluster this script starts is where the recipe's trainer ranks and rollout engines go
+        cluster = [f"cluster.nodes={self.nodes}", f"cluster.gpus_per_node={self.gpus_per_node}",
+                   "cluster.ray.enabled=true"]
         return [*head, f"recipe={self.recipe}", *cluster, *self.overrides]
 
 
@@ -252,6 +254,10 @@ def parse_args(args: Sequence[str]) -> tuple[SlurmJob, str | None, bool]:
         ray_port=_int("ray_port", 6379, 1), ray_wait_s=_int("ray_wait_s", 600, 1),
         ray_poll_s=_int("ray_poll_s", 5, 1), launcher=launcher, setup=kv.get("setup"),
     )
+    from nemo_rl_fp16.plan import parallel_layout
+
+    head = 2 if job.launcher == "nemo-rl-fp16" else 3
+    parallel_layout(typed(load_recipe(recipe, job.rl_command()[head + 1:])))  # the run's layout fits the job
     script = kv.get("script") or str(out_dir / "launch" / f"{job.job_name}.sbatch")
     return job, script, submit_raw in _TRUE
 

@@ -28,7 +28,9 @@ class Layout:
 def parallel_layout(cfg: RecipeConfig) -> Layout:
     """Derive DP from world size and TP/PP/CP; refuse layouts that do not divide."""
     p = cfg.policy
-    world = cfg.cluster.nodes * max(cfg.cluster.gpus_per_node, 1)
+    ray = cfg.cluster.ray
+    # the trainer's world: its Ray ranks, or every GPU of the allocation (torchrun / Slurm tasks)
+    world = ray.trainer_workers if ray.enabled else cfg.cluster.nodes * max(cfg.cluster.gpus_per_node, 1)
     model_parallel = p.tensor_parallel_size * p.pipeline_parallel_size * p.context_parallel_size
     problems = []
     if p.backend == "torch" and model_parallel * p.expert_parallel_size > 1:
@@ -42,6 +44,28 @@ def parallel_layout(cfg: RecipeConfig) -> Layout:
             f"TP x PP x CP = {model_parallel}; change the parallel sizes or the node count"
         )
     dp = max(world // model_parallel, 1)
+    samples = cfg.data.prompts_per_step * cfg.rollout.num_generations
+    if p.backend == "torch" and samples % dp:
+        problems.append(
+            f"{samples} samples per step (data.prompts_per_step x rollout.num_generations) do not split over "
+            f"{dp} data-parallel trainer ranks; make it a multiple of {dp}"
+        )
+    if ray.enabled:
+        from nemo_rl_fp16.distributed.placement import plan_placement
+
+        try:
+            plan_placement(ray.layout, ray.trainer_workers, ray.rollout_workers, gpus=cfg.cluster.gpus_per_node > 0,
+                           cpus_per_worker=ray.cpus_per_worker, rollout_tp=cfg.rollout.tensor_parallel_size)
+        except ValueError as e:
+            problems.append(str(e))
+        else:
+            have = cfg.cluster.nodes * cfg.cluster.gpus_per_node
+            need = plan_placement(ray.layout, ray.trainer_workers, ray.rollout_workers, gpus=have > 0,
+                                  rollout_tp=cfg.rollout.tensor_parallel_size).total.get("GPU", 0)
+            if need > have:
+                problems.append(f"cluster.ray places {need:g} GPUs ({ray.layout}: {ray.trainer_workers} trainer ranks, "
+                                f"{ray.rollout_workers} rollout engines x TP {cfg.rollout.tensor_parallel_size}) but the "
+                                f"cluster has {have} (cluster.nodes x cluster.gpus_per_node)")
     if (dp * p.context_parallel_size) % p.expert_parallel_size:
         problems.append(
             f"policy.expert_parallel_size={p.expert_parallel_size} must divide DP x CP = "
@@ -130,6 +154,7 @@ def make_plan(cfg: RecipeConfig) -> dict[str, object]:
         ),
         "loss scaling": train_pol.describe()["loss_scale"],
         "layout": str(layout),
+        "placement": _placement_line(cfg),
         "algorithm": (
             f"{cfg.algorithm.name} + correction {cfg.algorithm.correction}, reduction "
             f"{cfg.algorithm.reduction}, clip [{1 - cfg.algorithm.clip_low:g}, {1 + cfg.algorithm.clip_high:g}]"
@@ -147,6 +172,19 @@ def make_plan(cfg: RecipeConfig) -> dict[str, object]:
     if cfg.policy.backend == "megatron":
         plan.update(_megatron_plan_lines(cfg, layout, train_pol.param_dtype))
     return plan
+
+
+def _placement_line(cfg: RecipeConfig) -> str:
+    r = cfg.cluster.ray
+    if not r.enabled:
+        return "one process (cluster.ray.enabled=false)"
+    from nemo_rl_fp16.distributed.placement import plan_placement
+
+    pl = plan_placement(r.layout, r.trainer_workers, r.rollout_workers, gpus=cfg.cluster.gpus_per_node > 0,
+                        cpus_per_worker=r.cpus_per_worker, rollout_tp=cfg.rollout.tensor_parallel_size)
+    total = ", ".join(f"{k} {v:g}" for k, v in pl.total.items())
+    return (f"Ray {r.layout}: {r.trainer_workers} trainer ranks + {r.rollout_workers} rollout engines in "
+            f"{len(pl.bundles)} bundles ({total}); Ray at {r.address or 'RAY_ADDRESS or a local instance'}")
 
 
 def _dtypes(d: dict[str, str]) -> str:

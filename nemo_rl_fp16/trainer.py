@@ -148,7 +148,6 @@ class RLTrainer:
         n_rows = mask.shape[0]
         n_tokens = max(int(mask.sum()), 1)
         n_nonempty = max(int((mask.sum(-1) > 0).sum()), 1)
-        parts: list[dict[str, float]] = []
 
         def loss_fn(logp: torch.Tensor, rows: slice) -> tuple[torch.Tensor, dict[str, float]]:
             m = mask[rows]
@@ -169,12 +168,10 @@ class RLTrainer:
                 w = float((m.sum(-1) > 0).sum()) / n_nonempty
             else:
                 w = (rows.stop - rows.start) / n_rows
-            parts.append({**mets, "_w": w})
-            return loss * w, mets
+            return loss * w, {**mets, "_w": w}  # `_w`: the micro-batch's weight for `_combine`
 
         retries = 0
         while True:
-            parts.clear()
             result = self.policy.train_step(batch, loss_fn, self.cfg.rollout.temperature)
             if not result.skipped:
                 break
@@ -185,7 +182,7 @@ class RLTrainer:
                 break
             retries += 1
         loss_value = result.metrics.get("loss", float("nan"))
-        result.metrics.update(_combine(parts), **{"loss/value": loss_value})
+        result.metrics.update(_combine(result.micro_metrics), **{"loss/value": loss_value})
         result.metrics["overflow_retries"] = retries
         return result
 
@@ -220,6 +217,14 @@ def run(cfg: DictConfig, console: Console | None = None) -> dict[str, float]:
     save_resolved(cfg, out)
     _seed_everything(rc.seed)
     setup = build_run(rc, console=console)
+    try:
+        return _run(rc, setup, out, console)
+    finally:
+        if setup.close is not None:
+            setup.close()
+
+
+def _run(rc: RecipeConfig, setup: RunSetup, out: Path, console: Console) -> dict[str, float]:
     audit(setup, rc)
     trainer = RLTrainer(rc, setup, console)
 

@@ -529,7 +529,7 @@ class MegatronPolicyTrainer(TorchPolicyTrainer):
         opt.zero_grad()
         scale = float(opt.get_loss_scale())
         self.compute.train()
-        loss_sum, metric_sums, n_rows = 0.0, {}, batch.num_samples
+        loss_sum, metric_sums, micro, n_rows = 0.0, {}, [], batch.num_samples
         for rows in self._micro_batches(n_rows):
             mb = batch.select(rows)
             logp = response_logprobs(self.compute, mb.input_ids.to(self.device), mb.attention_mask.to(self.device),
@@ -537,6 +537,7 @@ class MegatronPolicyTrainer(TorchPolicyTrainer):
             loss, metrics = loss_fn(logp.to(mb.input_ids.device), rows)
             opt.scale_loss(loss.to(self.device)).backward()
             loss_sum += float(loss.detach())
+            micro.append({k: float(v) for k, v in metrics.items()})
             w = (rows.stop - rows.start) / n_rows
             for k, v in metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + w * float(v)
@@ -548,7 +549,8 @@ class MegatronPolicyTrainer(TorchPolicyTrainer):
         skipped = not ok
         grad_norm = float("nan") if skipped or grad_norm is None else float(grad_norm)
         metrics = {"loss": loss_sum, **metric_sums, "loss_scale": scale, "skipped": float(skipped)}
-        return TrainStepResult(skipped=skipped, grad_norm=grad_norm, loss_scale=scale, metrics=metrics)
+        return TrainStepResult(skipped=skipped, grad_norm=grad_norm, loss_scale=scale, metrics=metrics,
+                               micro_metrics=micro)
 
     # -------------------------------------------------------------------------- weights
     def _fp32_named_params(self) -> dict[str, torch.Tensor]:

@@ -12,7 +12,12 @@ the master (no copy).
 
 Optional multi-GPU: with torch.distributed initialised and world size > 1 the master is wrapped
 with FSDP2 `fully_shard` + `MixedPrecisionPolicy(param_dtype, reduce_dtype=grad_reduce_dtype)`,
-which then plays the compute copy's role (see `_fsdp_wrap`).
+which then plays the compute copy's role (see `_fsdp_wrap`). Every rank receives the whole batch
+and works on its own equal slice of the rows (data parallel): gradients are summed across ranks
+(FSDP averages in fp32, the unscale multiplies by the world size back, since the loop's loss
+closure already weights each row by its share of the global batch; gloo has no pre-multiplied
+sum), log-probs, losses and metrics are gathered, so every rank returns
+the full-batch result. Checkpoints use full (unsharded) model and optimizer state dicts.
 
 Optional LoRA (`lora={"enabled": True, "rank", "alpha", "target_modules"}`, the recipe's
 `policy.lora`): the fp32 master is wrapped with peft `LoraConfig(r, lora_alpha, target_modules)`
@@ -108,9 +113,32 @@ class TorchPolicyTrainer:
     def _gemm_ctx(self):
         return maybe_lowp_gemm_as_fp32(self.device, self.policy.param_dtype)
 
-    def _micro_batches(self, n: int):
-        for start in range(0, n, self.micro_batch_size):
-            yield slice(start, min(n, start + self.micro_batch_size))
+    def _dp(self) -> tuple[int, int]:
+        """(rank, world size) of the data-parallel row split; (0, 1) without FSDP."""
+        if not self._fsdp:
+            return 0, 1
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+    def _micro_batches(self, n: int, local: bool = False):
+        """Row slices of `micro_batch_size`; `local=True`: only this data-parallel rank's rows."""
+        lo, hi = 0, n
+        rank, world = self._dp() if local else (0, 1)
+        if world > 1:
+            if n % world:
+                raise ValueError(f"a batch of {n} rows does not split evenly over {world} data-parallel ranks; make "
+                                 f"data.prompts_per_step x rollout.num_generations a multiple of {world}")
+            lo, hi = rank * n // world, (rank + 1) * n // world
+        for start in range(lo, hi, self.micro_batch_size):
+            yield slice(start, min(hi, start + self.micro_batch_size))
+
+    def _gather_rows(self, local: torch.Tensor) -> torch.Tensor:
+        """Concatenate every data-parallel rank's rows (rank order), or return `local` alone."""
+        _, world = self._dp()
+        if world == 1:
+            return local
+        parts = [torch.empty_like(local) for _ in range(world)]
+        torch.distributed.all_gather(parts, local.contiguous())
+        return torch.cat(parts)
 
     # ------------------------------------------------------------------ PolicyTrainer
     def logprobs(self, batch: RolloutBatch, temperature: float) -> torch.Tensor:
@@ -121,13 +149,13 @@ class TorchPolicyTrainer:
         self._sync_compute()
         out = []
         with torch.no_grad(), self._gemm_ctx():
-            for rows in self._micro_batches(batch.num_samples):
+            for rows in self._micro_batches(batch.num_samples, local=True):
                 mb = batch.select(rows)
                 logp = response_logprobs(self.compute, mb.input_ids.to(self.device),
                                          mb.attention_mask.to(self.device), mb.prompt_width,
                                          temperature, self.policy.logits_dtype)
                 out.append(torch.where(mb.response_mask.to(self.device).bool(), logp, 0.0))
-        return torch.cat(out).to(batch.input_ids.device)
+        return self._gather_rows(torch.cat(out)).to(batch.input_ids.device)
 
     def train_step(self, batch: RolloutBatch, loss_fn: LossFn, temperature: float) -> TrainStepResult:
         """One optimizer step over `batch` (micro-batched; see module doc for the skip rules)."""
@@ -136,9 +164,9 @@ class TorchPolicyTrainer:
         self.master.zero_grad(set_to_none=True)
         self._acc = [None] * len(self._compute_params)
         scale = self.scaler.scale if self.scaler is not None else 1.0
-        loss_sum, metric_sums, n_rows = 0.0, {}, batch.num_samples
+        loss_sum, metric_sums, micro, n_rows = 0.0, {}, [], batch.num_samples
         with self._gemm_ctx():
-            for rows in self._micro_batches(n_rows):
+            for rows in self._micro_batches(n_rows, local=True):
                 mb = batch.select(rows)
                 logp = response_logprobs(self.compute, mb.input_ids.to(self.device),
                                          mb.attention_mask.to(self.device), mb.prompt_width,
@@ -147,11 +175,15 @@ class TorchPolicyTrainer:
                 (loss * scale).backward()
                 self._accumulate_grads()
                 loss_sum += float(loss.detach())
+                micro.append({k: float(v) for k, v in metrics.items()})
                 w = (rows.stop - rows.start) / n_rows
                 for k, v in metrics.items():
                     metric_sums[k] = metric_sums.get(k, 0.0) + w * float(v)
+        loss_sum, metric_sums, micro = self._reduce_step_metrics(loss_sum, metric_sums, micro)
 
-        grads = self._unscale_into_master(scale)
+        # FSDP averages over the data-parallel ranks (in fp32); the rows are pre-weighted by their share of
+        # the global batch, so the step needs the sum: unscale by scale / world (exact for powers of two)
+        grads = self._unscale_into_master(scale / self._dp()[1])
         if self.grad_hook is not None:
             self.grad_hook(grads)
         found_inf = _any_nonfinite(grads)
@@ -170,7 +202,22 @@ class TorchPolicyTrainer:
             self.scaler.update(found_inf)
 
         metrics = {"loss": loss_sum, **metric_sums, "loss_scale": scale, "skipped": float(found_inf)}
-        return TrainStepResult(skipped=found_inf, grad_norm=grad_norm, loss_scale=scale, metrics=metrics)
+        return TrainStepResult(skipped=found_inf, grad_norm=grad_norm, loss_scale=scale, metrics=metrics,
+                               micro_metrics=micro)
+
+    def _reduce_step_metrics(self, loss_sum: float, metric_sums: dict[str, float], micro: list[dict[str, float]]):
+        """Data parallel: sum the ranks' loss and row-weighted metrics, gather the micro-batch dicts."""
+        _, world = self._dp()
+        if world == 1:
+            return loss_sum, metric_sums, micro
+        dist = torch.distributed
+        keys = sorted(metric_sums)
+        t = torch.tensor([loss_sum, *(metric_sums[k] for k in keys)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        every: list[list[dict[str, float]] | None] = [None] * world
+        dist.all_gather_object(every, micro)
+        vals = t.tolist()
+        return vals[0], dict(zip(keys, vals[1:], strict=True)), [m for part in every for m in part]
 
     def _accumulate_grads(self) -> None:
         """Move the compute copy's micro-batch grads into accumulators in `grad_reduce_dtype`."""
@@ -237,9 +284,19 @@ class TorchPolicyTrainer:
         return lines
 
     def state_dict(self) -> dict:
-        """{"model", "optimizer", "scaler"}: live references, like torch's (clone before mutating)."""
+        """{"model", "optimizer", "scaler"}: live references, like torch's (clone before mutating).
+
+        FSDP: full (unsharded, CPU) model and optimizer state on rank 0, empty dicts elsewhere.
+        """
         model = {k: v.detach() for k, v in self.master.state_dict().items()} if self._lora else self.rollout_state_dict()
-        return {"model": model, "optimizer": self.optimizer.state_dict(),
+        if self._fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            optim = get_optimizer_state_dict(self.master, self.optimizer,
+                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            optim = self.optimizer.state_dict()
+        return {"model": model, "optimizer": optim,
                 "scaler": None if self.scaler is None else self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -247,14 +304,21 @@ class TorchPolicyTrainer:
         if (state.get("scaler") is None) != (self.scaler is None):
             raise ValueError("checkpoint and trainer disagree on loss scaling (precision.loss_scale.enabled)")
         if self._fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
 
-            set_model_state_dict(self.master, state["model"], options=StateDictOptions(full_state_dict=True))
-        elif self._lora:  # peft names (base_layer + lora_A/B), as `state_dict` saved them
-            self.master.load_state_dict(state["model"], strict=True)
+            opts = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.master, state["model"], options=opts)
+            set_optimizer_state_dict(self.master, self.optimizer, state["optimizer"], options=opts)
         else:
-            load_weights_(self.master, state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+            if self._lora:  # peft names (base_layer + lora_A/B), as `state_dict` saved them
+                self.master.load_state_dict(state["model"], strict=True)
+            else:
+                load_weights_(self.master, state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
         self._compute_stale = True

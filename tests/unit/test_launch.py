@@ -39,7 +39,7 @@ def test_generated_script_golden_lines(tmp_path, nodes):
     assert 'ray start --address=$RAY_ADDRESS --num-gpus=8 --block' in text
     assert "\ntrap 'exit 143' TERM INT" in text
     assert "ray stop --force" in text and 'ray status --address=$RAY_ADDRESS' in text
-    rl = (f"nemo-rl-fp16 rl recipe=grpo_fp16 cluster.nodes={nodes} cluster.gpus_per_node=8 "
+    rl = (f"nemo-rl-fp16 rl recipe=grpo_fp16 cluster.nodes={nodes} cluster.gpus_per_node=8 cluster.ray.enabled=true "
           "trainer.max_steps=7 precision=bf16")
     assert f"bash -c 'exec {rl}'" in text
     (tmp_path / "s.sh").write_text(text)
@@ -59,6 +59,7 @@ def test_nemo_launcher_and_no_container(tmp_path):
     (["trainer.max_stepz=1"], "unknown key"), (["nodes=0"], "nodes=0 must be >= 1"),
     (["nodes=x"], "not an integer"), (["submit=maybe"], "not a boolean"), (["launcher=srun"], "launcher="),
     (["account=a b"], "account="), (["dry_run=true"], "no dry_run"),
+    (["nodes=1", "gpus_per_node=4"], "cluster.ray places 8 GPUs"),  # grpo_fp16's 8 + 8 colocated actors
 ])
 def test_bad_arguments_fail_before_writing(tmp_path, bad, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -87,7 +88,8 @@ def _dry_run(tmp_path, nodes, fake_nodes, **env):
     for name, body in STUBS.items():
         (bin_ / name).write_text("#!/bin/bash\n" + body)
         (bin_ / name).chmod(0o755)
-    launch_slurm([*ARGS, f"nodes={nodes}", "gpus_per_node=2", f"script={tmp_path / 'job.sbatch'}",
+    ray = ["cluster.ray.trainer_workers=4", "cluster.ray.rollout_workers=4"]  # fits 2 nodes x 2 GPUs and more
+    launch_slurm([*ARGS, *ray, f"nodes={nodes}", "gpus_per_node=2", f"script={tmp_path / 'job.sbatch'}",
                   f"log_dir={tmp_path / 'logs'}", "ray_wait_s=1", "ray_poll_s=1", f"workdir={tmp_path}"])
     log = tmp_path / "calls.log"
     full_env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "LOG": str(log), "SLURM_JOB_ID": "42",
@@ -106,7 +108,8 @@ def test_local_dry_run_starts_ray_runs_and_stops(tmp_path, capsys):
     assert calls.splitlines().count("ray start --address=10.0.0.1:6379 --num-gpus=2 --block") == 2  # n1, n2
     assert "--nodelist=n1" in calls and "--nodelist=n2" in calls
     assert ("RUN RAY_ADDRESS=10.0.0.1:6379 rl recipe=grpo_fp16 cluster.nodes=3 cluster.gpus_per_node=2 "
-            "trainer.max_steps=7 precision=bf16") in calls
+            "cluster.ray.enabled=true trainer.max_steps=7 precision=bf16 cluster.ray.trainer_workers=4 "
+            "cluster.ray.rollout_workers=4") in calls
     assert "--container-image=/images/rl.sqsh" in calls and "--nodelist=n0" in calls
     assert calls.rstrip().endswith("ray stop --force")  # cleanup after the run
     assert "ray status: 3/3 nodes, 6/6 GPUs" in r.stdout

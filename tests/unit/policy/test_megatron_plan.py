@@ -18,7 +18,8 @@ def _plan(recipe, *over):
 
 def test_dense_14b_plan():
     plan = _plan("dense_14b_fp16")
-    assert plan["layout"] == "world 16 = TP 4 x PP 1 x CP 1 x DP 4 (EP 1)"
+    assert plan["layout"] == "world 8 = TP 4 x PP 1 x CP 1 x DP 2 (EP 1)"  # Ray split: 8 of 16 GPUs train
+    assert plan["placement"].startswith("Ray split: 8 trainer ranks + 2 rollout engines in 10 bundles (CPU 10, GPU 16)")
     assert plan["parameters"].startswith("14.77B total; 3.69B per GPU")
     assert "weights 6.9 GiB" in plan["memory/GPU"] and "grads 13.8 GiB" in plan["memory/GPU"]
     assert plan["trainer"].startswith("megatron")
@@ -26,7 +27,8 @@ def test_dense_14b_plan():
 
 def test_moe_30b_plan():
     plan = _plan("moe_30b_a3b_fp16")
-    assert plan["layout"] == "world 32 = TP 2 x PP 1 x CP 1 x DP 16 (EP 8)"
+    assert plan["layout"] == "world 16 = TP 2 x PP 1 x CP 1 x DP 8 (EP 8)"
+    assert "16 trainer ranks + 4 rollout engines" in plan["placement"] and "GPU 32" in plan["placement"]
     assert plan["parameters"].startswith("30.53B total, 3.35B active/token (128 experts, top-8)")
 
 

@@ -190,21 +190,25 @@ def _fsdp_worker(rank: int, world: int, port: int, name: str, out: str) -> None:
     try:
         trainer = _trainer(name)
         batch = _batch()
+        logp0 = trainer.logprobs(batch, 1.0)  # each rank scores its half, then all-gather
         results = [trainer.train_step(batch, _loss_fn(batch), 1.0) for _ in range(2)]
-        state = trainer.rollout_state_dict()  # collective: full state dict on every rank
+        state = trainer.rollout_state_dict()  # collective: full state dict on rank 0
+        full = trainer.state_dict()  # collective: full optimizer state too
         if rank == 0:
             torch.save({"fsdp": trainer._fsdp, "loss": [r.metrics["loss"] for r in results],
                         "grad_norm": [r.grad_norm for r in results], "skipped": [r.skipped for r in results],
-                        "state": state}, out)
+                        "micro": [len(r.micro_metrics) for r in results], "adv_mean": results[0].metrics["adv_mean"],
+                        "logp0": logp0, "state": state, "optim_keys": sorted(full["optimizer"]["state"])}, out)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("name", ["fp32", "fp16"])
 def test_fsdp2_gloo_two_processes_match_single_process(name, tmp_path):
-    """FSDP2 `fully_shard` + MixedPrecisionPolicy over gloo on CPU, 2 ranks, same batch
-    on both: step 1 matches one process (loss bitwise, grad norm to fp32 rounding: the sharded
-    norm sums in another order); after that Adam amplifies that rounding, so only closeness."""
+    """FSDP2 `fully_shard` + MixedPrecisionPolicy over gloo on CPU, 2 ranks, each on its half of
+    the rows (data parallel, gradients summed): log-probs gather to the single-process values,
+    step 1 matches one process to fp32 rounding (the halves are summed in another order); after
+    that Adam amplifies that rounding, so only closeness."""
     import socket
 
     import torch.multiprocessing as mp
@@ -217,10 +221,16 @@ def test_fsdp2_gloo_two_processes_match_single_process(name, tmp_path):
     got = torch.load(out, weights_only=True)
     single = _trainer(name)
     batch = _batch()
+    assert batch.num_samples % 2 == 0
+    ref_logp = single.logprobs(batch, 1.0)
     ref = [single.train_step(batch, _loss_fn(batch), 1.0) for _ in range(2)]
     assert got["fsdp"] and got["skipped"] == [False, False]
-    assert got["loss"][0] == ref[0].metrics["loss"]
-    assert got["grad_norm"][0] == pytest.approx(ref[0].grad_norm, rel=1e-6)
+    torch.testing.assert_close(got["logp0"], ref_logp, rtol=0, atol=1e-6)
+    assert got["micro"] == [4, 4]  # 6 rows per rank in micro-batches of 5 -> 2 per rank, both ranks gathered
+    assert got["adv_mean"] == pytest.approx(ref[0].metrics["adv_mean"], rel=1e-6)
+    assert got["loss"][0] == pytest.approx(ref[0].metrics["loss"], rel=1e-6)
+    assert got["grad_norm"][0] == pytest.approx(ref[0].grad_norm, rel=1e-5)
+    assert got["optim_keys"] and all(isinstance(k, str) for k in got["optim_keys"])  # full state, by name
     assert got["loss"][1] == pytest.approx(ref[1].metrics["loss"], rel=1e-3)
     assert set(got["state"]) == set(single.rollout_state_dict())
 

@@ -1,0 +1,287 @@
+"""Trainer ranks and rollout engines as Ray actors, behind the same two protocols as in-process engines.
+
+`RayEngines` (built by `build.build_run` when `cluster.ray.enabled=true`) places actors as
+`placement.plan_placement` says, in one Ray placement group:
+
+- `PolicyWorker` x `trainer_workers`: one torch.distributed rank each (gloo on CPU, NCCL on GPU),
+  running the recipe's trainer (`build.build_policy_trainer`: FSDP2 data parallel for the torch
+  backend, megatron-core for `policy.backend=megatron`). `RayPolicyGroup` is the loop's
+  `PolicyTrainer`: every call goes to every rank (the collectives need all of them) and rank 0's
+  answer comes back.
+- `RolloutWorker` x `rollout_workers`: one rollout engine each (`build.build_rollout_engine`).
+  `RayRolloutGroup` is the loop's `RolloutEngine`: it splits a step's prompts between the engines
+  (whole prompt groups), stacks their batches, and refits all of them from one object-store copy
+  of the weights. Colocated, it puts engines to sleep after generating and wakes them for the refit
+  when the engine has `sleep`/`wake_up`.
+
+The loop's loss closure travels to the workers by Ray's cloudpickle (code of this package, not a
+network service: vLLM's insecure serialization is not involved). Results come back on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from nemo_rl_fp16.config import ConfigError, RecipeConfig
+from nemo_rl_fp16.distributed.placement import Placement, plan_placement
+from nemo_rl_fp16.interfaces import LossFn, RolloutBatch, SamplingParams, TrainStepResult
+from nemo_rl_fp16.precision import PrecisionPolicy
+
+
+def _cpu(obj: Any) -> Any:
+    """Tensors (nested in dicts, lists, dataclasses) moved to the CPU, for the trip to the driver."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _cpu(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
+    return obj
+
+
+class PolicyWorker:
+    """One trainer rank (wrapped with `ray.remote` by `RayEngines`)."""
+
+    def __init__(self, threads: int):
+        torch.set_num_threads(max(1, threads))
+        self.trainer = None
+
+    def rendezvous(self) -> tuple[str, int]:
+        """This node's IP and a free port: rank 0's address for torch.distributed's TCP store."""
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup(self, rank: int, world: int, addr: str, port: int, backend: str, rc: RecipeConfig, model_cfg: dict,
+              train_pol: PrecisionPolicy, device: str, init: dict | None) -> str:
+        import torch.distributed as dist
+
+        from nemo_rl_fp16.build import build_policy_trainer
+
+        os.environ.setdefault("LOCAL_RANK", "0")  # Ray shows each actor only its own GPU
+        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(minutes=30))
+        self.trainer = build_policy_trainer(rc, model_cfg, train_pol, device, init)
+        return type(self.trainer).__name__
+
+    def call(self, method: str, *args: Any) -> Any:
+        return _cpu(getattr(self.trainer, method)(*args))
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class RolloutWorker:
+    """One rollout engine (wrapped with `ray.remote` by `RayEngines`)."""
+
+    def __init__(self, threads: int):
+        torch.set_num_threads(max(1, threads))
+        self.engine = None
+
+    def setup(self, rc: RecipeConfig, rollout_pol: PrecisionPolicy, model_cfg: dict, tokenizer: Any, device: str,
+              init: dict | None, model_dir: str) -> str:
+        from nemo_rl_fp16.build import build_rollout_engine
+
+        self.engine = build_rollout_engine(rc, rollout_pol, model_cfg, tokenizer, device, initial_state_dict=init,
+                                           model_dir=Path(model_dir))
+        return type(self.engine).__name__
+
+    def call(self, method: str, *args: Any) -> Any:
+        return _cpu(getattr(self.engine, method)(*args))
+
+    def sleep(self) -> bool:
+        """Free the engine's accelerator memory while trainers run (False: the engine cannot)."""
+        if hasattr(self.engine, "sleep"):
+            self.engine.sleep()
+            return True
+        return False
+
+    def wake_up(self) -> None:
+        if hasattr(self.engine, "wake_up"):
+            self.engine.wake_up()
+
+
+class RayPolicyGroup:
+    """`PolicyTrainer` over the trainer ranks: each call runs on every rank, rank 0 answers."""
+
+    def __init__(self, workers: list, policy: PrecisionPolicy):
+        self.workers = workers
+        self.policy = policy
+
+    def _all(self, method: str, *args: Any) -> list:
+        import ray
+
+        refs = [ray.put(a) for a in args]  # one object-store copy, read by every rank
+        return ray.get([w.call.remote(method, *refs) for w in self.workers])
+
+    def logprobs(self, batch: RolloutBatch, temperature: float) -> torch.Tensor:
+        return self._all("logprobs", batch, temperature)[0]
+
+    def train_step(self, batch: RolloutBatch, loss_fn: LossFn, temperature: float) -> TrainStepResult:
+        return self._all("train_step", batch, loss_fn, temperature)[0]
+
+    def rollout_state_dict(self) -> dict[str, torch.Tensor]:
+        return self._all("rollout_state_dict")[0]
+
+    def activation_headroom(self, batch: RolloutBatch) -> dict[str, float]:
+        return self._all("activation_headroom", batch)[0]
+
+    def audit(self) -> list[str]:
+        return sorted({line for lines in self._all("audit") for line in lines})
+
+    def state_dict(self) -> dict:
+        return self._all("state_dict")[0]
+
+    def load_state_dict(self, state: dict) -> None:
+        self._all("load_state_dict", state)
+
+
+class RayRolloutGroup:
+    """`RolloutEngine` over the rollout workers: prompts split between them, batches stacked."""
+
+    def __init__(self, workers: list, policy: PrecisionPolicy, pad_token_id: int, colocated: bool):
+        self.workers = workers
+        self.policy = policy
+        self.pad_token_id = pad_token_id
+        self.colocated = colocated
+        self._asleep = False
+
+    def _wake(self) -> None:
+        import ray
+
+        if self._asleep:
+            ray.get([w.wake_up.remote() for w in self.workers])
+            self._asleep = False
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> RolloutBatch:
+        """Engine i samples prompts `chunk_i` (contiguous) with seed `params.seed + i`."""
+        import ray
+
+        self._wake()
+        n = len(self.workers)
+        bounds = [len(prompts) * i // n for i in range(n + 1)]
+        jobs = [(w, prompts[lo:hi], dataclasses.replace(params, seed=params.seed + i))
+                for i, (w, lo, hi) in enumerate(zip(self.workers, bounds, bounds[1:], strict=False)) if hi > lo]
+        batches = ray.get([w.call.remote("generate", chunk, p) for w, chunk, p in jobs])
+        if self.colocated:
+            self._asleep = any(ray.get([w.sleep.remote() for w in self.workers]))
+        return RolloutBatch.concat(batches, self.pad_token_id)
+
+    def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        import ray
+
+        self._wake()
+        ref = ray.put(state_dict)
+        ray.get([w.call.remote("update_weights", ref) for w in self.workers])
+
+    def audit(self) -> list[str]:
+        import ray
+
+        return sorted({line for lines in ray.get([w.call.remote("audit") for w in self.workers]) for line in lines})
+
+
+class RayEngines:
+    """Starts (or joins) Ray, places the actors, builds both groups; `close()` releases everything."""
+
+    def __init__(self, rc: RecipeConfig, model_cfg: dict, train_pol: PrecisionPolicy, rollout_pol: PrecisionPolicy,
+                 tokenizer: Any, init: dict | None, model_dir: Path, console: Console | None = None):
+        try:
+            import ray
+            from ray.util.placement_group import placement_group, remove_placement_group
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        except ImportError as e:
+            raise ConfigError("cluster.ray.enabled=true needs Ray: pip install 'nemo-rl-fp16[ray]'") from e
+        console = console or Console()
+        r = rc.cluster.ray
+        if rc.algorithm.kl_coef > 0:
+            raise ConfigError("algorithm.kl_coef > 0 with cluster.ray.enabled=true is not implemented (the reference "
+                              "policy would need its own ranks); set algorithm.kl_coef=0 or cluster.ray.enabled=false")
+        gpus = rc.cluster.gpus_per_node > 0
+        self.device = rc.device if rc.device != "auto" else ("cuda" if gpus else "cpu")
+        try:
+            self.placement: Placement = plan_placement(r.layout, r.trainer_workers, r.rollout_workers, gpus=gpus,
+                                                       cpus_per_worker=r.cpus_per_worker,
+                                                       rollout_tp=rc.rollout.tensor_parallel_size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        self._remove_pg = remove_placement_group
+        self._started_ray = False
+        if not ray.is_initialized():
+            if r.address or os.environ.get("RAY_ADDRESS"):
+                ray.init(address=r.address, log_to_driver=False)
+            else:  # a local Ray for this run, sized to the placement (logical CPUs may exceed the cores)
+                need = self.placement.total
+                ray.init(num_cpus=max(int(need.get("CPU", 1) + 0.999), 1), num_gpus=int(need.get("GPU", 0)),
+                         include_dashboard=False, log_to_driver=False)
+                self._started_ray = True
+        self.pg = placement_group(self.placement.bundles, strategy="PACK")
+        self.workers: list = []
+        try:
+            try:
+                ray.get(self.pg.ready(), timeout=120)
+            except Exception as e:
+                raise ConfigError(f"Ray cannot place {self.placement.total} (cluster.ray: {r.trainer_workers} trainer "
+                                  f"ranks, {r.rollout_workers} rollout engines, {r.layout}); the cluster has "
+                                  f"{ray.cluster_resources()}") from e
+
+            def actor(cls, slot):
+                strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=slot.bundle)
+                handle = ray.remote(cls).options(num_cpus=slot.num_cpus, num_gpus=slot.num_gpus,
+                                                 scheduling_strategy=strategy).remote(int(max(1.0, slot.num_cpus)))
+                self.workers.append(handle)
+                return handle
+
+            trainers = [actor(PolicyWorker, s) for s in self.placement.role("trainer")]
+            addr, port = ray.get(trainers[0].rendezvous.remote())
+            backend = "nccl" if self.device == "cuda" else "gloo"
+            init_ref = ray.put(init)
+            kinds = ray.get([w.setup.remote(rank, len(trainers), addr, port, backend, rc, model_cfg, train_pol,
+                                            self.device, init_ref) for rank, w in enumerate(trainers)])
+            self.policy = RayPolicyGroup(trainers, train_pol)
+            start = ray.put(self.policy.rollout_state_dict())
+            rollouts = [actor(RolloutWorker, s) for s in self.placement.role("rollout")]
+            ray.get([w.setup.remote(rc, rollout_pol, model_cfg, tokenizer, self.device, start, str(model_dir / f"r{j}"))
+                     for j, w in enumerate(rollouts)])
+            self.rollout = RayRolloutGroup(rollouts, rollout_pol, tokenizer.pad_token_id,
+                                           colocated=r.layout == "colocated")
+            self.reference = None
+        except BaseException:
+            self.close()
+            raise
+        console.print(f"ray: {len(trainers)} x {kinds[0]} ranks ({backend}) + {len(rollouts)} rollout engines, "
+                      f"{r.layout} on {self.device}")
+
+    def close(self) -> None:
+        import ray
+
+        for w in self.workers:
+            try:
+                ray.kill(w)
+            except Exception:  # noqa: S110 - best effort on teardown
+                pass
+        self.workers = []
+        if getattr(self, "pg", None) is not None:
+            try:
+                self._remove_pg(self.pg)
+            except Exception:  # noqa: S110
+                pass
+            self.pg = None
+        if self._started_ray and ray.is_initialized():
+            ray.shutdown()
+            self._started_ray = False
