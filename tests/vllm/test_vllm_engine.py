@@ -296,6 +296,25 @@ def test_rl_loop_runs_with_vllm_rollouts(tmp_path):
     assert 0 <= final["mismatch/kl_k3"] < 1e-3, final["mismatch/kl_k3"]
 
 
+def test_rl_loop_with_two_vllm_engines_as_ray_actors(tmp_path):
+    """Split Ray layout: 2 trainer ranks (FSDP2, gloo) + 2 vLLM engines, each its own actor."""
+    import json
+
+    pytest.importorskip("ray")
+    from rich.console import Console
+
+    from nemo_rl_fp16.trainer import run
+
+    cfg = _recipe(tmp_path, "sanity_tiny", "warm_start.enabled=false", "trainer.max_steps=2", "trainer.save_every=0",
+                  "data.prompts_per_step=8", "rollout.num_generations=4", "cluster.ray.enabled=true",
+                  "cluster.ray.layout=split", "cluster.ray.trainer_workers=2", "cluster.ray.rollout_workers=2")
+    final = run(cfg, console=Console(quiet=True))
+    rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["response/length_mean"] > 0 for r in rows)
+    assert all((tmp_path / f"run/rollout_model/r{j}/config.json").exists() for j in (0, 1))  # one folder per engine
+    assert 0 <= final["mismatch/kl_k3"] < 1e-3, final["mismatch/kl_k3"]
+
+
 def test_mismatch_command_with_vllm_rollouts(tmp_path):
     from rich.console import Console
 
