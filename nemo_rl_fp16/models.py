@@ -129,6 +129,14 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return logprob_table(logits, temperature, logits_dtype).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+def response_width(input_ids: torch.Tensor, prompt_width: int) -> int:
+    """T, the response width of a `[N, P + T]` batch (checked: P >= 1, T >= 1)."""
+    n_resp = input_ids.shape[1] - prompt_width
+    if prompt_width < 1 or n_resp < 1:
+        raise ValueError(f"need prompt_width >= 1 and a response, got P={prompt_width}, width {input_ids.shape[1]}")
+    return n_resp
+
+
 def response_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       prompt_width: int, temperature: float,
                       logits_dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -137,9 +145,7 @@ def response_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention
     Token `P + t` is predicted by the logits at position `P + t - 1`; only those T positions
     reach the lm_head (`logits_to_keep`). Padding is not zeroed: callers honour response_mask.
     """
-    n_resp = input_ids.shape[1] - prompt_width
-    if prompt_width < 1 or n_resp < 1:
-        raise ValueError(f"need prompt_width >= 1 and a response, got P={prompt_width}, width {input_ids.shape[1]}")
+    n_resp = response_width(input_ids, prompt_width)
     out = model(input_ids=input_ids, attention_mask=attention_mask,
                 position_ids=position_ids_from_mask(attention_mask), use_cache=False,
                 logits_to_keep=n_resp + 1)

@@ -19,9 +19,12 @@ row is therefore rotated so its first real token sits at position 0 (the real to
 contiguous run: left-padded prompt + right-padded response), run under a plain causal mask
 (trailing padding cannot influence earlier tokens), and rotated back: exactly the HF positions.
 
-Log-probs: the vocab-parallel logits are all-gathered (a concatenation, lossless) and the
-log-softmax of `logits / T` runs in `policy.logits_dtype` (fp32) through `models.response_logprobs`,
-the same function the torch backend uses.
+Log-probs stay vocab-parallel: each TP rank casts its vocabulary shard of the logits to
+`policy.logits_dtype` (fp32), divides by T, and megatron's `vocab_parallel_cross_entropy`
+all-reduces the max, the sum of exponentials and the target logit, so log π(token) is exact
+without gathering `[b, T, vocab]` logits (3 GB in fp32 for one 5120-token row of a 152k
+vocabulary). `forward()` still gathers full logits for callers that need them (the activation
+monitor, HF-style tests).
 
 Optimizer, two paths:
 - CUDA: megatron's `Float16Module` + megatron `DistributedDataParallel` (fp32 grad buffers) +
@@ -49,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from nemo_rl_fp16.interfaces import LossFn, RolloutBatch, TrainStepResult
-from nemo_rl_fp16.models import build_model, response_logprobs
+from nemo_rl_fp16.models import build_model, effective_temperature, response_width
 from nemo_rl_fp16.policy.megatron_convert import (
     ModelLayout,
     ep_global_name,
@@ -269,6 +272,22 @@ class MegatronCausalLM(torch.nn.Module):
                 **_: Any) -> SimpleNamespace:
         from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+        local = self._local_logits(input_ids, attention_mask, logits_to_keep)
+        return SimpleNamespace(logits=gather_from_tensor_model_parallel_region(local))
+
+    def response_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
+                          temperature: float, logits_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """`[N, T]` log π of the response tokens from this rank's vocabulary shard (module doc)."""
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        n_resp = response_width(input_ids, prompt_width)
+        local = self._local_logits(input_ids, attention_mask, n_resp + 1)[:, :-1]
+        x = local.to(logits_dtype) / effective_temperature(temperature)
+        return -vocab_parallel_cross_entropy(x.contiguous(), input_ids[:, prompt_width:].contiguous())
+
+    def _local_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      logits_to_keep: int) -> torch.Tensor:
+        """This rank's vocabulary shard of the logits, `[b, keep, vocab / TP]`, in HF positions."""
         b, s = input_ids.shape
         ar = torch.arange(s, device=input_ids.device)
         if attention_mask is None:
@@ -285,7 +304,6 @@ class MegatronCausalLM(torch.nn.Module):
         causal = torch.ones(s, s, dtype=torch.bool, device=input_ids.device).triu_(1)[None, None]
         self._routing = {}
         logits = self.module(input_ids=ids, position_ids=pos, attention_mask=causal)  # [b, s, v/TP]
-        logits = gather_from_tensor_model_parallel_region(logits)
         keep = s if not logits_to_keep else int(logits_to_keep)
         back = (ar[s - keep:][None, :] - shift[:, None]) % s  # original j sits at rotated (j - shift_i)
         out = logits.gather(1, back[..., None].expand(b, keep, logits.shape[-1]))
@@ -297,7 +315,7 @@ class MegatronCausalLM(torch.nn.Module):
                 idx = rm.int().topk(k, dim=-1).indices.sort(-1).values  # the k selected ids, sorted
                 per_layer.append(idx.gather(1, ((ar[None, :] - shift[:, None]) % s)[..., None].expand(b, s, k)))
             self.last_experts = torch.stack(per_layer, dim=2)
-        return SimpleNamespace(logits=out)
+        return out
 
 
 # ----------------------------------------------------------------------------- weights & ranks
@@ -489,8 +507,9 @@ class MegatronPolicyTrainer(TorchPolicyTrainer):
 
         return contextlib.nullcontext()
 
-    def logprobs(self, batch: RolloutBatch, temperature: float) -> torch.Tensor:
-        return super().logprobs(batch, temperature)
+    def _score(self, mb: RolloutBatch, temperature: float) -> torch.Tensor:
+        return self.compute.response_logprobs(mb.input_ids.to(self.device), mb.attention_mask.to(self.device),
+                                              mb.prompt_width, temperature, self.policy.logits_dtype)
 
     def selected_experts(self, batch: RolloutBatch) -> torch.Tensor:
         """`[N, T, layers, k]` expert ids the trainer's routers pick for response token t.
@@ -532,8 +551,7 @@ class MegatronPolicyTrainer(TorchPolicyTrainer):
         loss_sum, metric_sums, micro, n_rows = 0.0, {}, [], batch.num_samples
         for rows in self._micro_batches(n_rows):
             mb = batch.select(rows)
-            logp = response_logprobs(self.compute, mb.input_ids.to(self.device), mb.attention_mask.to(self.device),
-                                     mb.prompt_width, temperature, self.policy.logits_dtype)
+            logp = self._score(mb, temperature)
             loss, metrics = loss_fn(logp.to(mb.input_ids.device), rows)
             opt.scale_loss(loss.to(self.device)).backward()
             loss_sum += float(loss.detach())

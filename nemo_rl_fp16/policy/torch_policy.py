@@ -110,6 +110,11 @@ class TorchPolicyTrainer:
                     pc.copy_(pm)
         self._compute_stale = False
 
+    def _score(self, mb: RolloutBatch, temperature: float) -> torch.Tensor:
+        """`[n, T]` fp32 log π of a micro-batch's response tokens through the compute copy."""
+        return response_logprobs(self.compute, mb.input_ids.to(self.device), mb.attention_mask.to(self.device),
+                                 mb.prompt_width, temperature, self.policy.logits_dtype)
+
     def _gemm_ctx(self):
         return maybe_lowp_gemm_as_fp32(self.device, self.policy.param_dtype)
 
@@ -151,9 +156,7 @@ class TorchPolicyTrainer:
         with torch.no_grad(), self._gemm_ctx():
             for rows in self._micro_batches(batch.num_samples, local=True):
                 mb = batch.select(rows)
-                logp = response_logprobs(self.compute, mb.input_ids.to(self.device),
-                                         mb.attention_mask.to(self.device), mb.prompt_width,
-                                         temperature, self.policy.logits_dtype)
+                logp = self._score(mb, temperature)
                 out.append(torch.where(mb.response_mask.to(self.device).bool(), logp, 0.0))
         return self._gather_rows(torch.cat(out)).to(batch.input_ids.device)
 
@@ -168,9 +171,7 @@ class TorchPolicyTrainer:
         with self._gemm_ctx():
             for rows in self._micro_batches(n_rows, local=True):
                 mb = batch.select(rows)
-                logp = response_logprobs(self.compute, mb.input_ids.to(self.device),
-                                         mb.attention_mask.to(self.device), mb.prompt_width,
-                                         temperature, self.policy.logits_dtype)
+                logp = self._score(mb, temperature)
                 loss, metrics = loss_fn(logp.to(mb.input_ids.device), rows)
                 (loss * scale).backward()
                 self._accumulate_grads()

@@ -98,6 +98,26 @@ def test_sdpa_attention_matches_local_spec(mcore_cpu):
     torch.testing.assert_close(_mtrainer(DENSE, init=sd, attention="sdpa").logprobs(b, 1.0), ref, rtol=0, atol=1e-5)
 
 
+def test_vocab_parallel_logprobs_equal_full_logit_log_softmax(mcore_cpu):
+    """The trainer scores through megatron's vocab-parallel cross entropy (no gathered logits): the
+    same values and gradients as fp32 log_softmax over the gathered logits."""
+    from nemo_rl_fp16.models import response_logprobs
+
+    _, sd = _weights(DENSE)
+    b = _batch()
+    tr = _mtrainer(DENSE, init=sd)
+    ids, attn = b.input_ids, b.attention_mask
+    vp = tr.master.response_logprobs(ids, attn, b.prompt_width, 0.7)
+    (vp * b.response_mask).sum().backward()
+    g_vp = [p.grad.clone() for p in tr.master.parameters()]
+    tr.master.zero_grad(set_to_none=True)
+    full = response_logprobs(tr.master, ids, attn, b.prompt_width, 0.7)
+    (full * b.response_mask).sum().backward()
+    torch.testing.assert_close(vp, full, rtol=0, atol=2e-6)
+    for a, c in zip(g_vp, (p.grad for p in tr.master.parameters()), strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
+
+
 def test_fused_elementwise_matches_unfused(mcore_cpu):
     """megatron's torch.compile'd SwiGLU path (the GPU benchmark's `+fused`) computes the same model."""
     _, sd = _weights(DENSE)
