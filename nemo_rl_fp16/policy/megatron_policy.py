@@ -125,6 +125,9 @@ def transformer_config(lay: ModelLayout, *, params_dtype: torch.dtype, router_dt
         bias_activation_fusion=fused_elementwise, masked_softmax_fusion=False, persist_layer_norm=False,
         bias_dropout_fusion=fused_elementwise, apply_rope_fusion=False, gradient_accumulation_fusion=False,
         attention_softmax_in_fp32=True,
+        # the loop's loss closure weights each row by its share of the global batch, so data-parallel
+        # ranks' gradients must be summed, not averaged (megatron DDP's scaling factor becomes 1)
+        calculate_per_token_loss=True,
     )
     if activation_checkpointing:
         kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -507,6 +510,17 @@ class MegatronPolicyTrainer(TorchPolicyTrainer):
 
         return contextlib.nullcontext()
 
+    def _dp(self) -> tuple[int, int]:
+        """Megatron's data-parallel rank and size: each DP rank scores and trains its slice of rows."""
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+
+    def _dp_group(self):
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_group()
+
     def _score(self, mb: RolloutBatch, temperature: float) -> torch.Tensor:
         return self.compute.response_logprobs(mb.input_ids.to(self.device), mb.attention_mask.to(self.device),
                                               mb.prompt_width, temperature, self.policy.logits_dtype)
@@ -549,7 +563,7 @@ class MegatronPolicyTrainer(TorchPolicyTrainer):
         scale = float(opt.get_loss_scale())
         self.compute.train()
         loss_sum, metric_sums, micro, n_rows = 0.0, {}, [], batch.num_samples
-        for rows in self._micro_batches(n_rows):
+        for rows in self._micro_batches(n_rows, local=True):
             mb = batch.select(rows)
             logp = self._score(mb, temperature)
             loss, metrics = loss_fn(logp.to(mb.input_ids.device), rows)
@@ -559,6 +573,7 @@ class MegatronPolicyTrainer(TorchPolicyTrainer):
             w = (rows.stop - rows.start) / n_rows
             for k, v in metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + w * float(v)
+        loss_sum, metric_sums, micro = self._reduce_step_metrics(loss_sum, metric_sums, micro)
         self.ddp.finish_grad_sync()
         if self.grad_hook is not None:  # test/debug hook on the fp32 main grads (e.g. plant an inf)
             self.grad_hook([p.main_grad for p in self._compute_params if getattr(p, "main_grad", None) is not None])

@@ -124,6 +124,10 @@ class TorchPolicyTrainer:
             return 0, 1
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
+    def _dp_group(self):
+        """The process group of the data-parallel ranks (None = the default group)."""
+        return None
+
     def _micro_batches(self, n: int, local: bool = False):
         """Row slices of `micro_batch_size`; `local=True`: only this data-parallel rank's rows."""
         lo, hi = 0, n
@@ -142,7 +146,7 @@ class TorchPolicyTrainer:
         if world == 1:
             return local
         parts = [torch.empty_like(local) for _ in range(world)]
-        torch.distributed.all_gather(parts, local.contiguous())
+        torch.distributed.all_gather(parts, local.contiguous(), group=self._dp_group())
         return torch.cat(parts)
 
     # ------------------------------------------------------------------ PolicyTrainer
@@ -214,9 +218,9 @@ class TorchPolicyTrainer:
         dist = torch.distributed
         keys = sorted(metric_sums)
         t = torch.tensor([loss_sum, *(metric_sums[k] for k in keys)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=self._dp_group())
         every: list[list[dict[str, float]] | None] = [None] * world
-        dist.all_gather_object(every, micro)
+        dist.all_gather_object(every, micro, group=self._dp_group())
         vals = t.tolist()
         return vals[0], dict(zip(keys, vals[1:], strict=True)), [m for part in every for m in part]
 

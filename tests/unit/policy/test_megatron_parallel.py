@@ -1,4 +1,4 @@
-"""TP=2 == TP=1 (dense) and EP=2 == EP=1 (MoE) on CPU: 2 processes, gloo, one torchrun launch.
+"""TP=2 == DP=2 (dense) and EP=2 == DP=2 (MoE) log-probs on CPU: 2 processes, gloo, one torchrun launch.
 
 The worker is this file run as a script (`__main__`); it applies the test-only CUDA redirects
 from conftest.py itself (pytest fixtures do not reach torchrun's processes).
@@ -56,7 +56,8 @@ def _worker() -> None:  # pragma: no cover - runs under torchrun
     with cpu_redirects():
         for tag, cfg, par in (("TP2", DENSE, {"tensor_parallel_size": 2}), ("EP2", MOE, {"expert_parallel_size": 2})):
             _, sd = _weights(cfg)
-            ref_tr, ref, b = run(cfg, sd)
+            ref_tr, ref, b = run(cfg, sd)  # TP 1 on 2 ranks = DP 2: each rank scores half the rows, gathered
+            assert ref_tr._dp() == (rank, 2)
             ref_ex = ref_tr.selected_experts(b) if tag == "EP2" else None
             tr, lp, _ = run(cfg, sd, **par)
             err = (lp - ref).abs().max().item()
