@@ -5,7 +5,8 @@
 
 - `PolicyWorker` x `trainer_workers`: one torch.distributed rank each (gloo on CPU, NCCL on GPU),
   running the recipe's trainer (`build.build_policy_trainer`: FSDP2 data parallel for the torch
-  backend, megatron-core for `policy.backend=megatron`). `RayPolicyGroup` is the loop's
+  backend, megatron-core for `policy.backend=megatron`), plus the frozen reference policy on the
+  same ranks when `algorithm.kl_coef > 0`. `RayPolicyGroup` is the loop's
   `PolicyTrainer`: every call goes to every rank (the collectives need all of them) and rank 0's
   answer comes back.
 - `RolloutWorker` x `rollout_workers`: one rollout engine each (`build.build_rollout_engine`).
@@ -50,11 +51,12 @@ def _cpu(obj: Any) -> Any:
 
 
 class PolicyWorker:
-    """One trainer rank (wrapped with `ray.remote` by `RayEngines`)."""
+    """One trainer rank (wrapped with `ray.remote` by `RayEngines`): the policy, and with
+    `algorithm.kl_coef > 0` the frozen reference policy, sharded the same way on the same ranks."""
 
     def __init__(self, threads: int):
         torch.set_num_threads(max(1, threads))
-        self.trainer = None
+        self.engines: dict[str, Any] = {}
 
     def rendezvous(self) -> tuple[str, int]:
         """This node's IP and a free port: rank 0's address for torch.distributed's TCP store."""
@@ -66,7 +68,7 @@ class PolicyWorker:
         return ray.util.get_node_ip_address(), port
 
     def setup(self, rank: int, world: int, addr: str, port: int, backend: str, rc: RecipeConfig, model_cfg: dict,
-              train_pol: PrecisionPolicy, device: str, init: dict | None) -> str:
+              train_pol: PrecisionPolicy, device: str, init: dict | None, reference: bool = False) -> str:
         import torch.distributed as dist
 
         from nemo_rl_fp16.build import build_policy_trainer
@@ -74,11 +76,13 @@ class PolicyWorker:
         os.environ.setdefault("LOCAL_RANK", "0")  # Ray shows each actor only its own GPU
         dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(minutes=30))
-        self.trainer = build_policy_trainer(rc, model_cfg, train_pol, device, init)
-        return type(self.trainer).__name__
+        self.engines["policy"] = build_policy_trainer(rc, model_cfg, train_pol, device, init)
+        if reference:
+            self.engines["reference"] = build_policy_trainer(rc, model_cfg, train_pol, device, init)
+        return type(self.engines["policy"]).__name__
 
-    def call(self, method: str, *args: Any) -> Any:
-        return _cpu(getattr(self.trainer, method)(*args))
+    def call(self, target: str, method: str, *args: Any) -> Any:
+        return _cpu(getattr(self.engines[target], method)(*args))
 
     def close(self) -> None:
         import torch.distributed as dist
@@ -118,17 +122,19 @@ class RolloutWorker:
 
 
 class RayPolicyGroup:
-    """`PolicyTrainer` over the trainer ranks: each call runs on every rank, rank 0 answers."""
+    """`PolicyTrainer` over the trainer ranks: each call runs on every rank, rank 0 answers.
+    `target` picks the ranks' policy or their reference copy."""
 
-    def __init__(self, workers: list, policy: PrecisionPolicy):
+    def __init__(self, workers: list, policy: PrecisionPolicy, target: str = "policy"):
         self.workers = workers
         self.policy = policy
+        self.target = target
 
     def _all(self, method: str, *args: Any) -> list:
         import ray
 
         refs = [ray.put(a) for a in args]  # one object-store copy, read by every rank
-        return ray.get([w.call.remote(method, *refs) for w in self.workers])
+        return ray.get([w.call.remote(self.target, method, *refs) for w in self.workers])
 
     def logprobs(self, batch: RolloutBatch, temperature: float) -> torch.Tensor:
         return self._all("logprobs", batch, temperature)[0]
@@ -209,9 +215,6 @@ class RayEngines:
             raise ConfigError("cluster.ray.enabled=true needs Ray: pip install 'nemo-rl-fp16[ray]'") from e
         console = console or Console()
         r = rc.cluster.ray
-        if rc.algorithm.kl_coef > 0:
-            raise ConfigError("algorithm.kl_coef > 0 with cluster.ray.enabled=true is not implemented (the reference "
-                              "policy would need its own ranks); set algorithm.kl_coef=0 or cluster.ray.enabled=false")
         gpus = rc.cluster.gpus_per_node > 0
         self.device = rc.device if rc.device != "auto" else ("cuda" if gpus else "cpu")
         try:
@@ -251,16 +254,17 @@ class RayEngines:
             addr, port = ray.get(trainers[0].rendezvous.remote())
             backend = "nccl" if self.device == "cuda" else "gloo"
             init_ref = ray.put(init)
+            with_ref = rc.algorithm.kl_coef > 0
             kinds = ray.get([w.setup.remote(rank, len(trainers), addr, port, backend, rc, model_cfg, train_pol,
-                                            self.device, init_ref) for rank, w in enumerate(trainers)])
+                                            self.device, init_ref, with_ref) for rank, w in enumerate(trainers)])
             self.policy = RayPolicyGroup(trainers, train_pol)
+            self.reference = RayPolicyGroup(trainers, train_pol, target="reference") if with_ref else None
             start = ray.put(self.policy.rollout_state_dict())
             rollouts = [actor(RolloutWorker, s) for s in self.placement.role("rollout")]
             ray.get([w.setup.remote(rc, rollout_pol, model_cfg, tokenizer, self.device, start, str(model_dir / f"r{j}"))
                      for j, w in enumerate(rollouts)])
             self.rollout = RayRolloutGroup(rollouts, rollout_pol, tokenizer.pad_token_id,
                                            colocated=r.layout == "colocated")
-            self.reference = None
         except BaseException:
             self.close()
             raise

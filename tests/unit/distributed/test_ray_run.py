@@ -28,9 +28,10 @@ def _rows(out: Path) -> list[dict]:
 
 
 def test_colocated_two_rank_data_parallel_run_matches_one_process(tmp_path, ws_cache):
-    """2 trainer ranks (FSDP2 over gloo, each on half the rows) + 1 rollout engine: the first step
-    is the single-process step (same rollouts, loss, KL; grad norm to fp32 rounding)."""
-    steps = ["trainer.max_steps=3"]
+    """2 trainer ranks (FSDP2 over gloo, each on half the rows, with the KL reference policy on the
+    same ranks) + 1 rollout engine: the first step is the single-process step (same rollouts, loss,
+    KL; grad norm to fp32 rounding)."""
+    steps = ["trainer.max_steps=3", "algorithm.kl_coef=0.05"]
     run(_cfg(tmp_path / "one", ws_cache, *steps), console=QUIET)
     run(_cfg(tmp_path / "ray", ws_cache, *steps, "cluster.ray.enabled=true", "cluster.ray.trainer_workers=2",
              "cluster.ray.rollout_workers=1", "cluster.ray.layout=colocated"), console=QUIET)
@@ -43,6 +44,8 @@ def test_colocated_two_rank_data_parallel_run_matches_one_process(tmp_path, ws_c
     for a, b in zip(one[1:], dist[1:], strict=True):  # later steps: rounding-level weight differences
         assert b["reward/mean"] == pytest.approx(a["reward/mean"], abs=0.05)
         assert b["mismatch/kl_k3"] < 1e-5
+        assert b["loss/kl_to_ref"] == pytest.approx(a["loss/kl_to_ref"], rel=1e-2, abs=1e-7)
+    assert dist[-1]["loss/kl_to_ref"] > 0  # the policy has moved away from the reference
 
 
 def test_split_layout_two_rollout_engines_and_resume(tmp_path, ws_cache):
@@ -61,8 +64,8 @@ def test_split_layout_two_rollout_engines_and_resume(tmp_path, ws_cache):
 
 
 @pytest.mark.parametrize("extra,match", [
-    (["algorithm.kl_coef=0.1"], "kl_coef > 0 with cluster.ray.enabled"),
     (["cluster.ray.trainer_workers=1", "cluster.ray.rollout_workers=2"], "need as many trainer ranks"),
+    (["cluster.ray.layout=ring"], "cluster.ray.layout"),
 ])
 def test_ray_config_errors_before_any_worker_starts(tmp_path, ws_cache, extra, match):
     from nemo_rl_fp16.build import build_run
