@@ -12,12 +12,12 @@ the master (no copy).
 
 Optional multi-GPU: with torch.distributed initialised and world size > 1 the master is wrapped
 with FSDP2 `fully_shard` + `MixedPrecisionPolicy(param_dtype, reduce_dtype=grad_reduce_dtype)`,
-which then plays the compute copy's role (see `_fsdp_wrap`). Every rank receives the whole batch
-and works on its own equal slice of the rows (data parallel): gradients are summed across ranks
-(FSDP averages in fp32, the unscale multiplies by the world size back, since the loop's loss
-closure already weights each row by its share of the global batch; gloo has no pre-multiplied
-sum), log-probs, losses and metrics are gathered, so every rank returns
-the full-batch result. Checkpoints use full (unsharded) model and optimizer state dicts.
+which then plays the compute copy's role (see `_fsdp_wrap`). Data parallel: every rank receives
+the whole batch, scores and trains its own equal slice of the rows, and returns the full-batch
+result (log-probs, losses and metrics gathered). Gradients must be summed over ranks, since the
+loop's loss closure already weights each row by its share of the global batch: FSDP averages in
+fp32 and the unscale multiplies the world size back (gloo has no pre-multiplied sum).
+Checkpoints use full (unsharded) model and optimizer state dicts.
 
 Optional LoRA (`lora={"enabled": True, "rank", "alpha", "target_modules"}`, the recipe's
 `policy.lora`): the fp32 master is wrapped with peft `LoraConfig(r, lora_alpha, target_modules)`
