@@ -228,10 +228,9 @@ class RayEngines:
         if not ray.is_initialized():
             if r.address or os.environ.get("RAY_ADDRESS"):
                 ray.init(address=r.address, log_to_driver=False)
-            else:  # a local Ray for this run, sized to the placement (logical CPUs may exceed the cores)
-                need = self.placement.total
-                ray.init(num_cpus=max(int(need.get("CPU", 1) + 0.999), 1), num_gpus=int(need.get("GPU", 0)),
-                         include_dashboard=False, log_to_driver=False)
+            else:  # a local Ray for this run: CPUs sized to the placement (may exceed the cores), GPUs detected
+                need_cpus = max(int(self.placement.total.get("CPU", 1) + 0.999), 1)
+                ray.init(num_cpus=need_cpus, include_dashboard=False, log_to_driver=False)
                 self._started_ray = True
         self.pg = placement_group(self.placement.bundles, strategy="PACK")
         self.workers: list = []
