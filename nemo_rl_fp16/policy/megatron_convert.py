@@ -33,20 +33,26 @@ MoE experts: transformers >= 5 stores fused `experts.gate_up_proj` [E, 2F, H] (g
 and `experts.down_proj` [E, H, F]; per-expert `experts.{e}.gate_proj/up_proj/down_proj` (older
 transformers, Mixtral-style) are accepted on input too. Megatron experts are the non-grouped
 `SequentialMLP` (`local_experts.{e}`; the grouped-GEMM path asserts in fp16, Megatron-LM #2102).
+
+Large checkpoints: `hf_to_megatron_parts` converts one decoder layer at a time and
+`LazyHFCheckpoint` reads each tensor from the safetensors files only when asked, so a rank keeps
+one layer's full tensors plus its own shards instead of the whole fp32 model.
 """
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 __all__ = [
-    "ModelLayout", "hf_to_megatron", "megatron_to_hf", "qkv_fuse", "qkv_split", "tp_shard", "tp_merge",
-    "tp_split_dim", "ep_local_experts",
+    "ModelLayout", "hf_to_megatron", "hf_to_megatron_parts", "LazyHFCheckpoint", "megatron_to_hf", "qkv_fuse",
+    "qkv_split", "tp_shard", "tp_merge", "tp_split_dim", "ep_local_experts",
 ]
 
 
@@ -184,11 +190,22 @@ def _hf_experts(sd: Mapping[str, torch.Tensor], i: int, lay: ModelLayout) -> tup
 
 def hf_to_megatron(sd: Mapping[str, torch.Tensor], lay: ModelLayout) -> dict[str, torch.Tensor]:
     """Full (unsharded) megatron-core GPTModel state dict (local-spec names) from an HF one."""
-    out: dict[str, torch.Tensor] = {"embedding.word_embeddings.weight": sd["model.embed_tokens.weight"],
+    out: dict[str, torch.Tensor] = {}
+    for part in hf_to_megatron_parts(sd, lay):
+        out.update(part)
+    return out
+
+
+def hf_to_megatron_parts(sd: Mapping[str, torch.Tensor], lay: ModelLayout) -> Iterator[dict[str, torch.Tensor]]:
+    """`hf_to_megatron` one piece at a time (embeddings/head, then each decoder layer), so a rank can
+    shard each piece and drop it before the next is read (`sd` may load lazily from disk)."""
+    top: dict[str, torch.Tensor] = {"embedding.word_embeddings.weight": sd["model.embed_tokens.weight"],
                                     "decoder.final_layernorm.weight": sd["model.norm.weight"]}
     if not lay.tie_word_embeddings:
-        out["output_layer.weight"] = sd["lm_head.weight"]
+        top["output_layer.weight"] = sd["lm_head.weight"]
+    yield top
     for i in range(lay.num_layers):
+        out: dict[str, torch.Tensor] = {}
         h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
         a = h + "self_attn."
         out[m + "input_layernorm.weight"] = sd[h + "input_layernorm.weight"]
@@ -212,7 +229,39 @@ def hf_to_megatron(sd: Mapping[str, torch.Tensor], lay: ModelLayout) -> dict[str
         else:
             out[m + "mlp.linear_fc1.weight"] = torch.cat([sd[h + "mlp.gate_proj.weight"], sd[h + "mlp.up_proj.weight"]])
             out[m + "mlp.linear_fc2.weight"] = sd[h + "mlp.down_proj.weight"]
-    return out
+        yield out
+
+
+class LazyHFCheckpoint(Mapping):
+    """A local HF folder's safetensors as a read-only `{name: fp32 tensor}` mapping that reads a
+    tensor from disk only when it is looked up (memory-mapped), for per-rank sharded loading."""
+
+    def __init__(self, path: str | os.PathLike):
+        from safetensors import safe_open
+
+        root = Path(path)
+        files = sorted(root.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors in {root} (this loader reads safetensors checkpoints only)")
+        self._where: dict[str, Path] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                self._where.update(dict.fromkeys(h.keys(), f))
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self._where[key]), framework="pt") as h:
+            return h.get_tensor(key).float()
+
+    def __contains__(self, key: object) -> bool:  # without reading the tensor (Mapping's default would)
+        return key in self._where
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
 
 
 def megatron_to_hf(sd: Mapping[str, torch.Tensor], lay: ModelLayout, *, fused_experts: bool = True

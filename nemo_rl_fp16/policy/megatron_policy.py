@@ -45,6 +45,7 @@ import datetime
 import os
 import socket
 from collections.abc import Mapping
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -54,10 +55,12 @@ import torch.nn.functional as F
 from nemo_rl_fp16.interfaces import LossFn, RolloutBatch, TrainStepResult
 from nemo_rl_fp16.models import build_model, effective_temperature, response_width
 from nemo_rl_fp16.policy.megatron_convert import (
+    LazyHFCheckpoint,
     ModelLayout,
     ep_global_name,
     ep_local_experts,
     hf_to_megatron,
+    hf_to_megatron_parts,
     megatron_to_hf,
     te_names,
     tp_merge,
@@ -322,6 +325,32 @@ class MegatronCausalLM(torch.nn.Module):
 
 
 # ----------------------------------------------------------------------------- weights & ranks
+def hf_source(model_cfg: Mapping[str, Any], seed: int, initial_state_dict: Mapping[str, torch.Tensor] | None
+              ) -> tuple[Mapping[str, torch.Tensor], Any, bool]:
+    """(HF-named fp32 weights, HF config, whether HF names fuse MoE experts) to start from.
+
+    A local safetensors folder (`model.name_or_path`, no `initial_state_dict`) is read lazily, so
+    each rank touches one layer at a time (`LazyHFCheckpoint`); otherwise the HF model is built in
+    fp32 (seeded config init or checkpoint) and `initial_state_dict` loaded into it.
+    """
+    path = model_cfg.get("name_or_path")
+    if initial_state_dict is None and path and os.path.isdir(path) and any(Path(path).glob("*.safetensors")):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(path, local_files_only=True,
+                                            trust_remote_code=bool(model_cfg.get("trust_remote_code", False)))
+        with torch.device("meta"):  # parameter names only, no memory
+            names = list(AutoModelForCausalLM.from_config(config).state_dict())
+        return LazyHFCheckpoint(path), config, any(k.endswith("experts.gate_up_proj") for k in names)
+    hf = build_model(model_cfg, torch.float32, seed=seed)
+    if initial_state_dict is not None:
+        from nemo_rl_fp16.models import load_weights_
+
+        load_weights_(hf, initial_state_dict)
+    sd = hf.state_dict()
+    return sd, hf.config, any(k.endswith("experts.gate_up_proj") for k in sd)
+
+
 def _ranks() -> tuple[int, int, int, int]:
     from megatron.core import parallel_state as ps
 
@@ -407,15 +436,12 @@ class MegatronPolicyTrainer(TorchPolicyTrainer):
         tp, ep = int(tensor_parallel_size), int(expert_parallel_size)
         init_megatron_parallel(tp, 1, ep, seed=seed, cpu=self.cpu)
 
-        hf = build_model(model_cfg, torch.float32, seed=seed)
-        if initial_state_dict is not None:
-            from nemo_rl_fp16.models import load_weights_
-
-            load_weights_(hf, initial_state_dict)
-        self.layout = ModelLayout.from_hf_config(hf.config)
-        self._hf_fused_experts = any(k.endswith("experts.gate_up_proj") for k in hf.state_dict())
-        shard = shard_state_dict(hf_to_megatron(hf.state_dict(), self.layout), self.layout)
-        del hf
+        hf_sd, hf_config, self._hf_fused_experts = hf_source(model_cfg, seed, initial_state_dict)
+        self.layout = ModelLayout.from_hf_config(hf_config)
+        shard: dict[str, torch.Tensor] = {}
+        for part in hf_to_megatron_parts(hf_sd, self.layout):  # one layer's full tensors at a time
+            shard.update(shard_state_dict(part, self.layout))
+        del hf_sd
         self.attention = attention = resolve_attention(attention, cuda=not self.cpu)
         use_te = attention == "te"
         if use_te:

@@ -98,6 +98,34 @@ def test_sdpa_attention_matches_local_spec(mcore_cpu):
     torch.testing.assert_close(_mtrainer(DENSE, init=sd, attention="sdpa").logprobs(b, 1.0), ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("cfg", [DENSE, MOE], ids=["qwen2", "qwen3_moe"])
+def test_local_checkpoint_streams_one_tensor_at_a_time(mcore_cpu, cfg, tmp_path, monkeypatch):
+    """A safetensors folder is read lazily (each tensor once, converted and sharded layer by layer)
+    and gives exactly the trainer built from the same weights in memory."""
+    from nemo_rl_fp16.policy import megatron_convert
+
+    hf, sd = _weights(cfg)
+    hf.save_pretrained(tmp_path / "ckpt")
+    reads: list[str] = []
+    orig = megatron_convert.LazyHFCheckpoint.__getitem__
+
+    def counted(self, key):
+        t = orig(self, key)
+        reads.append(key)
+        return t
+
+    monkeypatch.setattr(megatron_convert.LazyHFCheckpoint, "__getitem__", counted)
+    lazy = MegatronPolicyTrainer({"name_or_path": str(tmp_path / "ckpt")}, PrecisionPolicy.from_name("fp32"), lr=1e-2,
+                                 micro_batch_size=4)
+    assert len(reads) == len(set(reads))  # streamed: every tensor read once ...
+    assert set(reads) == set(megatron_convert.LazyHFCheckpoint(tmp_path / "ckpt"))  # ... and all of them
+    eager = _mtrainer(cfg, init=sd)
+    b = _batch()
+    assert torch.equal(lazy.logprobs(b, 1.0), eager.logprobs(b, 1.0))
+    back, ref = lazy.rollout_state_dict(), eager.rollout_state_dict()
+    assert set(back) == set(ref) and all(torch.equal(back[k], ref[k]) for k in ref)
+
+
 def test_vocab_parallel_logprobs_equal_full_logit_log_softmax(mcore_cpu):
     """The trainer scores through megatron's vocab-parallel cross entropy (no gathered logits): the
     same values and gradients as fp32 log_softmax over the gathered logits."""
