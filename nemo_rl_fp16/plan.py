@@ -53,15 +53,14 @@ def parallel_layout(cfg: RecipeConfig) -> Layout:
     if ray.enabled:
         from nemo_rl_fp16.distributed.placement import plan_placement
 
+        have = cfg.cluster.nodes * cfg.cluster.gpus_per_node
         try:
-            plan_placement(ray.layout, ray.trainer_workers, ray.rollout_workers, gpus=cfg.cluster.gpus_per_node > 0,
-                           cpus_per_worker=ray.cpus_per_worker, rollout_tp=cfg.rollout.tensor_parallel_size)
+            placed = plan_placement(ray.layout, ray.trainer_workers, ray.rollout_workers, gpus=have > 0,
+                                    cpus_per_worker=ray.cpus_per_worker, rollout_tp=cfg.rollout.tensor_parallel_size)
         except ValueError as e:
             problems.append(str(e))
         else:
-            have = cfg.cluster.nodes * cfg.cluster.gpus_per_node
-            need = plan_placement(ray.layout, ray.trainer_workers, ray.rollout_workers, gpus=have > 0,
-                                  rollout_tp=cfg.rollout.tensor_parallel_size).total.get("GPU", 0)
+            need = placed.total.get("GPU", 0)
             if need > have:
                 problems.append(f"cluster.ray places {need:g} GPUs ({ray.layout}: {ray.trainer_workers} trainer ranks, "
                                 f"{ray.rollout_workers} rollout engines x TP {cfg.rollout.tensor_parallel_size}) but the "
