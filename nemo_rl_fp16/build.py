@@ -109,7 +109,8 @@ def build_rollout_engine(rc: RecipeConfig, policy: PrecisionPolicy, model_cfg: d
                                  allow_mismatch=rc.precision.allow_mismatch, enforce_eager=r.enforce_eager,
                                  gpu_memory_utilization=r.gpu_memory_utilization,
                                  tensor_parallel_size=r.tensor_parallel_size,
-                                 trust_remote_code=rc.model.trust_remote_code)
+                                 trust_remote_code=rc.model.trust_remote_code,
+                                 sleep_mode=rc.cluster.ray.enabled and rc.cluster.ray.layout == "colocated")
     raise ConfigError(f"rollout.backend={rc.rollout.backend} is not available; use rollout.backend=torch|vllm")
 
 

@@ -86,7 +86,7 @@ class VllmRolloutEngine:
                  engine_dtype: str | torch.dtype | None = None, refit: str = "auto",
                  max_model_len: int | None = None, enforce_eager: bool = True,
                  gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, sleep_mode: bool = False):
         if policy.kv_cache_dtype != policy.param_dtype:
             raise PrecisionMismatchError(COMPONENT, [
                 f"kv_cache_dtype {dtype_name(policy.kv_cache_dtype)} != param_dtype "
@@ -101,6 +101,8 @@ class VllmRolloutEngine:
         self.eos_token_ids = tuple(int(e) for e in eos)
         self.engine_dtype = policy.param_dtype if engine_dtype is None else get_dtype(engine_dtype)
         self.seed = int(seed)
+        #: colocated with trainers on a GPU: `sleep()` frees the engine's memory between rollouts
+        self._sleep_mode, self._asleep = bool(sleep_mode), False
         self._llm_kwargs = dict(max_model_len=max_model_len, enforce_eager=enforce_eager,
                                 gpu_memory_utilization=gpu_memory_utilization,
                                 tensor_parallel_size=tensor_parallel_size, trust_remote_code=trust_remote_code)
@@ -152,6 +154,9 @@ class VllmRolloutEngine:
         kw = {k: v for k, v in self._llm_kwargs.items() if v is not None}
         if cpu:  # vLLM-CPU: no CUDA graphs; torch.compile start-up is minutes for no gain here
             kw["enforce_eager"] = True
+            self._sleep_mode = False  # sleep/wake_up are no-ops on vLLM-CPU (PLATFORM.md)
+        if self._sleep_mode:
+            kw["enable_sleep_mode"] = True
         if self.is_moe and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
             from vllm.distributed import parallel_state as ps
 
@@ -208,8 +213,24 @@ class VllmRolloutEngine:
         return problems
 
     # ------------------------------------------------------------------ refit
+    def sleep(self) -> bool:
+        """Free GPU memory while the trainers run (colocated layout): vLLM sleep level 1 offloads
+        the weights to host memory and drops the KV cache. False (nothing done) without sleep mode."""
+        if not self._sleep_mode or self._asleep:
+            return self._asleep
+        self.llm.sleep(level=1)
+        self._asleep = True
+        return True
+
+    def wake_up(self) -> None:
+        """Bring weights and KV cache back (before a refit or a rollout); a no-op when awake."""
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Refit from fp32 HF-named weights, cast to the rollout dtype (see module doc)."""
+        self.wake_up()
         t0 = time.perf_counter()
         if self.refit_mode == "restart":
             # through HF's save_pretrained: the trainer's in-memory names (transformers 5 fuses MoE
@@ -251,6 +272,7 @@ class VllmRolloutEngine:
         from nemo_rl_fp16.rollout.torch_engine import _check_params
 
         _check_params(prompts, params)
+        self.wake_up()
         if params.top_p < 1.0:
             raise ValueError(
                 f"top_p={params.top_p}: vLLM {LOGPROBS_MODE} are computed after top-p truncation, the "
