@@ -111,10 +111,7 @@ class RolloutWorker:
 
     def sleep(self) -> bool:
         """Free the engine's accelerator memory while trainers run (False: the engine cannot)."""
-        if hasattr(self.engine, "sleep"):
-            self.engine.sleep()
-            return True
-        return False
+        return bool(self.engine.sleep()) if hasattr(self.engine, "sleep") else False
 
     def wake_up(self) -> None:
         if hasattr(self.engine, "wake_up"):
