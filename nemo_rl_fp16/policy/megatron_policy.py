@@ -588,18 +588,8 @@ class MegatronPolicyTrainer(TorchPolicyTrainer):
         opt.zero_grad()
         scale = float(opt.get_loss_scale())
         self.compute.train()
-        loss_sum, metric_sums, micro, n_rows = 0.0, {}, [], batch.num_samples
-        for rows in self._micro_batches(n_rows, local=True):
-            mb = batch.select(rows)
-            logp = self._score(mb, temperature)
-            loss, metrics = loss_fn(logp.to(mb.input_ids.device), rows)
-            opt.scale_loss(loss.to(self.device)).backward()
-            loss_sum += float(loss.detach())
-            micro.append({k: float(v) for k, v in metrics.items()})
-            w = (rows.stop - rows.start) / n_rows
-            for k, v in metrics.items():
-                metric_sums[k] = metric_sums.get(k, 0.0) + w * float(v)
-        loss_sum, metric_sums, micro = self._reduce_step_metrics(loss_sum, metric_sums, micro)
+        loss_sum, metric_sums, micro = self._forward_backward(
+            batch, loss_fn, temperature, lambda loss: opt.scale_loss(loss.to(self.device)).backward())
         self.ddp.finish_grad_sync()
         if self.grad_hook is not None:  # test/debug hook on the fp32 main grads (e.g. plant an inf)
             self.grad_hook([p.main_grad for p in self._compute_params if getattr(p, "main_grad", None) is not None])

@@ -171,20 +171,12 @@ class TorchPolicyTrainer:
         self.master.zero_grad(set_to_none=True)
         self._acc = [None] * len(self._compute_params)
         scale = self.scaler.scale if self.scaler is not None else 1.0
-        loss_sum, metric_sums, micro, n_rows = 0.0, {}, [], batch.num_samples
-        with self._gemm_ctx():
-            for rows in self._micro_batches(n_rows, local=True):
-                mb = batch.select(rows)
-                logp = self._score(mb, temperature)
-                loss, metrics = loss_fn(logp.to(mb.input_ids.device), rows)
-                (loss * scale).backward()
-                self._accumulate_grads()
-                loss_sum += float(loss.detach())
-                micro.append({k: float(v) for k, v in metrics.items()})
-                w = (rows.stop - rows.start) / n_rows
-                for k, v in metrics.items():
-                    metric_sums[k] = metric_sums.get(k, 0.0) + w * float(v)
-        loss_sum, metric_sums, micro = self._reduce_step_metrics(loss_sum, metric_sums, micro)
+
+        def backward(loss: torch.Tensor) -> None:
+            (loss * scale).backward()
+            self._accumulate_grads()
+
+        loss_sum, metric_sums, micro = self._forward_backward(batch, loss_fn, temperature, backward)
 
         # FSDP averages over the data-parallel ranks (in fp32); the rows are pre-weighted by their share of
         # the global batch, so the step needs the sum: unscale by scale / world (exact for powers of two)
@@ -209,6 +201,24 @@ class TorchPolicyTrainer:
         metrics = {"loss": loss_sum, **metric_sums, "loss_scale": scale, "skipped": float(found_inf)}
         return TrainStepResult(skipped=found_inf, grad_norm=grad_norm, loss_scale=scale, metrics=metrics,
                                micro_metrics=micro)
+
+    def _forward_backward(self, batch: RolloutBatch, loss_fn: LossFn, temperature: float,
+                          backward: Callable[[torch.Tensor], None]):
+        """This rank's micro-batches: score, loss, `backward(loss)`; returns the step's (loss, row-weighted
+        metrics, per-micro-batch metrics), summed/gathered over data-parallel ranks."""
+        loss_sum, metric_sums, micro, n_rows = 0.0, {}, [], batch.num_samples
+        with self._gemm_ctx():
+            for rows in self._micro_batches(n_rows, local=True):
+                mb = batch.select(rows)
+                logp = self._score(mb, temperature)
+                loss, metrics = loss_fn(logp.to(mb.input_ids.device), rows)
+                backward(loss)
+                loss_sum += float(loss.detach())
+                micro.append({k: float(v) for k, v in metrics.items()})
+                w = (rows.stop - rows.start) / n_rows
+                for k, v in metrics.items():
+                    metric_sums[k] = metric_sums.get(k, 0.0) + w * float(v)
+        return self._reduce_step_metrics(loss_sum, metric_sums, micro)
 
     def _reduce_step_metrics(self, loss_sum: float, metric_sums: dict[str, float], micro: list[dict[str, float]]):
         """Data parallel: sum the ranks' loss and row-weighted metrics, gather the micro-batch dicts."""
