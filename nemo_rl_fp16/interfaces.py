@@ -124,7 +124,9 @@ class TrainStepResult:
 
 
 # A loss closure: given π log-probs [n, T] (fp32, with grad) for rows `rows` of the batch,
-# return (loss contribution, metrics). The trainer loop owns normalisation across micro-batches.
+# return (loss contribution, metrics). The contribution is already the rows' exact share of the
+# whole batch's loss (normalised by the global valid tokens / sequences, `trainer.loss_closure`):
+# engines sum the micro-batches' and data-parallel ranks' gradients and never reweight them.
 LossFn = Callable[[torch.Tensor, slice], tuple[torch.Tensor, dict[str, float]]]
 
 

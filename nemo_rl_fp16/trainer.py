@@ -20,10 +20,17 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from nemo_rl_fp16 import checkpoint as ckpt
-from nemo_rl_fp16.algorithms import group_advantages, kl_penalty, policy_loss
+from nemo_rl_fp16.algorithms import combine_metrics, group_advantages, policy_loss
 from nemo_rl_fp16.build import RunSetup, build_run
-from nemo_rl_fp16.config import ConfigError, RecipeConfig, save_resolved, typed
-from nemo_rl_fp16.interfaces import PolicyTrainer, RolloutBatch, RolloutEngine, SamplingParams, TrainStepResult
+from nemo_rl_fp16.config import AlgorithmSection, ConfigError, RecipeConfig, save_resolved, typed
+from nemo_rl_fp16.interfaces import (
+    LossFn,
+    PolicyTrainer,
+    RolloutBatch,
+    RolloutEngine,
+    SamplingParams,
+    TrainStepResult,
+)
 from nemo_rl_fp16.loggers import MetricsLogger, progress_bar, summary_table
 from nemo_rl_fp16.mismatch import mismatch_metrics
 from nemo_rl_fp16.precision import PrecisionMismatchError, resolve_policies
@@ -143,33 +150,7 @@ class RLTrainer:
         Rollouts are the expensive part of a step, so an overflowed update is not thrown away:
         the scaler has already backed off, and the same batch is tried again (bounded).
         """
-        a = self.cfg.algorithm
-        mask = batch.response_mask
-        n_rows = mask.shape[0]
-        n_tokens = max(int(mask.sum()), 1)
-        n_nonempty = max(int((mask.sum(-1) > 0).sum()), 1)
-
-        def loss_fn(logp: torch.Tensor, rows: slice) -> tuple[torch.Tensor, dict[str, float]]:
-            m = mask[rows]
-            loss, mets = policy_loss(
-                a.name, logp, old_logp[rows], batch.rollout_logp[rows], adv[rows], m,
-                correction=a.correction, clip_low=a.clip_low, clip_high=a.clip_high, is_cap=a.is_cap,
-                reduction=a.reduction,
-            )
-            if ref_logp is not None and a.kl_coef > 0:
-                kl = kl_penalty(logp, ref_logp[rows], m, kind=a.kl_kind)
-                kl_mean = (kl * m).sum() / m.sum().clamp(min=1)
-                loss = loss + a.kl_coef * kl_mean
-                mets["kl_to_ref"] = kl_mean.item()
-            # micro-batch weight so that the summed micro-batch losses equal the full-batch loss
-            if a.name == "grpo" and a.reduction == "token_mean":
-                w = float(m.sum()) / n_tokens
-            elif a.name == "grpo" and a.reduction == "seq_mean_token_mean":  # mean over non-empty rows
-                w = float((m.sum(-1) > 0).sum()) / n_nonempty
-            else:
-                w = (rows.stop - rows.start) / n_rows
-            return loss * w, {**mets, "_w": w}  # `_w`: the micro-batch's weight for `_combine`
-
+        loss_fn = loss_closure(self.cfg.algorithm, batch, old_logp, ref_logp, adv)
         retries = 0
         while True:
             result = self.policy.train_step(batch, loss_fn, self.cfg.rollout.temperature)
@@ -182,7 +163,8 @@ class RLTrainer:
                 break
             retries += 1
         loss_value = result.metrics.get("loss", float("nan"))
-        result.metrics.update(_combine(result.micro_metrics), **{"loss/value": loss_value})
+        result.metrics.update({f"loss/{k}": v for k, v in combine_metrics(result.micro_metrics).items()},
+                              **{"loss/value": loss_value})
         result.metrics["overflow_retries"] = retries
         return result
 
@@ -207,6 +189,30 @@ class RLTrainer:
         self.state.step = int(data["data_state"]["step"])
         self.state.skipped_updates = int(data["data_state"]["skipped_updates"])
         self.rollout.update_weights(self.policy.rollout_state_dict())
+
+
+def loss_closure(a: AlgorithmSection, batch: RolloutBatch, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
+                 adv: torch.Tensor) -> LossFn:
+    """The `LossFn` of one update: `policy_loss` on a micro-batch's rows with the whole batch's normalisers.
+
+    Every data-parallel rank holds the whole batch, so its valid tokens / valid sequences are the
+    global counts: each micro-batch's loss (KL term included) and metrics are its exact share, and
+    the shares sum to the full-batch values whatever `policy.micro_batch_size` and the DP split.
+    """
+    mask = batch.response_mask
+    toks, seqs = float(mask.sum()), float((mask.sum(-1) > 0).sum())
+    use_kl = ref_logp is not None and a.kl_coef > 0
+
+    def loss_fn(logp: torch.Tensor, rows: slice) -> tuple[torch.Tensor, dict[str, float]]:
+        return policy_loss(
+            a.name, logp, old_logp[rows], batch.rollout_logp[rows], adv[rows], mask[rows],
+            correction=a.correction, clip_low=a.clip_low, clip_high=a.clip_high, is_cap=a.is_cap,
+            reduction=a.reduction, ref_logp=ref_logp[rows] if use_kl else None,
+            kl_coef=a.kl_coef if use_kl else 0.0, kl_kind=a.kl_kind,
+            global_valid_toks=toks, global_valid_seqs=seqs,
+        )
+
+    return loss_fn
 
 
 def run(cfg: DictConfig, console: Console | None = None) -> dict[str, float]:
@@ -283,25 +289,6 @@ def _resume_path(rc: RecipeConfig, root: Path) -> Path | None:
     if not path.is_dir():
         raise ConfigError(f"trainer.resume={rc.trainer.resume}: no such checkpoint folder; use auto, never or a step dir")
     return path
-
-
-def _combine(parts: list[dict[str, float]]) -> dict[str, float]:
-    """Micro-batch loss metrics -> step metrics (weighted means; max for *_max, min for *_min)."""
-    if not parts:
-        return {}
-    total = sum(p["_w"] for p in parts) or 1.0
-    out: dict[str, float] = {}
-    for key in parts[0]:
-        if key == "_w":
-            continue
-        vals = [p[key] for p in parts if key in p]
-        if key.endswith("_max"):
-            out[f"loss/{key}"] = max(vals)
-        elif key.endswith("_min"):
-            out[f"loss/{key}"] = min(vals)
-        else:
-            out[f"loss/{key}"] = sum(p[key] * p["_w"] for p in parts if key in p) / total
-    return out
 
 
 def _mix(seed: int, step: int) -> int:

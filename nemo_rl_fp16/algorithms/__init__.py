@@ -10,6 +10,7 @@ from nemo_rl_fp16.algorithms.losses import (
     CORRECTIONS,
     REDUCTIONS,
     VALID_PAIRINGS,
+    combine_metrics,
     policy_loss,
 )
 
@@ -19,6 +20,7 @@ __all__ = [
     "KL_KINDS",
     "REDUCTIONS",
     "VALID_PAIRINGS",
+    "combine_metrics",
     "group_advantages",
     "kl_estimate",
     "kl_penalty",

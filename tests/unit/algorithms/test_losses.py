@@ -67,7 +67,7 @@ def reference_loss(alg, logp, old, roll, adv, mask, correction, reduction,
             means = [sum(r, zero) / len(r) for r in rows if r]
             loss = sum(means, zero) / len(means) if means else zero
         else:
-            loss = sum((sum(r, zero) for r in rows), zero) / B
+            loss = sum((sum(r, zero) for r in rows), zero) / max(nonempty, 1)
     elif alg == "gspo":
         loss = zero
         for i in range(B):
@@ -82,7 +82,7 @@ def reference_loss(alg, logp, old, roll, adv, mask, correction, reduction,
             if correction == "mis":
                 l_i = l_i * mis_weight(sum(float(old[i, t]) - float(roll[i, t]) for t in valid[i]))
             loss = loss + l_i
-        loss = loss / B
+        loss = loss / max(nonempty, 1)
     else:
         loss = zero
         for i in range(B):
@@ -91,7 +91,7 @@ def reference_loss(alg, logp, old, roll, adv, mask, correction, reduction,
             log_rho = sum(float(logp_val[i, t]) - float(roll[i, t]) for t in valid[i])
             rho = mis_weight(log_rho) if correction == "mis" else math.exp(min(log_rho, 20.0))
             loss = loss - rho * a_seq(i) * sum((logp[i, t] for t in valid[i]), zero)
-        loss = loss / B
+        loss = loss / max(nonempty, 1)
     clip_frac = clipped_hits / clip_units if clip_units else 0.0
     mis_frac = mis_hits / nonempty if nonempty else 0.0
     return loss, clip_frac, mis_frac
@@ -236,7 +236,7 @@ def test_pg_seq_is_gradient_is_minus_rho_a_m_over_b(correction):
     rho = torch.exp(log_rho)
     if correction == "mis":
         rho = torch.where(rho <= IS_CAP, rho, 0.0)
-    expected = -(rho * adv)[:, None] * mask / logp.shape[0]
+    expected = -(rho * adv)[:, None] * mask / int(mask.any(-1).sum())  # mean over valid sequences
     torch.testing.assert_close(lp.grad, expected)
     nonempty = mask.any(-1)
     assert metrics["is_weight_max"] == pytest.approx(float(rho[nonempty].max()))
@@ -294,7 +294,6 @@ def test_all_masked_batch_is_zero_with_grad(alg, correction, reduction):
 @pytest.mark.parametrize("alg,correction,reduction", COMBOS)
 def test_empty_rows_with_garbage_padding(alg, correction, reduction):
     logp, old, roll, adv, mask = make_case(2)
-    B = logp.shape[0]
     # Row 0 is empty; fill it and all padding with inf/NaN: nothing may leak.
     for x, bad in ((logp, float("nan")), (old, float("inf")), (roll, -float("inf"))):
         x[~mask] = bad
@@ -305,10 +304,7 @@ def test_empty_rows_with_garbage_padding(alg, correction, reduction):
     assert torch.isfinite(loss) and torch.isfinite(lp.grad).all()
     assert torch.equal(lp.grad[~mask], torch.zeros_like(lp.grad[~mask]))
     rest, _ = policy_loss(alg, logp[1:], old[1:], roll[1:], adv[1:], mask[1:], **kw)
-    if alg == "grpo" and reduction != "seq_mean_token_sum":
-        torch.testing.assert_close(loss, rest)  # the empty row is simply not counted
-    else:
-        torch.testing.assert_close(loss, rest * (B - 1) / B)  # mean over B, empty row = 0
+    torch.testing.assert_close(loss, rest)  # the empty row is not a valid sequence: not counted
 
 
 def test_all_equal_rewards_zero_advantage_zero_loss():
@@ -352,7 +348,7 @@ def test_pg_seq_is_huge_log_ratio():
                                     correction=correction)
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(lp.grad).all()
-        expected = -expect_rho * float(adv[1]) / logp.shape[0]
+        expected = -expect_rho * float(adv[1]) / int(mask.any(-1).sum())
         torch.testing.assert_close(lp.grad[1], torch.full_like(lp.grad[1], expected))
 
 
