@@ -8,6 +8,7 @@ under study: precision (and, for µ, the KV-cached incremental forward).
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -172,7 +173,7 @@ class ActivationMonitor:
 
     Use as a context manager around forwards; `metrics()` reports the per-layer maxima, the
     overall max, the headroom factor `65504 / max` (below ~10 a fp16 overflow is near) and the
-    count of non-finite outputs. Values are kept as tensors until `metrics()` to avoid a device
+    count of non-finite outputs; any non-finite output makes the headroom 0 ("unsafe"). Values are kept as tensors until `metrics()` to avoid a device
     sync per layer.
     """
 
@@ -205,8 +206,11 @@ class ActivationMonitor:
         if not seen:
             return {}
         out = {f"{prefix}act_absmax/layer{i}": v for i, v in seen}
-        top = max(v for _, v in seen)
+        nonfinite = float(sum(n.item() for n in self.nonfinite if n is not None))
+        top = max((v for _, v in seen), key=lambda v: math.inf if v != v else v)  # a NaN max counts as inf
         out[f"{prefix}act_absmax"] = top
-        out[f"{prefix}fp16_headroom"] = FP16_MAX / top if top > 0 else float("inf")
-        out[f"{prefix}act_nonfinite"] = float(sum(n.item() for n in self.nonfinite if n is not None))
+        # any non-finite activation: headroom 0 ("unsafe"), never inf/NaN from 65504 / NaN
+        safe = nonfinite == 0 and math.isfinite(top)
+        out[f"{prefix}fp16_headroom"] = (FP16_MAX / top if top > 0 else float("inf")) if safe else 0.0
+        out[f"{prefix}act_nonfinite"] = nonfinite
         return out

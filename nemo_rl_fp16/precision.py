@@ -256,6 +256,27 @@ class DynamicLossScaler:
                 self._hysteresis_tracker = self.hysteresis
                 self._scale = self._scale * self.growth_factor
 
+    def back_off_below(self, used_scale: float) -> bool:
+        """Make the scale strictly lower than `used_scale`, before a retry on the same batch.
+
+        `update(True)` has already run for the overflowed attempt; with hysteresis > 1 it may have
+        kept the scale, and the same batch at the same scale overflows again. Here the scale backs
+        off now (`used_scale * backoff_factor`, floored at `min_scale`) and the hysteresis counts as
+        spent (tracker 0, as after a backoff in `update`). A scale already below `used_scale` stays.
+
+        Returns:
+            bool: True when the scale is now below `used_scale`; False at `min_scale` (no retry can
+            run at a lower scale).
+        """
+        if self._scale < used_scale:
+            return True
+        lower = max(float(used_scale) * self.backoff_factor, self.min_scale)
+        if not lower < used_scale:
+            return False
+        self._scale = lower
+        self._hysteresis_tracker = 0
+        return True
+
     def state_dict(self) -> dict[str, float | int]:
         return {
             "scale": self._scale,

@@ -145,10 +145,11 @@ class RLTrainer:
 
     def update(self, batch: RolloutBatch, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
                adv: torch.Tensor) -> TrainStepResult:
-        """One optimizer step; an fp16 overflow retries the same batch with the backed-off scale.
+        """One optimizer step; an fp16 overflow retries the same batch at a strictly lower scale.
 
-        Rollouts are the expensive part of a step, so an overflowed update is not thrown away:
-        the scaler has already backed off, and the same batch is tried again (bounded).
+        Rollouts are the expensive part of a step, so an overflowed update is not thrown away: the
+        scale backs off (now, whatever the hysteresis: `back_off_loss_scale`) and the same batch is
+        tried again (at most `trainer.max_overflow_retries` times; none when the scale cannot go lower).
         """
         loss_fn = loss_closure(self.cfg.algorithm, batch, old_logp, ref_logp, adv)
         retries = 0
@@ -159,7 +160,12 @@ class RLTrainer:
             self.state.skipped_updates += 1
             if retries == self.cfg.trainer.max_overflow_retries:
                 self.console.print(f"[yellow]fp16 overflow persisted over {retries + 1} attempts "
-                                   f"(scale now {result.loss_scale:g}): update skipped")
+                                   f"(last scale {result.loss_scale:g}): update skipped")
+                break
+            # the retry must run at a strictly lower scale: with hysteresis > 1 the scaler may have kept it
+            if not self.policy.back_off_loss_scale(result.loss_scale):
+                self.console.print(f"[yellow]gradients overflowed at loss scale {result.loss_scale:g}, which cannot "
+                                   f"go lower (no loss scaler, or at precision.loss_scale.min_scale): update skipped")
                 break
             retries += 1
         loss_value = result.metrics.get("loss", float("nan"))

@@ -206,7 +206,8 @@ def policy_loss(
     nonempty = lengths > 0
     n_tok = _global_count("global_valid_toks", global_valid_toks, lengths.sum())
     n_seq = _global_count("global_valid_seqs", global_valid_seqs, nonempty.sum().to(cdt))
-    lp = _masked(logp, m, cdt)
+    logp_c = logp.to(cdt)  # one cast: both terms' gradients add up in cdt before the cast back
+    lp = _masked(logp_c, m, cdt)
     old = _masked(old_logp.detach(), m, cdt)
     roll = _masked(rollout_logp.detach(), m, cdt) if rollout_logp is not None else None
     adv_tok, adv_seq = _advantages(advantages, m, lengths, cdt)
@@ -261,7 +262,7 @@ def policy_loss(
     if correction != "mis":
         stats.mean("mis_masked_fraction", lengths.new_zeros(int(nonempty.sum())), "seq")
     if use_kl:
-        kl_tok = kl_penalty(logp.to(cdt), ref_logp.detach().to(cdt), m, kind=kl_kind)
+        kl_tok = kl_penalty(logp_c, ref_logp.detach().to(cdt), m, kind=kl_kind)
         kl = kl_tok.sum() / n_tok.clamp(min=1.0)
         loss = loss + kl_coef * kl
         stats.metrics["kl_to_ref"] = float(kl.detach())

@@ -139,6 +139,9 @@ class RayPolicyGroup:
     def train_step(self, batch: RolloutBatch, loss_fn: LossFn, temperature: float) -> TrainStepResult:
         return self._all("train_step", batch, loss_fn, temperature)[0]
 
+    def back_off_loss_scale(self, used_scale: float) -> bool:
+        return self._all("back_off_loss_scale", used_scale)[0]
+
     def rollout_state_dict(self) -> dict[str, torch.Tensor]:
         return self._all("rollout_state_dict")[0]
 

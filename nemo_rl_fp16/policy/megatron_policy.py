@@ -601,6 +601,26 @@ class MegatronPolicyTrainer(TorchPolicyTrainer):
         return TrainStepResult(skipped=skipped, grad_norm=grad_norm, loss_scale=scale, metrics=metrics,
                                micro_metrics=micro)
 
+    def back_off_loss_scale(self, used_scale: float) -> bool:
+        """As `TorchPolicyTrainer.back_off_loss_scale`; on CUDA on megatron's `DynamicGradScaler`."""
+        if self.cpu:
+            return super().back_off_loss_scale(used_scale)
+        from megatron.core.optimizer.grad_scaler import DynamicGradScaler
+
+        opts = getattr(self.mcore_optimizer, "chained_optimizers", [self.mcore_optimizer])
+        scalers = {id(o.grad_scaler): o.grad_scaler for o in opts if getattr(o, "grad_scaler", None) is not None}
+        if not scalers or not all(isinstance(gs, DynamicGradScaler) for gs in scalers.values()):
+            return False  # bf16/fp32 or a constant scale: a retry would run at the same scale
+        for gs in scalers.values():  # the same rule as DynamicLossScaler.back_off_below
+            if float(gs.scale) < used_scale:
+                continue
+            lower = max(float(used_scale) * float(gs.backoff_factor), float(gs.min_scale))
+            if not lower < used_scale:
+                return False
+            gs._scale = torch.full_like(gs._scale, lower)
+            gs._hysteresis_tracker = 0
+        return True
+
     # -------------------------------------------------------------------------- weights
     def _fp32_named_params(self) -> dict[str, torch.Tensor]:
         """This rank's parameters under megatron names, fp32 master values."""

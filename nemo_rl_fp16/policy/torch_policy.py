@@ -202,6 +202,11 @@ class TorchPolicyTrainer:
         return TrainStepResult(skipped=found_inf, grad_norm=grad_norm, loss_scale=scale, metrics=metrics,
                                micro_metrics=micro)
 
+    def back_off_loss_scale(self, used_scale: float) -> bool:
+        """Scale strictly below `used_scale` for a retry on the same batch (`DynamicLossScaler.back_off_below`);
+        False without a scaler or at `min_scale`."""
+        return self.scaler is not None and self.scaler.back_off_below(used_scale)
+
     def _forward_backward(self, batch: RolloutBatch, loss_fn: LossFn, temperature: float,
                           backward: Callable[[torch.Tensor], None]):
         """This rank's micro-batches: score, loss, `backward(loss)`; returns the step's (loss, row-weighted

@@ -93,6 +93,28 @@ def test_scaler_tensor_found_inf_and_state_round_trip():
     assert _run(a, seq) == _run(b, seq)
 
 
+@pytest.mark.parametrize("hysteresis", [1, 2, 3])
+def test_retry_after_overflow_runs_at_a_strictly_lower_scale(hysteresis):
+    """The loop retries an overflowed update on the same batch: whatever the hysteresis, the retry's
+    scale is below the overflowed attempt's (hysteresis 2 used to retry at the same scale)."""
+    s = DynamicLossScaler(initial_scale=1024, min_scale=1, hysteresis=hysteresis)
+    used = s.scale
+    s.update(True)
+    assert s.scale == (512 if hysteresis == 1 else 1024)  # megatron semantics of update() unchanged
+    assert s.back_off_below(used) and s.scale == 512
+    used = s.scale  # the retry overflows too: the next one is lower again, and hysteresis is spent
+    s.update(True)
+    assert s.scale == 256 and s.back_off_below(used) and s.scale == 256
+
+
+def test_retry_backoff_stops_at_min_scale():
+    s = DynamicLossScaler(initial_scale=4, min_scale=2, hysteresis=2)
+    s.update(True)
+    assert s.back_off_below(4.0) and s.scale == 2
+    s.update(True)
+    assert not s.back_off_below(2.0) and s.scale == 2  # cannot go lower: the loop skips instead
+
+
 def test_scaler_rejects_bad_settings():
     with pytest.raises(ValueError):
         DynamicLossScaler(backoff_factor=1.5)
