@@ -88,21 +88,8 @@ def megatron_layout_problems(cfg: RecipeConfig) -> list[str]:
         return [f"model layout: {e}"]
     if lay is None:
         return []
-    p, out = cfg.policy, []
-    tp, pp, ep = p.tensor_parallel_size, p.pipeline_parallel_size, p.expert_parallel_size
-    if lay.num_heads % tp:
-        out.append(f"attention heads ({lay.num_heads}) not divisible by policy.tensor_parallel_size={tp}")
-    if lay.num_kv_heads % tp:
-        out.append(f"key/value heads ({lay.num_kv_heads}) not divisible by policy.tensor_parallel_size={tp}")
-    if lay.vocab_size % tp:
-        out.append(f"vocab size ({lay.vocab_size}) not divisible by policy.tensor_parallel_size={tp}")
-    if lay.num_layers % pp:
-        out.append(f"layers ({lay.num_layers}) not divisible by policy.pipeline_parallel_size={pp}")
-    if ep > 1 and not lay.is_moe:
-        out.append(f"policy.expert_parallel_size={ep} needs an MoE model ({lay.model_type} is dense)")
-    elif lay.is_moe and lay.num_experts % ep:
-        out.append(f"experts ({lay.num_experts}) not divisible by policy.expert_parallel_size={ep}")
-    return out
+    p = cfg.policy
+    return lay.parallel_problems(p.tensor_parallel_size, p.pipeline_parallel_size, p.expert_parallel_size)
 
 
 def _megatron_plan_lines(cfg: RecipeConfig, layout: Layout, param_dtype) -> dict[str, str]:

@@ -1,7 +1,9 @@
 """`MegatronPolicyTrainer`: the policy π as a megatron-core `GPTModel` (TP / EP; MoE), same protocol.
 
-Model: a `GPTModel` built from the HF config (`ModelLayout`): RMSNorm, SwiGLU, RoPE with the
-config's theta, GQA, Qwen2 qkv bias / Qwen3 qk-norm, untied or tied embeddings, MoE with
+Model: a `GPTModel` built from the HF config (`ModelLayout`, which refuses by name what it does not
+map): RMSNorm, SwiGLU, RoPE with HF's inverse frequencies (theta; linear / llama3 scaling), GQA
+(also TP > kv heads), sliding window (banded mask; local / SDPA), Qwen2 qkv bias, Llama/Qwen3
+attention and MLP biases, Qwen3 qk-norm, untied or tied embeddings, MoE with
 non-grouped `SequentialMLP` experts (grouped GEMM asserts in fp16: Megatron-LM #2102) and
 `moe_router_dtype='fp32'` when the policy's `router_dtype` is fp32. Layer spec: Transformer
 Engine's when `transformer_engine` imports and the device is CUDA, the local spec otherwise;
@@ -119,7 +121,8 @@ def transformer_config(lay: ModelLayout, *, params_dtype: torch.dtype, router_dt
         num_layers=lay.num_layers, hidden_size=lay.hidden_size, num_attention_heads=lay.num_heads,
         num_query_groups=lay.num_kv_heads, kv_channels=lay.head_dim, ffn_hidden_size=lay.ffn_hidden_size,
         normalization="RMSNorm", layernorm_epsilon=lay.rms_norm_eps, gated_linear_unit=True,
-        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=lay.qkv_bias, qk_layernorm=lay.qk_norm,
+        activation_func=F.silu, add_bias_linear=lay.o_bias or lay.mlp_bias, add_qkv_bias=lay.qkv_bias,
+        qk_layernorm=lay.qk_norm,
         hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
         expert_tensor_parallel_size=1, sequence_parallel=bool(sequence_parallel and tp > 1),
@@ -153,14 +156,48 @@ def layer_spec(lay: ModelLayout, *, use_te: bool, attention: str = "local"):
 
     n_exp = lay.num_experts or None
     if use_te:
-        return specs.get_gpt_layer_with_transformer_engine_spec(
+        if lay.sliding_window:
+            raise ValueError(f"sliding_window={lay.sliding_window} with policy.attention=te is not mapped; "
+                             "use policy.attention=sdpa (or local)")
+        spec = specs.get_gpt_layer_with_transformer_engine_spec(
             num_experts=n_exp, moe_grouped_gemm=False, qk_layernorm=lay.qk_norm)
+        return _bias_per_block(spec, lay)
     spec = specs.get_gpt_layer_local_spec(num_experts=n_exp, moe_grouped_gemm=False,
                                           qk_layernorm=lay.qk_norm, normalization="RMSNorm")
     if attention == "sdpa":
-        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+        spec.submodules.self_attention.submodules.core_attention = (
+            type("SDPAttentionWindow", (SDPAttention,), {"window": lay.sliding_window}) if lay.sliding_window
+            else SDPAttention)
     elif attention not in ("local", "te"):
         raise ValueError(f"attention must be 'local' or 'sdpa' with the local spec, got {attention!r}")
+    return _bias_per_block(spec, lay)
+
+
+def _without_bias(cls: type) -> type:
+    """`cls` (a megatron/TE parallel linear) built with `bias=False` whatever the config says."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["bias"] = False
+        cls.__init__(self, *args, **kwargs)
+
+    return type(f"{cls.__name__}NoBias", (cls,), {"__init__": __init__})
+
+
+def _bias_per_block(spec, lay: ModelLayout):
+    """megatron's `add_bias_linear` is one switch for attention and MLP; HF Llama has two
+    (`attention_bias`, `mlp_bias`). With the switch on, the block HF builds without biases gets
+    bias-free linears (`linear_qkv` keeps its bias when `add_qkv_bias`)."""
+    if not (lay.o_bias or lay.mlp_bias) or (lay.o_bias and lay.mlp_bias):
+        return spec
+    sub = spec.submodules
+    if not lay.mlp_bias:
+        mlp = sub.mlp.submodules
+        mlp.linear_fc1, mlp.linear_fc2 = _without_bias(mlp.linear_fc1), _without_bias(mlp.linear_fc2)
+    if not lay.o_bias:
+        att = sub.self_attention.submodules
+        att.linear_proj = _without_bias(att.linear_proj)
+        if not lay.qkv_bias:
+            att.linear_qkv = _without_bias(att.linear_qkv)
     return spec
 
 
@@ -204,12 +241,17 @@ def build_gpt_model(lay: ModelLayout, config, *, use_te: bool = False, attention
     _mcore_compat()
 
     theta = lay.rope_theta
-    return GPTModel(config=config, transformer_layer_spec=layer_spec(lay, use_te=use_te, attention=attention),
-                    vocab_size=lay.vocab_size, max_sequence_length=lay.max_position_embeddings,
-                    pre_process=True, post_process=True, parallel_output=True,
-                    share_embeddings_and_output_weights=lay.tie_word_embeddings,
-                    position_embedding_type="rope", rotary_percent=1.0,
-                    rotary_base=int(theta) if float(theta).is_integer() else theta)
+    gpt = GPTModel(config=config, transformer_layer_spec=layer_spec(lay, use_te=use_te, attention=attention),
+                   vocab_size=lay.vocab_size, max_sequence_length=lay.max_position_embeddings,
+                   pre_process=True, post_process=True, parallel_output=True,
+                   share_embeddings_and_output_weights=lay.tie_word_embeddings,
+                   position_embedding_type="rope", rotary_percent=1.0,
+                   rotary_base=int(theta) if float(theta).is_integer() else theta)
+    # RoPE scaling: megatron's own llama3 option hard-codes 8192 original positions and low/high
+    # factors 1/4; HF's inverse frequencies (any MAPPED_ROPE_TYPES, config values) are exact
+    rope = gpt.rotary_pos_emb
+    rope.inv_freq = lay.rope_inv_freq().to(rope.inv_freq.device)
+    return gpt
 
 
 class SDPAttention(torch.nn.Module):
@@ -217,7 +259,10 @@ class SDPAttention(torch.nn.Module):
 
     Causal self-attention only (the RL trainer's case); dispatches to flash / memory-efficient
     kernels on CUDA. Inputs `[s, b, heads, d]` (keys/values with `num_query_groups` heads).
+    `window` (a subclass attribute, `layer_spec`): HF sliding-window attention as a banded mask.
     """
+
+    window: int | None = None
 
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
@@ -231,7 +276,11 @@ class SDPAttention(torch.nn.Module):
                 packed_seq_params=None):
         s, b, nq, d = query.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
+        band = None
+        if self.window:  # HF sliding window: query i sees keys j with i - window < j <= i
+            ar = torch.arange(s, device=query.device)
+            band = (ar[None, :] <= ar[:, None]) & (ar[None, :] > ar[:, None] - self.window)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=band, is_causal=band is None, scale=self.softmax_scale,
                                              dropout_p=self.dropout if self.training else 0.0,
                                              enable_gqa=k.shape[1] != nq)
         return out.permute(2, 0, 1, 3).reshape(s, b, nq * d)
@@ -307,7 +356,10 @@ class MegatronCausalLM(torch.nn.Module):
         src = (ar[None, :] + shift[:, None]) % s  # rotated[i, j] = original[i, (j + shift_i) % s]
         ids = input_ids.gather(1, src)
         pos = ar[None, :].expand(b, s)
-        causal = torch.ones(s, s, dtype=torch.bool, device=input_ids.device).triu_(1)[None, None]
+        causal = torch.ones(s, s, dtype=torch.bool, device=input_ids.device).triu_(1)
+        if self.layout.sliding_window:  # True = masked: also keys at or before i - window (HF sliding window)
+            causal |= torch.ones_like(causal).tril_(-self.layout.sliding_window)
+        causal = causal[None, None]
         self._routing = {}
         logits = self.module(input_ids=ids, position_ids=pos, attention_mask=causal)  # [b, s, v/TP]
         keep = s if not logits_to_keep else int(logits_to_keep)
@@ -438,10 +490,15 @@ class MegatronPolicyTrainer(TorchPolicyTrainer):
 
         hf_sd, hf_config, self._hf_fused_experts = hf_source(model_cfg, seed, initial_state_dict)
         self.layout = ModelLayout.from_hf_config(hf_config)
+        problems = self.layout.parallel_problems(tp, 1, ep)
+        if problems:
+            raise ValueError("; ".join(problems))
         shard: dict[str, torch.Tensor] = {}
         for part in hf_to_megatron_parts(hf_sd, self.layout):  # one layer's full tensors at a time
             shard.update(shard_state_dict(part, self.layout))
         del hf_sd
+        if attention == "auto" and self.layout.sliding_window and not self.cpu:
+            attention = "sdpa"  # TE's sliding window is not mapped (layer_spec)
         self.attention = attention = resolve_attention(attention, cuda=not self.cpu)
         use_te = attention == "te"
         if use_te:

@@ -1,4 +1,4 @@
-"""TP=2 == DP=2 (dense) and EP=2 == DP=2 (MoE) log-probs on CPU: 2 processes, gloo, one torchrun launch.
+"""TP=2 == DP=2 (dense; also TP > kv heads) and EP=2 == DP=2 (MoE) log-probs on CPU: 2 processes, gloo, one torchrun launch.
 
 The worker is this file run as a script (`__main__`); it applies the test-only CUDA redirects
 from conftest.py itself (pytest fixtures do not reach torchrun's processes).
@@ -20,13 +20,16 @@ def test_tp2_and_ep2_match_single_rank(tmp_path):
     pytest.importorskip("megatron.core")
     from conftest import free_port
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    # the workers import this checkout's package (torchrun puts the script's folder, not the cwd, on sys.path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join([str(HERE.parents[2]), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(Path(__file__).resolve())]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=HERE.parents[2])
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    for check in ("TP2 logprobs OK", "TP2 refit OK", "EP2 logprobs OK", "EP2 experts OK", "EP2 refit OK"):
+    for check in ("TP2 logprobs OK", "TP2 refit OK", "EP2 logprobs OK", "EP2 experts OK", "EP2 refit OK",
+                  "TP2-KV1 logprobs OK", "TP2-KV1 refit OK"):
         assert f"rank0 {check}" in out and f"rank1 {check}" in out, out[-4000:]
 
 
@@ -54,7 +57,11 @@ def _worker() -> None:  # pragma: no cover - runs under torchrun
         return tr, tr.logprobs(b, 0.8), b
 
     with cpu_redirects():
-        for tag, cfg, par in (("TP2", DENSE, {"tensor_parallel_size": 2}), ("EP2", MOE, {"expert_parallel_size": 2})):
+        # TP2-KV1: TP above the kv heads (megatron-core gathers each query group's K/V), with o_proj/MLP biases
+        kv1 = {"config": {**DENSE["config"], "model_type": "llama", "num_key_value_heads": 1, "attention_bias": True,
+                          "mlp_bias": True}}
+        for tag, cfg, par in (("TP2", DENSE, {"tensor_parallel_size": 2}), ("EP2", MOE, {"expert_parallel_size": 2}),
+                              ("TP2-KV1", kv1, {"tensor_parallel_size": 2})):
             _, sd = _weights(cfg)
             ref_tr, ref, b = run(cfg, sd)  # TP 1 on 2 ranks = DP 2: each rank scores half the rows, gathered
             assert ref_tr._dp() == (rank, 2)
@@ -67,7 +74,7 @@ def _worker() -> None:  # pragma: no cover - runs under torchrun
                 assert torch.equal(tr.selected_experts(b), ref_ex)
                 print(f"rank{rank} {tag} experts OK", flush=True)
             back = tr.rollout_state_dict()
-            assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd), tag
+            assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd), (tag, set(back) ^ set(sd), [k for k in sd if k in back and not torch.equal(back[k], sd[k])])
             print(f"rank{rank} {tag} refit OK", flush=True)
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()

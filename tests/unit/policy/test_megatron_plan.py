@@ -34,7 +34,7 @@ def test_moe_30b_plan():
 
 @pytest.mark.parametrize("over, msg", [
     (("policy.tensor_parallel_size=3", "cluster.gpus_per_node=6"), "attention heads (40) not divisible by"),
-    (("policy.tensor_parallel_size=16", "cluster.nodes=2"), "key/value heads (8) not divisible by"),
+    (("policy.tensor_parallel_size=5", "cluster.nodes=5"), "key/value heads (8) not divisible by"),
     (("policy.pipeline_parallel_size=5", "policy.tensor_parallel_size=1", "cluster.nodes=5"),
      "layers (48) not divisible by policy.pipeline_parallel_size=5"),
     (("policy.expert_parallel_size=2",), "needs an MoE model"),
@@ -42,6 +42,19 @@ def test_moe_30b_plan():
 def test_dense_layout_refusals(over, msg):
     with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)")):
         parallel_layout(typed(load_recipe("dense_14b_fp16", list(over))))
+
+
+def test_tp_above_kv_heads_is_allowed_when_a_multiple():
+    """Qwen3-30B-A3B has 4 kv heads: TP 8 runs in megatron-core (K/V gathered per query group)."""
+    layout = parallel_layout(typed(load_recipe("moe_30b_a3b_fp16", ["policy.tensor_parallel_size=8",
+                                                                   "policy.expert_parallel_size=2"])))
+    assert layout.tp == 8
+
+
+def test_unmapped_hf_feature_is_refused_by_the_plan():
+    with pytest.raises(ConfigError, match="rope_type='yarn' is not mapped to megatron"):
+        parallel_layout(typed(load_recipe("sanity_tiny", [
+            "policy.backend=megatron", "+model.config.rope_parameters={rope_type: yarn, rope_theta: 10000.0, factor: 4.0}"])))
 
 
 def test_experts_must_divide_by_ep():
