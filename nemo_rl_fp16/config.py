@@ -295,12 +295,34 @@ class RecipeConfig(_Section):
         """Checks that span sections: dtype combinations each engine honours, eval data."""
         lines = precision_problems(self.precision.model_dump(), trainer=self.policy.backend,
                                    rollout=self.rollout.backend)
+        lines += self._inapplicable()
         if self.trainer.eval_every and self.data.dataset == "jsonl" and not self.data.eval_path:
             lines.append(f"trainer.eval_every={self.trainer.eval_every} with data.dataset=jsonl needs held-out "
                          f"problems: set data.eval_path=<eval.jsonl> (or trainer.eval_every=0)")
         if lines:
             raise refuse("\n".join(lines))
         return self
+
+    def _inapplicable(self) -> list[str]:
+        """Keys documented as "X only" set to a non-default value where X is off: refused, not ignored."""
+        groups = (
+            ("policy", self.policy, ("sequence_parallel", "activation_checkpointing", "attention", "fused_elementwise"),
+             self.policy.backend != "megatron", "policy.backend=megatron"),
+            ("rollout", self.rollout, ("tensor_parallel_size", "gpu_memory_utilization", "enforce_eager"),
+             self.rollout.backend != "vllm", "rollout.backend=vllm"),
+            ("data", self.data, ("path", "prompt_key", "answer_key", "template"),
+             self.data.dataset != "jsonl", "data.dataset=jsonl"),
+        )
+        out = []
+        for section, model, keys, off, needs in groups:
+            for key in keys if off else ():
+                value, default = getattr(model, key), type(model).model_fields[key].default
+                if value != default:
+                    shown = str(value).lower() if isinstance(value, bool) else value
+                    fix = "null" if default is None else str(default).lower() if isinstance(default, bool) else default
+                    out.append(f"bad value for '{section}.{key}': {shown}; allowed: {fix} (the default) unless "
+                               f"{needs}, which alone reads it; set {section}.{key}={fix} or {needs}")
+        return out
 
 
 # --------------------------------------------------------------------------------- loading
