@@ -35,12 +35,23 @@ class RunSetup:
     close: Callable[[], None] | None = None  # releases remote workers (Ray); None for in-process engines
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but torch sees no CUDA device; use device=cpu or auto")
-    return device
+def resolve_device(device: str | RecipeConfig) -> str:
+    """The run's device by `plan.run_device` (the one rule); a bare `device` string = a single-process run.
+
+    Raises `ConfigError` when the result is cuda in this process and torch sees no CUDA device.
+    """
+    from nemo_rl_fp16.plan import run_device
+
+    remote = False  # under Ray the engines run in actors (on the cluster's GPUs), not in this process
+    if isinstance(device, RecipeConfig):
+        name, resolved, remote = device.device, run_device(device), device.cluster.ray.enabled
+    else:
+        name = device
+        resolved = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if resolved == "cuda" and not remote and not torch.cuda.is_available():
+        raise ConfigError(f"bad value for 'device': {name} (resolves to cuda); allowed: cpu here (torch sees no "
+                          f"CUDA device); run on the GPU node or set device=cpu")
+    return resolved
 
 
 def build_tokenizer(rc: RecipeConfig):
@@ -121,14 +132,11 @@ def _check_megatron_backend(rc: RecipeConfig) -> None:
     except ImportError as e:
         raise ConfigError("policy.backend=megatron needs megatron-core (pip install 'nemo_rl_fp16[megatron]'; "
                           "Python 3.11 resolves 0.16.1, 3.12 the newest)") from e
-    if resolve_device(rc.device) != "cuda":
-        raise ConfigError("policy.backend=megatron runs on CUDA (megatron-core hard-codes CUDA calls; its CPU "
-                          "path is exercised only by the test suite); use device=cuda or policy.backend=torch")
-    if rc.policy.pipeline_parallel_size > 1 or rc.policy.context_parallel_size > 1:
-        raise ConfigError("policy.pipeline_parallel_size / context_parallel_size > 1 are planned (dry_run) but not "
-                          "implemented by the megatron trainer yet; use TP/EP/DP")
-    if rc.policy.lora.enabled:
-        raise ConfigError("policy.lora.enabled=true is not supported with policy.backend=megatron")
+    from nemo_rl_fp16.plan import device_problems, run_device, unimplemented_problems
+
+    problems = device_problems(rc, run_device(rc)) + unimplemented_problems(rc)  # the plan's own checks
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def build_run(rc: RecipeConfig, console: Console | None = None) -> RunSetup:
@@ -137,16 +145,11 @@ def build_run(rc: RecipeConfig, console: Console | None = None) -> RunSetup:
         _check_megatron_backend(rc)
     elif rc.policy.backend != "torch":
         raise ConfigError(f"policy.backend={rc.policy.backend} is not available; use policy.backend=torch|megatron")
-    device = resolve_device(rc.device)
+    device = resolve_device(rc)
     tokenizer = build_tokenizer(rc)
     problems = get_dataset(rc.data.model_dump(), seed=rc.seed)
     prompt_ids = [tokenizer(p.prompt)["input_ids"] for p in problems]
     model_cfg = rc.model.model_dump()
-    if rc.model.config is not None and rc.model.config.get("vocab_size", 0) < len(tokenizer):
-        raise ConfigError(
-            f"model.config.vocab_size={rc.model.config.get('vocab_size')} is smaller than the tokenizer "
-            f"({len(tokenizer)} tokens); set model.config.vocab_size={len(tokenizer)} or more"
-        )
     init = initial_weights(rc, tokenizer, problems, console)
     train_pol, rollout_pol = resolve_policies(rc.precision.model_dump())
 

@@ -88,22 +88,22 @@ def run_command(command: str, args: Sequence[str]) -> int:
 
             return run_demo(overrides, recipe=recipe, dry_run=dry_run)
         from nemo_rl_fp16.config import load_recipe, to_yaml, typed
-        from nemo_rl_fp16.plan import format_plan, make_plan
+        from nemo_rl_fp16.plan import check_run, format_plan
 
         cfg = load_recipe(recipe, overrides)
-        plan = make_plan(typed(cfg))
+        if command == "rl" and not dry_run:  # `run` starts with the same validation stage (`check_run`)
+            from nemo_rl_fp16.trainer import run
+
+            run(cfg)
+            return 0
+        plan = check_run(typed(cfg))  # the dry run's checks are the real run's: plan + environment
         if dry_run:
             print(to_yaml(cfg), end="")
             print(f"# plan ({command})\n{format_plan(plan)}")
             return 0
-        if command == "mismatch":
-            from nemo_rl_fp16.experiments import run_mismatch
+        from nemo_rl_fp16.experiments import run_mismatch
 
-            run_mismatch(cfg)
-        else:
-            from nemo_rl_fp16.trainer import run
-
-            run(cfg)
+        run_mismatch(cfg)
         return 0
     except ConfigError as e:
         for line in str(e).splitlines():

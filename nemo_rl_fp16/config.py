@@ -16,9 +16,10 @@ from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-from nemo_rl_fp16.precision import PRESETS
+from nemo_rl_fp16.precision import PRESETS, precision_problems
 
 DtypeName = Literal["float16", "bfloat16", "float32"]
 Preset = Literal["fp16", "bf16", "fp32"]
@@ -28,8 +29,14 @@ class ConfigError(ValueError):
     """A recipe or override is invalid; the message has one line per problem."""
 
 
+def refuse(line: str) -> PydanticCustomError:
+    """A validator's refusal, reported verbatim: one line naming key, value, allowed values and the fix."""
+    return PydanticCustomError("refused", line.replace("{", "{{").replace("}", "}}"))
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # extra=forbid: unknown keys are errors; allow_inf_nan=False: every float key is finite
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class LossScaleSection(_Section):
@@ -40,6 +47,15 @@ class LossScaleSection(_Section):
     backoff_factor: float | None = Field(None, gt=0, lt=1)
     growth_interval: int | None = Field(None, ge=1)
     hysteresis: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> LossScaleSection:
+        lo, hi = self.min_scale or 1.0, self.initial_scale or 2.0**16
+        if lo > hi:
+            key = "min_scale" if self.min_scale is not None else "initial_scale"
+            raise refuse(f"bad value for 'precision.loss_scale.{key}': {getattr(self, key):g}; allowed: "
+                         f"min_scale <= initial_scale (here {lo:g} > {hi:g}); lower min_scale or raise initial_scale")
+        return self
 
 
 class PrecisionSection(_Section):
@@ -61,6 +77,35 @@ class ModelSection(_Section):
     config: dict[str, Any] | None = None
     tokenizer: str | None = None
     trust_remote_code: bool = False
+
+    @field_validator("config")
+    @classmethod
+    def _hf_config(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The dict must build an HF config (types checked by transformers' strict config classes)."""
+        if v is None:
+            return v
+        if "model_type" not in v:
+            raise refuse(f"missing key 'model.config.model_type' (keys given: {', '.join(sorted(v)) or 'none'}); "
+                         f"set model.config.model_type=qwen2 (or another transformers model type)")
+        from transformers import AutoConfig
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        kw = dict(v)
+        model_type = kw.pop("model_type")
+        if model_type not in CONFIG_MAPPING:
+            close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
+            raise refuse(f"bad value for 'model.config.model_type': {model_type!r}; allowed: a transformers model "
+                         f"type{' (did you mean ' + ', '.join(close) + '?)' if close else ''}")
+        try:
+            AutoConfig.for_model(model_type, **kw)
+        except Exception as e:  # transformers' strict dataclass validation names the field
+            field = getattr(e, "field", None) or next((k for k in kw if f"'{k}'" in str(e)), None)
+            what = " ".join(str(e).split())
+            if field is not None:
+                raise refuse(f"bad value for 'model.config.{field}': {kw.get(field)!r}; {what.split(': ', 1)[-1]}; "
+                             f"fix model.config.{field}") from None
+            raise refuse(f"model.config does not build a {model_type} config: {what}; fix model.config") from None
+        return v
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSection:
@@ -132,12 +177,26 @@ class AlgorithmSection(_Section):
 class DataSection(_Section):
     dataset: str = "sanity_add"
     path: str | None = None
+    eval_path: str | None = None
     prompt_key: str = "prompt"
     answer_key: str = "answer"
     template: str = "plain"
     prompts_per_step: int = Field(8, ge=1)
     num_problems: int = Field(64, ge=1)
-    seed: int = 0
+    eval_num_problems: int = Field(32, ge=1)
+    seed: int = Field(0, ge=0)
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        from nemo_rl_fp16.data.sanity import DATASETS
+
+        names = [*sorted(DATASETS), "jsonl"]
+        if v not in names:
+            close = difflib.get_close_matches(v, names, n=1)
+            raise refuse(f"bad value for 'data.dataset': {v!r}; allowed: {', '.join(names)}"
+                         f"{'; did you mean ' + repr(close[0]) + '?' if close else ''}")
+        return v
 
     @model_validator(mode="after")
     def _jsonl_needs_path(self) -> DataSection:
@@ -161,6 +220,7 @@ class WarmStartSection(_Section):
 class TrainerSection(_Section):
     max_steps: int = Field(100, ge=0)
     eval_every: int = Field(0, ge=0)
+    eval_k: int = Field(4, ge=1)
     save_every: int = Field(10, ge=0)
     log_every: int = Field(1, ge=1)
     resume: str = "auto"
@@ -199,14 +259,22 @@ class ClusterSection(_Section):
 
 
 class MismatchSection(_Section):
-    precisions: list[Preset] = ["fp32", "fp16", "bf16"]
+    precisions: list[Preset] = Field(["fp32", "fp16", "bf16"], min_length=1)
     num_prompts: int = Field(64, ge=1)
-    length_buckets: list[int] = [64, 256, 1024, 4096]
+    length_buckets: list[int] = Field([64, 256, 1024, 4096], min_length=1)
+
+    @field_validator("length_buckets")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        if v[0] < 1 or any(b <= a for a, b in zip(v, v[1:], strict=False)):
+            raise refuse(f"bad value for 'mismatch.length_buckets': {v}; allowed: strictly increasing response "
+                         f"lengths >= 1, e.g. [64, 256, 1024]")
+        return v
 
 
 class RecipeConfig(_Section):
     recipe: str = "base"
-    seed: int = 1234
+    seed: int = Field(1234, ge=0, lt=2**63)
     output_dir: str = "outputs/base"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: PrecisionSection = PrecisionSection()
@@ -221,6 +289,40 @@ class RecipeConfig(_Section):
     logging: LoggingSection = LoggingSection()
     cluster: ClusterSection = ClusterSection()
     mismatch: MismatchSection = MismatchSection()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RecipeConfig:
+        """Checks that span sections: dtype combinations each engine honours, eval data."""
+        lines = precision_problems(self.precision.model_dump(), trainer=self.policy.backend,
+                                   rollout=self.rollout.backend)
+        lines += self._inapplicable()
+        if self.trainer.eval_every and self.data.dataset == "jsonl" and not self.data.eval_path:
+            lines.append(f"trainer.eval_every={self.trainer.eval_every} with data.dataset=jsonl needs held-out "
+                         f"problems: set data.eval_path=<eval.jsonl> (or trainer.eval_every=0)")
+        if lines:
+            raise refuse("\n".join(lines))
+        return self
+
+    def _inapplicable(self) -> list[str]:
+        """Keys documented as "X only" set to a non-default value where X is off: refused, not ignored."""
+        groups = (
+            ("policy", self.policy, ("sequence_parallel", "activation_checkpointing", "attention", "fused_elementwise"),
+             self.policy.backend != "megatron", "policy.backend=megatron"),
+            ("rollout", self.rollout, ("tensor_parallel_size", "gpu_memory_utilization", "enforce_eager"),
+             self.rollout.backend != "vllm", "rollout.backend=vllm"),
+            ("data", self.data, ("path", "prompt_key", "answer_key", "template"),
+             self.data.dataset != "jsonl", "data.dataset=jsonl"),
+        )
+        out = []
+        for section, model, keys, off, needs in groups:
+            for key in keys if off else ():
+                value, default = getattr(model, key), type(model).model_fields[key].default
+                if value != default:
+                    shown = str(value).lower() if isinstance(value, bool) else value
+                    fix = "null" if default is None else str(default).lower() if isinstance(default, bool) else default
+                    out.append(f"bad value for '{section}.{key}': {shown}; allowed: {fix} (the default) unless "
+                               f"{needs}, which alone reads it; set {section}.{key}={fix} or {needs}")
+        return out
 
 
 # --------------------------------------------------------------------------------- loading
@@ -276,17 +378,21 @@ def _compose(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
 
 
 def _apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    for item in overrides:
+    """Dotlist overrides; a preset swap (`precision=bf16`) first, then the dotted keys, whatever their order.
+
+    The preset only sets `precision.name`: every explicit `precision.*` key (from the recipe or the
+    command line) stays and applies on top of the preset.
+    """
+    presets = [o for o in overrides if o.partition("=")[0].strip().lstrip("+") == "precision"]
+    for item in [*presets, *(o for o in overrides if o not in presets)]:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not key=value (e.g. trainer.max_steps=3)")
         key, value = item.split("=", 1)
         key = key.strip().lstrip("+")
-        if key == "precision":  # precision=bf16 swaps the preset; ablation settings stay
+        if key == "precision":  # precision=bf16 swaps the preset; every explicit precision.* key stays
             if value not in PRESETS:
                 raise ConfigError(f"bad value for 'precision': '{value}'; allowed: {', '.join(PRESETS)}")
-            old = cfg.get("precision") or {}
-            keep = {k: old[k] for k in ("rollout", "allow_mismatch") if k in old}
-            cfg.precision = OmegaConf.create({"name": value, **keep})
+            cfg = OmegaConf.merge(cfg, {"precision": {"name": value}})  # type: ignore[assignment]
             continue
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]))  # type: ignore[assignment]
@@ -327,10 +433,13 @@ def _format_errors(err: ValidationError, data: dict) -> str:
         elif e["type"] == "value_error":
             msg = str(e["msg"]).removeprefix("Value error, ")
             lines.append(f"{key + ': ' if key else ''}{msg}")
+        elif e["type"] == "refused":  # our validators' full lines (may be several)
+            lines += str(e["msg"]).splitlines()
         elif e["type"] == "missing":
             lines.append(f"missing key '{key}'")
-        else:
-            lines.append(f"bad value for '{key}': {value!r} ({e['msg'].lower()})")
+        else:  # pydantic's "Input should be ..." states what is allowed
+            allowed = str(e["msg"]).removeprefix("Input should be ").removeprefix("input should be ")
+            lines.append(f"bad value for '{key}': {value!r}; allowed: {allowed}; set {key} accordingly")
     return "\n".join(lines)
 
 

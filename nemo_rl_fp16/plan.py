@@ -1,12 +1,18 @@
-"""The run plan a dry run prints: engines, dtypes per side, parallel layout; and layout checks.
+"""The validation stage and the run plan: every check a run needs, before any work.
 
-Everything here is derived from the config alone (no model is built), so a bad layout fails in
-a second on a login node instead of after minutes of model loading on a cluster.
+`check_run` is the one validation stage shared by the dry run and the real run (the CLI and
+`trainer.run` both call it): the schema (`config.py`, pydantic) has already checked keys, types,
+ranges and dtype combinations; here come the layout (`parallel_layout`), the device
+(`run_device`, the one rule the plan, `build` and the Ray driver use), what this version does not
+implement, and the environment a run needs (`environment_problems`: paths, optional packages,
+dataset rows, prompt length vs the model's context). Nothing is built: a bad run fails in seconds.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 
 from nemo_rl_fp16.config import ConfigError, RecipeConfig
 from nemo_rl_fp16.precision import resolve_policies
@@ -23,6 +29,49 @@ class Layout:
 
     def __str__(self) -> str:
         return f"world {self.world_size} = TP {self.tp} x PP {self.pp} x CP {self.cp} x DP {self.dp} (EP {self.ep})"
+
+
+def run_device(cfg: RecipeConfig) -> str:
+    """The device every engine of the run uses: the one rule for plan, build and the Ray driver.
+
+    `device=cpu|cuda` is taken as is. `auto` is `cuda` when the recipe declares GPUs
+    (`cluster.gpus_per_node > 0`); without declared GPUs it is `cpu` under Ray (Ray gives actors
+    no GPU then) and, in a single process, `cuda` when torch sees one.
+    """
+    if cfg.device != "auto":
+        return cfg.device
+    if cfg.cluster.gpus_per_node > 0:
+        return "cuda"
+    if cfg.cluster.ray.enabled:
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_problems(cfg: RecipeConfig, device: str) -> list[str]:
+    """Device refusals that hold wherever the check runs (config only)."""
+    out = []
+    if device == "cuda" and cfg.cluster.ray.enabled and cfg.cluster.gpus_per_node == 0:
+        out.append("bad value for 'device': cuda; allowed: cpu or auto with cluster.gpus_per_node=0 under Ray "
+                   "(Ray gives actors no GPU); set cluster.gpus_per_node to the GPUs per node")
+    if cfg.policy.backend == "megatron" and device != "cuda":
+        out.append(f"bad value for 'policy.backend': megatron on device {device}; allowed: torch on CPU "
+                   "(megatron-core hard-codes CUDA calls); set device=cuda (with GPUs) or policy.backend=torch")
+    return out
+
+
+def unimplemented_problems(cfg: RecipeConfig) -> list[str]:
+    """Settings the schema accepts for the plan's sake but this version's engines do not run."""
+    p, out = cfg.policy, []
+    for key in ("pipeline_parallel_size", "context_parallel_size"):
+        if getattr(p, key) > 1:
+            out.append(f"bad value for 'policy.{key}': {getattr(p, key)}; allowed: 1 (the megatron trainer does "
+                       f"not implement it yet); use tensor/expert/data parallelism")
+    if p.backend == "megatron" and p.lora.enabled:
+        out.append("bad value for 'policy.lora.enabled': true; allowed: false with policy.backend=megatron; "
+                   "use policy.backend=torch for LoRA")
+    return out
 
 
 def parallel_layout(cfg: RecipeConfig) -> Layout:
@@ -72,6 +121,7 @@ def parallel_layout(cfg: RecipeConfig) -> Layout:
         )
     if p.backend == "megatron":
         problems += megatron_layout_problems(cfg)
+    problems += unimplemented_problems(cfg) + device_problems(cfg, run_device(cfg))
     if problems:
         raise ConfigError("\n".join(problems))
     return Layout(world, p.tensor_parallel_size, p.pipeline_parallel_size, p.context_parallel_size,
@@ -124,7 +174,7 @@ def make_plan(cfg: RecipeConfig) -> dict[str, object]:
     """What the run will do, as an ordered dict of printable facts."""
     train_pol, rollout_pol = resolve_policies(cfg.precision.model_dump())
     layout = parallel_layout(cfg)
-    device = cfg.device if cfg.device != "auto" else ("cuda" if cfg.cluster.gpus_per_node else "cpu (auto)")
+    device = run_device(cfg) + (" (auto)" if cfg.device == "auto" else "")
     model = cfg.model.name_or_path or f"built from config ({cfg.model.config.get('model_type', '?')})"
     samples = cfg.data.prompts_per_step * cfg.rollout.num_generations
     plan = {
@@ -154,6 +204,10 @@ def make_plan(cfg: RecipeConfig) -> dict[str, object]:
         "steps": f"{cfg.trainer.max_steps} (save every {cfg.trainer.save_every or 'end'}, resume {cfg.trainer.resume})",
         "warm start": (f"{cfg.warm_start.steps} SFT steps, cached in {cfg.warm_start.cache_dir}"
                        if cfg.warm_start.enabled else "off"),
+        "eval": (f"every {cfg.trainer.eval_every} steps and at the end: greedy accuracy, pass@{cfg.trainer.eval_k}, "
+                 f"mean@{cfg.trainer.eval_k} on " + (cfg.data.eval_path or f"{cfg.data.eval_num_problems} held-out "
+                                                     f"{cfg.data.dataset} problems")
+                 if cfg.trainer.eval_every else "off"),
     }
     if cfg.policy.backend == "megatron":
         plan.update(_megatron_plan_lines(cfg, layout, train_pol.param_dtype))
@@ -182,3 +236,127 @@ def _dtypes(d: dict[str, str]) -> str:
 def format_plan(plan: dict[str, object]) -> str:
     width = max(len(k) for k in plan)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in plan.items())
+
+
+# --------------------------------------------------------------------------- environment checks
+
+#: optional packages a key needs: (key, predicate on the config, import name, pip hint)
+_PACKAGES = (
+    ("logging.wandb.enabled", lambda c: c.logging.wandb.enabled, "wandb", "pip install wandb"),
+    ("logging.mlflow.enabled", lambda c: c.logging.mlflow.enabled, "mlflow", "pip install mlflow"),
+    ("logging.tensorboard", lambda c: c.logging.tensorboard, "tensorboard", "pip install tensorboard"),
+    ("rollout.backend", lambda c: c.rollout.backend == "vllm", "vllm", "pip install 'nemo_rl_fp16[vllm]'"),
+    ("policy.backend", lambda c: c.policy.backend == "megatron", "megatron.core",
+     "pip install 'nemo_rl_fp16[megatron]'"),
+    ("policy.lora.enabled", lambda c: c.policy.lora.enabled, "peft", "pip install peft"),
+    ("cluster.ray.enabled", lambda c: c.cluster.ray.enabled, "ray", "pip install 'nemo_rl_fp16[ray]'"),
+    ("reward.name", lambda c: c.reward.name == "math_verify", "math_verify", "pip install math-verify"),
+)
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing
+        return False
+
+
+def _value(cfg: RecipeConfig, key: str) -> object:
+    v: object = cfg
+    for part in key.split("."):
+        v = getattr(v, part)
+    return str(v).lower() if isinstance(v, bool) else v
+
+
+def environment_problems(cfg: RecipeConfig) -> list[str]:
+    """What the run needs from this machine, one refusal line each: device, paths, packages, data.
+
+    The data checks read the dataset (and the held-out set) with the run's tokenizer: unreadable
+    rows, unknown templates and a prompt that does not fit the model's context are refused here.
+    """
+    out: list[str] = []
+    device = run_device(cfg)
+    if device == "cuda" and not cfg.cluster.ray.enabled:
+        import torch
+
+        if not torch.cuda.is_available():
+            out.append(f"bad value for 'device': {cfg.device} (resolves to cuda); allowed: cpu here (torch sees no "
+                       f"CUDA device); run on the GPU node or set device=cpu")
+    for key, path, kind in (("model.name_or_path", cfg.model.name_or_path, "a local HF model folder"),
+                            ("model.tokenizer", cfg.model.tokenizer, "a local tokenizer folder"),
+                            ("data.path", cfg.data.path if cfg.data.dataset == "jsonl" else None, "a JSONL file"),
+                            ("data.eval_path", cfg.data.eval_path if cfg.trainer.eval_every else None, "a JSONL file"),
+                            ("trainer.resume", None if cfg.trainer.resume in ("auto", "never") else cfg.trainer.resume,
+                             "auto, never or a checkpoint folder")):
+        if path is not None and not Path(path).exists():
+            out.append(f"bad value for '{key}': {path!r} does not exist; allowed: {kind} (no hub downloads); "
+                       f"download it first or fix the path")
+    for key, needed, module, hint in _PACKAGES:
+        if needed(cfg) and not _installed(module):
+            out.append(f"bad value for '{key}': {_value(cfg, key)} needs the '{module}' package, which is not "
+                       f"installed; {hint} or change {key}")
+    if not out:
+        out += data_problems(cfg)
+    return out
+
+
+def _context_length(cfg: RecipeConfig) -> int | None:
+    """`max_position_embeddings` of the model (None when the config does not say)."""
+    import json
+
+    if cfg.model.config is not None:
+        from transformers import AutoConfig
+
+        kw = dict(cfg.model.config)
+        hf = AutoConfig.for_model(kw.pop("model_type"), **kw)
+        return getattr(hf, "max_position_embeddings", None)
+    path = Path(cfg.model.name_or_path or "") / "config.json"
+    if not path.is_file():
+        return None
+    raw = json.loads(path.read_text())
+    return raw.get("max_position_embeddings") or (raw.get("text_config") or {}).get("max_position_embeddings")
+
+
+def data_problems(cfg: RecipeConfig) -> list[str]:
+    """Dataset rows, held-out split, vocabulary and prompt length vs context (needs the tokenizer)."""
+    from nemo_rl_fp16.build import build_tokenizer
+    from nemo_rl_fp16.data import DataError, get_dataset
+    from nemo_rl_fp16.evaluation import eval_problems
+
+    try:
+        tokenizer = build_tokenizer(cfg)
+        train = get_dataset(cfg.data.model_dump(), seed=cfg.seed)
+        held_out = eval_problems(cfg, train)
+    except (DataError, ValueError) as e:
+        return [" ".join(str(e).split())]
+    out = []
+    if cfg.trainer.eval_every and not held_out:
+        out.append("bad value for 'data.eval_path': no held-out problems; allowed: a non-empty set; fix the file "
+                   "or set trainer.eval_every=0")
+    if cfg.model.config is not None and cfg.model.config.get("vocab_size", 0) < len(tokenizer):
+        out.append(f"bad value for 'model.config.vocab_size': {cfg.model.config.get('vocab_size')}; allowed: >= the "
+                   f"tokenizer's {len(tokenizer)} tokens; set model.config.vocab_size={len(tokenizer)} or more")
+    context = _context_length(cfg)
+    if context:
+        for key, problems in (("data.path" if cfg.data.dataset == "jsonl" else "data.dataset", train),
+                              ("data.eval_path" if cfg.data.eval_path else "data.dataset", held_out)):
+            lengths = [len(tokenizer(p.prompt)["input_ids"]) for p in problems]
+            if lengths and max(lengths) >= context:
+                i = max(range(len(lengths)), key=lengths.__getitem__)
+                out.append(f"bad value for '{key}': prompt #{i} is {lengths[i]} tokens; allowed: shorter than the "
+                           f"model's context (max_position_embeddings={context}); drop or shorten the long prompts "
+                           f"(data.template adds tokens too)")
+    return out
+
+
+def check_run(cfg: RecipeConfig) -> dict[str, object]:
+    """The validation stage: the plan (layout, device, precision) plus the environment checks.
+
+    Returns the plan (`make_plan`). Raises `ConfigError` with one line per problem (exit 2) or
+    `PrecisionMismatchError` for an undeclared trainer/rollout ablation (exit 3).
+    """
+    plan = make_plan(cfg)
+    problems = environment_problems(cfg)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return plan

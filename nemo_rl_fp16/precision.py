@@ -145,24 +145,37 @@ class PrecisionPolicy:
         """The trainer-side policy from a recipe's `precision:` block.
 
         Accepts a preset name, or a mapping with `name` plus optional dtype fields and a
-        `loss_scale` mapping; a missing or null field takes the preset's value.
+        `loss_scale` mapping. The preset applies first, then every explicit (non-null) field. A
+        null field takes its default from the *resolved* dtypes, not the preset's name:
+        `compute_dtype`, `router_dtype` and `kv_cache_dtype` follow `param_dtype`, and
+        `loss_scale.enabled` is on exactly when `param_dtype` is float16 (so
+        `precision=bf16 precision.param_dtype=float16` gets a loss scaler).
         """
         if isinstance(cfg, str):
             return cls.from_name(cfg)
         cfg = _as_dict(cfg)
-        base = cls.from_name(cfg.get("name", "fp16"))
-        dtype_fields = {
-            f.name: get_dtype(cfg[f.name])
-            for f in dataclasses.fields(cls)
-            if f.name.endswith("_dtype") and cfg.get(f.name) is not None
-        }
+        base = cls.from_name(cfg.get("name") or "fp16")
+        explicit = {f.name: get_dtype(cfg[f.name]) for f in dataclasses.fields(cls)
+                    if f.name.endswith("_dtype") and cfg.get(f.name) is not None}
+        param = explicit.get("param_dtype", base.param_dtype)
+        follow = {k: param for k in ("compute_dtype", "router_dtype", "kv_cache_dtype")}
         ls_cfg = {k: v for k, v in _as_dict(cfg.get("loss_scale") or {}).items() if v is not None}
+        ls_cfg.setdefault("enabled", param == torch.float16)
         loss_scale = dataclasses.replace(base.loss_scale, **ls_cfg)
-        return dataclasses.replace(base, **dtype_fields, loss_scale=loss_scale)
+        return dataclasses.replace(base, **{**follow, **explicit}, loss_scale=loss_scale)
 
-    def rollout_side(self, rollout_preset: str | None) -> PrecisionPolicy:
-        """The rollout engine's policy: this one, unless an ablation names another preset."""
-        return self if rollout_preset in (None, self.name) else PrecisionPolicy.from_name(rollout_preset)
+    def rollout_side(self, rollout_preset: str | None, explicit: Mapping[str, Any] | None = None) -> PrecisionPolicy:
+        """The rollout engine's policy: this one, unless an ablation names another preset.
+
+        An ablation preset replaces the weight dtype (`param_dtype`, and `compute_dtype` with it);
+        every other explicit dtype key of the recipe (`explicit`: logits, router, KV cache, ...)
+        applies to the rollout side as it does to the trainer's.
+        """
+        if rollout_preset in (None, self.name):
+            return self
+        keep = {k: v for k, v in (explicit or {}).items()
+                if k.endswith("_dtype") and k not in ("param_dtype", "compute_dtype")}
+        return PrecisionPolicy.from_config({"name": rollout_preset, **keep})
 
     def differences(self, other: PrecisionPolicy) -> list[str]:
         """Dtype fields on which two policies disagree, one line each (empty when they agree)."""
@@ -178,17 +191,31 @@ class PrecisionPolicy:
         """Human-readable summary for plans, logs and reports."""
         d = {f.name: dtype_name(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name.endswith("_dtype")}
         d["name"] = self.name
+        ls = self.loss_scale
         d["loss_scale"] = (
-            f"dynamic, initial {self.loss_scale.initial_scale:g}" if self.loss_scale.enabled else "off"
+            f"dynamic, initial {ls.initial_scale:g}, min {ls.min_scale:g}, x{ls.growth_factor:g} after "
+            f"{ls.growth_interval} clean steps, x{ls.backoff_factor:g} after {ls.hysteresis} overflow(s)"
+            if ls.enabled else "off"
         )
         return d
+
+    def dtype_table(self, other: PrecisionPolicy) -> str:
+        """Trainer (self) vs rollout (other) dtypes, one row per field, `!=` marking a difference."""
+        rows = [f"  {'dtype':<18}{'trainer':<10}rollout"]
+        for f in dataclasses.fields(self):
+            if f.name.endswith("_dtype"):
+                a, b = dtype_name(getattr(self, f.name)), dtype_name(getattr(other, f.name))
+                trainer_only = f.name in ("master_dtype", "grad_reduce_dtype")
+                mark = "" if trainer_only or a == b else "   != MISMATCH"
+                rows.append(f"  {f.name:<18}{a:<10}{'-' if trainer_only else b}{mark}")
+        return "\n".join(rows)
 
 
 def resolve_policies(cfg: Mapping[str, Any] | Any) -> tuple[PrecisionPolicy, PrecisionPolicy]:
     """(trainer, rollout) policies from a `precision:` block; refuses an undeclared mismatch."""
     d = _as_dict(cfg) if not isinstance(cfg, str) else {"name": cfg}
     train = PrecisionPolicy.from_config(d)
-    rollout = train.rollout_side(d.get("rollout"))
+    rollout = train.rollout_side(d.get("rollout"), {k: v for k, v in d.items() if v is not None})
     diffs = train.differences(rollout)
     if diffs and not d.get("allow_mismatch", False):
         raise PrecisionMismatchError(
@@ -196,6 +223,65 @@ def resolve_policies(cfg: Mapping[str, Any] | Any) -> tuple[PrecisionPolicy, Pre
             "set precision.allow_mismatch=true to run this trainer/rollout ablation on purpose",
         )
     return train, rollout
+
+
+def precision_problems(cfg: Mapping[str, Any], trainer: str = "torch", rollout: str = "torch") -> list[str]:
+    """Dtype settings of a `precision:` block that an engine would not honour, one refusal line each.
+
+    `trainer` / `rollout` are the backends (`policy.backend`, `rollout.backend`). What each engine
+    does: activations run in the weight dtype (no autocast), so `compute_dtype` must equal
+    `param_dtype`; master weights and optimizer state are fp32; the HF / vLLM MoE gates run in the
+    weight dtype, so `router_dtype` must equal `param_dtype` on each side; the KV cache is stored in
+    the model dtype (HF DynamicCache, vLLM `kv_cache_dtype=auto`); vLLM's log-probs are fp32;
+    megatron reduces gradients in fp32 or the weight dtype and its optimizer builds a loss scaler
+    for fp16 weights only, with growth 2.0 and backoff 0.5.
+    """
+    d = {k: v for k, v in _as_dict(cfg).items() if v is not None}
+    train = PrecisionPolicy.from_config(d)
+    out: list[str] = []
+
+    def bad(key: str, value: Any, allowed: str, fix: str) -> None:
+        out.append(f"bad value for 'precision.{key}': {value}; allowed: {allowed}; {fix}")
+
+    names = {k: dtype_name(getattr(train, k)) for k in ("param_dtype", "compute_dtype", "master_dtype")}
+    if train.compute_dtype != train.param_dtype:
+        bad("compute_dtype", names["compute_dtype"], f"null or = param_dtype ({names['param_dtype']})",
+            "activations run in the weight dtype on both engines (no autocast); set compute_dtype=null "
+            "or change param_dtype")
+    if train.master_dtype != torch.float32:
+        bad("master_dtype", names["master_dtype"], "null or float32",
+            "master weights and optimizer state are fp32 (the low-precision copy is param_dtype)")
+    grad_ok = {torch.float32, train.param_dtype} if trainer == "megatron" else set(DTYPE_NAMES)
+    if train.grad_reduce_dtype not in grad_ok:
+        bad("grad_reduce_dtype", dtype_name(train.grad_reduce_dtype),
+            " or ".join(sorted(dtype_name(x) for x in grad_ok)),
+            "megatron reduces gradients in fp32 or in the weight dtype")
+    roll = train.rollout_side(d.get("rollout"), d)
+    for side, pol in (("trainer", train), ("rollout", roll)):
+        if (side == "trainer" or pol is not train) and pol.router_dtype != pol.param_dtype:
+            bad("router_dtype", dtype_name(pol.router_dtype), f"null or = the {side}'s param_dtype "
+                f"({dtype_name(pol.param_dtype)})", "the HF and vLLM MoE gates run in the weight dtype; "
+                "set router_dtype=null")
+            break
+    if roll.kv_cache_dtype != roll.param_dtype:
+        bad("kv_cache_dtype", dtype_name(roll.kv_cache_dtype), f"null or = the rollout's param_dtype "
+            f"({dtype_name(roll.param_dtype)})", "both rollout engines keep the KV cache in the model dtype; "
+            "set kv_cache_dtype=null")
+    if rollout == "vllm" and roll.logits_dtype != torch.float32:
+        bad("logits_dtype", dtype_name(roll.logits_dtype), "float32 with rollout.backend=vllm",
+            "vLLM returns fp32 log-probs; set logits_dtype=null or rollout.backend=torch")
+    if trainer == "megatron":
+        ls = train.loss_scale
+        if ls.enabled and train.param_dtype != torch.float16:
+            bad("loss_scale.enabled", "true", f"null or false with param_dtype {names['param_dtype']} on "
+                "policy.backend=megatron", "megatron's optimizer builds a loss scaler for fp16 weights only; "
+                "use policy.backend=torch or loss_scale.enabled=null")
+        for key, default in (("growth_factor", 2.0), ("backoff_factor", 0.5)):
+            if getattr(ls, key) != default:
+                bad(f"loss_scale.{key}", f"{getattr(ls, key):g}", f"null or {default:g} on policy.backend=megatron",
+                    f"megatron's DynamicGradScaler hard-codes {key}={default:g}; set it to null or use "
+                    f"policy.backend=torch")
+    return out
 
 
 class DynamicLossScaler:

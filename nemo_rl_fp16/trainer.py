@@ -223,8 +223,11 @@ def loss_closure(a: AlgorithmSection, batch: RolloutBatch, old_logp: torch.Tenso
 
 def run(cfg: DictConfig, console: Console | None = None) -> dict[str, float]:
     """Run a recipe end to end; returns the final step's metrics (plus `run/*` summary)."""
+    from nemo_rl_fp16.plan import check_run
+
     console = console or Console()
     rc = typed(cfg)
+    check_run(rc)  # the validation stage the dry run runs: every refusal before any work
     out = Path(rc.output_dir)
     save_resolved(cfg, out)
     _seed_everything(rc.seed)
@@ -238,7 +241,11 @@ def run(cfg: DictConfig, console: Console | None = None) -> dict[str, float]:
 
 def _run(rc: RecipeConfig, setup: RunSetup, out: Path, console: Console) -> dict[str, float]:
     audit(setup, rc)
+    console.print(f"precision: trainer ({rc.policy.backend}) vs rollout ({rc.rollout.backend})\n"
+                  f"{setup.train_policy.dtype_table(setup.rollout_policy)}\n  loss scaling: "
+                  f"{setup.train_policy.describe()['loss_scale']}", highlight=False)
     trainer = RLTrainer(rc, setup, console)
+    held_out = _held_out(rc, setup)
 
     ckpt_root = out / "checkpoints"
     resume_from = _resume_path(rc, ckpt_root)
@@ -259,7 +266,11 @@ def _run(rc: RecipeConfig, setup: RunSetup, out: Path, console: Console) -> dict
                 step = trainer.state.step
                 metrics = trainer.step(step)
                 trainer.state.step = step + 1
-                if step % rc.trainer.log_every == 0 or trainer.state.step == rc.trainer.max_steps:
+                evaluated = held_out is not None and (trainer.state.step % rc.trainer.eval_every == 0
+                                                      or trainer.state.step == rc.trainer.max_steps)
+                if evaluated:  # held-out problems through µ with the current weights (`evaluation.py`)
+                    metrics.update(held_out(trainer.sampling))
+                if evaluated or step % rc.trainer.log_every == 0 or trainer.state.step == rc.trainer.max_steps:
                     logger.log(trainer.state.step, metrics)
                 bar.update(task, advance=1, metrics=_short(metrics))
                 every = rc.trainer.save_every
@@ -275,6 +286,19 @@ def _run(rc: RecipeConfig, setup: RunSetup, out: Path, console: Console) -> dict
     if rc.trainer.max_steps:
         console.print(summary_table(f"{rc.recipe}: done after {trainer.state.step} steps", _summary_rows(metrics, out)))
     return metrics
+
+
+def _held_out(rc: RecipeConfig, setup: RunSetup):
+    """`trainer.eval_every`: a closure running `evaluation.evaluate` on the held-out problems (None when off)."""
+    if not rc.trainer.eval_every:
+        return None
+    from nemo_rl_fp16.evaluation import eval_problems, evaluate
+
+    problems = eval_problems(rc, setup.problems)
+    prompts = [setup.tokenizer(p.prompt)["input_ids"] for p in problems]
+    answers = [p.answer for p in problems]
+    return lambda sampling: evaluate(setup.rollout, prompts, answers, sampling, rc.trainer.eval_k,
+                                     setup.tokenizer, setup.reward)
 
 
 def audit(setup: RunSetup, rc: RecipeConfig) -> None:
@@ -315,6 +339,7 @@ def _short(m: dict[str, float]) -> str:
 def _summary_rows(m: dict[str, float], out: Path) -> list[tuple[str, str]]:
     rows = [(k, f"{m[k]:.4g}") for k in ("reward/accuracy", "reward/mean", "mismatch/kl_k3", "mismatch/kl_k1",
                                           "mismatch/abs_logratio_max", "train/loss_scale",
-                                          "train/overflow_skips", "run/wall_s") if k in m]
+                                          "train/overflow_skips", "eval/accuracy_greedy", "eval/pass@k",
+                                          "eval/mean@k", "run/wall_s") if k in m]
     rows.append(("outputs", str(out)))
     return rows

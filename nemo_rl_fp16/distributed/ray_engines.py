@@ -216,7 +216,9 @@ class RayEngines:
         console = console or Console()
         r = rc.cluster.ray
         gpus = rc.cluster.gpus_per_node > 0
-        self.device = rc.device if rc.device != "auto" else ("cuda" if gpus else "cpu")
+        from nemo_rl_fp16.plan import run_device
+
+        self.device = run_device(rc)  # the plan's rule (auto: cuda iff cluster.gpus_per_node > 0 under Ray)
         try:
             self.placement: Placement = plan_placement(r.layout, r.trainer_workers, r.rollout_workers, gpus=gpus,
                                                        cpus_per_worker=r.cpus_per_worker,

@@ -16,10 +16,24 @@ def cli(*args):
 
 
 def test_dry_run_prints_config_and_plan():
-    r = cli("rl", "recipe=grpo_fp16", "trainer.max_steps=3", "dry_run=true")
+    r = cli("rl", "recipe=sanity_tiny", "trainer.max_steps=3", "dry_run=true")
     assert r.returncode == 0, r.stderr
     assert "trainer:\n  max_steps: 3\n" in r.stdout
     assert "# plan (rl)" in r.stdout and "layout" in r.stdout and "param=fp16" in r.stdout
+
+
+def test_dry_run_checks_what_the_real_run_needs():
+    """The cluster recipe names a hub id and a data file that are not on this machine: the dry run
+    refuses exactly as the real run would (one line each, exit 2), instead of passing."""
+    r = cli("rl", "recipe=grpo_fp16", "device=cpu", "dry_run=true")
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert lines == [
+        "error: bad value for 'model.name_or_path': 'Qwen/Qwen2.5-Math-1.5B' does not exist; allowed: a local HF "
+        "model folder (no hub downloads); download it first or fix the path",
+        "error: bad value for 'data.path': 'data/deepscaler_sanity.jsonl' does not exist; allowed: a JSONL file "
+        "(no hub downloads); download it first or fix the path",
+    ]
 
 
 def test_unknown_key_is_one_line_error():
@@ -32,9 +46,9 @@ def test_unknown_key_is_one_line_error():
 
 
 def test_undeclared_precision_ablation_refused():
-    r = cli("rl", "recipe=grpo_fp16", "precision.rollout=bf16", "dry_run=true")
+    r = cli("rl", "recipe=sanity_tiny", "precision.rollout=bf16", "dry_run=true")
     assert r.returncode == 3 and "allow_mismatch" in r.stderr
-    r = cli("rl", "recipe=grpo_fp16", "precision.rollout=bf16", "precision.allow_mismatch=true", "dry_run=true")
+    r = cli("rl", "recipe=sanity_tiny", "precision.rollout=bf16", "precision.allow_mismatch=true", "dry_run=true")
     assert r.returncode == 0 and "DELIBERATE MISMATCH" in r.stdout
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-ARGS = ["recipe=grpo_fp16", "trainer.max_steps=3", "dry_run=true"]
+ARGS = ["recipe=sanity_tiny", "trainer.max_steps=3", "dry_run=true"]  # runs here: the dry run checks paths
 
 
 @pytest.fixture(scope="module")

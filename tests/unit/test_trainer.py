@@ -163,7 +163,7 @@ def test_bad_dataset_rows_give_one_line_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "nemo_rl_fp16.cli", "rl", "recipe=sanity_tiny", "data.dataset=jsonl",
                         f"data.path={data}", f"output_dir={tmp_path}/o", "warm_start.enabled=false"],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 4
+    assert r.returncode == 2  # refused by the validation stage, before any work
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "train.jsonl:2:" in lines[0] and "missing key 'answer'" in lines[0], r.stderr
 

@@ -64,7 +64,7 @@ def test_experts_must_divide_by_ep():
 
 
 def test_layout_from_model_config_and_local_folder(tmp_path):
-    plan = _plan("sanity_tiny", "policy.backend=megatron")
+    plan = _plan("sanity_tiny", "policy.backend=megatron", "device=cuda")
     assert "per GPU (layout from model.config)" in plan["parameters"]
     (tmp_path / "config.json").write_text(json.dumps(KNOWN_LAYOUTS["Qwen/Qwen3-30B-A3B"]))
     plan = _plan("moe_30b_a3b_fp16", f"model.name_or_path={tmp_path}")
@@ -86,5 +86,5 @@ def test_memory_estimate_scales_with_parallelism():
 def test_build_refuses_megatron_without_cuda_or_megatron_core():
     from nemo_rl_fp16.build import _check_megatron_backend
 
-    with pytest.raises(ConfigError, match="policy.backend=megatron (needs megatron-core|runs on CUDA)"):
+    with pytest.raises(ConfigError, match="(policy.backend=megatron needs megatron-core|'policy.backend': megatron on device cpu)"):
         _check_megatron_backend(typed(load_recipe("sanity_tiny", ["policy.backend=megatron", "device=cpu"])))
