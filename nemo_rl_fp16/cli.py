@@ -22,7 +22,7 @@ from nemo_rl_fp16.config import ConfigError
 COMMANDS = {
     "rl": ("grpo_fp16", "run RL fine-tuning from a recipe"),
     "mismatch": ("mismatch_tiny", "offline π-vs-µ mismatch check across precisions (paper Fig. 2)"),
-    "demo": ("sanity_tiny", "CPU sanity demo: warm start, fp16 run, bf16 run, side-by-side report"),
+    "demo": ("demo_tiny", "CPU sanity demo: warm start, fp16 run, bf16 run, side-by-side report"),
 }
 EXIT_CONFIG, EXIT_PRECISION, EXIT_INPUT = 2, 3, 4
 _TRUE = {"1", "true", "yes", "on"}

@@ -93,6 +93,7 @@ def mismatch_metrics(
     length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
     train_experts: Any = None,
     rollout_experts: Any = None,
+    is_cap: float = 2.0,
 ) -> dict[str, float]:
     """π-vs-µ mismatch metrics on tokens sampled from µ, as a flat ``{name: float}`` dict.
 
@@ -105,8 +106,15 @@ def mismatch_metrics(
       (correction=0, so one sequence gives 0) over non-empty sequences of Σ_t m·log r_t.
     * ``mismatch/is_ratio_max``: max over masked tokens of π/µ = exp(max log r), the max taken in
       log space and clamped at ``IS_RATIO_MAX_LOG_CLAMP`` so the result is finite.
+    * ``mismatch/is_ratio_std``: population std of the token IS ratio π/µ over masked tokens
+      (log r clamped to ±20, the losses' clamp, so it stays finite).
+    * ``mismatch/mis_masked_frac``: fraction of non-empty sequences whose sequence IS ratio
+      ρ_i = exp(Σ_t log r_t) exceeds ``is_cap`` (what MIS would mask at that cap).
+    * ``mismatch/n_tokens``: the number of masked tokens (the weight of this batch when pooling
+      KL over a run: Σ kl·n / Σ n).
     * ``mismatch/kl_by_length/<lo>-<hi>``: k3 token mean over the sequences whose response length
-      (mask sum) lies in [lo, hi] (see :func:`bucket_edges`); only non-empty buckets appear.
+      (mask sum) lies in [lo, hi] (see :func:`bucket_edges`); only non-empty buckets appear, with
+      their token count ``mismatch/tokens_by_length/<lo>-<hi>``.
     * ``mismatch/router_topk_flip_rate``: only when both expert tensors are given
       (see :func:`router_topk_flip_rate`).
 
@@ -120,6 +128,7 @@ def mismatch_metrics(
             tiny ones such as (4, 8, 16) for short CPU responses.
         train_experts: optional ``[N, T, layers, k]`` int expert ids chosen by the trainer.
         rollout_experts: optional same-shape ids chosen by the rollout engine.
+        is_cap (float): the MIS threshold for ``mis_masked_frac`` (``algorithm.is_cap``, default 2).
 
     Returns:
         dict[str, float]: metric name → value.
@@ -145,6 +154,9 @@ def mismatch_metrics(
         "is_ratio_max": (
             math.exp(min(float(log_r[m].max()), IS_RATIO_MAX_LOG_CLAMP)) if n_tok else 1.0
         ),
+        "is_ratio_std": float(log_r[m].clamp(-20.0, 20.0).exp().std(correction=0)) if n_tok else 0.0,
+        "mis_masked_frac": float((seq > math.log(is_cap)).double().mean()) if seq.numel() else 0.0,
+        "n_tokens": float(n_tok),
     }
     for lo, hi, name in buckets:
         rows = (lengths >= lo) & (lengths <= hi)
@@ -152,6 +164,7 @@ def mismatch_metrics(
             out[f"kl_by_length/{name}"] = float(
                 kl_estimate(train[rows], roll[rows], m[rows], "k3")
             )
+            out[f"tokens_by_length/{name}"] = float(m[rows].sum())
     if (train_experts is None) != (rollout_experts is None):
         raise ValueError("pass both train_experts and rollout_experts, or neither")
     if train_experts is not None:

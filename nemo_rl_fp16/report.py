@@ -1,8 +1,8 @@
 """Offline training-inference mismatch report: JSON + Markdown + PNG plots, one run per precision.
 
 Reproduces the measurements of "Defeating the Training-Inference Mismatch via FP16"
-(https://arxiv.org/abs/2510.26788): KL(µ‖π) per response-length bucket (their Fig. 2), the π-vs-µ
-token-probability scatter, and the spread of sequence-level log-ratios, plus the headline
+(https://arxiv.org/abs/2510.26788): KL(µ‖π) per response-length bucket (their Fig. 2), the per-token
+log-ratio log π − log µ against log µ (symlog, so that exact zeros stay visible), and the spread of sequence-level log-ratios, plus the headline
 KL ratio of each precision over FP16 (the paper reports ~24x for BF16).
 
 Every file is written atomically (temp file in ``out_dir`` + ``os.replace``) and ``report.json``
@@ -30,7 +30,7 @@ OPTIONAL_ARRAYS = ("train_experts", "rollout_experts")
 MAX_SCATTER_POINTS = 20_000
 PLOTS = {
     "kl_vs_length": "kl_vs_length.png",
-    "prob_scatter": "prob_scatter.png",
+    "logratio_scatter": "logratio_scatter.png",
     "seq_logratio_hist": "seq_logratio_hist.png",
 }
 _TABLE = (  # (column header, metric key without the prefix)
@@ -66,11 +66,12 @@ def write_report(
     title: str = "Training-inference mismatch: KL(µ‖π) by precision",
     length_buckets: Sequence[int] | None = None,
     seed: int = 0,
+    numerics: Mapping[str, Any] | None = None,
 ) -> dict:
     """Compute :func:`~nemo_rl_fp16.mismatch.mismatch_metrics` per precision and write the report.
 
     Files in ``out_dir``: ``report.json``, ``report.md``, ``kl_vs_length.png``,
-    ``prob_scatter.png``, ``seq_logratio_hist.png``.
+    ``logratio_scatter.png``, ``seq_logratio_hist.png``.
 
     ``report.json`` = ``{"title", "length_buckets", "runs": {precision: {n_sequences, n_tokens,
     <all mismatch/* metrics>, <extra scalars>}}, "ratios": {"kl_k3_<p>_over_fp16": float | None},
@@ -87,6 +88,8 @@ def write_report(
         length_buckets (Sequence[int] | None): bucket upper edges; ``None`` picks linear buckets
             from the longest response over all runs (:func:`auto_length_buckets`).
         seed (int): RNG seed for the scatter subsample (≤ ``MAX_SCATTER_POINTS`` per panel).
+        numerics (Mapping | None): what decided the low-precision numerics
+            (:func:`nemo_rl_fp16.cpu_numerics.numerics_record`), written as ``"numerics"``.
 
     Returns:
         dict: the JSON content.
@@ -121,6 +124,8 @@ def write_report(
             if name != "fp16":
                 ratios[f"kl_k3_{name}_over_fp16"] = entry[PREFIX + "kl_k3"] / ref if ref > 0 else None
     report["ratios"] = ratios
+    if numerics is not None:
+        report["numerics"] = dict(numerics)
     report["files"] = {"markdown": "report.md", **PLOTS}
     report = _json_safe(report)
 
@@ -128,7 +133,7 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     atomic_write(out / PLOTS["kl_vs_length"], lambda f: _plot_kl_vs_length(f, report, buckets))
-    atomic_write(out / PLOTS["prob_scatter"], lambda f: _plot_scatter(f, data, rng))
+    atomic_write(out / PLOTS["logratio_scatter"], lambda f: _plot_scatter(f, data, rng))
     atomic_write(out / PLOTS["seq_logratio_hist"], lambda f: _plot_hist(f, data))
     md = _markdown(report).encode()
     atomic_write(out / "report.md", lambda f: f.write(md))
@@ -203,13 +208,33 @@ def _markdown(report: dict) -> str:
     if report["ratios"]:
         for key, value in report["ratios"].items():
             other = key[len("kl_k3_"):-len("_over_fp16")]
-            shown = "n/a (fp16 KL is 0)" if value is None else f"**{value:.2f}x**"
-            lines.append(f"- KL(µ‖π) k3 ratio {other}/fp16: {shown}")
+            lines.append(f"- KL(µ‖π) k3, {other} vs fp16: {ratio_text(value, other)}")
     else:
         lines.append("- No fp16 run, so no KL ratio over fp16.")
     lines += ["", f"Length buckets (upper edges): {report['length_buckets']}", ""]
+    if "numerics" in report:
+        lines += ["Numerics: " + ", ".join(f"{k} `{v}`" for k, v in report["numerics"].items()), ""]
     lines += [f"![{stem}]({png})" for stem, png in PLOTS.items()]
     return "\n".join(lines) + "\n"
+
+
+def ratio_text(value: float | None, other: str) -> str:
+    """A KL ratio `other / fp16` as words a reader cannot misread: "**62.5x** fp16's",
+    "fp16's is 1.2e+05x larger", "0 (bitwise equal π and µ)", never "0.00x"."""
+    if value is None:
+        return "n/a (fp16 KL is 0)"
+    if value == 0:
+        return f"{other} KL is 0 (π and µ bitwise equal)"
+    if value < 0.1:
+        return f"{other} is **{1 / value:.3g}x smaller** than fp16"
+    return f"**{value:.3g}x** fp16's"
+
+
+def symlog_floor(values: Sequence[float]) -> float:
+    """Linear threshold for a symlog axis: a decade below the smallest positive value, so that
+    exact zeros sit visibly on the axis instead of vanishing from a log scale."""
+    pos = [v for v in values if v is not None and v > 0 and math.isfinite(v)]
+    return min(pos) / 10 if pos else 1e-12
 
 
 def _figure(ncols: int = 1, bottom: float = 0.13):
@@ -229,15 +254,17 @@ def _plot_kl_vs_length(f: IO[bytes], report: dict, buckets: tuple[int, ...]) -> 
              if any(f"{PREFIX}kl_by_length/{name}" in e for e in report["runs"].values())]
     fig = _figure(bottom=0.24)
     ax = fig.add_subplot()
-    positive = False
+    every = []
     for prec, entry in report["runs"].items():
         pts = [(i, entry.get(f"{PREFIX}kl_by_length/{b}")) for i, b in enumerate(names)]
-        pts = [(i, v) for i, v in pts if v is not None and v > 0]
-        positive |= bool(pts)
+        pts = [(i, v) for i, v in pts if v is not None]
+        every += [v for _, v in pts]
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", label=prec)
-    if positive:
-        ax.set_yscale("log")
+    if every:  # symlog: exact zeros (fp32 on some hosts) stay on the plot, below the floor line
+        floor = symlog_floor(every)
+        ax.set_yscale("symlog", linthresh=floor)
+        ax.axhline(floor, color="gray", linewidth=0.6, linestyle=":")
         ax.legend()
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
     ax.set_xlabel("response length (tokens)")
@@ -251,15 +278,16 @@ def _plot_scatter(f: IO[bytes], data: dict, rng: np.random.Generator) -> None:
     for k, (prec, (arrs, _)) in enumerate(data.items()):
         ax = fig.add_subplot(1, len(data), k + 1)
         m = arrs["mask"]
-        mu = np.exp(arrs["rollout_logp"][m].astype(np.float64))
-        pi = np.exp(arrs["train_logp"][m].astype(np.float64))
+        mu = arrs["rollout_logp"][m].astype(np.float64)
+        diff = arrs["train_logp"][m].astype(np.float64) - mu
         if mu.size > MAX_SCATTER_POINTS:
             idx = rng.choice(mu.size, MAX_SCATTER_POINTS, replace=False)
-            mu, pi = mu[idx], pi[idx]
-        ax.scatter(mu, pi, s=2, alpha=0.3, linewidths=0)
-        ax.plot([0, 1], [0, 1], color="gray", linewidth=0.8)
-        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="µ (rollout) token prob",
-               ylabel="π (trainer) token prob", title=prec)
+            mu, diff = mu[idx], diff[idx]
+        ax.scatter(mu, diff, s=2, alpha=0.3, linewidths=0)
+        ax.axhline(0.0, color="gray", linewidth=0.8)
+        # symlog: |log π − log µ| spans 1e-7 (fp16) to 1e-1; zeros (bitwise equal) sit on the line
+        ax.set_yscale("symlog", linthresh=symlog_floor(np.abs(diff).tolist()))
+        ax.set(xlabel="log µ (rollout) of the token", ylabel="log π − log µ", title=prec)
     fig.savefig(f, format="png", dpi=100)
 
 

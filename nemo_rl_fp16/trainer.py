@@ -102,7 +102,8 @@ class RLTrainer:
         mask = batch.response_mask
         old_logp = self.policy.logprobs(batch, cfg.rollout.temperature)
         ref_logp = self.ref.logprobs(batch, cfg.rollout.temperature) if self.ref is not None else None
-        metrics = mismatch_metrics(old_logp, batch.rollout_logp, mask, length_buckets=cfg.mismatch.length_buckets)
+        metrics = mismatch_metrics(old_logp, batch.rollout_logp, mask, length_buckets=cfg.mismatch.length_buckets,
+                                   is_cap=cfg.algorithm.is_cap)
 
         results = [self.update(batch, old_logp, ref_logp, adv) for _ in range(cfg.algorithm.updates_per_rollout)]
         t_train = time.perf_counter() - t1

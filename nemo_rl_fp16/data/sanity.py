@@ -51,10 +51,37 @@ def make_reverse(num_problems: int, seed: int) -> list[Problem]:
     return out
 
 
+def addition_steps(a: int, b: int) -> str:
+    """Column addition written out right to left, then the sum: `addition_steps(4738, 2595)` ->
+    `"8+5=13 3+9+1=13 7+5+1=13 4+2+1=7 7333"` (each column `x+y[+carry]=s`)."""
+    xs, ys = str(a)[::-1], str(b)[::-1]
+    steps, carry = [], 0
+    for i in range(max(len(xs), len(ys))):
+        x, y = int(xs[i]) if i < len(xs) else 0, int(ys[i]) if i < len(ys) else 0
+        s = x + y + carry
+        steps.append(f"{x}+{y}" + ("+1" if carry else "") + f"={s}")
+        carry = s // 10
+    return " ".join(steps) + f" {a + b}"
+
+
+def make_add_steps(num_problems: int, seed: int) -> list[Problem]:
+    """Four-digit addition written out column by column, `"4738+2595="` ->
+    `"8+5=13 3+9+1=13 7+5+1=13 4+2+1=7 7333"` (81M distinct problems; responses of 33-41
+    characters, mean ~37: long enough for the rounding mismatch to accumulate, arXiv 2510.26788
+    Fig. 2). The reward is exact match on the whole written-out computation."""
+    rng = random.Random(f"sanity_add_steps:{seed}")
+    out = []
+    for k in _sample_unique(rng, num_problems, 9000 * 9000, "sanity_add_steps"):
+        a, b = 1000 + k // 9000, 1000 + k % 9000
+        out.append(Problem(prompt=f"{a}+{b}=", answer=addition_steps(a, b)))
+    return out
+
+
 # name -> generator(num_problems, seed); `jsonl` is handled by `get_dataset` (it reads a file)
 DATASETS: dict[str, Callable[[int, int], list[Problem]]] = {
     "sanity_add": make_add,
     "sanity_reverse": make_reverse,
+    "sanity_add_steps": make_add_steps,
 }
 DEFAULT_NUM_PROBLEMS = 64
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from nemo_rl_fp16.cpu_gemm import maybe_lowp_gemm_as_fp32
+from nemo_rl_fp16.cpu_numerics import cpu_numerics
 from nemo_rl_fp16.interfaces import LossFn, RolloutBatch, TrainStepResult
 from nemo_rl_fp16.models import (
     ActivationMonitor,
@@ -116,7 +116,7 @@ class TorchPolicyTrainer:
                                  mb.prompt_width, temperature, self.policy.logits_dtype)
 
     def _gemm_ctx(self):
-        return maybe_lowp_gemm_as_fp32(self.device, self.policy.param_dtype)
+        return cpu_numerics(self.device, self.policy.param_dtype)
 
     def _dp(self) -> tuple[int, int]:
         """(rank, world size) of the data-parallel row split; (0, 1) without FSDP."""

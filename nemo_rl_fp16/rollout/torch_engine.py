@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from nemo_rl_fp16.cpu_gemm import maybe_lowp_gemm_as_fp32
+from nemo_rl_fp16.cpu_numerics import cpu_numerics, kernel_profile
 from nemo_rl_fp16.interfaces import RolloutBatch, SamplingParams
 from nemo_rl_fp16.models import (
     build_model,
@@ -99,7 +99,7 @@ class TorchRolloutEngine:
                             device=self.device)
         gen = torch.Generator(device=self.device).manual_seed(params.seed)
         chunks = []
-        with torch.no_grad(), maybe_lowp_gemm_as_fp32(self.device, self.policy.param_dtype):
+        with torch.no_grad(), cpu_numerics(self.device, self.policy.param_dtype):
             for start in range(0, len(rows), self.max_batch_size):
                 chunks.append(self._generate_chunk(rows[start:start + self.max_batch_size], width, params, gen, stop))
         n_resp = max(c["tokens"].shape[1] for c in chunks)
@@ -152,7 +152,8 @@ class TorchRolloutEngine:
             if not bool(alive.any()) or step == params.max_new_tokens - 1:
                 break
             attn = torch.cat([attn, masks[-1][:, None]], 1)
-            logits = self._forward(tok[:, None], attn, position_ids_from_mask(attn)[:, -1:], cache)
+            with kernel_profile("decode"):  # one query row per sequence: the decode kernels
+                logits = self._forward(tok[:, None], attn, position_ids_from_mask(attn)[:, -1:], cache)
         return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
                 "tokens": torch.stack(tokens, 1).cpu(), "mask": torch.stack(masks, 1).cpu(),
                 "logp": torch.stack(logps, 1).float().cpu(), "truncated": alive.cpu()}
@@ -162,21 +163,26 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, gen: t
                   logits_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row from `[B, V]` logits; returns (tokens, pre-top-p fp32 log-probs).
 
-    Nucleus sampling keeps the smallest set of most likely tokens whose cumulative probability
+    Sampling is inverse-CDF in fp64 from one `torch.rand` draw per row of `gen`, so the same
+    logits and generator state give the same tokens on every CPU. Nucleus sampling keeps the smallest set of most likely tokens whose cumulative probability
     reaches `top_p` (the top token always survives) and renormalises over it.
     """
     logp = logprob_table(logits, temperature, logits_dtype)
     if temperature == 0:
         tok = logp.argmax(-1)
     else:
-        probs = logp.exp()
+        probs = logp.double().exp()
         if top_p < 1.0:
             sorted_p, idx = probs.sort(dim=-1, descending=True)
             before = sorted_p.cumsum(-1) - sorted_p  # mass of strictly more likely tokens
             sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
             probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
             probs = probs / probs.sum(-1, keepdim=True)
-        tok = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        # inverse-CDF sampling in fp64 (sequential cumsum, one uniform per row): unlike
+        # torch.multinomial, its result does not depend on the host's vector width
+        cdf = probs.cumsum(-1)
+        u = torch.rand((probs.shape[0], 1), generator=gen, dtype=torch.float64, device=probs.device)
+        tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 

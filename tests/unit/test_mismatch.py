@@ -33,16 +33,23 @@ def test_hand_case():
         "mismatch/is_ratio_max": math.exp(0.2),
         "mismatch/kl_by_length/1-2": k3(row1),
         "mismatch/kl_by_length/3-3": k3(row0),
+        "mismatch/is_ratio_std": float(np.std([math.exp(x) for x in toks])),
+        "mismatch/mis_masked_frac": 0.0,  # sequence ratios exp(-0.3), exp(0) are below the cap 2
+        "mismatch/n_tokens": 5.0,
+        "mismatch/tokens_by_length/1-2": 2.0,
+        "mismatch/tokens_by_length/3-3": 3.0,
     }
     assert set(out) == set(expected)  # "4-inf" holds no sequence, so it is absent
     for key, value in expected.items():
         assert out[key] == pytest.approx(value, abs=1e-6), key
     assert all(type(v) is float for v in out.values())
+    capped = mismatch_metrics(torch.tensor(TRAIN), torch.tensor(ROLL), torch.tensor(MASK), is_cap=0.8)
+    assert capped["mismatch/mis_masked_frac"] == 0.5  # exp(0) = 1 > 0.8; exp(-0.3) = 0.74 is not
 
 
 def test_numpy_inputs_default_buckets_and_direction():
     out = mismatch_metrics(np.array(TRAIN, dtype=np.float32), np.array(ROLL), np.array(MASK))
-    assert "mismatch/kl_by_length/1-64" in out and len([k for k in out if "by_length" in k]) == 1
+    assert "mismatch/kl_by_length/1-64" in out and len([k for k in out if "kl_by_length" in k]) == 1
     # KL(mu||pi) with p = pi: swapping the arguments flips the sign of k1
     swapped = mismatch_metrics(np.array(ROLL), np.array(TRAIN), np.array(MASK))
     assert swapped["mismatch/kl_k1"] == pytest.approx(-out["mismatch/kl_k1"], abs=1e-6)

@@ -10,7 +10,7 @@ from nemo_rl_fp16.mismatch import mismatch_metrics
 from nemo_rl_fp16.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-FILES = ("report.json", "report.md", "kl_vs_length.png", "prob_scatter.png",
+FILES = ("report.json", "report.md", "kl_vs_length.png", "logratio_scatter.png",
          "seq_logratio_hist.png")
 
 
@@ -63,7 +63,9 @@ def test_report_files_and_numbers(tmp_path):
     assert ratio == pytest.approx(kl["bf16"] / kl["fp16"]) and ratio > 10
     assert data["ratios"]["kl_k3_fp32_over_fp16"] == pytest.approx(kl["fp32"] / kl["fp16"])
     md = (d / "report.md").read_text()
-    assert "# Synthetic mismatch" in md and f"bf16/fp16: **{ratio:.2f}x**" in md
+    assert "# Synthetic mismatch" in md and f"bf16 vs fp16: **{ratio:.3g}x** fp16's" in md
+    fp32 = data["ratios"]["kl_k3_fp32_over_fp16"]
+    assert f"fp32 is **{1 / fp32:.3g}x smaller** than fp16" in md and "0.00x" not in md
     assert all(f"({png})" in md for png in FILES[2:])
     rows = [line for line in md.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + 3 and all(r.count(" | ") == rows[0].count(" | ") for r in rows)

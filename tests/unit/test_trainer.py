@@ -174,7 +174,7 @@ def test_mismatch_command_writes_report(tmp_path):
     cfg = load_recipe("mismatch_tiny", [f"output_dir={tmp_path}/mm", "mismatch.num_prompts=8",
                                         "rollout.max_new_tokens=16", "logging.progress=false"])
     report = run_mismatch(cfg, console=QUIET)
-    for f in ("report.md", "report.json", "kl_vs_length.png", "prob_scatter.png", "seq_logratio_hist.png"):
+    for f in ("report.md", "report.json", "kl_vs_length.png", "logratio_scatter.png", "seq_logratio_hist.png"):
         assert (tmp_path / "mm" / f).stat().st_size > 0
     kl = {p: report["runs"][p]["mismatch/kl_k3"] for p in ("fp32", "fp16", "bf16")}
     assert kl["fp32"] < kl["fp16"] < kl["bf16"], kl
@@ -184,11 +184,17 @@ def test_demo_runs_both_precisions_and_reports(tmp_path):
     from nemo_rl_fp16.experiments import run_demo
 
     code = run_demo([f"output_dir={tmp_path}/demo", f"warm_start.cache_dir={tmp_path}/ws", "trainer.max_steps=3",
-                     "data.prompts_per_step=4", "logging.progress=false", "logging.tensorboard=false"], console=QUIET)
+                     "data.prompts_per_step=4", "logging.progress=false", "logging.tensorboard=false"],
+                    recipe="sanity_tiny", console=QUIET)
     assert code == 0
     report = json.loads((tmp_path / "demo/report.json").read_text())
     assert set(report["runs"]) == {"fp16", "bf16"} and report["runs"]["fp16"]["steps"] == 3
-    kl = {p: sum(r["mismatch/kl_k3"] for r in _rows(tmp_path / f"demo/{p}/metrics.jsonl")) / 3 for p in ("fp16", "bf16")}
-    assert report["kl_k3_bf16_over_fp16"] == pytest.approx(kl["bf16"] / kl["fp16"])
-    assert f"{report['kl_k3_bf16_over_fp16']:.1f}x" in (tmp_path / "demo/report.md").read_text()
+    pooled = {}
+    for p in ("fp16", "bf16"):
+        rows = _rows(tmp_path / f"demo/{p}/metrics.jsonl")
+        pooled[p] = sum(r["mismatch/kl_k3"] * r["mismatch/n_tokens"] for r in rows) / sum(r["mismatch/n_tokens"] for r in rows)
+        assert report["runs"][p]["kl_k3_pooled"] == pytest.approx(pooled[p])
+    assert report["kl_k3_pooled_bf16_over_fp16"] == pytest.approx(pooled["bf16"] / pooled["fp16"])
+    assert report["numerics"]["kernels"] in ("package", "native") and report["numerics"]["torch"]
+    assert "Pooled KL(µ‖π), bf16 vs fp16" in (tmp_path / "demo/report.md").read_text()
     assert (tmp_path / "demo/training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

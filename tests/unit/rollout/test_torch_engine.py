@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nemo_rl_fp16.algorithms import kl_estimate
-from nemo_rl_fp16.cpu_gemm import NATIVE_ENV
+from nemo_rl_fp16.cpu_numerics import KERNELS_ENV
 from nemo_rl_fp16.interfaces import RolloutEngine, SamplingParams
 from nemo_rl_fp16.policy import TorchPolicyTrainer
 from nemo_rl_fp16.precision import PrecisionMismatchError, PrecisionPolicy
@@ -79,17 +79,15 @@ def test_mismatch_bf16_larger_than_fp16_larger_than_fp32():
     assert k3["bf16"] > 5 * k3["fp16"]
 
 
-@pytest.mark.parametrize("name", ["fp16", "bf16"])
-def test_cpu_lowp_fast_path_keeps_the_native_mismatch(monkeypatch, name):
-    """The fp32-GEMM fast path must not change the quantity under study. Measured (4 seeds):
-    fast/native k3 ratio 0.98-1.09 (fp16), 0.95-1.01 (bf16); rerouting attention too would make
-    it 0.02-0.16 (fp16) and <0.004 (bf16: k3 0 to 2e-8 instead of ~6e-6)."""
+def test_package_kernels_give_a_precision_ordered_mismatch(monkeypatch):
+    """Decode kernels (split-K, split-KV) vs prefill kernels (FA2 forward): fp16 and bf16 differ
+    from the trainer by rounding noise, bf16 by much more; the native A/B switch still runs."""
     state = _trainer("fp32").rollout_state_dict()
-    monkeypatch.delenv(NATIVE_ENV, raising=False)
-    fast = _k3(name, state, seed=1)
-    monkeypatch.setenv(NATIVE_ENV, "1")
-    native = _k3(name, state, seed=1)
-    assert 0.5 < fast / native < 2.0, (fast, native)
+    monkeypatch.delenv(KERNELS_ENV, raising=False)
+    k = {name: _k3(name, state, seed=1) for name in ("fp16", "bf16")}
+    assert 0 < k["fp16"] and k["bf16"] > 10 * k["fp16"], k
+    monkeypatch.setenv(KERNELS_ENV, "native")
+    assert _k3("bf16", state, seed=1) >= 0
 
 
 def test_same_seed_same_samples_different_seed_different():
@@ -103,10 +101,10 @@ def test_same_seed_same_samples_different_seed_different():
 
 def test_eos_and_stop_tokens_end_rows_and_masks():
     engine = TorchRolloutEngine(CFG, PrecisionPolicy.from_name("fp32"), pad_token_id=PAD,
-                                eos_token_id=list(range(1, 20)))  # ~30% stop chance per token
+                                eos_token_id=list(range(1, 12)))  # ~15% stop chance per token
     b = engine.generate(_prompts(), SamplingParams(max_new_tokens=10, num_generations=4, seed=3,
                                                    stop_token_ids=(20, 21)))
-    stops = set(range(1, 22))
+    stops = set(range(1, 12)) | {20, 21}
     n_resp = b.response_mask.shape[1]
     ended = 0
     for row, mask, logp, trunc in zip(b.responses.tolist(), b.response_mask.tolist(), b.rollout_logp,

@@ -1,26 +1,26 @@
-"""Benchmark: tiny Qwen2 forward and forward+backward in fp32 / bf16 / fp16, native and fast.
+"""Benchmark: tiny Qwen2 forward and forward+backward in fp32 / bf16 / fp16, package and native kernels.
 
-"fp16-fast" / "bf16-fast" are `nemo_rl_fp16.cpu_gemm.lowp_gemm_as_fp32(dtype)` as the engines use
-it: fp16 / bf16 GEMMs run as fp32 GEMMs over the low-precision values with results rounded to the
-low precision (same numerics, see the module doc); "fp16-fast+attn" also reroutes SDPA
-(`attention=True`; not used by the engines). Batch 128 x 24 tokens, hidden 128, 4 layers, as in
-shared/PLATFORM.md. Prints the median of `--repeats` runs and the |logit| differences of the fast
-paths against native and against fp32, in ulps of the respective low precision.
+"package" is `nemo_rl_fp16.cpu_numerics.cpu_numerics(cpu, dtype)` as the engines use it (the
+prefill/training kernels: tile GEMM, FlashAttention-2 forward, fp64-evaluated transcendentals);
+"native" is torch's own CPU kernels (`NEMO_RL_CPU_KERNELS=native`, with the fp32-GEMM speed
+path where the host lacks fast low-precision GEMMs). Batch 128 x 24 tokens, hidden 128,
+4 layers. Prints the median of `--repeats` runs and the |logit| differences against fp32 in ulps
+of the respective low precision.
 
-    .venv/bin/python benchmarks/cpu_gemm.py [--repeats 5] [--threads N]
+    python benchmarks/cpu_numerics.py [--repeats 5] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
+import os
 import statistics
 import time
 
 import torch
 
-from nemo_rl_fp16.cpu_gemm import cpu_has_native, lowp_gemm_as_fp32
+from nemo_rl_fp16.cpu_numerics import KERNELS_ENV, cpu_has_native, cpu_isa, cpu_numerics
 from nemo_rl_fp16.models import build_model
 
 CFG = {"config": {"model_type": "qwen2", "vocab_size": 64, "hidden_size": 128, "num_hidden_layers": 4,
@@ -50,16 +50,25 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 64, (args.batch, args.seq), generator=gen)
     mask = torch.ones_like(ids)
-    fast = functools.partial(lowp_gemm_as_fp32, torch.float16)
-    rows = [("fp32", torch.float32, contextlib.nullcontext),
-            ("bf16-native", torch.bfloat16, contextlib.nullcontext),
-            ("bf16-fast", torch.bfloat16, functools.partial(lowp_gemm_as_fp32, torch.bfloat16)),
-            ("fp16-native", torch.float16, contextlib.nullcontext), ("fp16-fast", torch.float16, fast),
-            ("fp16-fast+attn", torch.float16, functools.partial(fast, attention=True))]
+    def kernels(mode: str, dtype: torch.dtype):
+        @contextlib.contextmanager
+        def ctx():
+            old = os.environ.get(KERNELS_ENV)
+            os.environ[KERNELS_ENV] = mode
+            try:
+                with cpu_numerics("cpu", dtype):
+                    yield
+            finally:
+                os.environ.pop(KERNELS_ENV) if old is None else os.environ.__setitem__(KERNELS_ENV, old)
+        return ctx
+
+    rows = [("fp32", torch.float32, contextlib.nullcontext)]
+    rows += [(f"{n}-{mode}", dt, kernels(mode, dt)) for n, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16))
+             for mode in ("package", "native")]
     logits = {}
     print(f"tiny Qwen2 (hidden 128, 4 layers), batch {args.batch} x {args.seq} tokens, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}; CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, native fp16 {cpu_has_native(torch.float16)}, "
+          f"{torch.backends.cpu.get_cpu_capability()}, isa {cpu_isa()}, native fp16 {cpu_has_native(torch.float16)}, "
           f"native bf16 {cpu_has_native(torch.bfloat16)}")
     print(f"{'dtype':<15} {'forward ms':>11} {'fwd+bwd ms':>11}")
     for name, dtype, ctx in rows:
@@ -79,14 +88,14 @@ def main() -> None:
     ref = logits["fp32"].float()
     for low, mant in (("fp16", 10), ("bf16", 7)):
         ulp = 2.0 ** (torch.floor(torch.log2(ref.abs().max())) - mant)  # ulp at the logits' scale
-        nat, fst = logits[f"{low}-native"].float(), logits[f"{low}-fast"].float()
+        nat, fst = logits[f"{low}-native"].float(), logits[f"{low}-package"].float()
 
         def err(x, y, ulp=ulp):
             return f"max {((x - y).abs().max() / ulp).item():.2f} / mean {((x - y).abs().mean() / ulp).item():.3f} ulp"
         print(f"logit differences in {low} ulps at the logits' scale (fp32 = fp32 model, fp32 weights):")
-        print(f"  {low}-fast vs {low}-native: {err(nat, fst)}")
-        print(f"  {low}-native vs fp32:      {err(nat, ref)}")
-        print(f"  {low}-fast vs fp32:        {err(fst, ref)}")
+        print(f"  {low}-package vs {low}-native: {err(nat, fst)}")
+        print(f"  {low}-native vs fp32:         {err(nat, ref)}")
+        print(f"  {low}-package vs fp32:        {err(fst, ref)}")
 
 
 if __name__ == "__main__":

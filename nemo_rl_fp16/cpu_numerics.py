@@ -1,0 +1,494 @@
+"""Package-defined fp16/bf16 numerics for the CPU engines: the same bits on every x86-64 CPU.
+
+Why this exists. The product measures KL(µ‖π) between a rollout engine and a trainer. On a GPU
+the two differ because they run different kernels (vLLM's decode kernels vs the trainer's
+prefill/training kernels), and every low-precision rounding inside them is fixed by those
+kernels. On a CPU, torch's fp16/bf16 ops follow the host BLAS: on an AVX-512 CPU the fp32 sums of
+a one-row decode GEMM and of a whole-sequence GEMM come out identical (bf16 then rounds the same
+on both sides: KL exactly 0 on most steps), on an AVX2 CPU they differ in the last bits (measured:
+the demo's bf16/fp16 KL ratio was 2.8x on one, 40x on the other). A figure that depends on the
+host is no evidence. Inside `cpu_numerics(device, dtype)` the package itself defines every
+rounding of the low-precision forward, and the rollout engine and the trainer differ the way a
+real inference engine and a real trainer differ, explicitly:
+
+======================  ===========================================  ==============================
+op                      trainer and rollout prefill (`"prefill"`)    rollout decode (`"decode"`)
+======================  ===========================================  ==============================
+GEMM (linear, matmul)   tensor-core tile GEMM (cuBLAS/CUTLASS): the  cuBLAS split-K: K in
+                        dot product over all of K and the bias,      `SPLIT_K` contiguous slices,
+                        rounded once to fp16/bf16 (the fp32          each slice's sum rounded to
+                        accumulator's ~2^-24 error is modelled as    fp32, the partial sums and the
+                        exact: it is far below fp16/bf16's ulp)      bias added in fp32, rounded
+                                                                     once to fp16/bf16
+attention (SDPA)        FlashAttention-2 forward: keys in blocks of  FlashAttention split-KV decode
+                        `ATTN_BLOCK_N` from the first real key,      (vLLM's decode path): keys in
+                        online softmax (running max/sum in fp32),    splits of `KV_SPLIT`, softmax
+                        P = exp(S - m) rounded to fp16/bf16 before   per split, P rounded against
+                        P·V, fp32 accumulator, output O / l rounded  the split's own max, split
+                        once                                          outputs and LSEs combined in
+                                                                     fp32, output rounded once
+======================  ===========================================  ==============================
+
+Each dot product (a GEMM's K slice, Q·Kᵀ and P·V over one head) is evaluated in fp64: the
+products of two fp16 or bf16 values are exact there, and their sum is exact unless the products
+span more than ~2^31 in magnitude, so the result does not depend on the BLAS's summation order.
+Every fp32 accumulation step is an elementwise IEEE addition in a fixed order. The
+transcendental and reduction ops of the forward (exp, softmax, log-softmax, SiLU/GELU, rsqrt,
+mean, cos, sin) are evaluated in fp64 and rounded once to their input dtype, so the vector width
+of the host's fp32 kernels (8 lanes on AVX2, 16 on AVX-512) does not leak in. Where the package
+cannot make the bits ISA-independent: an fp64 sum whose terms span more than ~2^31 (or an fp64
+transcendental) may differ in its last fp64 bit between hosts, which changes the rounded result
+only when it lies within 2^-29 relative of a rounding boundary; and the backward pass and the
+optimizer, which do not enter the π-vs-µ comparison, run torch's fp32 kernels (see
+`tests/unit/test_cpu_numerics.py` for what is asserted bitwise).
+
+The geometry (`SPLIT_K` 2, `ATTN_BLOCK_N` 64, `KV_SPLIT` 16) is scaled to the
+tiny CPU models' widths and 60-100-token sequences, so that each path's blocking actually splits
+their dot products the way a GPU kernel's does at production sizes (FlashAttention-2: 64-128 key
+blocks over thousands of keys). Backward (trainer only): the gradient of the exact op, computed
+by an fp32 GEMM / fp32 attention over the same low-precision values, rounded to fp16/bf16 — as
+FlashAttention's backward recomputes attention instead of differentiating its forward's roundings.
+
+Switches (environment, read at every scope entry):
+- `NEMO_RL_CPU_KERNELS=package` (default) | `native`: `native` uses the host's own torch kernels
+  (the A/B check; on CPUs without fast fp16/bf16 GEMMs the GEMMs then run as fp32 rounded once,
+  for speed, as before this module existed).
+- `NEMO_RL_CPU_ISA=auto` (default) | `avx2` | `avx512` | `avx512_bf16` | `amx`: overrides the
+  package's detection of the host (`cpu_isa`), used by `native` mode and recorded in reports.
+  Together with `MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`
+  (set before torch is imported) it makes an AVX-512 host behave as an AVX2 one:
+  `scripts/cpu_variant.sh avx2 <command>`.
+
+Never active on GPUs (their kernels are the real thing) or for fp32 (the control).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import os
+import platform
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+KERNELS_ENV = "NEMO_RL_CPU_KERNELS"
+ISA_ENV = "NEMO_RL_CPU_ISA"
+KERNEL_MODES = ("package", "native")
+ISA_CHOICES = ("auto", "avx2", "avx512", "avx512_bf16", "amx")
+LOWP_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
+
+SPLIT_K = 2        # decode GEMMs: contiguous K slices reduced separately in fp32 (cuBLAS split-K)
+ATTN_BLOCK_N = 64  # FlashAttention-2 forward key block
+KV_SPLIT = 16      # decode attention: keys per split (FlashAttention split-KV / flash-decoding)
+
+Profile = Literal["prefill", "decode"]
+_PROFILE: contextvars.ContextVar[str] = contextvars.ContextVar("nemo_rl_cpu_profile", default="prefill")
+
+
+# ---------------------------------------------------------------------------------------------
+# switches and the numerics record
+# ---------------------------------------------------------------------------------------------
+def kernel_mode() -> str:
+    """`NEMO_RL_CPU_KERNELS` (package | native); raises ValueError naming the variable otherwise."""
+    mode = os.environ.get(KERNELS_ENV, "package").strip().lower() or "package"
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"{KERNELS_ENV}={mode!r} is not one of {', '.join(KERNEL_MODES)}; unset it "
+                         "for the package's CPU kernels or set 'native' for the host's")
+    return mode
+
+
+def _cpu_flag(name: str) -> bool:
+    try:
+        return bool(getattr(torch.cpu, name)())
+    except (AttributeError, RuntimeError):  # pragma: no cover - older torch
+        return False
+
+
+def cpu_isa() -> str:
+    """The host's vector ISA class as the package sees it: avx2 | avx512 | avx512_bf16 | amx.
+
+    `NEMO_RL_CPU_ISA` overrides the detection (torch's own `_is_*_supported` flags ignore
+    `ATEN_CPU_CAPABILITY`, so they cannot be steered otherwise). Raises ValueError on a bad value.
+    """
+    forced = os.environ.get(ISA_ENV, "auto").strip().lower() or "auto"
+    if forced not in ISA_CHOICES:
+        raise ValueError(f"{ISA_ENV}={forced!r} is not one of {', '.join(ISA_CHOICES)}")
+    if forced != "auto":
+        return forced
+    if _cpu_flag("_is_amx_tile_supported"):
+        return "amx"
+    if _cpu_flag("_is_avx512_bf16_supported"):
+        return "avx512_bf16"
+    cap = torch.backends.cpu.get_cpu_capability().lower()
+    return "avx512" if "avx512" in cap else "avx2"
+
+
+def cpu_has_native(dtype: torch.dtype) -> bool:
+    """Whether the host (as `cpu_isa` sees it) has fast `dtype` GEMMs: bf16 on AVX512-BF16 or AMX,
+    fp16 on AMX (AMX-FP16); True for fp32/fp64 (nothing to emulate)."""
+    isa = cpu_isa()
+    if dtype == torch.float16:
+        return isa == "amx" and _cpu_flag("_is_amx_fp16_supported")
+    if dtype == torch.bfloat16:
+        return isa in ("avx512_bf16", "amx")
+    return True
+
+
+def uses_package_kernels(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """True when `cpu_numerics(device, dtype)` installs the package kernels: CPU, fp16 or bf16,
+    `NEMO_RL_CPU_KERNELS` not `native`."""
+    return torch.device(device).type == "cpu" and dtype in LOWP_DTYPES and kernel_mode() == "package"
+
+
+def numerics_record(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """What decides the low-precision numerics of a run on `device`, for reports.
+
+    Keys: torch, cpu (platform processor string), isa (`cpu_isa`), aten_capability, kernels
+    (`package` | `native`; `cuda` on a GPU), blas_caps (the MKL/oneDNN/ATen cap variables set).
+    """
+    dev = torch.device(device)
+    caps = {k: os.environ[k] for k in ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+            if k in os.environ}
+    return {
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "isa": cpu_isa(),
+        "aten_capability": torch.backends.cpu.get_cpu_capability(),
+        "kernels": "cuda" if dev.type == "cuda" else kernel_mode(),
+        "kernel_geometry": {"SPLIT_K": SPLIT_K, "ATTN_BLOCK_N": ATTN_BLOCK_N, "KV_SPLIT": KV_SPLIT},
+        "blas_caps": caps,
+    }
+
+
+@contextlib.contextmanager
+def kernel_profile(profile: Profile) -> Iterator[None]:
+    """Scope in which the package kernels run as `profile`: `"prefill"` (trainer, rollout prefill)
+    or `"decode"` (the rollout engine's one-token steps)."""
+    if profile not in ("prefill", "decode"):
+        raise ValueError(f"kernel profile must be 'prefill' or 'decode', got {profile!r}")
+    token = _PROFILE.set(profile)
+    try:
+        yield
+    finally:
+        _PROFILE.reset(token)
+
+
+# ---------------------------------------------------------------------------------------------
+# GEMM
+# ---------------------------------------------------------------------------------------------
+def package_gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
+                 profile: str = "prefill") -> torch.Tensor:
+    """The package GEMM's value of `a @ b (+ bias)` before the output rounding.
+
+    Args:
+        a: `[..., M, K]` fp16/bf16 (upcast exactly to fp64).
+        b: `[..., K, N]`, broadcastable batch dims.
+        bias: optional `[N]`, added before the rounding (cuBLAS epilogue).
+        profile: "prefill" — the exact sum (fp64), to be rounded once; "decode" — split-K: each
+            of `SPLIT_K` contiguous K slices summed exactly and rounded to fp32, the partial
+            sums and the bias added in fp32 in order.
+
+    Returns:
+        `[..., M, N]` fp64 ("prefill") or fp32 ("decode").
+    """
+    if a.dim() < 2 or b.dim() < 2:
+        raise ValueError(f"package GEMM needs 2-D or batched operands, got {tuple(a.shape)} @ {tuple(b.shape)}")
+    a64, b64 = a.double(), b.double()
+    k = a.shape[-1]
+    if profile != "decode" or k < 2 * SPLIT_K:
+        out = a64 @ b64
+        return out if bias is None else out + bias.double()
+    edges = [g * k // SPLIT_K for g in range(SPLIT_K + 1)]
+    acc = None
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        part = (a64[..., lo:hi] @ b64[..., lo:hi, :]).float()
+        acc = part if acc is None else acc + part
+    return acc if bias is None else acc + bias.float()
+
+
+class _GemmFn(torch.autograd.Function):
+    """Package GEMM forward; backward = gradient of the exact product, fp32 GEMMs, rounded."""
+
+    @staticmethod
+    def forward(ctx, a, b, bias, profile, out_dtype):  # type: ignore[override]
+        ctx.save_for_backward(a, b)
+        ctx.has_bias = bias is not None
+        return package_gemm(a, b, bias, profile).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        a, b = ctx.saved_tensors
+        g32 = g.float()
+        ga = gb = gbias = None
+        if ctx.needs_input_grad[0]:
+            ga = _sum_to(torch.matmul(g32, b.float().transpose(-1, -2)), a.shape).to(a.dtype)
+        if ctx.needs_input_grad[1]:
+            gb = _sum_to(torch.matmul(a.float().transpose(-1, -2), g32), b.shape).to(b.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gbias = g32.reshape(-1, g32.shape[-1]).sum(0).to(g.dtype)
+        return ga, gb, gbias, None, None
+
+
+def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Reduce broadcast batch dims of a gradient back to `shape`."""
+    while t.dim() > len(shape):
+        t = t.sum(0)
+    for i, n in enumerate(shape):
+        if n == 1 and t.shape[i] != 1:
+            t = t.sum(i, keepdim=True)
+    return t
+
+
+def package_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear` under the package GEMM of the current profile: `[..., K] x [N, K] -> [..., N]`
+    in `x.dtype` (fp16/bf16), bias added to the fp32 accumulator (cuBLAS epilogue)."""
+    out = _GemmFn.apply(x.reshape(-1, x.shape[-1]), weight.t(), bias, _PROFILE.get(), x.dtype)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def package_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`a @ b` (batched, broadcasting) under the package GEMM; result in `a.dtype`."""
+    if a.dim() == 1 or b.dim() == 1:  # vector cases: promote, multiply, squeeze (torch semantics)
+        out = package_matmul(a.unsqueeze(0) if a.dim() == 1 else a, b.unsqueeze(-1) if b.dim() == 1 else b)
+        return out.squeeze(-1 if b.dim() == 1 else -2)
+    return _GemmFn.apply(a, b, None, _PROFILE.get(), a.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------------------------
+def _exact_bmm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """One-tile dot products (head dim or a key block) in fp64, rounded once to fp32."""
+    return torch.matmul(a.double(), b.double()).float()
+
+
+def _exp32(x: torch.Tensor) -> torch.Tensor:
+    return torch.exp(x.double()).float()
+
+
+def _rowsum32(x: torch.Tensor) -> torch.Tensor:
+    return x.double().sum(-1, keepdim=True).float()
+
+
+def _keep_mask(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+    """Boolean `[B|1, H|1, Tq, Tk]` mask of the (query, key) pairs that attend (torch SDPA rules)."""
+    tq, tk = q.shape[-2], k.shape[-2]
+    keep = torch.ones(1, 1, tq, tk, dtype=torch.bool)
+    if is_causal:
+        keep = keep & torch.ones(tq, tk, dtype=torch.bool).tril()
+    if attn_mask is not None:
+        m = attn_mask if attn_mask.dtype == torch.bool else attn_mask > float("-inf")
+        if attn_mask.dtype != torch.bool:
+            m = m & (attn_mask > torch.finfo(attn_mask.dtype).min)  # HF's "min value" masking
+        while m.dim() < 4:
+            m = m.unsqueeze(0)
+        keep = keep & m
+    return keep
+
+
+def package_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
+                      scale: float, profile: str) -> torch.Tensor:
+    """Attention output `[B, H, Tq, D]` in `q.dtype` under the profile's kernel (module doc).
+
+    Args:
+        q: `[B, H, Tq, D]` fp16/bf16. k, v: `[B, H, Tk, D]` (KV heads already expanded).
+        keep: boolean, broadcastable to `[B, H, Tq, Tk]`: which keys each query attends.
+        scale: softmax scale (1/sqrt(D) by default in SDPA).
+        profile: "decode" runs split-KV for every query row; "prefill" the FA2 forward.
+
+    Rows with no key to attend (padding queries) return 0 instead of NaN.
+    """
+    d = q.dtype
+    keep = keep.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    s = _exact_bmm32(q, k.transpose(-1, -2)) * scale                    # [B, H, Tq, Tk] fp32
+    s = s.masked_fill(~keep, float("-inf"))
+    # blocks are aligned to each row's first real key, as varlen kernels see no padding
+    first = keep.any(-2, keepdim=True).float().argmax(-1, keepdim=True)  # [B, H, 1, 1]
+    rel = torch.arange(k.shape[2]).view(1, 1, 1, -1) - first             # [B, H, 1, Tk]
+    if profile == "decode":  # every query row is a one-token step (HF may pack GQA heads into Tq)
+        return _split_kv(s, v, rel, d)
+    return _flash_forward(s, v, rel, d)
+
+
+def _flash_forward(s: torch.Tensor, v: torch.Tensor, rel: torch.Tensor, d: torch.dtype) -> torch.Tensor:
+    """FlashAttention-2 forward over key blocks of ATTN_BLOCK_N (online softmax)."""
+    shape = s.shape[:-1] + (1,)
+    m = torch.full(shape, float("-inf"))
+    l_sum = torch.zeros(shape)
+    acc = torch.zeros(s.shape[:-1] + (v.shape[-1],))
+    n_blocks = int(rel.max()) // ATTN_BLOCK_N + 1
+    for j in range(n_blocks):
+        in_blk = (rel >= j * ATTN_BLOCK_N) & (rel < (j + 1) * ATTN_BLOCK_N)
+        sj = s.masked_fill(~in_blk, float("-inf"))
+        m_new = torch.maximum(m, sj.amax(-1, keepdim=True))
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        alpha = _exp32(m - m_safe)                                        # exp(-inf) = 0 at start
+        p = _exp32(sj - m_safe)
+        l_sum = l_sum * alpha + _rowsum32(p)
+        acc = acc * alpha + _exact_bmm32(p.to(d), v)
+        m = m_new
+    out = acc / l_sum
+    return torch.where(l_sum > 0, out, torch.zeros_like(out)).to(d)
+
+
+def _split_kv(s: torch.Tensor, v: torch.Tensor, rel: torch.Tensor, d: torch.dtype) -> torch.Tensor:
+    """FlashAttention split-KV decode: softmax per split of KV_SPLIT keys, fp32 LSE combine."""
+    n_splits = max(1, int(rel.max()) // KV_SPLIT + 1)
+    outs, lses = [], []
+    for j in range(n_splits):
+        in_split = (rel >= j * KV_SPLIT) & (rel < (j + 1) * KV_SPLIT)
+        sj = s.masked_fill(~in_split, float("-inf"))
+        m = sj.amax(-1, keepdim=True)
+        m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+        p = _exp32(sj - m_safe)
+        l_sum = _rowsum32(p)
+        o = _exact_bmm32(p.to(d), v) / l_sum
+        outs.append(torch.where(l_sum > 0, o, torch.zeros_like(o)))
+        lses.append(torch.where(l_sum > 0, m_safe + torch.log(l_sum.double()).float(),
+                                torch.full_like(l_sum, float("-inf"))))
+    lse = torch.stack(lses)                                              # [S, B, H, 1, 1]
+    lse_max = lse.amax(0)
+    lse_max = torch.where(torch.isinf(lse_max), torch.zeros_like(lse_max), lse_max)
+    w = _exp32(lse - lse_max)
+    total = w.double().sum(0).float()
+    out = torch.zeros_like(outs[0])
+    for j in range(n_splits):  # fixed order fp32 combine
+        out = out + (w[j] / torch.where(total > 0, total, torch.ones_like(total))) * outs[j]
+    return out.to(d)
+
+
+class _AttnFn(torch.autograd.Function):
+    """Package attention forward; backward = gradient of exact fp32 attention, rounded."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, keep, scale, profile):  # type: ignore[override]
+        ctx.save_for_backward(q, k, v, keep)
+        ctx.scale = scale
+        return package_attention(q, k, v, keep, scale, profile)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        q, k, v, keep = ctx.saved_tensors
+        with torch.enable_grad():
+            q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+            s = (q32 @ k32.transpose(-1, -2)) * ctx.scale
+            s = s.masked_fill(~keep, float("-inf"))
+            p = torch.softmax(s, -1).nan_to_num(0.0)
+            out = p @ v32
+            gq, gk, gv = torch.autograd.grad(out, (q32, k32, v32), g.float())
+        return gq.to(q.dtype), gk.to(k.dtype), gv.to(v.dtype), None, None, None
+
+
+def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    if dropout_p:
+        raise ValueError("package CPU kernels: attention dropout is not supported (engines run in eval mode)")
+    if key.shape[-3] != query.shape[-3]:  # GQA: expand KV heads (exact)
+        rep = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(rep, -3), value.repeat_interleave(rep, -3)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    keep = _keep_mask(query, key, attn_mask, is_causal)
+    return _AttnFn.apply(query, key, value, keep, scale, _PROFILE.get())
+
+
+# ---------------------------------------------------------------------------------------------
+# the mode
+# ---------------------------------------------------------------------------------------------
+def _via_fp64(func):
+    """Evaluate `func` on fp64 copies of its floating tensor args, round back to the input dtype."""
+    def run(*args, **kwargs):
+        src = next(a for a in args if isinstance(a, torch.Tensor))
+        out_dtype = kwargs.pop("dtype", None) or src.dtype
+        a64 = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+        return func(*a64, **kwargs).to(out_dtype)
+    return run
+
+
+_FP64_FUNCS = {
+    F.silu, F.gelu, torch.exp, torch.Tensor.exp, torch.rsqrt, torch.Tensor.rsqrt,
+    torch.mean, torch.Tensor.mean, torch.cos, torch.Tensor.cos, torch.sin, torch.Tensor.sin,
+    torch.softmax, torch.Tensor.softmax, F.softmax, torch.log_softmax, torch.Tensor.log_softmax, F.log_softmax,
+}
+_LINEAR_FUNCS = {F.linear}
+_MATMUL_FUNCS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm,
+                 torch.bmm, torch.Tensor.bmm}
+_SDPA_FUNCS = {F.scaled_dot_product_attention}
+
+
+def _floats(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    vals = list(args) + list(kwargs.values())
+    return [t for t in vals if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+class PackageNumericsMode(TorchFunctionMode):
+    """TorchFunctionMode installing the package kernels for `dtype` (fp16 or bf16) CPU tensors.
+
+    GEMMs and SDPA whose floating arguments are all `dtype` go to the package GEMM/attention;
+    the fp64-evaluated ops (module doc) apply to `dtype` and fp32 CPU tensors. Anything else
+    (other dtypes, CUDA tensors, `out=`) is left to torch. `addmm`/`baddbmm` (not used by the
+    supported HF families' forward) are refused rather than silently computed natively.
+    """
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        if dtype not in LOWP_DTYPES:
+            raise ValueError(f"package CPU kernels are for fp16/bf16, got {dtype}")
+        self.dtype = dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if kwargs.get("out") is not None:
+            return func(*args, **kwargs)
+        floats = _floats(args, kwargs)
+        cpu = bool(floats) and all(t.device.type == "cpu" for t in floats)
+        if cpu and all(t.dtype == self.dtype for t in floats):
+            if func in _LINEAR_FUNCS:
+                return package_linear(*args, **kwargs)
+            if func in _MATMUL_FUNCS:
+                return package_matmul(*args)
+            if func in _SDPA_FUNCS:
+                return _sdpa(*args, **kwargs)
+            if func in (torch.addmm, torch.Tensor.addmm, torch.baddbmm, torch.Tensor.baddbmm):
+                raise NotImplementedError(f"package CPU kernels: {func.__name__} on {self.dtype} is not "
+                                          f"implemented; set {KERNELS_ENV}=native for this model")
+        if cpu and func in _FP64_FUNCS and all(t.dtype in (self.dtype, torch.float32) for t in floats):
+            return _via_fp64(func)(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+class _NativeFastGemmMode(TorchFunctionMode):
+    """`native` mode on CPUs without fast `dtype` GEMMs: GEMMs as fp32 over the same values,
+    rounded once (torch's slow native kernels have the same numerics, ~10x slower)."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        floats = _floats(args, kwargs)
+        if (func in _LINEAR_FUNCS | _MATMUL_FUNCS and kwargs.get("out") is None and floats
+                and all(t.dtype == self.dtype and t.device.type == "cpu" for t in floats)):
+            up = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+            kup = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                   for k, v in kwargs.items()}
+            return func(*up, **kup).to(self.dtype)
+        return func(*args, **kwargs)
+
+
+def cpu_numerics(device: torch.device | str, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """The numerics scope the engines enter around every forward/backward.
+
+    Package kernels (module doc) for fp16/bf16 on CPU; in `native` mode, torch's kernels (with
+    the fp32-GEMM speed path where the host lacks fast `dtype` GEMMs); a no-op on GPUs and for
+    fp32. Raises ValueError on a bad `NEMO_RL_CPU_KERNELS` / `NEMO_RL_CPU_ISA`.
+    """
+    if torch.device(device).type != "cpu" or dtype not in LOWP_DTYPES:
+        return contextlib.nullcontext()
+    if kernel_mode() == "package":
+        return PackageNumericsMode(dtype)
+    return contextlib.nullcontext() if cpu_has_native(dtype) else _NativeFastGemmMode(dtype)

@@ -1,0 +1,190 @@
+"""The package's CPU fp16/bf16 kernels against fp64 references of the semantics they claim.
+
+Each kernel path says which real kernel it stands for (nemo_rl_fp16/cpu_numerics.py); these tests
+check the stated rounding semantics within their ulp bounds, the structural identities of each
+path (FA2 forward with one key block = plain rounded softmax; split-KV with one split = FA2),
+invariance to batch composition and left padding, and that the two paths do differ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import nemo_rl_fp16.cpu_numerics as cn
+
+LOWP = [torch.float16, torch.bfloat16]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _mant(dtype):
+    return {torch.float16: 10, torch.bfloat16: 7}[dtype]
+
+
+def _rand(shape, dtype, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+def test_gemm_prefill_is_the_correctly_rounded_product(dtype):
+    """Prefill/training GEMM = exact sum (+ bias), rounded once: the fp64 reference rounded."""
+    x, w, b = _rand((37, 200), dtype, 0), _rand((24, 200), dtype, 1), _rand((24,), dtype, 2)
+    out = cn.package_linear(x, w, b)
+    assert out.dtype == dtype
+    assert torch.equal(out, (x.double() @ w.double().T + b.double()).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+def test_gemm_decode_within_stated_bound_of_fp64(dtype):
+    """Split-K: within 0.5 ulp of the exact result plus SPLIT_K + 1 fp32 roundings."""
+    x, w, b = _rand((37, 200), dtype, 0), _rand((24, 200), dtype, 1), _rand((24,), dtype, 2)
+    with cn.kernel_profile("decode"):
+        out = cn.package_linear(x, w, b)
+    ref = x.double() @ w.double().T + b.double()
+    acc_err = (cn.SPLIT_K + 1) * 2.0**-24 * (x.double().abs() @ w.double().abs().T + b.double().abs())
+    bound = 0.5 * torch.exp2(torch.floor(torch.log2(ref.abs().clamp_min(1e-30))) - _mant(dtype)) + acc_err
+    assert ((out.double() - ref).abs() <= bound * (1 + 1e-9)).all()
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+def test_gemm_decode_split_k_differs_but_rows_are_batch_invariant(dtype):
+    x, w = _rand((64, 256), dtype, 3), _rand((96, 256), dtype, 4)
+    pre = cn.package_linear(x, w)
+    with cn.kernel_profile("decode"):
+        dec = cn.package_linear(x, w)
+        one = cn.package_linear(x[5:6], w)
+    acc_pre = cn.package_gemm(x, w.T, profile="prefill")
+    acc_dec = cn.package_gemm(x, w.T, profile="decode")
+    assert (acc_pre != acc_dec).any(), "split-K must change the accumulation (it is the decode kernel)"
+    assert ((acc_pre - acc_dec).abs() <= 2.0**-22 * (x.double().abs() @ w.double().abs().T)).all()
+    assert torch.equal(one, dec[5:6]), "a row's result must not depend on the other rows"
+    assert torch.equal(cn.package_linear(x[:7], w), pre[:7])
+
+
+def _attn_ref(q, k, v, keep, scale):
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    p = torch.softmax(s.masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0)
+    return p @ v.double()
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("profile", ["prefill", "decode"])
+def test_attention_within_bound_of_fp64(dtype, profile):
+    """P rounded to dtype before P·V: |error| <= u·Σ P|v| + 0.5 ulp(out) (+ fp32 terms)."""
+    b, h, t, dh = 2, 3, 90, 16
+    q, k, v = (_rand((b, h, t, dh), dtype, s) for s in (5, 6, 7))
+    keep = torch.ones(t, t, dtype=torch.bool).tril()[None, None]
+    out = cn.package_attention(q, k, v, keep, dh**-0.5, profile)
+    ref = _attn_ref(q, k, v, keep, dh**-0.5)
+    s = (q.double() @ k.double().transpose(-1, -2)) * dh**-0.5
+    p = torch.softmax(s.masked_fill(~keep, float("-inf")), -1)
+    u = 2.0 ** -_mant(dtype)
+    bound = u * (p @ v.double().abs()) + 0.5 * u * 2 * ref.abs() + 1e-6 * (p @ v.double().abs())
+    assert ((out.double() - ref).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+def test_attention_paths_are_the_kernels_they_claim(dtype):
+    """One FA2 block (Tk <= ATTN_BLOCK_N) is the plain rounded softmax; split-KV with one split
+    equals it; more splits change roundings (decode != prefill)."""
+    t, dh = cn.ATTN_BLOCK_N, 16
+    q, k, v = (_rand((1, 2, t, dh), dtype, s) for s in (8, 9, 10))
+    keep = torch.ones(t, t, dtype=torch.bool).tril()[None, None]
+    pre = cn.package_attention(q, k, v, keep, 0.25, "prefill")
+    s = (q.double() @ k.double().transpose(-1, -2)).float() * 0.25
+    s = s.masked_fill(~keep, float("-inf"))
+    p = torch.exp((s - s.amax(-1, keepdim=True)).double()).float()
+    manual = ((p.to(dtype).double() @ v.double()).float() / p.double().sum(-1, keepdim=True).float()).to(dtype)
+    assert torch.equal(pre, manual)
+    row = slice(cn.KV_SPLIT - 1, cn.KV_SPLIT)  # a query that sees exactly one split
+    assert torch.equal(cn.package_attention(q[:, :, row], k, v, keep[:, :, row], 0.25, "decode"), pre[:, :, row])
+    dec = cn.package_attention(q[:, :, -1:], k, v, keep[:, :, -1:], 0.25, "decode")
+    assert (dec != pre[:, :, -1:]).any()
+
+
+@pytest.mark.parametrize("profile", ["prefill", "decode"])
+def test_attention_ignores_left_padding(profile):
+    """Blocks/splits start at each row's first real key (varlen kernels see no padding)."""
+    dtype, t, pad, dh = torch.bfloat16, 40, 7, 16
+    q, k, v = (_rand((1, 2, t, dh), dtype, s) for s in (11, 12, 13))
+    keep = torch.ones(t, t, dtype=torch.bool).tril()[None, None]
+    ref = cn.package_attention(q, k, v, keep, 0.25, profile)
+    zp = torch.zeros(1, 2, pad, dh, dtype=dtype)
+    qp, kp, vp = (torch.cat([zp, x], 2) for x in (q, k, v))
+    keep_p = torch.zeros(t + pad, t + pad, dtype=torch.bool)
+    keep_p[pad:, pad:] = keep[0, 0]
+    out = cn.package_attention(qp, kp, vp, keep_p[None, None], 0.25, profile)
+    assert torch.equal(out[:, :, pad:], ref)
+    assert torch.equal(out[:, :, :pad], torch.zeros_like(out[:, :, :pad])), "padding queries give 0, not NaN"
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+def test_gradients_are_the_exact_ops_gradients(dtype):
+    x = _rand((9, 64), dtype, 14).requires_grad_(True)
+    w = _rand((12, 64), dtype, 15).requires_grad_(True)
+    with cn.PackageNumericsMode(dtype):
+        y = torch.nn.functional.linear(x, w)
+        q = y.view(1, 1, 9, 12)
+        a = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+        a.float().sum().backward()
+    x32, w32 = x.detach().float().requires_grad_(True), w.detach().float().requires_grad_(True)
+    q32 = (x32 @ w32.T).view(1, 1, 9, 12)
+    torch.nn.functional.scaled_dot_product_attention(q32, q32, q32, is_causal=True).sum().backward()
+    tol = 8 * 2.0 ** -_mant(dtype)
+    assert x.grad.dtype == dtype and w.grad.dtype == dtype
+    for got, want in ((x.grad, x32.grad), (w.grad, w32.grad)):
+        assert (got.float() - want).abs().max() <= tol * want.abs().max()
+
+
+def test_switches_and_detection_override(monkeypatch):
+    monkeypatch.setenv(cn.ISA_ENV, "avx2")
+    assert cn.cpu_isa() == "avx2" and not cn.cpu_has_native(torch.bfloat16)
+    monkeypatch.setenv(cn.ISA_ENV, "avx512_bf16")
+    assert cn.cpu_has_native(torch.bfloat16) and not cn.cpu_has_native(torch.float16)
+    monkeypatch.setenv(cn.ISA_ENV, "sse")
+    with pytest.raises(ValueError, match=cn.ISA_ENV):
+        cn.cpu_isa()
+    monkeypatch.delenv(cn.ISA_ENV)
+    assert isinstance(cn.cpu_numerics("cpu", torch.bfloat16), cn.PackageNumericsMode)
+    assert not isinstance(cn.cpu_numerics("cpu", torch.float32), cn.PackageNumericsMode)
+    assert not isinstance(cn.cpu_numerics("meta", torch.float16), cn.PackageNumericsMode)
+    monkeypatch.setenv(cn.KERNELS_ENV, "native")
+    assert not isinstance(cn.cpu_numerics("cpu", torch.bfloat16), cn.PackageNumericsMode)
+    assert cn.numerics_record()["kernels"] == "native"
+    monkeypatch.setenv(cn.KERNELS_ENV, "fast")
+    with pytest.raises(ValueError, match=cn.KERNELS_ENV):
+        cn.cpu_numerics("cpu", torch.float16)
+
+
+AVX2_ENV = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+            cn.ISA_ENV: "avx2"}
+
+
+def _mismatch_report(tmp: Path, extra_env: dict[str, str]) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in AVX2_ENV}
+    env.update(extra_env, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "nemo_rl_fp16.cli", "mismatch", "recipe=mismatch_tiny", f"output_dir={tmp}",
+           "mismatch.num_prompts=16", "rollout.max_new_tokens=40", "logging.progress=false"]
+    subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    return json.loads((tmp / "report.json").read_text())
+
+
+def test_mismatch_figures_do_not_depend_on_the_cpu_variant(tmp_path):
+    """The offline mismatch under this host's kernels and under a forced AVX2 variant (BLAS caps +
+    the detection override): fp16 and bf16 figures bitwise equal (package kernels); fp32 (native
+    BLAS, the control) only required to stay orders below fp16 on both."""
+    native = _mismatch_report(tmp_path / "host", {})
+    avx2 = _mismatch_report(tmp_path / "avx2", AVX2_ENV)
+    assert avx2["numerics"]["isa"] == "avx2" and avx2["numerics"]["aten_capability"] == "AVX2"
+    for name in ("fp16", "bf16"):
+        assert native["runs"][name] == avx2["runs"][name], name
+    for rep in (native, avx2):
+        assert rep["runs"]["fp32"]["mismatch/kl_k3"] * 100 <= rep["runs"]["fp16"]["mismatch/kl_k3"]
+        assert rep["runs"]["bf16"]["mismatch/kl_k3"] >= 10 * rep["runs"]["fp16"]["mismatch/kl_k3"]
