@@ -205,7 +205,7 @@ class MismatchSection(_Section):
 
 
 class RecipeConfig(_Section):
-    recipe: str = "base"
+    recipe: str = Field("base", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")  # a name, never a path
     seed: int = 1234
     output_dir: str = "outputs/base"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -327,6 +327,9 @@ def _format_errors(err: ValidationError, data: dict) -> str:
         elif e["type"] == "value_error":
             msg = str(e["msg"]).removeprefix("Value error, ")
             lines.append(f"{key + ': ' if key else ''}{msg}")
+        elif e["type"] == "string_pattern_mismatch" and key == "recipe":
+            lines.append(f"bad value for 'recipe': {value!r}; a recipe name is letters, digits and _ . + - "
+                         "(no '/', spaces or a leading '.'); it names the run's output folder")
         elif e["type"] == "missing":
             lines.append(f"missing key '{key}'")
         else:

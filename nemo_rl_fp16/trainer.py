@@ -16,17 +16,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from nemo_rl_fp16 import checkpoint as ckpt
 from nemo_rl_fp16.algorithms import group_advantages, kl_penalty, policy_loss
 from nemo_rl_fp16.build import RunSetup, build_run
-from nemo_rl_fp16.config import ConfigError, RecipeConfig, save_resolved, typed
+from nemo_rl_fp16.config import RecipeConfig, save_resolved, typed
+from nemo_rl_fp16.guards import check_reward, check_update, check_weights
 from nemo_rl_fp16.interfaces import PolicyTrainer, RolloutBatch, RolloutEngine, SamplingParams, TrainStepResult
 from nemo_rl_fp16.loggers import MetricsLogger, progress_bar, summary_table
 from nemo_rl_fp16.mismatch import mismatch_metrics
 from nemo_rl_fp16.precision import PrecisionMismatchError, resolve_policies
+from nemo_rl_fp16.runs import RunLock, check_output_dir, prepare_run_dir, run_identity, storage_error_message
 
 SEQUENCE_LEVEL = ("gspo", "pg_seq_is")
 
@@ -50,6 +52,10 @@ class RLTrainer:
         self.ref: PolicyTrainer | None = run.reference
         self.console = console or Console()
         self.state = RunState()
+        train_policy = resolve_policies(cfg.precision.model_dump())[0]
+        self.loss_scaling = train_policy.loss_scale.enabled  # a skipped update is an fp16 overflow only then
+        self.param_dtype = train_policy.param_dtype
+        self.identity: dict | None = None  # set by `run`: stored with every checkpoint
         self.sampling = SamplingParams(
             max_new_tokens=cfg.rollout.max_new_tokens,
             temperature=cfg.rollout.temperature,
@@ -101,7 +107,7 @@ class RLTrainer:
         t_train = time.perf_counter() - t1
 
         t2 = time.perf_counter()
-        self.rollout.update_weights(self.policy.rollout_state_dict())
+        self.refit(step)
         t_refit = time.perf_counter() - t2
 
         last = results[-1]
@@ -133,7 +139,7 @@ class RLTrainer:
         for row, (ids, m) in enumerate(zip(batch.responses.tolist(), batch.response_mask.tolist(), strict=True)):
             tokens = [t for t, keep in zip(ids, m, strict=True) if keep and t != self.run.tokenizer.eos_token_id]
             text = self.run.tokenizer.decode(tokens, skip_special_tokens=True)
-            out.append(self.run.reward(text, answers[row // g]))
+            out.append(check_reward(self.run.reward(text, answers[row // g]), self.cfg.reward.name, row, row // g, text))
         return torch.tensor(out, dtype=torch.float32)
 
     def update(self, batch: RolloutBatch, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
@@ -173,13 +179,12 @@ class RLTrainer:
         retries = 0
         while True:
             result = self.policy.train_step(batch, loss_fn, self.cfg.rollout.temperature)
+            check_update(result.skipped, result.metrics.get("loss", 0.0), result.grad_norm,
+                         loss_scaling=self.loss_scaling, retries=retries,
+                         max_retries=self.cfg.trainer.max_overflow_retries, step=self.state.step)
             if not result.skipped:
                 break
             self.state.skipped_updates += 1
-            if retries == self.cfg.trainer.max_overflow_retries:
-                self.console.print(f"[yellow]fp16 overflow persisted over {retries + 1} attempts "
-                                   f"(scale now {result.loss_scale:g}): update skipped")
-                break
             retries += 1
         loss_value = result.metrics.get("loss", float("nan"))
         result.metrics.update(_combine(result.micro_metrics), **{"loss/value": loss_value})
@@ -187,6 +192,12 @@ class RLTrainer:
         return result
 
     # ------------------------------------------------------------------ checkpoints
+
+    def refit(self, step: int) -> None:
+        """Send the policy's weights to the rollout engine; never a NaN/inf (or fp16-overflowing) one."""
+        state = self.policy.rollout_state_dict()
+        check_weights(state, "refit", step, self.param_dtype)
+        self.rollout.update_weights(state)
 
     def save(self, root: Path) -> Path:
         state = self.policy.state_dict()
@@ -196,17 +207,23 @@ class RLTrainer:
             trainer_state=state,
             rng=ckpt.capture_rng(),
             data_state={"step": self.state.step, "skipped_updates": self.state.skipped_updates},
-            meta={"recipe": self.cfg.recipe},
+            meta={"recipe": self.cfg.recipe, "run": self.identity},
             keep_last=self.cfg.trainer.keep_last,
+            weights_dtype=self.param_dtype,
         )
 
-    def restore(self, path: Path) -> None:
-        data = ckpt.load_checkpoint(path)
-        self.policy.load_state_dict({"model": data["model_state"], **data["trainer_state"]})
+    def restore(self, path: Path, verify: bool = True) -> None:
+        data = ckpt.load_checkpoint(path, verify=verify)
+        try:
+            check_weights(data["model_state"], f"resume from {path}", int(data["step"]))
+            self.policy.load_state_dict({"model": data["model_state"], **data["trainer_state"]})
+        except Exception as e:
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise ckpt.CheckpointError(f"checkpoint {path} does not load into this run ({first})") from e
         ckpt.restore_rng(data["rng"])
         self.state.step = int(data["data_state"]["step"])
         self.state.skipped_updates = int(data["data_state"]["skipped_updates"])
-        self.rollout.update_weights(self.policy.rollout_state_dict())
+        self.refit(self.state.step)
 
 
 def run(cfg: DictConfig, console: Console | None = None) -> dict[str, float]:
@@ -214,25 +231,45 @@ def run(cfg: DictConfig, console: Console | None = None) -> dict[str, float]:
     console = console or Console()
     rc = typed(cfg)
     out = Path(rc.output_dir)
-    save_resolved(cfg, out)
-    _seed_everything(rc.seed)
-    setup = build_run(rc, console=console)
-    try:
-        return _run(rc, setup, out, console)
-    finally:
-        if setup.close is not None:
-            setup.close()
+    identity = run_identity(OmegaConf.to_container(cfg, resolve=True))
+    check_output_dir(out)
+    with RunLock(out) as lock:  # before anything is written; nothing is touched before the checks
+        if lock.took_over:
+            console.print(f"took over the lock of a dead run (pid {lock.took_over.get('pid')})")
+        start = prepare_run_dir(out, rc.trainer.resume, identity)
+        if start.moved_aside is not None:
+            console.print(f"trainer.resume=never: the previous run in {out} was moved to {start.moved_aside}")
+        for line in start.recovered or []:
+            console.print(f"checkpoints: {line}")
+        save_resolved(cfg, out)
+        _seed_everything(rc.seed)
+        setup = build_run(rc, console=console)
+        try:
+            return _run(rc, setup, out, console, start.resume_from, identity)
+        except (OSError, RuntimeError) as e:
+            msg = storage_error_message(e, out, ckpt.latest_checkpoint(out / "checkpoints"))
+            if msg is None:
+                raise
+            raise ckpt.StorageError(e.errno if isinstance(e, OSError) and e.errno else 28, msg) from e
+        finally:
+            if setup.close is not None:
+                setup.close()
 
 
-def _run(rc: RecipeConfig, setup: RunSetup, out: Path, console: Console) -> dict[str, float]:
+def _run(rc: RecipeConfig, setup: RunSetup, out: Path, console: Console, resume_from: Path | None,
+         identity: dict) -> dict[str, float]:
     audit(setup, rc)
     trainer = RLTrainer(rc, setup, console)
+    trainer.identity = identity
 
     ckpt_root = out / "checkpoints"
-    resume_from = _resume_path(rc, ckpt_root)
     if resume_from is not None:
-        trainer.restore(resume_from)
+        trainer.restore(resume_from, verify=False)  # verified (checksums) by prepare_run_dir
         console.print(f"resumed from {resume_from} (step {trainer.state.step})")
+        if trainer.state.step >= rc.trainer.max_steps:
+            console.print(f"nothing to train: the run in {out} is already at step {trainer.state.step} "
+                          f"(trainer.max_steps={rc.trainer.max_steps}); raise trainer.max_steps to continue it, or "
+                          "use another output_dir / trainer.resume=never for a new run")
     logger = MetricsLogger(
         out, jsonl=rc.logging.jsonl, tensorboard=rc.logging.tensorboard, wandb=rc.logging.wandb.model_dump(),
         mlflow=rc.logging.mlflow.model_dump(), run_name=rc.recipe, resume_step=trainer.state.step,
@@ -257,7 +294,8 @@ def _run(rc: RecipeConfig, setup: RunSetup, out: Path, console: Console) -> dict
         logger.close()
     if rc.trainer.export_hf:
         path = ckpt.write_hf_checkpoint(setup.model_cfg, out / "hf", setup.tokenizer,
-                                        state_dict=trainer.policy.rollout_state_dict(), seed=rc.seed)
+                                        state_dict=trainer.policy.rollout_state_dict(), seed=rc.seed,
+                                        step=trainer.state.step)
         console.print(f"policy exported (HF, safetensors): {path}")
     metrics["run/wall_s"] = time.perf_counter() - start_time
     if rc.trainer.max_steps:
@@ -272,17 +310,6 @@ def audit(setup: RunSetup, rc: RecipeConfig) -> None:
         problems = engine.audit()
         if problems:
             raise PrecisionMismatchError(name, problems)
-
-
-def _resume_path(rc: RecipeConfig, root: Path) -> Path | None:
-    if rc.trainer.resume == "never":
-        return None
-    if rc.trainer.resume == "auto":
-        return ckpt.latest_checkpoint(root)
-    path = Path(rc.trainer.resume)
-    if not path.is_dir():
-        raise ConfigError(f"trainer.resume={rc.trainer.resume}: no such checkpoint folder; use auto, never or a step dir")
-    return path
 
 
 def _combine(parts: list[dict[str, float]]) -> dict[str, float]:
