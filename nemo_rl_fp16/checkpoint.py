@@ -65,13 +65,14 @@ def mount_point(path: str | os.PathLike) -> Path:
 
 
 def _disk_full(exc: BaseException, where: Path) -> bool:
-    """Did `exc` come from a full disk? torch.save reports it as an `inline_container.cc` enforce fail."""
+    """Did `exc` come from a full disk? torch.save reports it as an `inline_container.cc` enforce fail
+    ("unexpected pos"), so a write failure with under 64 MiB left counts as one."""
     if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
         return True
     if "No space left" in str(exc) or "os error 28" in str(exc):
         return True
     try:
-        return shutil.disk_usage(where).free < (1 << 20)
+        return shutil.disk_usage(where).free < (64 << 20)
     except OSError:
         return False
 
@@ -196,8 +197,10 @@ def save_checkpoint(
         final = root / f"step_{step:06d}"
         _replace_dir(tmp, final)
     except BaseException as e:
+        # judged before the partial folder is removed (that frees the space again)
+        full = isinstance(e, (OSError, RuntimeError)) and not isinstance(e, CheckpointError) and _disk_full(e, root)
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, CheckpointError) and _disk_full(e, root):
+        if full:
             raise StorageError(errno.ENOSPC, f"no space left on {mount_point(root)} while writing checkpoint "
                                f"step {step}", str(tmp)) from None
         raise

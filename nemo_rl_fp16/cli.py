@@ -34,9 +34,10 @@ EXIT_BUG, EXIT_CONFIG, EXIT_PRECISION, EXIT_INPUT, EXIT_NONFINITE, EXIT_STORAGE 
 EXIT_CODES = {
     0: "success",
     EXIT_BUG: "unexpected error (a bug: rerun with --traceback and report it)",
-    EXIT_CONFIG: "bad recipe, override or argument; run folder of another run, locked, or not usable",
+    EXIT_CONFIG: "bad recipe, override or argument; output_dir of another run, locked, a file or not writable; "
+                 "a model folder that is not an HF model",
     EXIT_PRECISION: "precision audit: an engine does not run the declared dtypes",
-    EXIT_INPUT: "bad input data, corrupt or unusable checkpoint, folder that is not an HF model",
+    EXIT_INPUT: "bad input data (dataset rows, files), corrupt or unusable checkpoint",
     EXIT_NONFINITE: "non-finite reward, loss, gradient or weight (nothing was saved)",
     EXIT_STORAGE: "disk full or read-only while writing (the last checkpoint is intact)",
 }

@@ -26,7 +26,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -218,8 +217,6 @@ def check_output_dir(out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RunError(f"output_dir={out} cannot be created ({e.strerror}); pass a writable folder") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise RunError(f"output_dir={out} is not writable (permissions); pass a writable folder")
     probe = out / f".write_probe_{os.getpid()}"
     try:
         probe.write_bytes(b"")
@@ -362,5 +359,23 @@ def storage_error_message(exc: BaseException, out: Path, last: Path | None) -> s
             f"trainer.resume=auto continues from the last checkpoint")
 
 
-def free_bytes(path: Path) -> int:
-    return shutil.disk_usage(path).free
+def check_model_folders(model_name_or_path: str | None, tokenizer: str | None) -> None:
+    """`model.name_or_path` / `model.tokenizer` must be local HF folders; RunError (one line) otherwise.
+
+    Checked at the start of a real run (a dry run plans without the user's files).
+    """
+    if model_name_or_path is not None:
+        p = Path(model_name_or_path)
+        if not p.is_dir():
+            raise RunError(f"model.name_or_path={p} is not a folder; pass a local HF model folder "
+                           "(config.json + weights, as written by save_pretrained); no hub downloads here")
+        if not (p / "config.json").is_file():
+            raise RunError(f"model.name_or_path={p} is not an HF model folder (no config.json); pass a folder "
+                           "written by save_pretrained")
+    tok = Path(tokenizer) if tokenizer is not None else (Path(model_name_or_path) if model_name_or_path else None)
+    if tok is not None:
+        names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+        if not tok.is_dir() or not any((tok / n).is_file() for n in names):
+            key = "model.tokenizer" if tokenizer is not None else "model.name_or_path"
+            raise RunError(f"{key}={tok} holds no tokenizer (none of {', '.join(names)}); pass a folder "
+                           "with the tokenizer files (save_pretrained of the tokenizer)")

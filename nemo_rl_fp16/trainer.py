@@ -23,12 +23,19 @@ from nemo_rl_fp16 import checkpoint as ckpt
 from nemo_rl_fp16.algorithms import group_advantages, kl_penalty, policy_loss
 from nemo_rl_fp16.build import RunSetup, build_run
 from nemo_rl_fp16.config import RecipeConfig, save_resolved, typed
-from nemo_rl_fp16.guards import check_reward, check_update, check_weights
+from nemo_rl_fp16.guards import NonFiniteError, check_reward, check_update, check_weights
 from nemo_rl_fp16.interfaces import PolicyTrainer, RolloutBatch, RolloutEngine, SamplingParams, TrainStepResult
 from nemo_rl_fp16.loggers import MetricsLogger, progress_bar, summary_table
 from nemo_rl_fp16.mismatch import mismatch_metrics
 from nemo_rl_fp16.precision import PrecisionMismatchError, resolve_policies
-from nemo_rl_fp16.runs import RunLock, check_output_dir, prepare_run_dir, run_identity, storage_error_message
+from nemo_rl_fp16.runs import (
+    RunLock,
+    check_model_folders,
+    check_output_dir,
+    prepare_run_dir,
+    run_identity,
+    storage_error_message,
+)
 
 SEQUENCE_LEVEL = ("gspo", "pg_seq_is")
 
@@ -91,7 +98,14 @@ class RLTrainer:
         idx = self.prompts_for_step(step)
         prompts = [run.prompt_ids[i] for i in idx]
         sampling = dataclasses.replace(self.sampling, seed=_mix(cfg.seed, step))
-        batch = self.rollout.generate(prompts, sampling)
+        try:
+            batch = self.rollout.generate(prompts, sampling)
+        except RuntimeError as e:  # torch.multinomial on NaN/inf probabilities: a diverged policy
+            if "inf" not in str(e) and "nan" not in str(e):
+                raise
+            raise NonFiniteError(f"step {step}: the rollout engine's sampling probabilities are non-finite "
+                                 f"({str(e).splitlines()[0]}): the policy diverged (its {self.param_dtype} forward "
+                                 "overflows); lower policy.lr and start afresh (trainer.resume=never)") from e
         t_rollout = time.perf_counter() - t0
 
         rewards = self.rewards(batch, [run.problems[i].answer for i in idx])
@@ -232,15 +246,16 @@ def run(cfg: DictConfig, console: Console | None = None) -> dict[str, float]:
     rc = typed(cfg)
     out = Path(rc.output_dir)
     identity = run_identity(OmegaConf.to_container(cfg, resolve=True))
+    check_model_folders(rc.model.name_or_path, rc.model.tokenizer)
     check_output_dir(out)
     with RunLock(out) as lock:  # before anything is written; nothing is touched before the checks
         if lock.took_over:
-            console.print(f"took over the lock of a dead run (pid {lock.took_over.get('pid')})")
+            console.print(f"took over the lock of a dead run (pid {lock.took_over.get('pid')})", soft_wrap=True)
         start = prepare_run_dir(out, rc.trainer.resume, identity)
         if start.moved_aside is not None:
-            console.print(f"trainer.resume=never: the previous run in {out} was moved to {start.moved_aside}")
+            console.print(f"trainer.resume=never: the previous run in {out} was moved to {start.moved_aside}", soft_wrap=True)
         for line in start.recovered or []:
-            console.print(f"checkpoints: {line}")
+            console.print(f"checkpoints: {line}", soft_wrap=True)
         save_resolved(cfg, out)
         _seed_everything(rc.seed)
         setup = build_run(rc, console=console)
@@ -265,11 +280,11 @@ def _run(rc: RecipeConfig, setup: RunSetup, out: Path, console: Console, resume_
     ckpt_root = out / "checkpoints"
     if resume_from is not None:
         trainer.restore(resume_from, verify=False)  # verified (checksums) by prepare_run_dir
-        console.print(f"resumed from {resume_from} (step {trainer.state.step})")
+        console.print(f"resumed from {resume_from} (step {trainer.state.step})", soft_wrap=True)
         if trainer.state.step >= rc.trainer.max_steps:
             console.print(f"nothing to train: the run in {out} is already at step {trainer.state.step} "
                           f"(trainer.max_steps={rc.trainer.max_steps}); raise trainer.max_steps to continue it, or "
-                          "use another output_dir / trainer.resume=never for a new run")
+                          "use another output_dir / trainer.resume=never for a new run", soft_wrap=True)
     logger = MetricsLogger(
         out, jsonl=rc.logging.jsonl, tensorboard=rc.logging.tensorboard, wandb=rc.logging.wandb.model_dump(),
         mlflow=rc.logging.mlflow.model_dump(), run_name=rc.recipe, resume_step=trainer.state.step,

@@ -109,7 +109,7 @@ def test_resume_never_moves_the_old_run_aside(tmp_path):
     r = cli(*args, "trainer.resume=never", "precision=bf16")
     assert r.returncode == 0, r.stderr
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.prev-")]
-    assert len(aside) == 1 and f"moved to {aside[0]}" in " ".join(r.stdout.split())
+    assert len(aside) == 1 and f"moved to {aside[0]}" in r.stdout
     assert _snapshot(aside[0]) == old  # the old run, whole
     assert _steps(out / "metrics.jsonl") == [1, 2]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
