@@ -132,7 +132,11 @@ class RunLock:
     def acquire(self) -> RunLock:
         host = socket.gethostname()
         for _ in range(10):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:  # the first write into the folder: read-only, no permission, ...
+                raise RunError(f"output_dir={self.path.parent} is not writable ({e.strerror}); "
+                               "pass a writable folder") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -210,19 +214,13 @@ def _same_process(holder: dict) -> bool:
 
 def check_output_dir(out: Path) -> None:
     """`output_dir` is a folder or can be made one; RunError (one line) otherwise. Writes nothing
-    but the folder itself."""
+    but the folder itself (whether it is writable shows when `RunLock` creates its file)."""
     if out.exists() and not out.is_dir():
         raise RunError(f"output_dir={out} is a file, not a folder; pass a folder path (it is created if missing)")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RunError(f"output_dir={out} cannot be created ({e.strerror}); pass a writable folder") from None
-    probe = out / f".write_probe_{os.getpid()}"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise RunError(f"output_dir={out} is not writable ({e.strerror}); pass a writable folder") from None
 
 
 def read_identity(out: Path) -> dict | None:
@@ -244,7 +242,8 @@ def _foreign_entries(out: Path) -> list[str]:
 
 
 def move_aside(out: Path) -> Path:
-    """Move every entry of `out` (but the lock) into a new sibling `<out>.prev-<time>`; returns it.
+    """Move every entry of `out` (but the lock and `launch/`, the launcher's script and job logs,
+    which a running job may be writing) into a new sibling `<out>.prev-<time>`; returns it.
 
     `run.json` goes first, so a kill half-way leaves a folder that is refused, never resumed.
     """
@@ -257,7 +256,7 @@ def move_aside(out: Path) -> Path:
     aside.mkdir()
     entries = sorted(out.iterdir(), key=lambda p: p.name != RUN_FILE)
     for p in entries:
-        if p.name != LOCK_FILE:
+        if p.name not in _OURS_BEFORE_RUN:
             os.replace(p, aside / p.name)
     return aside
 

@@ -20,7 +20,7 @@ from nemo_rl_fp16.config import load_recipe
 from nemo_rl_fp16.runs import NOT_IDENTITY, RunError, RunLock, identity_diff, run_identity
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}  # this checkout, from any cwd
 
 
 def _tiny(ws):
