@@ -5,6 +5,10 @@ checkpoint is either complete or invisible: files are written into `<root>/.tmp_
 `meta.json` (sizes + sha256 of every file) is written last as the completeness marker, and the
 directory is renamed to `<root>/step_<N:06d>` in one step. Loading re-verifies the checksums and
 never returns partial data; resuming must reproduce the run, so the RNG states travel too.
+Re-saving an existing step swaps the old folder out (`.old_step_*`) before the new one is renamed
+in; `clean_stale` (run at start, under the run lock) finishes such a swap if a kill interrupted
+it and removes stale temp folders. A weight that is NaN/inf is never written (`NonFiniteError`),
+and a full disk is reported as such (`StorageError`).
 
 Layout of a step directory:
     model.safetensors   fp32 master weights (safetensors: no pickle, mmap-able)
@@ -15,6 +19,7 @@ Layout of a step directory:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import inspect
 import json
@@ -30,15 +35,46 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from nemo_rl_fp16.guards import check_weights
+
 FORMAT = "nemo_rl_fp16.checkpoint/1"
 MODEL_FILE, STATE_FILE, META_FILE = "model.safetensors", "trainer_state.pt", "meta.json"
 _STEP_RE = re.compile(r"^step_(\d+)$")
+_TMP_RE = re.compile(r"^\.tmp_step_(\d+)_\d+$")
+_OLD_RE = re.compile(r"^\.old_step_(\d+)_\d+$")
 # what torch.load(weights_only=True) accepts (checked at save time, not discovered at resume)
 _LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.Tensor, torch.dtype, torch.Size, torch.device)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupt; the message names the file and the fix."""
+
+
+class StorageError(OSError):
+    """The disk filled up (or went read-only) while writing; nothing partial was kept."""
+
+
+def mount_point(path: str | os.PathLike) -> Path:
+    """The mount point holding `path` (its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists():
+        p = p.parent
+    while not os.path.ismount(p):
+        p = p.parent
+    return p
+
+
+def _disk_full(exc: BaseException, where: Path) -> bool:
+    """Did `exc` come from a full disk? torch.save reports it as an `inline_container.cc` enforce fail
+    ("unexpected pos"), so a write failure with under 64 MiB left counts as one."""
+    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left" in str(exc) or "os error 28" in str(exc):
+        return True
+    try:
+        return shutil.disk_usage(where).free < (64 << 20)
+    except OSError:
+        return False
 
 
 def _sha256(path: Path) -> str:
@@ -94,7 +130,11 @@ def _safetensors_ready(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename `src` onto `dst`; an existing `dst` is swapped out first, then deleted."""
+    """Rename `src` onto `dst`; an existing `dst` is swapped out first, then deleted.
+
+    A kill between the two renames leaves `.old_<dst>_<pid>` and the complete `src`; `clean_stale`
+    finishes the swap at the next start, so the step is never lost.
+    """
     if dst.exists():
         old = dst.parent / f".old_{dst.name}_{os.getpid()}"
         shutil.rmtree(old, ignore_errors=True)
@@ -116,12 +156,20 @@ def save_checkpoint(
     data_state: dict,
     meta: dict | None = None,
     keep_last: int | None = 2,
+    weights_dtype: torch.dtype | None = None,
 ) -> Path:
     """Write `<root>/step_<N:06d>` atomically and prune to the newest `keep_last` (None/0: keep all).
 
     `meta` must be JSON-serialisable (recipe name, config, metrics); it goes into meta.json.
+
+    Raises:
+        NonFiniteError: a weight of `model_state` is NaN/inf (or beyond `weights_dtype`'s range);
+            nothing is written.
+        StorageError: the disk filled up while writing; the partial step folder is removed.
+        CheckpointError: state that `torch.load(weights_only=True)` could not read back.
     """
     root = Path(root)
+    check_weights(model_state, "checkpoint", step, weights_dtype)
     root.mkdir(parents=True, exist_ok=True)
     bundle = {"trainer_state": trainer_state, "rng": rng, "data_state": data_state}
     _check_serialisable(bundle, "checkpoint")
@@ -148,8 +196,13 @@ def save_checkpoint(
         _fsync(tmp)
         final = root / f"step_{step:06d}"
         _replace_dir(tmp, final)
-    except BaseException:
+    except BaseException as e:
+        # judged before the partial folder is removed (that frees the space again)
+        full = isinstance(e, (OSError, RuntimeError)) and not isinstance(e, CheckpointError) and _disk_full(e, root)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise StorageError(errno.ENOSPC, f"no space left on {mount_point(root)} while writing checkpoint "
+                               f"step {step}", str(tmp)) from None
         raise
     if keep_last:
         for old in list_checkpoints(root)[:-keep_last]:
@@ -218,6 +271,96 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
         if m and d.is_dir() and _is_complete(d):
             found.append((int(m.group(1)), d))
     return [d for _, d in sorted(found)]
+
+
+def step_dirs(root: str | os.PathLike) -> list[Path]:
+    """Every `step_*` dir under `root`, complete or not, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), d) for d in root.iterdir() if (m := _STEP_RE.match(d.name)) and d.is_dir()]
+    return [d for _, d in sorted(found)]
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict:
+    """Full check of a step dir (meta.json, sizes, sha256) without loading it; returns meta.json.
+
+    Raises `CheckpointError` naming what is wrong.
+    """
+    path = Path(path)
+    record = _read_meta(path)
+    _check_files(path, record, checksums=True)
+    return record
+
+
+def _reason(e: CheckpointError) -> str:
+    return str(e).split(": the checkpoint is", 1)[0].split("; delete it", 1)[0].split("; pass a complete", 1)[0]
+
+
+def find_resume_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The latest step dir under `root`, fully verified; None when there is none.
+
+    A corrupt or incomplete latest step is never skipped silently: `CheckpointError` names what
+    is wrong, the newest intact older step (if any) and how to resume from it.
+    """
+    dirs = step_dirs(root)
+    if not dirs:
+        return None
+    latest = dirs[-1]
+    try:
+        verify_checkpoint(latest)
+        return latest
+    except CheckpointError as e:
+        bad = _reason(e)
+    for older in reversed(dirs[:-1]):
+        try:
+            verify_checkpoint(older)
+        except CheckpointError:
+            continue
+        raise CheckpointError(
+            f"latest checkpoint {latest} is corrupt ({bad}); {older.name} is intact: move {latest} out of "
+            f"{Path(root)} and rerun (trainer.resume=auto then continues from it), or pass trainer.resume={older}"
+        )
+    raise CheckpointError(
+        f"latest checkpoint {latest} is corrupt ({bad}) and no older checkpoint is intact; "
+        "start afresh with trainer.resume=never (moves this run aside)"
+    )
+
+
+def clean_stale(root: str | os.PathLike) -> list[str]:
+    """Finish interrupted saves under `root` (call it holding the run lock); returns what was done.
+
+    `.old_step_N_*` without `step_N` (killed between the two renames of a re-save): the complete
+    new `.tmp_step_N_*` is renamed in, else the old folder is put back. Every other `.tmp_step_*`
+    and `.old_step_*` is a leftover of a killed save and is removed.
+    """
+    root = Path(root)
+    done: list[str] = []
+    entries = list(root.iterdir())
+    for old in (p for p in entries if _OLD_RE.match(p.name)):
+        step = int(_OLD_RE.match(old.name).group(1))
+        final = root / f"step_{step:06d}"
+        if final.exists():
+            continue
+        tmps = [p for p in entries if (m := _TMP_RE.match(p.name)) and int(m.group(1)) == step and p.exists()]
+        good = next((t for t in tmps if _verifies(t)), None)
+        os.replace(good or old, final)
+        done.append(f"finished the interrupted re-save of {final.name}"
+                    + ("" if good else " (kept the previous version)"))
+    for p in root.iterdir():
+        if _TMP_RE.match(p.name) or _OLD_RE.match(p.name):
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed stale {p.name}")
+    _fsync(root)
+    return done
+
+
+def _verifies(path: Path) -> bool:
+    try:
+        verify_checkpoint(path)
+        return True
+    except CheckpointError:
+        return False
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
@@ -302,8 +445,12 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def export_hf(path: str | os.PathLike, model, tokenizer=None) -> Path:
-    """`save_pretrained` (safetensors) of model (+ tokenizer) into `path`, swapped in atomically."""
+def export_hf(path: str | os.PathLike, model, tokenizer=None, step: int | None = None) -> Path:
+    """`save_pretrained` (safetensors) of model (+ tokenizer) into `path`, swapped in atomically.
+
+    Raises `NonFiniteError` (nothing written) if a weight is NaN/inf.
+    """
+    check_weights(model.state_dict(), "HF export", step)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".tmp_{path.name}_{os.getpid()}"
@@ -325,7 +472,8 @@ def export_hf(path: str | os.PathLike, model, tokenizer=None) -> Path:
 
 
 def write_hf_checkpoint(model_cfg: Mapping[str, Any], path: str | os.PathLike, tokenizer: Any,
-                        state_dict: Mapping[str, torch.Tensor] | None = None, seed: int = 0) -> Path:
+                        state_dict: Mapping[str, torch.Tensor] | None = None, seed: int = 0,
+                        step: int | None = None) -> Path:
     """An HF folder (config.json, fp32 model.safetensors, tokenizer) of policy weights, atomically.
 
     `model_cfg` is a recipe `model:` block: the model is built from it (a seeded init for
@@ -335,6 +483,8 @@ def write_hf_checkpoint(model_cfg: Mapping[str, Any], path: str | os.PathLike, t
     """
     from nemo_rl_fp16.models import build_model, load_weights_
 
+    if state_dict is not None:
+        check_weights(state_dict, "HF export", step)
     model = build_model(model_cfg, torch.float32, seed=seed)
     if state_dict is not None:
         load_weights_(model, state_dict)
@@ -344,4 +494,4 @@ def write_hf_checkpoint(model_cfg: Mapping[str, Any], path: str | os.PathLike, t
             setattr(model.config, key, val)
             if getattr(model, "generation_config", None) is not None:
                 setattr(model.generation_config, key, val)
-    return export_hf(path, model, tokenizer)
+    return export_hf(path, model, tokenizer, step=step)

@@ -7,14 +7,19 @@
     nemo-rl-fp16 launch slurm recipe=grpo_fp16 nodes=8 gpus_per_node=8 account=A partition=P [submit=true]
 
 Arguments after the command are `recipe=NAME` plus OmegaConf dotlist overrides; `dry_run=true`
-prints the resolved config and the plan and exits. Errors print one line per problem and exit
-non-zero before any work starts.
+prints the resolved config and the plan and exits. Errors a user can cause print one line per
+problem (`error: ...`) and exit with a code saying what kind of problem it was (`EXIT_CODES`,
+docs/runs.md); `--traceback` (or `NEMO_RL_TRACEBACK=1`) shows the full Python trace instead, for
+bug reports. An unexpected exception is one line too, exit 1, with that hint.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from nemo_rl_fp16.config import ConfigError
@@ -24,16 +29,31 @@ COMMANDS = {
     "mismatch": ("mismatch_tiny", "offline π-vs-µ mismatch check across precisions (paper Fig. 2)"),
     "demo": ("demo_tiny", "CPU sanity demo: warm start, fp16 run, bf16 run, side-by-side report"),
 }
-EXIT_CONFIG, EXIT_PRECISION, EXIT_INPUT = 2, 3, 4
+EXIT_BUG, EXIT_CONFIG, EXIT_PRECISION, EXIT_INPUT, EXIT_NONFINITE, EXIT_STORAGE = 1, 2, 3, 4, 5, 6
+#: exit code -> meaning (documented in docs/runs.md)
+EXIT_CODES = {
+    0: "success",
+    EXIT_BUG: "unexpected error (a bug: rerun with --traceback and report it)",
+    EXIT_CONFIG: "bad recipe, override or argument; output_dir of another run, locked, a file or not writable; "
+                 "a model folder that is not an HF model",
+    EXIT_PRECISION: "precision audit: an engine does not run the declared dtypes",
+    EXIT_INPUT: "bad input data (dataset rows, files), corrupt or unusable checkpoint",
+    EXIT_NONFINITE: "non-finite reward, loss, gradient or weight (nothing was saved)",
+    EXIT_STORAGE: "disk full or read-only while writing (the last checkpoint is intact)",
+}
 _TRUE = {"1", "true", "yes", "on"}
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nemo-rl-fp16",
         description="RL fine-tuning of LLMs in FP16 end to end (arXiv 2510.26788).",
-        epilog="Example: nemo-rl-fp16 rl recipe=sanity_tiny trainer.max_steps=3 dry_run=true",
+        epilog="Example: nemo-rl-fp16 rl recipe=sanity_tiny trainer.max_steps=3 dry_run=true. Exit codes: "
+               + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()),
     )
+    p.add_argument("--traceback", action="store_true",
+                   help="show the full Python trace of an error (also: NEMO_RL_TRACEBACK=1)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (default, help_) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_, description=f"{help_}. Default recipe: {default}.")
@@ -66,61 +86,89 @@ def split_args(command: str, args: Sequence[str]) -> tuple[str, list[str], bool]
     return recipe, overrides, dry_run
 
 
-def run_command(command: str, args: Sequence[str]) -> int:
-    """Run one command with its key=value arguments; returns the exit code."""
-    from nemo_rl_fp16.checkpoint import CheckpointError
+def _one_line(e: BaseException) -> str:
+    from nemo_rl_fp16.checkpoint import StorageError
+
+    text = e.strerror if isinstance(e, StorageError) and e.strerror else str(e)
+    return " ".join(text.split()) or type(e).__name__
+
+
+def run_command(command: str, args: Sequence[str], show_traceback: bool | None = None) -> int:
+    """Run one command with its key=value arguments; returns the exit code (`EXIT_CODES`).
+
+    `show_traceback` (default: env NEMO_RL_TRACEBACK) re-raises instead of printing one line.
+    """
+    from nemo_rl_fp16.checkpoint import CheckpointError, StorageError
     from nemo_rl_fp16.data.jsonl import DataError
+    from nemo_rl_fp16.guards import NonFiniteError
     from nemo_rl_fp16.precision import PrecisionMismatchError
 
+    if show_traceback is None:
+        show_traceback = os.environ.get("NEMO_RL_TRACEBACK", "").lower() in _TRUE
     try:
-        if command == "recipes":
-            from nemo_rl_fp16.config import available_recipes
-
-            print("\n".join(available_recipes()))
-            return 0
-        if command == "launch":
-            from nemo_rl_fp16.launch import launch_slurm
-
-            return launch_slurm(args)
-        recipe, overrides, dry_run = split_args(command, args)
-        if command == "demo":
-            from nemo_rl_fp16.experiments import run_demo
-
-            return run_demo(overrides, recipe=recipe, dry_run=dry_run)
-        from nemo_rl_fp16.config import load_recipe, to_yaml, typed
-        from nemo_rl_fp16.plan import check_run, format_plan
-
-        cfg = load_recipe(recipe, overrides)
-        if command == "rl" and not dry_run:  # `run` starts with the same validation stage (`check_run`)
-            from nemo_rl_fp16.trainer import run
-
-            run(cfg)
-            return 0
-        plan = check_run(typed(cfg))  # the dry run's checks are the real run's: plan + environment
-        if dry_run:
-            print(to_yaml(cfg), end="")
-            print(f"# plan ({command})\n{format_plan(plan)}")
-            return 0
-        from nemo_rl_fp16.experiments import run_mismatch
-
-        run_mismatch(cfg)
-        return 0
+        return _run_command(command, args)
     except ConfigError as e:
+        if show_traceback:
+            traceback.print_exc()
         for line in str(e).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return EXIT_CONFIG
-    except PrecisionMismatchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_PRECISION
-    except (DataError, CheckpointError) as e:  # bad dataset rows, corrupt checkpoint: one line
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_INPUT
+    except Exception as e:
+        if show_traceback:
+            traceback.print_exc()
+        kinds = ((PrecisionMismatchError, EXIT_PRECISION), (NonFiniteError, EXIT_NONFINITE),
+                 (StorageError, EXIT_STORAGE), ((DataError, CheckpointError), EXIT_INPUT))
+        code = next((c for t, c in kinds if isinstance(e, t)), None)
+        if code is None and isinstance(e, OSError) and e.errno is not None:  # a user's disk, folder or file
+            code = EXIT_STORAGE if e.errno in _STORAGE_ERRNOS else EXIT_INPUT
+        if code is None:
+            if not show_traceback:
+                print(f"error: unexpected {type(e).__name__}: {_one_line(e)[:500]} (a bug: rerun with --traceback "
+                      "or NEMO_RL_TRACEBACK=1 and report the trace)", file=sys.stderr)
+            return EXIT_BUG
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return code
+
+
+def _run_command(command: str, args: Sequence[str]) -> int:
+    if command == "recipes":
+        from nemo_rl_fp16.config import available_recipes
+
+        print("\n".join(available_recipes()))
+        return 0
+    if command == "launch":
+        from nemo_rl_fp16.launch import launch_slurm
+
+        return launch_slurm(args)
+    recipe, overrides, dry_run = split_args(command, args)
+    if command == "demo":
+        from nemo_rl_fp16.experiments import run_demo
+
+        return run_demo(overrides, recipe=recipe, dry_run=dry_run)
+    from nemo_rl_fp16.config import load_recipe, to_yaml, typed
+    from nemo_rl_fp16.plan import check_run, format_plan
+
+    cfg = load_recipe(recipe, overrides)
+    if command == "rl" and not dry_run:  # `run` starts with the same validation stage (`check_run`)
+        from nemo_rl_fp16.trainer import run
+
+        run(cfg)
+        return 0
+    plan = check_run(typed(cfg))  # the dry run's checks are the real run's: plan + environment
+    if dry_run:
+        print(to_yaml(cfg), end="")
+        print(f"# plan ({command})\n{format_plan(plan)}")
+        return 0
+    from nemo_rl_fp16.experiments import run_mismatch
+
+    run_mismatch(cfg)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = _parser().parse_args(argv)
-    return run_command(ns.command, getattr(ns, "overrides", []))  # launch: target is always slurm
+    return run_command(ns.command, getattr(ns, "overrides", []), show_traceback=ns.traceback or None)  # launch: target is always slurm
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -273,7 +273,7 @@ class MismatchSection(_Section):
 
 
 class RecipeConfig(_Section):
-    recipe: str = "base"
+    recipe: str = Field("base", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")  # a name, never a path
     seed: int = Field(1234, ge=0, lt=2**63)
     output_dir: str = "outputs/base"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -435,6 +435,9 @@ def _format_errors(err: ValidationError, data: dict) -> str:
             lines.append(f"{key + ': ' if key else ''}{msg}")
         elif e["type"] == "refused":  # our validators' full lines (may be several)
             lines += str(e["msg"]).splitlines()
+        elif e["type"] == "string_pattern_mismatch" and key == "recipe":
+            lines.append(f"bad value for 'recipe': {value!r}; a recipe name is letters, digits and _ . + - "
+                         "(no '/', spaces or a leading '.'); it names the run's output folder")
         elif e["type"] == "missing":
             lines.append(f"missing key '{key}'")
         else:  # pydantic's "Input should be ..." states what is allowed

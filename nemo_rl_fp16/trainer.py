@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from nemo_rl_fp16 import checkpoint as ckpt
 from nemo_rl_fp16.algorithms import combine_metrics, group_advantages, policy_loss
 from nemo_rl_fp16.build import RunSetup, build_run
-from nemo_rl_fp16.config import AlgorithmSection, ConfigError, RecipeConfig, save_resolved, typed
+from nemo_rl_fp16.config import AlgorithmSection, RecipeConfig, save_resolved, typed
+from nemo_rl_fp16.guards import NonFiniteError, check_reward, check_update, check_weights
 from nemo_rl_fp16.interfaces import (
     LossFn,
     PolicyTrainer,
@@ -34,6 +35,14 @@ from nemo_rl_fp16.interfaces import (
 from nemo_rl_fp16.loggers import MetricsLogger, progress_bar, summary_table
 from nemo_rl_fp16.mismatch import mismatch_metrics
 from nemo_rl_fp16.precision import PrecisionMismatchError, resolve_policies
+from nemo_rl_fp16.runs import (
+    RunLock,
+    check_model_folders,
+    check_output_dir,
+    prepare_run_dir,
+    run_identity,
+    storage_error_message,
+)
 
 SEQUENCE_LEVEL = ("gspo", "pg_seq_is")
 
@@ -57,6 +66,10 @@ class RLTrainer:
         self.ref: PolicyTrainer | None = run.reference
         self.console = console or Console()
         self.state = RunState()
+        train_policy = resolve_policies(cfg.precision.model_dump())[0]
+        self.loss_scaling = train_policy.loss_scale.enabled  # a skipped update is an fp16 overflow only then
+        self.param_dtype = train_policy.param_dtype
+        self.identity: dict | None = None  # set by `run`: stored with every checkpoint
         self.sampling = SamplingParams(
             max_new_tokens=cfg.rollout.max_new_tokens,
             temperature=cfg.rollout.temperature,
@@ -92,7 +105,10 @@ class RLTrainer:
         idx = self.prompts_for_step(step)
         prompts = [run.prompt_ids[i] for i in idx]
         sampling = dataclasses.replace(self.sampling, seed=_mix(cfg.seed, step))
-        batch = self.rollout.generate(prompts, sampling)
+        try:
+            batch = self.rollout.generate(prompts, sampling)
+        except NonFiniteError as e:  # the engine refuses to sample from NaN/inf logits: a diverged policy
+            raise NonFiniteError(f"step {step}: {e}; lower policy.lr and start afresh (trainer.resume=never)") from e
         t_rollout = time.perf_counter() - t0
 
         rewards = self.rewards(batch, [run.problems[i].answer for i in idx])
@@ -109,7 +125,7 @@ class RLTrainer:
         t_train = time.perf_counter() - t1
 
         t2 = time.perf_counter()
-        self.rollout.update_weights(self.policy.rollout_state_dict())
+        self.refit(step)
         t_refit = time.perf_counter() - t2
 
         last = results[-1]
@@ -141,7 +157,7 @@ class RLTrainer:
         for row, (ids, m) in enumerate(zip(batch.responses.tolist(), batch.response_mask.tolist(), strict=True)):
             tokens = [t for t, keep in zip(ids, m, strict=True) if keep and t != self.run.tokenizer.eos_token_id]
             text = self.run.tokenizer.decode(tokens, skip_special_tokens=True)
-            out.append(self.run.reward(text, answers[row // g]))
+            out.append(check_reward(self.run.reward(text, answers[row // g]), self.cfg.reward.name, row, row // g, text))
         return torch.tensor(out, dtype=torch.float32)
 
     def update(self, batch: RolloutBatch, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
@@ -156,18 +172,18 @@ class RLTrainer:
         retries = 0
         while True:
             result = self.policy.train_step(batch, loss_fn, self.cfg.rollout.temperature)
+            check_update(result.skipped, result.metrics.get("loss", 0.0), result.grad_norm,
+                         loss_scaling=self.loss_scaling, retries=retries,
+                         max_retries=self.cfg.trainer.max_overflow_retries, step=self.state.step)
             if not result.skipped:
                 break
             self.state.skipped_updates += 1
-            if retries == self.cfg.trainer.max_overflow_retries:
-                self.console.print(f"[yellow]fp16 overflow persisted over {retries + 1} attempts "
-                                   f"(last scale {result.loss_scale:g}): update skipped")
-                break
             # the retry must run at a strictly lower scale: with hysteresis > 1 the scaler may have kept it
             if not self.policy.back_off_loss_scale(result.loss_scale):
-                self.console.print(f"[yellow]gradients overflowed at loss scale {result.loss_scale:g}, which cannot "
-                                   f"go lower (no loss scaler, or at precision.loss_scale.min_scale): update skipped")
-                break
+                raise NonFiniteError(
+                    f"step {self.state.step}: gradients overflowed at loss scale {result.loss_scale:g}, which cannot "
+                    "go lower (at precision.loss_scale.min_scale); the run stops before anything is saved (lower "
+                    "precision.loss_scale.min_scale or policy.lr)")
             retries += 1
         loss_value = result.metrics.get("loss", float("nan"))
         result.metrics.update({f"loss/{k}": v for k, v in combine_metrics(result.micro_metrics).items()},
@@ -177,6 +193,12 @@ class RLTrainer:
 
     # ------------------------------------------------------------------ checkpoints
 
+    def refit(self, step: int) -> None:
+        """Send the policy's weights to the rollout engine; never a NaN/inf (or fp16-overflowing) one."""
+        state = self.policy.rollout_state_dict()
+        check_weights(state, "refit", step, self.param_dtype)
+        self.rollout.update_weights(state)
+
     def save(self, root: Path) -> Path:
         state = self.policy.state_dict()
         return ckpt.save_checkpoint(
@@ -185,17 +207,23 @@ class RLTrainer:
             trainer_state=state,
             rng=ckpt.capture_rng(),
             data_state={"step": self.state.step, "skipped_updates": self.state.skipped_updates},
-            meta={"recipe": self.cfg.recipe},
+            meta={"recipe": self.cfg.recipe, "run": self.identity},
             keep_last=self.cfg.trainer.keep_last,
+            weights_dtype=self.param_dtype,
         )
 
-    def restore(self, path: Path) -> None:
-        data = ckpt.load_checkpoint(path)
-        self.policy.load_state_dict({"model": data["model_state"], **data["trainer_state"]})
+    def restore(self, path: Path, verify: bool = True) -> None:
+        data = ckpt.load_checkpoint(path, verify=verify)
+        try:
+            check_weights(data["model_state"], f"resume from {path}", int(data["step"]))
+            self.policy.load_state_dict({"model": data["model_state"], **data["trainer_state"]})
+        except Exception as e:
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise ckpt.CheckpointError(f"checkpoint {path} does not load into this run ({first})") from e
         ckpt.restore_rng(data["rng"])
         self.state.step = int(data["data_state"]["step"])
         self.state.skipped_updates = int(data["data_state"]["skipped_updates"])
-        self.rollout.update_weights(self.policy.rollout_state_dict())
+        self.refit(self.state.step)
 
 
 def loss_closure(a: AlgorithmSection, batch: RolloutBatch, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
@@ -230,29 +258,50 @@ def run(cfg: DictConfig, console: Console | None = None) -> dict[str, float]:
     rc = typed(cfg)
     check_run(rc)  # the validation stage the dry run runs: every refusal before any work
     out = Path(rc.output_dir)
-    save_resolved(cfg, out)
-    _seed_everything(rc.seed)
-    setup = build_run(rc, console=console)
-    try:
-        return _run(rc, setup, out, console)
-    finally:
-        if setup.close is not None:
-            setup.close()
+    identity = run_identity(OmegaConf.to_container(cfg, resolve=True))
+    check_model_folders(rc.model.name_or_path, rc.model.tokenizer)
+    check_output_dir(out)
+    with RunLock(out) as lock:  # before anything is written; nothing is touched before the checks
+        if lock.took_over:
+            console.print(f"took over the lock of a dead run (pid {lock.took_over.get('pid')})", soft_wrap=True)
+        start = prepare_run_dir(out, rc.trainer.resume, identity)
+        if start.moved_aside is not None:
+            console.print(f"trainer.resume=never: the previous run in {out} was moved to {start.moved_aside}", soft_wrap=True)
+        for line in start.recovered or []:
+            console.print(f"checkpoints: {line}", soft_wrap=True)
+        save_resolved(cfg, out)
+        _seed_everything(rc.seed)
+        setup = build_run(rc, console=console)
+        try:
+            return _run(rc, setup, out, console, start.resume_from, identity)
+        except (OSError, RuntimeError) as e:
+            msg = storage_error_message(e, out, ckpt.latest_checkpoint(out / "checkpoints"))
+            if msg is None:
+                raise
+            raise ckpt.StorageError(e.errno if isinstance(e, OSError) and e.errno else 28, msg) from e
+        finally:
+            if setup.close is not None:
+                setup.close()
 
 
-def _run(rc: RecipeConfig, setup: RunSetup, out: Path, console: Console) -> dict[str, float]:
+def _run(rc: RecipeConfig, setup: RunSetup, out: Path, console: Console, resume_from: Path | None,
+         identity: dict) -> dict[str, float]:
     audit(setup, rc)
     console.print(f"precision: trainer ({rc.policy.backend}) vs rollout ({rc.rollout.backend})\n"
                   f"{setup.train_policy.dtype_table(setup.rollout_policy)}\n  loss scaling: "
                   f"{setup.train_policy.describe()['loss_scale']}", highlight=False)
     trainer = RLTrainer(rc, setup, console)
     held_out = _held_out(rc, setup)
+    trainer.identity = identity
 
     ckpt_root = out / "checkpoints"
-    resume_from = _resume_path(rc, ckpt_root)
     if resume_from is not None:
-        trainer.restore(resume_from)
-        console.print(f"resumed from {resume_from} (step {trainer.state.step})")
+        trainer.restore(resume_from, verify=False)  # verified (checksums) by prepare_run_dir
+        console.print(f"resumed from {resume_from} (step {trainer.state.step})", soft_wrap=True)
+        if trainer.state.step >= rc.trainer.max_steps:
+            console.print(f"nothing to train: the run in {out} is already at step {trainer.state.step} "
+                          f"(trainer.max_steps={rc.trainer.max_steps}); raise trainer.max_steps to continue it, or "
+                          "use another output_dir / trainer.resume=never for a new run", soft_wrap=True)
     logger = MetricsLogger(
         out, jsonl=rc.logging.jsonl, tensorboard=rc.logging.tensorboard, wandb=rc.logging.wandb.model_dump(),
         mlflow=rc.logging.mlflow.model_dump(), run_name=rc.recipe, resume_step=trainer.state.step,
@@ -281,7 +330,8 @@ def _run(rc: RecipeConfig, setup: RunSetup, out: Path, console: Console) -> dict
         logger.close()
     if rc.trainer.export_hf:
         path = ckpt.write_hf_checkpoint(setup.model_cfg, out / "hf", setup.tokenizer,
-                                        state_dict=trainer.policy.rollout_state_dict(), seed=rc.seed)
+                                        state_dict=trainer.policy.rollout_state_dict(), seed=rc.seed,
+                                        step=trainer.state.step)
         console.print(f"policy exported (HF, safetensors): {path}")
     metrics["run/wall_s"] = time.perf_counter() - start_time
     if rc.trainer.max_steps:
@@ -311,15 +361,6 @@ def audit(setup: RunSetup, rc: RecipeConfig) -> None:
             raise PrecisionMismatchError(name, problems)
 
 
-def _resume_path(rc: RecipeConfig, root: Path) -> Path | None:
-    if rc.trainer.resume == "never":
-        return None
-    if rc.trainer.resume == "auto":
-        return ckpt.latest_checkpoint(root)
-    path = Path(rc.trainer.resume)
-    if not path.is_dir():
-        raise ConfigError(f"trainer.resume={rc.trainer.resume}: no such checkpoint folder; use auto, never or a step dir")
-    return path
 
 
 def _mix(seed: int, step: int) -> int:

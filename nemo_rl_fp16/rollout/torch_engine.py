@@ -23,6 +23,7 @@ import torch
 from transformers import DynamicCache
 
 from nemo_rl_fp16.cpu_numerics import cpu_numerics, kernel_profile
+from nemo_rl_fp16.guards import NonFiniteError
 from nemo_rl_fp16.interfaces import RolloutBatch, SamplingParams
 from nemo_rl_fp16.models import (
     build_model,
@@ -163,10 +164,15 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, gen: t
                   logits_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row from `[B, V]` logits; returns (tokens, pre-top-p fp32 log-probs).
 
+    Raises `guards.NonFiniteError` on NaN/inf logits instead of sampling from them.
+
     Sampling is inverse-CDF in fp64 from one `torch.rand` draw per row of `gen`, so the same
     logits and generator state give the same tokens on every CPU. Nucleus sampling keeps the smallest set of most likely tokens whose cumulative probability
     reaches `top_p` (the top token always survives) and renormalises over it.
     """
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteError(f"rollout engine: non-finite logits ({int((~torch.isfinite(logits)).sum())} of "
+                             f"{logits.numel()} in {logits.dtype}): the policy diverged or its forward overflows")
     logp = logprob_table(logits, temperature, logits_dtype)
     if temperature == 0:
         tok = logp.argmax(-1)

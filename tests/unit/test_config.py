@@ -38,7 +38,7 @@ def test_defaults_composition_and_interpolation():
     cfg = load_recipe("grpo_bf16")
     assert cfg.precision.name == "bf16"
     assert cfg.rollout.max_new_tokens == 4096  # inherited from grpo_fp16
-    assert cfg.output_dir == "outputs/grpo_bf16"
+    assert cfg.output_dir == "outputs/grpo_bf16/bf16_grpo"  # recipe / precision _ algorithm: runs never collide
 
 
 def test_overrides_and_preset_swap():

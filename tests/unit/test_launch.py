@@ -1,8 +1,10 @@
 """Slurm launcher: golden checks of the generated sbatch script, `bash -n`, and a local dry run
 of the script against stub `scontrol`/`srun`/`ray`/`nemo-rl-fp16` executables (no cluster)."""
 
+import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,20 +30,21 @@ def test_generated_script_golden_lines(tmp_path, nodes):
     for want in [f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --time=04:00:00", "#SBATCH --account=acct", "#SBATCH --partition=batch",
                  "#SBATCH --job-name=nemo-rl-fp16-grpo_fp16",
-                 "#SBATCH --output=outputs/grpo_fp16/launch/logs/%x-%j.out",
+                 "#SBATCH --output=outputs/grpo_fp16/bf16_grpo/launch/logs/%x-%j.out",
                  f"NNODES={nodes}", "GPUS_PER_NODE=8", "trap cleanup EXIT",
                  'CONTAINER=(--container-image=/images/rl.sqsh --container-mounts=/data:/data,/ckpt:/ckpt '
                  '--container-workdir="$WORKDIR")',
                  'STEP=(srun --overlap --nodes=1 --ntasks=1 "${CONTAINER[@]}")']:
         assert want in lines, want
     assert lines[0] == "#!/bin/bash"
-    assert 'ray start --head --node-ip-address=$HEAD_IP --port=$RAY_PORT --num-gpus=8 --block' in text
-    assert 'ray start --address=$RAY_ADDRESS --num-gpus=8 --block' in text
+    exec_ = 'bash -c \'exec "$@"\' bash '
+    assert exec_ + 'ray start --head --node-ip-address="$HEAD_IP" --port="$RAY_PORT" --num-gpus=8 --block' in text
+    assert exec_ + 'ray start --address="$RAY_ADDRESS" --num-gpus=8 --block' in text
     assert "\ntrap 'exit 143' TERM INT" in text
-    assert "ray stop --force" in text and 'ray status --address=$RAY_ADDRESS' in text
+    assert "ray stop --force" in text and 'ray status --address="$RAY_ADDRESS"' in text
     rl = (f"nemo-rl-fp16 rl recipe=grpo_fp16 cluster.nodes={nodes} cluster.gpus_per_node=8 cluster.ray.enabled=true "
           "trainer.max_steps=7 precision=bf16")
-    assert f"bash -c 'exec {rl}'" in text
+    assert exec_ + rl in text
     (tmp_path / "s.sh").write_text(text)
     r = subprocess.run(["bash", "-n", str(tmp_path / "s.sh")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -52,7 +55,7 @@ def test_nemo_launcher_and_no_container(tmp_path):
     text = render_sbatch(job)
     assert "#SBATCH --gpus-per-node" not in text and "#SBATCH --account" not in text
     assert "CONTAINER=()" in text and "--num-gpus=0 --block" in text
-    assert "'source /venv/bin/activate && exec nemo llm rl recipe=sanity_tiny cluster.nodes=2" in text
+    assert "bash -c 'source /venv/bin/activate && exec \"$@\"' bash nemo llm rl recipe=sanity_tiny cluster.nodes=2" in text
 
 
 @pytest.mark.parametrize("bad,msg", [
@@ -125,10 +128,129 @@ def test_local_dry_run_times_out_when_cluster_incomplete(tmp_path):
 def test_cli_prints_sbatch_command(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["launch", "slurm", "recipe=sanity_tiny", "nodes=1", "gpus_per_node=1", "submit=false"]) == 0
-    path = Path("outputs/sanity_tiny/launch/nemo-rl-fp16-sanity_tiny.sbatch")
+    path = Path("outputs/sanity_tiny/fp16_grpo/launch/nemo-rl-fp16-sanity_tiny.sbatch")
     assert path.exists() and f"sbatch {path}" in capsys.readouterr().out
     assert main(["launch", "slurm", "nodes=0"]) == 2
     assert capsys.readouterr().err.strip() == "error: nodes=0 must be >= 1"
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch on PATH
     assert main(["launch", "slurm", "recipe=sanity_tiny", "submit=true"]) == 2
     assert "sbatch is not on PATH" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ hostile values
+
+def _payloads(canary):
+    """Strings a shell would run if they were not quoted: each would create a file in `canary`."""
+    c = str(canary)
+    return [f"$(touch {c}/p1)", f"`touch {c}/p2`", f"x; touch {c}/p3", f"x && touch {c}/p4",
+            f"x)>{c}/p5&&(touch {c}/p6", f"x' ; touch {c}/p7 ; '", f'x" ; touch {c}/p8 ; "',
+            f"x\ntouch {c}/p9", f"a b > {c}/p10", f"x | tee {c}/p11", f"x < /etc/passwd; touch {c}/p12"]
+
+
+_PY_STUB = """#!{py}
+import json, os, sys
+with open(os.environ["LOG"], "a") as f:
+    f.write(json.dumps([os.path.basename(sys.argv[0]), *sys.argv[1:]]) + "\\n")
+name = os.path.basename(sys.argv[0])
+if name == "srun":  # drop srun's own --options, run the command (like a job step)
+    args = sys.argv[1:]
+    while args and args[0].startswith("-"):
+        args.pop(0)
+    os.execvp(args[0], args)
+if name == "ray" and sys.argv[1] == "status":
+    print("Active:"); print(" 1 node_1"); print("Pending:"); print("Resources"); print(" 0.0/1.0 GPU")
+if name == "hostname":
+    print("10.0.0.1")
+"""
+
+
+def _run_with_stubs(tmp_path, job):
+    bin_ = tmp_path / "bin"
+    bin_.mkdir(exist_ok=True)
+    for name in ("srun", "ray", "hostname", "nemo-rl-fp16"):
+        (bin_ / name).write_text(_PY_STUB.format(py=sys.executable))
+        (bin_ / name).chmod(0o755)
+    (bin_ / "scontrol").write_text('#!/bin/bash\necho "$3" | tr , "\\n"\n')
+    (bin_ / "scontrol").chmod(0o755)
+    script = tmp_path / "job.sbatch"
+    script.write_text(render_sbatch(job))
+    log = tmp_path / "calls.jsonl"
+    log.unlink(missing_ok=True)
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "LOG": str(log), "SLURM_JOB_ID": "1",
+           "SLURM_JOB_NODELIST": "n0"}
+    r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    return r, [json.loads(x) for x in log.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("where", ["image", "mounts", "workdir", "override"])
+def test_hostile_values_reach_argv_verbatim_and_run_nothing(tmp_path, where):
+    canary = tmp_path / "canary"
+    canary.mkdir()
+    for i, bad in enumerate(_payloads(canary)):
+        wd = tmp_path / f"wd{i}"
+        kw = {"image": "/img.sqsh"}
+        if where == "image":
+            kw["image"] = bad
+        elif where == "mounts":
+            kw["mounts"] = bad
+        elif where == "workdir":
+            wd = tmp_path / bad.replace("/", "_")
+            kw["workdir"] = str(wd)
+        wd.mkdir(exist_ok=True)
+        kw.setdefault("workdir", str(wd))
+        overrides = [f"data.path={bad}", f"output_dir={bad}"] if where == "override" else ["trainer.max_steps=1"]
+        job = SlurmJob(recipe="sanity_tiny", nodes=1, gpus_per_node=1, ray_wait_s=5, ray_poll_s=1,
+                       overrides=overrides, log_dir=str(tmp_path / "logs"), **kw)
+        r, calls = _run_with_stubs(tmp_path, job)
+        assert r.returncode == 0, (bad, r.stderr)
+        assert sorted(os.listdir(canary)) == [], (where, bad)  # nothing injected ran
+        names = {c[0] for c in calls}
+        assert names == {"srun", "hostname", "ray", "nemo-rl-fp16"}, names
+        runs = [c for c in calls if c[0] == "nemo-rl-fp16"]
+        assert runs == [["nemo-rl-fp16", "rl", "recipe=sanity_tiny", "cluster.nodes=1", "cluster.gpus_per_node=1",
+                         "cluster.ray.enabled=true", *overrides]], (bad, runs)
+        srun = [c for c in calls if c[0] == "srun" and "--container-image=" + kw["image"] in c]
+        assert srun and all(f"--container-mounts={kw['mounts']}" in c for c in srun if "mounts" in kw)
+        ray = {tuple(c[1:]) for c in calls if c[0] == "ray"}  # the background `ray start` may be killed unlogged
+        assert ray <= {("start", "--head", "--node-ip-address=10.0.0.1", "--port=6379", "--num-gpus=1", "--block"),
+                       ("status", "--address=10.0.0.1:6379"), ("stop", "--force")}, ray
+        assert ("stop", "--force") in ray and ("status", "--address=10.0.0.1:6379") in ray
+
+
+def test_setup_runs_only_inside_each_step(tmp_path):
+    canary = tmp_path / "canary"
+    canary.mkdir()
+    setup = f"touch {canary}/step_$$"  # setup is shell code by design: it runs in the steps only
+    job = SlurmJob(recipe="sanity_tiny", nodes=1, gpus_per_node=1, ray_wait_s=5, ray_poll_s=1, image="/i",
+                   workdir=str(tmp_path), setup=setup, log_dir=str(tmp_path / "logs"))
+    r, calls = _run_with_stubs(tmp_path, job)
+    assert r.returncode == 0, r.stderr
+    steps = [c for c in calls if c[0] == "srun" and "bash" in c]
+    assert steps and all(c[c.index("bash") + 1:c.index("bash") + 3] == ["-c", f'{setup} && exec "$@"'] for c in steps)
+    assert len(os.listdir(canary)) == len(steps)  # once per step, never in the batch script itself
+    with pytest.raises(ConfigError, match="one non-empty line"):
+        parse_args(["recipe=sanity_tiny", "nodes=1", "gpus_per_node=1", "setup=a\nb", f"script={tmp_path}/x"])
+
+
+@pytest.mark.parametrize("key", ["account", "partition", "job_name", "time", "log_dir"])
+def test_hostile_sbatch_values_refused(tmp_path, key):
+    for bad in _payloads(tmp_path) + ["a b", "x\n#SBATCH --wrap=touch p", "", "acct\n"]:
+        with pytest.raises(ConfigError, match="#SBATCH"):
+            parse_args(["recipe=sanity_tiny", "nodes=1", "gpus_per_node=1", f"{key}={bad}",
+                        f"script={tmp_path / 'x.sbatch'}"])
+    assert not (tmp_path / "x.sbatch").exists()
+
+
+def test_derived_values_checked_too(tmp_path):
+    # output_dir with a newline or space: the derived log folder cannot go on an #SBATCH line
+    for out in ["a b", "x\ny", "x;id"]:
+        with pytest.raises(ConfigError, match="derived from output_dir"):
+            parse_args(["recipe=sanity_tiny", "nodes=1", "gpus_per_node=1", f"output_dir={out}",
+                        f"script={tmp_path / 'x.sbatch'}"])
+    # a recipe name is a name: never a path, never shell
+    for name in ["../../..", "x\ny", "$(id)"]:
+        with pytest.raises(ConfigError, match="recipe"):
+            parse_args(["recipe=sanity_tiny", "nodes=1", "gpus_per_node=1", f"+recipe={name}",
+                        f"script={tmp_path / 'x.sbatch'}"])
+    with pytest.raises(ConfigError, match="#SBATCH"):
+        render_sbatch(SlurmJob(job_name="a;b"))

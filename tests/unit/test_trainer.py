@@ -14,6 +14,7 @@ from rich.console import Console
 
 from nemo_rl_fp16.build import build_run
 from nemo_rl_fp16.config import load_recipe, typed
+from nemo_rl_fp16.guards import NonFiniteError
 from nemo_rl_fp16.precision import PrecisionMismatchError
 from nemo_rl_fp16.trainer import RLTrainer, audit, run
 
@@ -122,14 +123,16 @@ def test_injected_inf_skips_backs_off_and_retries_same_batch(tmp_path, hysteresi
     assert m2["train/overflow_retries"] == 0 and m2["train/overflow_skips"] == 1
 
 
-def test_persistent_overflow_gives_up_after_bounded_retries(tmp_path):
+def test_persistent_overflow_stops_after_bounded_retries(tmp_path):
     rc = typed(_cfg(tmp_path, "data.prompts_per_step=4", "trainer.max_overflow_retries=2"))
     setup = build_run(rc, console=QUIET)
     trainer = RLTrainer(rc, setup, QUIET)
-    setup.policy.grad_hook = lambda grads: grads[0].view(-1).__setitem__(0, float("nan"))
+    calls = []
+    setup.policy.grad_hook = lambda grads: (calls.append(1), grads[0].view(-1).__setitem__(0, float("nan")))
     before = {k: v.clone() for k, v in setup.policy.state_dict()["model"].items()}
-    m = trainer.step(0)
-    assert m["train/overflow_skips"] == 3 and m["train/overflow_retries"] == 2
+    with pytest.raises(NonFiniteError, match=r"step 0: fp16 overflow persisted over 3 attempts"):
+        trainer.step(0)
+    assert len(calls) == 3 and trainer.state.skipped_updates == 2
     assert all(torch.equal(before[k], v) for k, v in setup.policy.state_dict()["model"].items())
 
 
