@@ -259,6 +259,20 @@ def package_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _GemmFn.apply(a, b, None, _PROFILE.get(), a.dtype)
 
 
+def package_addmm(input: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, *, beta: float = 1.0,
+                  alpha: float = 1.0) -> torch.Tensor:
+    """`torch.addmm` / `torch.baddbmm` (`beta·input + alpha·(m1 @ m2)`) under the package GEMM:
+    the product's accumulator (rounded to fp32), scaled and added in fp32 as a cuBLAS epilogue,
+    rounded once to `m1.dtype`. With `beta == 0`, `input` is ignored (NaNs in it too), as in torch.
+    Megatron's local attention computes Q·Kᵀ this way."""
+    d = m1.dtype
+    acc = _GemmFn.apply(m1, m2, None, _PROFILE.get(), torch.float32)
+    out = acc * alpha if alpha != 1 else acc
+    if beta != 0:
+        out = out + beta * input.float()
+    return out.to(d)
+
+
 # ---------------------------------------------------------------------------------------------
 # attention
 # ---------------------------------------------------------------------------------------------
@@ -417,6 +431,7 @@ _LINEAR_FUNCS = {F.linear}
 _MATMUL_FUNCS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm,
                  torch.bmm, torch.Tensor.bmm}
 _SDPA_FUNCS = {F.scaled_dot_product_attention}
+_ADDMM_FUNCS = {torch.addmm, torch.Tensor.addmm, torch.baddbmm, torch.Tensor.baddbmm}
 
 
 def _floats(args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -428,9 +443,9 @@ class PackageNumericsMode(TorchFunctionMode):
     """TorchFunctionMode installing the package kernels for `dtype` (fp16 or bf16) CPU tensors.
 
     GEMMs and SDPA whose floating arguments are all `dtype` go to the package GEMM/attention;
-    the fp64-evaluated ops (module doc) apply to `dtype` and fp32 CPU tensors. Anything else
-    (other dtypes, CUDA tensors, `out=`) is left to torch. `addmm`/`baddbmm` (not used by the
-    supported HF families' forward) are refused rather than silently computed natively.
+    the fp64-evaluated ops (module doc) apply to `dtype` and fp32 CPU tensors. `addmm`/`baddbmm`
+    (megatron's local attention) run as the package GEMM with an fp32 epilogue. Anything else
+    (other dtypes, CUDA tensors, `out=`) is left to torch.
     """
 
     def __init__(self, dtype: torch.dtype):
@@ -452,9 +467,8 @@ class PackageNumericsMode(TorchFunctionMode):
                 return package_matmul(*args)
             if func in _SDPA_FUNCS:
                 return _sdpa(*args, **kwargs)
-            if func in (torch.addmm, torch.Tensor.addmm, torch.baddbmm, torch.Tensor.baddbmm):
-                raise NotImplementedError(f"package CPU kernels: {func.__name__} on {self.dtype} is not "
-                                          f"implemented; set {KERNELS_ENV}=native for this model")
+            if func in _ADDMM_FUNCS:
+                return package_addmm(*args, **kwargs)
         if cpu and func in _FP64_FUNCS and all(t.dtype in (self.dtype, torch.float32) for t in floats):
             return _via_fp64(func)(*args, **kwargs)
         return func(*args, **kwargs)

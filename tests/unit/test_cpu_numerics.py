@@ -188,3 +188,16 @@ def test_mismatch_figures_do_not_depend_on_the_cpu_variant(tmp_path):
     for rep in (native, avx2):
         assert rep["runs"]["fp32"]["mismatch/kl_k3"] * 100 <= rep["runs"]["fp16"]["mismatch/kl_k3"]
         assert rep["runs"]["bf16"]["mismatch/kl_k3"] >= 10 * rep["runs"]["fp16"]["mismatch/kl_k3"]
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+def test_baddbmm_is_the_package_gemm_with_an_fp32_epilogue(dtype):
+    """megatron's local attention: baddbmm(buf, q, kᵀ, beta=0, alpha=s) -> round(fl32(s·fl32(q·kᵀ)))."""
+    q, k = _rand((3, 5, 16), dtype, 20), _rand((3, 7, 16), dtype, 21)
+    buf = torch.full((3, 5, 7), float("nan"), dtype=dtype)
+    with cn.PackageNumericsMode(dtype):
+        out = torch.baddbmm(buf, q, k.transpose(1, 2), beta=0.0, alpha=0.25)
+        both = torch.addmm(_rand((4,), dtype, 22), q[0], k[0].T[:, :4])
+    want = ((q.double() @ k.double().transpose(1, 2)).float() * 0.25).to(dtype)
+    assert torch.equal(out, want)
+    assert torch.equal(both, ((q[0].double() @ k[0].double().T[:, :4]).float() + _rand((4,), dtype, 22).float()).to(dtype))
