@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from nemo_rl_fp16.build import build_rollout_engine, build_tokenizer, initial_weights, resolve_device
-from nemo_rl_fp16.config import load_recipe, save_resolved, typed
+from nemo_rl_fp16.config import ConfigError, load_recipe, save_resolved, typed
 from nemo_rl_fp16.cpu_numerics import numerics_record
 from nemo_rl_fp16.data import get_dataset
 from nemo_rl_fp16.data.warmstart import torch_threads
@@ -34,6 +34,7 @@ def run_mismatch(cfg: DictConfig, console: Console | None = None) -> dict:
 
     console = console or Console()
     rc = typed(cfg)
+    policies = mismatch_policies(rc)  # every refusal before anything is written
     out = Path(rc.output_dir)
     save_resolved(cfg, out)
     device = resolve_device(rc.device)
@@ -48,10 +49,10 @@ def run_mismatch(cfg: DictConfig, console: Console | None = None) -> dict:
     runs = {}
     for name in rc.mismatch.precisions:
         t0 = time.perf_counter()
-        pol = PrecisionPolicy.from_name(name)
-        engine = build_rollout_engine(rc, pol, model_cfg, tokenizer, device, initial_state_dict=init,
+        train_pol, rollout_pol = policies[name]
+        engine = build_rollout_engine(rc, rollout_pol, model_cfg, tokenizer, device, initial_state_dict=init,
                                       model_dir=out / "rollout_model" / name)
-        scorer = TorchPolicyTrainer(model_cfg, pol, lr=rc.policy.lr, weight_decay=0.0, max_grad_norm=1.0,
+        scorer = TorchPolicyTrainer(model_cfg, train_pol, lr=rc.policy.lr, weight_decay=0.0, max_grad_norm=1.0,
                                     micro_batch_size=rc.policy.micro_batch_size, seed=rc.seed, device=device,
                                     initial_state_dict=init)
         batch = engine.generate(prompts, params)
@@ -71,6 +72,26 @@ def run_mismatch(cfg: DictConfig, console: Console | None = None) -> dict:
     rows.append(("report", str(out / "report.md")))
     console.print(summary_table("mismatch", rows))
     return report
+
+
+def mismatch_policies(rc) -> dict[str, tuple[PrecisionPolicy, PrecisionPolicy]]:
+    """(trainer, rollout) policies for each precision of `mismatch.precisions`: the preset, then the
+    recipe's explicit `precision.*` dtype keys (e.g. `logits_dtype`) on both sides.
+
+    Raises:
+        ConfigError: `precision.param_dtype` or `precision.rollout` set explicitly — the sweep sets
+            the weight dtype of both engines, so such a key would be silently overridden.
+    """
+    from nemo_rl_fp16.precision import resolve_policies
+
+    block = rc.precision.model_dump()
+    for key in ("param_dtype", "rollout"):
+        if block.get(key) is not None:
+            raise ConfigError(f"bad value for 'precision.{key}': {block[key]}; the mismatch command sets it from "
+                              f"mismatch.precisions ({', '.join(rc.mismatch.precisions)}); remove the override "
+                              "(or list the precisions to compare in mismatch.precisions)")
+    return {name: resolve_policies({**block, "name": name, "rollout": None, "allow_mismatch": False})
+            for name in rc.mismatch.precisions}
 
 
 DEMO_PRECISIONS = ("fp16", "bf16")
