@@ -188,4 +188,4 @@ def build_policy_trainer(rc: RecipeConfig, model_cfg: dict, train_pol: Precision
     return TorchPolicyTrainer(model_cfg, train_pol, lr=p.lr, weight_decay=p.weight_decay,
                               max_grad_norm=p.max_grad_norm, micro_batch_size=p.micro_batch_size,
                               seed=rc.seed, device=device, initial_state_dict=init,
-                              lora=p.lora.model_dump() if p.lora.enabled else None)
+                              lora=p.lora.model_dump() if p.lora.enabled else None, router_replay=p.router_replay)

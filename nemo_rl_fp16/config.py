@@ -138,6 +138,7 @@ class PolicySection(_Section):
     activation_checkpointing: bool = False
     attention: Literal["auto", "te", "sdpa", "local"] = "auto"
     fused_elementwise: bool = False
+    router_replay: Literal["none", "rollout"] = "none"
     lora: LoraSection = LoraSection()
 
 

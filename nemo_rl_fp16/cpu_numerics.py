@@ -273,6 +273,22 @@ def package_addmm(input: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, *, be
     return out.to(d)
 
 
+def package_grouped_mm(mat_a: torch.Tensor, mat_b: torch.Tensor, *, offs: torch.Tensor | None = None,
+                       bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`F.grouped_mm` (MoE experts: `[S, K]` rows grouped by `offs` x `[G, K, N]`) as one package GEMM
+    per group, result `[S, N]` in `mat_a.dtype` (rows past `offs[-1]`: 0). Other layouts, `bias` and
+    `out_dtype` raise NotImplementedError (refused rather than computed by the host's kernel)."""
+    if mat_a.dim() != 2 or mat_b.dim() != 3 or offs is None or bias is not None or out_dtype not in (None, mat_a.dtype):
+        raise NotImplementedError(f"package CPU kernels: grouped_mm of {tuple(mat_a.shape)} x {tuple(mat_b.shape)} "
+                                  f"(offs {'set' if offs is not None else 'None'}, bias/out_dtype) is not implemented; "
+                                  f"set {KERNELS_ENV}=native for this model")
+    ends = [int(e) for e in offs.tolist()]
+    parts = [package_matmul(mat_a[lo:hi], mat_b[g]) for g, (lo, hi) in enumerate(zip([0, *ends[:-1]], ends, strict=True))]
+    if ends[-1] < mat_a.shape[0]:
+        parts.append(mat_a.new_zeros(mat_a.shape[0] - ends[-1], mat_b.shape[-1]))
+    return torch.cat(parts)
+
+
 # ---------------------------------------------------------------------------------------------
 # attention
 # ---------------------------------------------------------------------------------------------
@@ -432,6 +448,8 @@ _MATMUL_FUNCS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, tor
                  torch.bmm, torch.Tensor.bmm}
 _SDPA_FUNCS = {F.scaled_dot_product_attention}
 _ADDMM_FUNCS = {torch.addmm, torch.Tensor.addmm, torch.baddbmm, torch.Tensor.baddbmm}
+# MoE expert GEMMs (transformers' `grouped_mm` experts implementation)
+_GROUPED_MM_FUNCS = {f for f in (getattr(F, "grouped_mm", None), getattr(torch, "_grouped_mm", None)) if f is not None}
 
 
 def _floats(args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -444,8 +462,9 @@ class PackageNumericsMode(TorchFunctionMode):
 
     GEMMs and SDPA whose floating arguments are all `dtype` go to the package GEMM/attention;
     the fp64-evaluated ops (module doc) apply to `dtype` and fp32 CPU tensors. `addmm`/`baddbmm`
-    (megatron's local attention) run as the package GEMM with an fp32 epilogue. Anything else
-    (other dtypes, CUDA tensors, `out=`) is left to torch.
+    (megatron's local attention) run as the package GEMM with an fp32 epilogue; MoE expert GEMMs
+    (`grouped_mm`) as one package GEMM per expert. Anything else (other dtypes, CUDA tensors,
+    `out=`) is left to torch.
     """
 
     def __init__(self, dtype: torch.dtype):
@@ -469,6 +488,8 @@ class PackageNumericsMode(TorchFunctionMode):
                 return _sdpa(*args, **kwargs)
             if func in _ADDMM_FUNCS:
                 return package_addmm(*args, **kwargs)
+            if func in _GROUPED_MM_FUNCS:
+                return package_grouped_mm(*args, **kwargs)
         if cpu and func in _FP64_FUNCS and all(t.dtype in (self.dtype, torch.float32) for t in floats):
             return _via_fp64(func)(*args, **kwargs)
         return func(*args, **kwargs)

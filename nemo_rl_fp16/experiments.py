@@ -2,7 +2,9 @@
 
 - `run_mismatch`: for each precision, the rollout engine samples responses token by token (KV
   cache) and the trainer scores the same tokens in one pass; `report.write_report` turns the
-  log-probs into KL(µ‖π) tables and plots (arXiv 2510.26788, Fig. 2).
+  log-probs into KL(µ‖π) tables and plots (arXiv 2510.26788, Fig. 2). MoE: also the router top-k
+  flip rate (overall and per layer), and with `policy.router_replay=rollout` the trainer scores with
+  the rollout's experts (R3).
 - `run_demo`: warm start once (cached), then the demo recipe (`demo_tiny`: long written-out
   additions) in fp16 and in bf16 with the same seed and budget, then the side-by-side report of
   `demo_report.py` (pooled KL, per-step spread, KL by length, accuracy, numerics record).
@@ -54,12 +56,15 @@ def run_mismatch(cfg: DictConfig, console: Console | None = None) -> dict:
                                       model_dir=out / "rollout_model" / name)
         scorer = TorchPolicyTrainer(model_cfg, train_pol, lr=rc.policy.lr, weight_decay=0.0, max_grad_norm=1.0,
                                     micro_batch_size=rc.policy.micro_batch_size, seed=rc.seed, device=device,
-                                    initial_state_dict=init)
+                                    initial_state_dict=init, router_replay=rc.policy.router_replay)
         batch = engine.generate(prompts, params)
         if hasattr(engine, "shutdown"):  # vLLM: free its KV cache before the next precision
             engine.shutdown()
         train_logp = scorer.logprobs(batch, rc.rollout.temperature)
         runs[name] = {"train_logp": train_logp, "rollout_logp": batch.rollout_logp, "mask": batch.response_mask}
+        if batch.rollout_experts is not None:  # MoE: flip rate (overall and per layer) of the trainer's own top-k
+            runs[name].update(train_experts=scorer.selected_experts(batch), rollout_experts=batch.rollout_experts,
+                              router_replay=rc.policy.router_replay)
         console.print(f"{name}: {batch.num_samples} samples, {int(batch.response_mask.sum())} tokens "
                       f"({time.perf_counter() - t0:.1f}s)")
     report = write_report(out, runs, title=f"π vs µ mismatch: {rc.recipe}",

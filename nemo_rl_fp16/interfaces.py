@@ -40,7 +40,9 @@ class RolloutBatch:
     prompt_width: int
     # index of the prompt each row answers (rows of one prompt are consecutive)
     prompt_index: torch.Tensor
-    # MoE only: experts the engine picked, [N, T, layers, top_k] int; None for dense models
+    # MoE only: experts the engine picked, [N, T, moe layers, top_k] int16, -1 on padding; entry t is the
+    # routing at the position whose logits score response token t (`moe_routing`); None for dense models
+    # and for engines that cannot record them (vLLM-CPU)
     rollout_experts: torch.Tensor | None = None
     extras: dict = field(default_factory=dict)
 
@@ -158,6 +160,10 @@ class PolicyTrainer(Protocol):
     def back_off_loss_scale(self, used_scale: float) -> bool: ...
 
     def rollout_state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    # MoE: [N, T, moe layers, k] expert ids the trainer's routers pick for the response tokens (before any
+    # replay), aligned with `RolloutBatch.rollout_experts`; called only for batches that carry those.
+    def selected_experts(self, batch: RolloutBatch) -> torch.Tensor: ...
 
     def activation_headroom(self, batch: RolloutBatch) -> dict[str, float]: ...
 

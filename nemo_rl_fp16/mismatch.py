@@ -116,7 +116,8 @@ def mismatch_metrics(
       (mask sum) lies in [lo, hi] (see :func:`bucket_edges`); only non-empty buckets appear, with
       their token count ``mismatch/tokens_by_length/<lo>-<hi>``.
     * ``mismatch/router_topk_flip_rate``: only when both expert tensors are given
-      (see :func:`router_topk_flip_rate`).
+      (see :func:`router_topk_flip_rate`), with ``mismatch/router_topk_flip_rate/layer<i>`` per
+      MoE layer (:func:`router_topk_flip_rate_by_layer`).
 
     With no masked token every value is 0.0 except ``is_ratio_max`` = 1.0.
 
@@ -169,6 +170,8 @@ def mismatch_metrics(
         raise ValueError("pass both train_experts and rollout_experts, or neither")
     if train_experts is not None:
         out["router_topk_flip_rate"] = router_topk_flip_rate(train_experts, rollout_experts, m)
+        for i, rate in enumerate(router_topk_flip_rate_by_layer(train_experts, rollout_experts, m)):
+            out[f"router_topk_flip_rate/layer{i}"] = rate
     return {PREFIX + k: v for k, v in out.items()}
 
 
@@ -199,6 +202,17 @@ def router_topk_flip_rate(train_experts: Any, rollout_experts: Any, mask: Any) -
     differs = (a.sort(-1).values != b.sort(-1).values).any(-1)  # [B, T, layers]
     pairs = int(m.sum()) * a.shape[2]
     return float(differs[m].sum()) / pairs if pairs else 0.0
+
+
+def router_topk_flip_rate_by_layer(train_experts: Any, rollout_experts: Any, mask: Any) -> list[float]:
+    """:func:`router_topk_flip_rate` of each MoE layer: flips / masked tokens, one float per layer
+    (0.0 with no masked token). Same arguments and errors."""
+    a, b, m = (_as_tensor(x) for x in (train_experts, rollout_experts, mask))
+    router_topk_flip_rate(a, b, m)  # shape checks
+    m = m != 0
+    differs = (a.sort(-1).values != b.sort(-1).values).any(-1)[m]  # [masked tokens, layers]
+    n = differs.shape[0]
+    return [float(differs[:, i].sum()) / n if n else 0.0 for i in range(a.shape[2])]
 
 
 def __getattr__(name: str) -> Any:

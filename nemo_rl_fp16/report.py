@@ -211,6 +211,14 @@ def _markdown(report: dict) -> str:
             lines.append(f"- KL(µ‖π) k3, {other} vs fp16: {ratio_text(value, other)}")
     else:
         lines.append("- No fp16 run, so no KL ratio over fp16.")
+    flips = {name: e for name, e in runs.items() if PREFIX + "router_topk_flip_rate" in e}
+    if flips:  # MoE: fraction of (token, layer) pairs whose top-k expert set differs, trainer vs rollout
+        lines += ["", "MoE router top-k flip rate (trainer's own routing vs the rollout's, before any replay):", ""]
+        for name, e in flips.items():
+            layers = sorted((k for k in e if k.startswith(PREFIX + "router_topk_flip_rate/layer")),
+                            key=lambda k: int(k.rsplit("layer", 1)[1]))
+            per = ", ".join(f"{k.rsplit('/', 1)[1]} {_fmt(e[k])}" for k in layers)
+            lines.append(f"- {name}: {_fmt(e[PREFIX + 'router_topk_flip_rate'])} ({per})")
     lines += ["", f"Length buckets (upper edges): {report['length_buckets']}", ""]
     if "numerics" in report:
         lines += ["Numerics: " + ", ".join(f"{k} `{v}`" for k, v in report["numerics"].items()), ""]

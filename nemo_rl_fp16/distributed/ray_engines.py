@@ -139,6 +139,9 @@ class RayPolicyGroup:
     def train_step(self, batch: RolloutBatch, loss_fn: LossFn, temperature: float) -> TrainStepResult:
         return self._all("train_step", batch, loss_fn, temperature)[0]
 
+    def selected_experts(self, batch: RolloutBatch) -> torch.Tensor:
+        return self._all("selected_experts", batch)[0]
+
     def back_off_loss_scale(self, used_scale: float) -> bool:
         return self._all("back_off_loss_scale", used_scale)[0]
 

@@ -25,6 +25,14 @@ before the compute copy is made, so the base weights are frozen in both copies, 
 get gradients (in the policy precision, unscaled into fp32 master adapters) and the optimizer
 holds the adapters only. `rollout_state_dict()` returns the merged fp32 weights (W + scale*B@A)
 under the base model's HF names, which is what the rollout engine loads. Single process only.
+
+MoE models (HF Qwen2-MoE, Qwen3-MoE, Mixtral; `moe_routing`): `logprobs` records the experts the
+trainer's own routers pick for each response token (`selected_experts`, compared with the rollout's
+for `mismatch/router_topk_flip_rate`). With `router_replay="rollout"` (R3) every scoring forward —
+the log-probs the loss uses and each training micro-batch — routes the response tokens to
+`batch.rollout_experts` (sliced with the rows, so micro-batching, the data-parallel split, overflow
+retries and repeated updates all see the same indices) with routing weights from the trainer's own
+gate probabilities, so the gate still gets gradients.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from nemo_rl_fp16.models import (
     position_ids_from_mask,
     response_logprobs,
 )
+from nemo_rl_fp16.moe_routing import RouterHooks, replay_targets, response_experts
 from nemo_rl_fp16.precision import DynamicLossScaler, PrecisionPolicy, audit_model, dtype_name
 
 GradHook = Callable[[list[torch.Tensor]], None]
@@ -63,13 +72,23 @@ class TorchPolicyTrainer:
         device: torch device of both copies.
         initial_state_dict: fp32 HF state dict to start from (e.g. after a warm start).
         lora: the recipe's `policy.lora` block; when `enabled`, train LoRA adapters only (module doc).
+        router_replay: `"none"` or `"rollout"` (R3, module doc; needs an HF MoE model).
+
+    Raises:
+        ValueError: bad sizes/dtypes, an unknown `router_replay`, or replay with a dense model.
     """
+
+    #: MoE router hooks on the compute copy (None: dense model, or a subclass without HF routers)
+    routing: RouterHooks | None = None
+    router_replay: str = "none"
 
     def __init__(self, model_cfg: Mapping[str, Any], policy: PrecisionPolicy, *, lr: float,
                  weight_decay: float = 0.0, max_grad_norm: float = 1.0, micro_batch_size: int = 8,
                  seed: int = 0, device: torch.device | str = "cpu",
                  initial_state_dict: Mapping[str, torch.Tensor] | None = None,
-                 lora: Mapping[str, Any] | None = None):
+                 lora: Mapping[str, Any] | None = None, router_replay: str = "none"):
+        if router_replay not in ("none", "rollout"):
+            raise ValueError(f"bad value for 'policy.router_replay': {router_replay!r}; allowed: none, rollout")
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         if policy.master_dtype != torch.float32:
@@ -93,6 +112,13 @@ class TorchPolicyTrainer:
         else:
             self.compute = cast_params_(copy.deepcopy(self.master), policy.param_dtype)
         self._compute_stale = True
+        routing = RouterHooks(self.compute)
+        self.routing = routing if routing.routers else None
+        if router_replay == "rollout" and self.routing is None:
+            raise ValueError("policy.router_replay=rollout needs an MoE model (HF qwen2_moe, qwen3_moe or mixtral "
+                             "routers); this model is dense: set policy.router_replay=none")
+        self.router_replay = router_replay
+        self._last_experts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._master_params = list(self.master.parameters())
         self._compute_params = list(self.compute.parameters())
         self._acc: list[torch.Tensor | None] = [None] * len(self._compute_params)  # grad accumulators
@@ -111,9 +137,20 @@ class TorchPolicyTrainer:
         self._compute_stale = False
 
     def _score(self, mb: RolloutBatch, temperature: float) -> torch.Tensor:
-        """`[n, T]` fp32 log π of a micro-batch's response tokens through the compute copy."""
-        return response_logprobs(self.compute, mb.input_ids.to(self.device), mb.attention_mask.to(self.device),
-                                 mb.prompt_width, temperature, self.policy.logits_dtype)
+        """`[n, T]` fp32 log π of a micro-batch's response tokens through the compute copy
+        (routed to `mb.rollout_experts` under `router_replay="rollout"`)."""
+        routing = self.routing
+        if routing is not None and self.router_replay == "rollout":
+            if mb.rollout_experts is None:
+                raise ValueError("policy.router_replay=rollout: the batch carries no rollout_experts (the rollout "
+                                 "engine did not record its experts); use rollout.backend=torch or router_replay=none")
+            routing.replay = replay_targets(mb.rollout_experts.to(self.device), mb.prompt_width, mb.input_ids.shape[1])
+        try:
+            return response_logprobs(self.compute, mb.input_ids.to(self.device), mb.attention_mask.to(self.device),
+                                     mb.prompt_width, temperature, self.policy.logits_dtype)
+        finally:
+            if routing is not None:
+                routing.replay = None
 
     def _gemm_ctx(self):
         return cpu_numerics(self.device, self.policy.param_dtype)
@@ -154,15 +191,49 @@ class TorchPolicyTrainer:
         """`[N, T]` fp32 log π of the batch's response tokens (0 where masked), no grad.
 
         Returned on the batch's device, like the log-probs `train_step` hands to `loss_fn`.
+        MoE: also records the experts the routers picked (`selected_experts`).
         """
         self._sync_compute()
-        out = []
+        out, own, used = [], [], []
+        routing = self.routing
         with torch.no_grad(), self._gemm_ctx():
             for rows in self._micro_batches(batch.num_samples, local=True):
                 mb = batch.select(rows)
-                logp = self._score(mb, temperature)
+                if routing is not None:
+                    routing.recording = True
+                try:
+                    logp = self._score(mb, temperature)
+                finally:
+                    if routing is not None:
+                        routing.recording = False
                 out.append(torch.where(mb.response_mask.to(self.device).bool(), logp, 0.0))
+                if routing is not None:
+                    n, s = mb.input_ids.shape
+                    for dst, which in ((own, "own"), (used, "used")):
+                        dst.append(response_experts(routing.collect(which, n, s), mb.prompt_width, mb.response_mask))
+        if routing is not None:  # int32 through the gather (gloo), int16 at rest
+            own_all, used_all = (self._gather_rows(torch.cat(x).int()).short().cpu() for x in (own, used))
+            self._last_experts = (batch.input_ids.detach().cpu(), own_all, used_all)
         return self._gather_rows(torch.cat(out)).to(batch.input_ids.device)
+
+    def selected_experts(self, batch: RolloutBatch, replayed: bool = False) -> torch.Tensor:
+        """`[N, T, moe layers, k]` int16 expert ids of the trainer's routers for `batch` (-1 on padding).
+
+        Entry t is the routing at the position that scores response token t (`moe_routing`).
+        `replayed=False`: the routers' own top-k (before any replay: the flip-rate side);
+        `replayed=True`: the experts the forward used (= `batch.rollout_experts` under R3).
+        Taken from the last `logprobs` call when it scored the same tokens, else one no-grad pass.
+
+        Raises:
+            ValueError: a dense model.
+        """
+        if self.routing is None:
+            raise ValueError("selected_experts needs an MoE model")
+        cached = self._last_experts
+        if cached is None or not torch.equal(cached[0], batch.input_ids.detach().cpu()):
+            self.logprobs(batch, 1.0)
+            cached = self._last_experts
+        return cached[2] if replayed else cached[1]
 
     def train_step(self, batch: RolloutBatch, loss_fn: LossFn, temperature: float) -> TrainStepResult:
         """One optimizer step over `batch` (micro-batched; see module doc for the skip rules)."""

@@ -7,6 +7,11 @@ one prefill over the left-padded prompts and then decodes token by token with a 
 the trainer scores the same tokens with one full-sequence forward. In fp32 both agree to ~1e-6;
 in fp16/bf16 they differ by rounding noise, bf16 much more (arXiv 2510.26788).
 
+MoE models (HF Qwen2-MoE, Qwen3-MoE, Mixtral): the engine records the experts each router picked
+at the position scoring each response token (the prefill's last position for the first token, the
+decode steps after it) in `RolloutBatch.rollout_experts` (`[N, T, moe layers, k]` int16, -1 on
+padding; `moe_routing`), for `mismatch/router_topk_flip_rate` and routing replay (R3).
+
 Log-prob semantics (`rollout_logp`): fp32 `log_softmax(logits / temperature)` of the sampled
 token, computed from the model's low-precision logits *before* top-p truncation — the quantity
 the trainer computes, so that π and µ are compared like for like. With `top_p = 1` it is exactly
@@ -32,6 +37,7 @@ from nemo_rl_fp16.models import (
     logprob_table,
     position_ids_from_mask,
 )
+from nemo_rl_fp16.moe_routing import EXPERT_DTYPE, PAD_EXPERT, RouterHooks
 from nemo_rl_fp16.precision import PrecisionMismatchError, PrecisionPolicy, audit_model, dtype_name
 
 
@@ -69,6 +75,9 @@ class TorchRolloutEngine:
         self._cache_kw = cache_kwarg(self.model)
         #: dtypes of the KV cache observed at the last prefill (for `audit`)
         self.last_kv_cache_dtypes: set[torch.dtype] = set()
+        routing = RouterHooks(self.model)
+        #: MoE router hooks recording the experts picked (None for a dense model)
+        self.routing: RouterHooks | None = routing if routing.routers else None
         if initial_state_dict is not None:
             self.update_weights(initial_state_dict)
 
@@ -108,6 +117,10 @@ class TorchRolloutEngine:
                 for k, fill in (("tokens", self.pad_token_id), ("mask", 0), ("logp", 0.0))}
         prompt_ids = torch.cat([c["prompt_ids"] for c in chunks])
         prompt_mask = torch.cat([c["prompt_mask"] for c in chunks])
+        experts = None
+        if self.routing is not None:  # [N, T, layers, k], -1 beyond each chunk's width and on padding
+            experts = torch.cat([torch.nn.functional.pad(c["experts"], (0, 0, 0, 0, 0, n_resp - c["experts"].shape[1]),
+                                                         value=PAD_EXPERT) for c in chunks])
         return RolloutBatch(
             input_ids=torch.cat([prompt_ids, cols["tokens"]], 1),
             attention_mask=torch.cat([prompt_mask, cols["mask"]], 1),
@@ -115,6 +128,7 @@ class TorchRolloutEngine:
             rollout_logp=cols["logp"],
             prompt_width=width,
             prompt_index=torch.arange(len(prompts)).repeat_interleave(g),
+            rollout_experts=experts,
             extras={"truncated": torch.cat([c["truncated"] for c in chunks])},
         )
 
@@ -122,9 +136,19 @@ class TorchRolloutEngine:
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  position_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
         """Logits of the last position, extending `cache` in place."""
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        if self.routing is not None:
+            self.routing.recording = True
+        try:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        finally:
+            if self.routing is not None:
+                self.routing.recording = False
         return out.logits[:, -1]
+
+    def _last_experts(self, b: int, s: int) -> torch.Tensor | None:
+        """`[b, layers, k]` experts of the last forward's last position (None for a dense model)."""
+        return None if self.routing is None else self.routing.collect("own", b, s)[:, -1].cpu()
 
     def _generate_chunk(self, rows: list[list[int]], width: int, params: SamplingParams,
                         gen: torch.Generator, stop: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -137,6 +161,7 @@ class TorchRolloutEngine:
         attn = prompt_mask.to(dev)
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(prompt_ids.to(dev), attn, position_ids_from_mask(attn), cache)
+        routed = [self._last_experts(b, width)]  # routed[t]: the routing that scored response token t
         self.last_kv_cache_dtypes = _cache_dtypes(cache)
         if self.last_kv_cache_dtypes - {self.policy.kv_cache_dtype}:
             raise PrecisionMismatchError("torch rollout engine", self.audit())
@@ -155,8 +180,13 @@ class TorchRolloutEngine:
             attn = torch.cat([attn, masks[-1][:, None]], 1)
             with kernel_profile("decode"):  # one query row per sequence: the decode kernels
                 logits = self._forward(tok[:, None], attn, position_ids_from_mask(attn)[:, -1:], cache)
-        return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
-                "tokens": torch.stack(tokens, 1).cpu(), "mask": torch.stack(masks, 1).cpu(),
+            routed.append(self._last_experts(b, 1))
+        mask = torch.stack(masks, 1).cpu()
+        experts = None
+        if self.routing is not None:  # [b, T, layers, k], -1 on padding
+            experts = torch.stack(routed, 1).to(EXPERT_DTYPE).masked_fill(~mask.bool()[:, :, None, None], PAD_EXPERT)
+        return {"experts": experts, "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+                "tokens": torch.stack(tokens, 1).cpu(), "mask": mask,
                 "logp": torch.stack(logps, 1).float().cpu(), "truncated": alive.cpu()}
 
 

@@ -23,7 +23,7 @@ MEGATRON = "policy.backend=megatron device=cuda cluster.gpus_per_node=2"  # a la
 # (overrides, key the line must name, text naming the allowed values / the fix)
 FAULTS = [
     ("seed=-1", "'seed': -1", "greater than or equal to 0"),
-    ("data.dataset=foo", "'data.dataset': 'foo'", "allowed: sanity_add, sanity_reverse, jsonl"),
+    ("data.dataset=foo", "'data.dataset': 'foo'", "allowed: sanity_add, sanity_add_steps, sanity_reverse, jsonl"),
     ("model.config.vocab_size=abc", "'model.config.vocab_size': 'abc'", "expected int"),
     ("precision.master_dtype=float16", "'precision.master_dtype': float16", "allowed: null or float32"),
     ("mismatch.length_buckets=[]", "'mismatch.length_buckets'", "at least 1 item"),

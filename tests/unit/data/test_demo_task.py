@@ -2,7 +2,6 @@
 
 import statistics
 
-import torch
 from rich.console import Console
 
 from nemo_rl_fp16.build import build_tokenizer, initial_weights

@@ -1,0 +1,156 @@
+"""MoE routing of the HF families: capture each token's top-k experts, replay recorded ones (R3).
+
+For an MoE policy the largest π-vs-µ divergence is often not rounding inside a layer but a
+different expert choice: a tiny gate-logit difference flips the top-k and the token goes through
+other weights. This module hooks the routers of the HF families the package supports
+(`Qwen2MoeTopKRouter`, `Qwen3MoeTopKRouter`, `MixtralTopKRouter`: `forward(hidden [tokens, h])
+-> (router_logits, routing_weights [tokens, k], expert_ids [tokens, k])`) to
+
+- record the expert ids each router picked (`RouterHooks.recording`), so that the rollout engine
+  can carry its choices in `RolloutBatch.rollout_experts` and the trainer can measure
+  `mismatch/router_topk_flip_rate` against them;
+- replay given expert ids (`RouterHooks.replay`, rollout routing replay "R3", Ma et al. 2025,
+  arXiv 2510.11370): the token goes to the recorded experts, and their routing weights are the
+  trainer's *own* softmax probabilities of those experts (renormalised over the k as the router
+  does), so the gate keeps its gradient and keeps learning.
+
+Alignment (the `[N, T, layers, k]` layout of `RolloutBatch.rollout_experts`): entry t of a row is
+the routing at the position whose logits score response token t, i.e. position `P + t - 1`
+(the last prompt token for t = 0), in every MoE layer in model order; entries of padding tokens
+(response_mask 0) are -1. Replay applies to exactly those positions; the other prompt positions
+keep the trainer's own routing (both engines run the prompt through their prefill kernels).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+#: HF `model_type`s whose MoE routers this module hooks (and whose configs plan/validation accept
+#: for `policy.router_replay`).
+MOE_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "mixtral")
+#: expert-id dtype of `RolloutBatch.rollout_experts` and of the trainer's selected experts
+EXPERT_DTYPE = torch.int16
+PAD_EXPERT = -1
+
+
+def _router_classes() -> tuple[type, ...]:
+    from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
+
+    return (Qwen2MoeTopKRouter, Qwen3MoeTopKRouter, MixtralTopKRouter)
+
+
+def hf_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The top-k routers of an HF Qwen2-MoE / Qwen3-MoE / Mixtral model, in layer order ([] if dense)."""
+    classes = _router_classes()
+    return [m for m in model.modules() if isinstance(m, classes)]
+
+
+def is_moe_model_config(model_cfg: Mapping[str, Any]) -> bool | None:
+    """Whether a recipe's `model:` block is one of `MOE_MODEL_TYPES` (None when unknown without loading).
+
+    Reads `model.config.model_type`, or `config.json` of a local `name_or_path` directory.
+    """
+    import json
+    import os
+
+    config = model_cfg.get("config")
+    if config:
+        return config.get("model_type") in MOE_MODEL_TYPES
+    path = model_cfg.get("name_or_path")
+    cfg_file = os.path.join(str(path), "config.json") if path else None
+    if cfg_file and os.path.isfile(cfg_file):
+        with open(cfg_file) as f:
+            return json.load(f).get("model_type") in MOE_MODEL_TYPES
+    return None
+
+
+def _normalises(router: torch.nn.Module) -> bool:
+    # Mixtral always renormalises the top-k probabilities; Qwen MoE routers follow `norm_topk_prob`
+    return bool(getattr(router, "norm_topk_prob", True))
+
+
+class RouterHooks:
+    """Forward hooks on every HF MoE router of `model` (see module doc).
+
+    Attributes:
+        routers: the hooked routers, layer order.
+        recording: when True, each router's forward stores its own top-k ids (`own[i]`,
+            `[tokens, k]` long) and the ids the layer then used (`used[i]`, = own without replay).
+        replay: None, or `[tokens, layers, k]` long expert ids for the next forward(s): rows with
+            all k ids >= 0 are routed to them (weights from the router's own probabilities), rows
+            holding -1 keep the router's choice.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.routers = hf_routers(model)
+        self.recording = False
+        self.replay: torch.Tensor | None = None
+        self.own: list[torch.Tensor | None] = [None] * len(self.routers)
+        self.used: list[torch.Tensor | None] = [None] * len(self.routers)
+        self._handles = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(self.routers)]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.routers)
+
+    @property
+    def top_k(self) -> int:
+        return int(self.routers[0].top_k)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def _hook(self, i: int):
+        def hook(mod, _inp, out):
+            logits, scores, ids = out
+            if self.replay is None:
+                if self.recording:
+                    self.own[i] = self.used[i] = ids.detach()
+                return None
+            target = self.replay[:, i].to(ids.device)
+            if target.shape != ids.shape:
+                raise ValueError(f"router replay: layer {i} routes {tuple(ids.shape)} (tokens, k), replay holds "
+                                 f"{tuple(target.shape)}")
+            new_ids = torch.where((target >= 0).all(-1, keepdim=True), target, ids)
+            # the router's own probabilities of the replayed experts (fp32 softmax, as the HF routers)
+            top = torch.softmax(logits.float(), dim=-1).gather(-1, new_ids)
+            if _normalises(mod):
+                top = top / top.sum(dim=-1, keepdim=True)
+            if self.recording:
+                self.own[i], self.used[i] = ids.detach(), new_ids.detach()
+            return logits, top.to(scores.dtype), new_ids
+        return hook
+
+    def collect(self, which: str, batch: int, seq: int) -> torch.Tensor:
+        """`[batch, seq, layers, k]` ids of the last recorded forward (`which`: "own" or "used")."""
+        recs = self.own if which == "own" else self.used
+        if any(r is None for r in recs):
+            raise RuntimeError("router hooks: no recorded forward (recording was off)")
+        return torch.stack([r.reshape(batch, seq, -1) for r in recs], dim=2)
+
+
+def replay_targets(rollout_experts: torch.Tensor, prompt_width: int, seq_len: int) -> torch.Tensor:
+    """`[n * seq_len, layers, k]` long replay ids for a forward over `[n, seq_len]` tokens.
+
+    Response token t's experts go to position `prompt_width + t - 1` (module doc); every other
+    position holds -1 (the router's own choice).
+    """
+    n, t, layers, k = rollout_experts.shape
+    out = torch.full((n, seq_len, layers, k), PAD_EXPERT, dtype=torch.long, device=rollout_experts.device)
+    width = min(t, seq_len - prompt_width + 1)
+    out[:, prompt_width - 1: prompt_width - 1 + width] = rollout_experts[:, :width].long()
+    return out.reshape(n * seq_len, layers, k)
+
+
+def response_experts(per_position: torch.Tensor, prompt_width: int, response_mask: torch.Tensor) -> torch.Tensor:
+    """Slice `[n, S, layers, k]` per-position ids to the `[n, T, layers, k]` layout (module doc):
+    positions `P - 1 .. P + T - 2`, -1 where `response_mask` is 0; `EXPERT_DTYPE`."""
+    t = response_mask.shape[1]
+    out = per_position[:, prompt_width - 1: prompt_width - 1 + t].to(EXPERT_DTYPE)
+    return out.masked_fill(~response_mask.to(out.device).bool()[:, :, None, None], PAD_EXPERT)
