@@ -138,7 +138,7 @@ class Recorder:
         return out
 
 
-def decode_path(engine: Any, batch: RolloutBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def decode_path(engine: Any, batch: RolloutBatch, temperature: float = 1.0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Replay `batch`'s tokens through the rollout engine's prefill + KV-cached decode, hooked.
 
     Mirrors `TorchRolloutEngine._generate_chunk` with the tokens forced: prefill over the
@@ -147,13 +147,14 @@ def decode_path(engine: Any, batch: RolloutBatch) -> tuple[dict[str, torch.Tenso
 
     Returns:
         ({probe name: `[N, T, width]` output at the positions predicting response tokens 0..T−1},
-        `[N, T]` fp32 log µ of the response tokens at the recipe temperature — set by `replay`).
+        `[N, T]` fp32 log µ of the response tokens at `temperature`, computed as the engine's sampler
+        does, inside its numerics scope).
     """
     p, n_resp = batch.prompt_width, batch.response_mask.shape[1]
     rec = Recorder(engine.model)
     rec.window = lambda length: slice(length - 1, length)  # the last position of each forward
     parts: dict[str, list[torch.Tensor]] = {}
-    logits_rows = []
+    logps = []
     with torch.no_grad(), cpu_numerics(engine.device, engine.policy.param_dtype), rec:
         for start in range(0, batch.num_samples, engine.max_batch_size):
             mb = batch.select(slice(start, start + engine.max_batch_size))
@@ -166,10 +167,11 @@ def decode_path(engine: Any, batch: RolloutBatch) -> tuple[dict[str, torch.Tenso
                 with kernel_profile("decode"):
                     steps.append(engine._forward(ids[:, p + t - 1:p + t], attn,
                                                  position_ids_from_mask(attn)[:, -1:], cache))
-            logits_rows.append(torch.stack(steps, 1))
+            logps.append(token_logprobs(torch.stack(steps, 1), ids[:, p:], temperature,
+                                        engine.policy.logits_dtype).float().cpu())
             for name, t in rec.outputs().items():
                 parts.setdefault(name, []).append(t)
-    return {n: torch.cat(v) for n, v in parts.items()}, torch.cat(logits_rows)
+    return {n: torch.cat(v) for n, v in parts.items()}, torch.cat(logps)
 
 
 def onepass_path(trainer: Any, batch: RolloutBatch, temperature: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -278,10 +280,8 @@ def replay(engine: Any, trainer: Any, batch: RolloutBatch, precision: str, tempe
         `compare(...)`'s dict plus `logp` {decode, onepass} (`[N, T]` fp32 tensors), and
         `logp_gap` {mean, max} of |log µ − log π| over valid tokens.
     """
-    dec, logits = decode_path(engine, batch)
+    dec, logp_roll = decode_path(engine, batch, temperature)
     one, logp_train = onepass_path(trainer, batch, temperature)
-    tokens = batch.input_ids[:, batch.prompt_width:]
-    logp_roll = token_logprobs(logits.cpu(), tokens, temperature, engine.policy.logits_dtype).float()
     mask = batch.response_mask.bool()
     gap = (logp_roll.double() - logp_train.double()).abs().masked_fill(~mask, 0.0)
     out = compare(dec, one, mask, probe_points(engine.model), precision, gap, noise_u(precision, engine.model))

@@ -54,7 +54,13 @@ def run_doctor(cfg: DictConfig, precisions: Sequence[str] | None = None, console
     rollout engine in the first precision (fp32) and sampling settings, from the run's initial
     weights. Raises `ConfigError` for the Megatron trainer or the vLLM rollout engine.
     """
-    from nemo_rl_fp16.build import build_policy_trainer, build_rollout_engine, build_tokenizer, initial_weights, resolve_device
+    from nemo_rl_fp16.build import (
+        build_policy_trainer,
+        build_rollout_engine,
+        build_tokenizer,
+        initial_weights,
+        resolve_device,
+    )
     from nemo_rl_fp16.cpu_numerics import numerics_record
     from nemo_rl_fp16.data import get_dataset
     from nemo_rl_fp16.data.warmstart import torch_threads
