@@ -30,6 +30,8 @@ COMMANDS = {
     "rl": ("grpo_fp16", "run RL fine-tuning from a recipe"),
     "mismatch": ("mismatch_tiny", "offline π-vs-µ mismatch check across precisions (paper Fig. 2)"),
     "doctor": ("mismatch_tiny", "where π and µ part, layer by layer, per precision (docs/doctor.md)"),
+    "preflight": ("grpo_fp16", "will fp16 overflow or underflow on this model? activation headroom, gradient "
+                               "underflow at the initial loss scale (docs/doctor.md)"),
     "demo": ("demo_tiny", "CPU sanity demo: warm start, fp16 run, bf16 run, side-by-side report"),
 }
 EXIT_BUG, EXIT_CONFIG, EXIT_PRECISION, EXIT_INPUT, EXIT_NONFINITE, EXIT_STORAGE = 1, 2, 3, 4, 5, 6
@@ -169,6 +171,10 @@ def _run_command(command: str, args: Sequence[str]) -> int:
         print(to_yaml(cfg), end="")
         print(f"# plan ({command})\n{format_plan(plan)}")
         return 0
+    if command == "preflight":
+        from nemo_rl_fp16.preflight import run_preflight
+
+        return run_preflight(cfg)
     if command == "doctor":
         from nemo_rl_fp16.doctor_report import run_doctor
 
