@@ -2,6 +2,8 @@
 
     nemo-rl-fp16 rl recipe=grpo_fp16 trainer.max_steps=3 precision=bf16 [dry_run=true]
     nemo-rl-fp16 mismatch recipe=mismatch_tiny
+    nemo-rl-fp16 doctor recipe=mismatch_tiny [precision=fp16,bf16]
+    nemo-rl-fp16 preflight recipe=grpo_fp16
     nemo-rl-fp16 demo [output_dir=...]
     nemo-rl-fp16 recipes
     nemo-rl-fp16 launch slurm recipe=grpo_fp16 nodes=8 gpus_per_node=8 account=A partition=P [submit=true]
@@ -27,6 +29,9 @@ from nemo_rl_fp16.config import ConfigError
 COMMANDS = {
     "rl": ("grpo_fp16", "run RL fine-tuning from a recipe"),
     "mismatch": ("mismatch_tiny", "offline π-vs-µ mismatch check across precisions (paper Fig. 2)"),
+    "doctor": ("mismatch_tiny", "where π and µ part, layer by layer, per precision (docs/doctor.md)"),
+    "preflight": ("grpo_fp16", "will fp16 overflow or underflow on this model? activation headroom, gradient "
+                               "underflow at the initial loss scale (docs/doctor.md)"),
     "demo": ("demo_tiny", "CPU sanity demo: warm start, fp16 run, bf16 run, side-by-side report"),
 }
 EXIT_BUG, EXIT_CONFIG, EXIT_PRECISION, EXIT_INPUT, EXIT_NONFINITE, EXIT_STORAGE = 1, 2, 3, 4, 5, 6
@@ -148,6 +153,13 @@ def _run_command(command: str, args: Sequence[str]) -> int:
     from nemo_rl_fp16.config import load_recipe, to_yaml, typed
     from nemo_rl_fp16.plan import check_run, format_plan
 
+    doctor_precisions = None
+    if command == "doctor":  # precision=fp16,bf16 is the doctor's list, not the run's preset
+        from nemo_rl_fp16.doctor_report import parse_precisions
+
+        given = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] in ("precision", "+precision")]
+        overrides = [o for o in overrides if o.split("=", 1)[0] not in ("precision", "+precision")]
+        doctor_precisions = parse_precisions(given[-1], ()) if given else None
     cfg = load_recipe(recipe, overrides)
     if command == "rl" and not dry_run:  # `run` starts with the same validation stage (`check_run`)
         from nemo_rl_fp16.trainer import run
@@ -158,6 +170,15 @@ def _run_command(command: str, args: Sequence[str]) -> int:
     if dry_run:
         print(to_yaml(cfg), end="")
         print(f"# plan ({command})\n{format_plan(plan)}")
+        return 0
+    if command == "preflight":
+        from nemo_rl_fp16.preflight import run_preflight
+
+        return run_preflight(cfg)
+    if command == "doctor":
+        from nemo_rl_fp16.doctor_report import run_doctor
+
+        run_doctor(cfg, doctor_precisions)
         return 0
     from nemo_rl_fp16.experiments import run_mismatch
 

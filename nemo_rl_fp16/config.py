@@ -70,6 +70,12 @@ class PrecisionSection(_Section):
     loss_scale: LossScaleSection = LossScaleSection()
     rollout: Preset | None = None
     allow_mismatch: bool = False
+    preflight: Literal["warn", "refuse", "off"] = "warn"
+
+    @field_validator("preflight", mode="before")
+    @classmethod
+    def _off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML 1.1 (OmegaConf) reads a bare `off` as false
 
 
 class ModelSection(_Section):

@@ -308,6 +308,10 @@ def _run(rc: RecipeConfig, setup: RunSetup, out: Path, console: Console, resume_
             console.print(f"nothing to train: the run in {out} is already at step {trainer.state.step} "
                           f"(trainer.max_steps={rc.trainer.max_steps}); raise trainer.max_steps to continue it, or "
                           "use another output_dir / trainer.resume=never for a new run", soft_wrap=True)
+    if trainer.state.step < rc.trainer.max_steps:  # fp16: activation headroom / gradient underflow, before step 1
+        from nemo_rl_fp16.preflight import at_run_start
+
+        at_run_start(rc, setup, console)
     logger = MetricsLogger(
         out, jsonl=rc.logging.jsonl, tensorboard=rc.logging.tensorboard, wandb=rc.logging.wandb.model_dump(),
         mlflow=rc.logging.mlflow.model_dump(), run_name=rc.recipe, resume_step=trainer.state.step,

@@ -85,6 +85,7 @@ TABLE: dict[str, tuple[list[str], list[str], str, object]] = {
                           plan("precision contract")),
     "precision.allow_mismatch": (["precision.rollout=bf16"], ["precision.allow_mismatch=true"], "plan",
                                  plan("precision contract")),
+    "precision.preflight": ([], ["precision.preflight=off"], "run", lambda o: "preflight (fp16)" in o["console"]),
     "model.name_or_path": ([], ["model.config=null", "model.name_or_path=/some/local/model"], "plan", plan("model")),
     "model.config": ([], ["model.config.hidden_size=64"], "trainer", lambda t: t.master.config.hidden_size),
     "model.tokenizer": ([], ["model.tokenizer={tokenizer}"], "tokenizer", lambda tok: len(tok)),

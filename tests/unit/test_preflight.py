@@ -1,0 +1,123 @@
+"""fp16 preflight: activation headroom per layer, gradient underflow at the initial loss scale, refuse."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from rich.console import Console
+
+from nemo_rl_fp16 import preflight as pf
+from nemo_rl_fp16.config import ConfigError, load_recipe, typed
+from nemo_rl_fp16.models import build_model
+from nemo_rl_fp16.precision import PrecisionPolicy
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from nemo_rl_fp16.build import build_tokenizer
+    from nemo_rl_fp16.data import get_dataset
+
+    rc = typed(load_recipe("sanity_tiny", ["warm_start.enabled=false"]))
+    tok = build_tokenizer(rc)
+    prompts = [tok(p.prompt)["input_ids"] for p in get_dataset(rc.data.model_dump(), seed=0)[:4]]
+    return {"rc": rc, "tok": tok, "prompts": prompts, "model_cfg": rc.model.model_dump()}
+
+
+def _run(tiny, model, scale=2.0**16):
+    return pf.preflight(model, tiny["prompts"], pad_token_id=tiny["tok"].pad_token_id, initial_scale=scale,
+                        global_rows=256, micro_rows=64, max_new_tokens=6, seed=0)
+
+
+def test_headroom_bits_never_safe_for_nonfinite():
+    assert pf.headroom_bits(65504 / 8) == pytest.approx(3.0)
+    assert pf.headroom_bits(0.0) == math.inf
+    for bad in (math.inf, math.nan):
+        assert pf.headroom_bits(bad) == -math.inf
+
+
+def test_clean_model_is_safe(tiny):
+    r = _run(tiny, build_model(tiny["model_cfg"], torch.float32, seed=0))
+    assert r["safe"] and not r["problems"], r["problems"]
+    assert [x["layer"] for x in r["layers"]] == ["embeddings", "layers.0", "layers.1", "norm", "logits"]
+    assert all(x["headroom_bits"] > pf.HEADROOM_MIN_BITS for x in r["layers"])
+    assert r["gradients"]["underflow_frac"] <= pf.UNDERFLOW_MAX_FRAC and r["gradients"]["n_elements"] > 1000
+    assert "ok" in pf.summary_line(r)
+
+
+def test_planted_large_activation_names_the_layer(tiny):
+    model = build_model(tiny["model_cfg"], torch.float32, seed=0)
+    with torch.no_grad():  # the MLP of block 1 now writes > 1e4 into the residual stream
+        model.model.layers[1].mlp.down_proj.weight.mul_(1e6)
+    r = _run(tiny, model)
+    assert not r["safe"]
+    assert r["problems"][0].startswith("layers.1: max |activation|"), r["problems"]
+    hit = next(x for x in r["layers"] if x["layer"] == "layers.1")
+    assert hit["max_abs"] > 1e4 and hit["headroom_bits"] < pf.HEADROOM_MIN_BITS
+    assert hit["where"] in ("layers.1", "layers.1.mlp", "layers.1.mlp.down_proj")  # the block output: residual + MLP
+    assert all(x["headroom_bits"] > pf.HEADROOM_MIN_BITS for x in r["layers"] if x["layer"] in ("embeddings", "layers.0"))
+    assert "bf16" in pf.fix_hint(r) and "UNSAFE" in pf.summary_line(r)
+
+
+def test_nonfinite_activation_is_unsafe(tiny):
+    model = build_model(tiny["model_cfg"], torch.float32, seed=0)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = math.inf
+    r = _run(tiny, model)
+    assert not r["safe"] and r["problems"][0].startswith("layers.0: non-finite activation")
+    assert "non-finite" in pf.summary_line(r)
+
+
+def test_underflowing_loss_scale_is_flagged_with_a_recommended_scale(tiny):
+    model = build_model(tiny["model_cfg"], torch.float32, seed=0)
+    r = _run(tiny, model, scale=2.0**-20)
+    g = r["gradients"]
+    assert g["underflow_frac"] > 0.1 and not r["safe"]
+    assert "underflow fp16" in r["problems"][0] and r["problems"][0].startswith(("layers.", "model.", "lm_head"))
+    rec = g["recommended_scale"]
+    assert math.log2(rec).is_integer() and 65504 / 4 < g["max_abs"] * rec <= 65504 / 2
+    assert g["underflow_frac_at_recommended"] < g["underflow_frac"]
+    assert pf.fix_hint(r) == f"set precision.loss_scale.initial_scale={rec:g}"
+    assert model.model.layers[0].mlp.up_proj.weight.grad is None  # gradients left cleared
+
+
+def test_at_run_start_modes(tiny):
+    buf = io.StringIO()
+    console = Console(file=buf, width=300)
+    setup = SimpleNamespace(policy=SimpleNamespace(), train_policy=PrecisionPolicy.from_name("fp16"))
+    rc = typed(load_recipe("sanity_tiny", ["precision.preflight=warn"]))
+    assert pf.at_run_start(rc, setup, console) is None and "skipped" in buf.getvalue()  # no master model here
+    with pytest.raises(ConfigError, match="precision.preflight=refuse.*not support") as e:
+        pf.at_run_start(typed(load_recipe("sanity_tiny", ["precision.preflight=refuse"])), setup, console)
+    assert len(str(e.value).splitlines()) == 1
+    bf16 = SimpleNamespace(policy=None, train_policy=PrecisionPolicy.from_name("bf16"))
+    assert pf.at_run_start(typed(load_recipe("sanity_tiny", ["precision.preflight=refuse"])), bf16, console) is None
+    with pytest.raises(ConfigError, match="precision.preflight"):
+        load_recipe("sanity_tiny", ["precision.preflight=maybe"])
+
+
+def _cli(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "nemo_rl_fp16.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=600)
+
+
+def test_refuse_exits_2_with_one_line_before_any_training(tmp_path):
+    out = tmp_path / "run"
+    p = _cli("rl", "recipe=sanity_tiny", "warm_start.enabled=false", "trainer.max_steps=2", "logging.progress=false",
+             "precision.preflight=refuse", "precision.loss_scale.initial_scale=1e-6", "precision.loss_scale.min_scale=1e-6", f"output_dir={out}", cwd=tmp_path)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "precision.preflight=refuse" in lines[0] and "initial_scale=" in lines[0], lines
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+    ok = _cli("preflight", "recipe=sanity_tiny", "warm_start.enabled=false", f"output_dir={tmp_path}/pf", cwd=tmp_path)
+    assert ok.returncode == 0 and "preflight (fp16)" in ok.stdout and (tmp_path / "pf/preflight/report.json").exists()
