@@ -319,6 +319,13 @@ def environment_problems(cfg: RecipeConfig) -> list[str]:
         if path is not None and not Path(path).exists():
             out.append(f"bad value for '{key}': {path!r} does not exist; allowed: {kind} (no hub downloads); "
                        f"download it first or fix the path")
+    if not out:  # folders that exist must be HF folders, before anything tries to load them
+        from nemo_rl_fp16.runs import RunError, check_model_folders
+
+        try:
+            check_model_folders(cfg.model.name_or_path, cfg.model.tokenizer)
+        except RunError as e:
+            out.append(str(e))
     for key, needed, module, hint in _PACKAGES:
         if needed(cfg) and not _installed(module):
             out.append(f"bad value for '{key}': {_value(cfg, key)} needs the '{module}' package, which is not "

@@ -361,7 +361,7 @@ def storage_error_message(exc: BaseException, out: Path, last: Path | None) -> s
 def check_model_folders(model_name_or_path: str | None, tokenizer: str | None) -> None:
     """`model.name_or_path` / `model.tokenizer` must be local HF folders; RunError (one line) otherwise.
 
-    Checked at the start of a real run (a dry run plans without the user's files).
+    Part of the validation stage (`plan.environment_problems`), so the dry run checks it too.
     """
     if model_name_or_path is not None:
         p = Path(model_name_or_path)

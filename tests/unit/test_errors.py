@@ -153,7 +153,7 @@ def test_read_only_output_dir_is_one_line(tmp_path):
 def test_not_an_hf_model_folder_is_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     for path, msg in [(tmp_path / "empty", "is not an HF model folder (no config.json)"),
-                      (tmp_path / "missing", "is not a folder")]:
+                      (tmp_path / "missing", "does not exist")]:
         r = cli("rl", "recipe=sanity_tiny", f"model.name_or_path={path}", "model.config=null",
                 f"output_dir={tmp_path}/run", *_tiny(tmp_path))
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and msg in r.stderr, r.stderr

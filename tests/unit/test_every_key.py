@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from rich.console import Console
 
 from nemo_rl_fp16.config import ConfigError, load_recipe, recipes_dir, typed
+from nemo_rl_fp16.guards import NonFiniteError
 from nemo_rl_fp16.plan import check_run, make_plan
 from nemo_rl_fp16.precision import PrecisionMismatchError, resolve_policies
 
@@ -228,8 +229,8 @@ def _probe(env, kind, items):
     try:
         cfg = _load(env, items)
         out = PROBES[kind](typed(cfg), cfg)
-    except PrecisionMismatchError as e:  # a refused context (e.g. an undeclared ablation) is an observable too
-        out = f"refused: {e}"
+    except (PrecisionMismatchError, NonFiniteError) as e:  # a refusal/stop (e.g. an undeclared ablation, an
+        out = f"refused: {e}"                                # overflow persisting over N attempts) is observable too
     env["cache"][key] = out
     return out
 
