@@ -28,7 +28,7 @@ import numpy as np
 
 from nemo_rl_fp16.fsutil import atomic_write
 from nemo_rl_fp16.loggers import read_jsonl
-from nemo_rl_fp16.report import ratio_text, symlog_floor
+from nemo_rl_fp16.report import json_safe, ratio_text, symlog_floor
 
 KL = "mismatch/kl_k3"
 
@@ -106,7 +106,7 @@ def write_demo_report(root: Path, run_dirs: Mapping[str, Path], numerics: Mappin
         summary["kl_k3_step_ratio_bf16_over_fp16"] = _step_ratio_spread(data["fp16"], data["bf16"])
     root.mkdir(parents=True, exist_ok=True)
     _plot(root / "training_curves.png", data, runs)
-    atomic_write(root / "report.json", json.dumps(summary, indent=2))
+    atomic_write(root / "report.json", json.dumps(json_safe(summary), indent=2, allow_nan=False))
     atomic_write(root / "report.md", _markdown(summary))
     return summary
 

@@ -18,7 +18,9 @@ from rich.console import Console
 
 from nemo_rl_fp16.config import ConfigError, save_resolved, typed
 from nemo_rl_fp16.doctor import UNIT_ROUNDOFF, replay
+from nemo_rl_fp16.experiments import offline_setup
 from nemo_rl_fp16.fsutil import atomic_write
+from nemo_rl_fp16.report import json_safe
 
 PLOT = "divergence_vs_layer.png"
 
@@ -57,14 +59,9 @@ def run_doctor(cfg: DictConfig, precisions: Sequence[str] | None = None, console
     from nemo_rl_fp16.build import (
         build_policy_trainer,
         build_rollout_engine,
-        build_tokenizer,
-        initial_weights,
-        resolve_device,
     )
     from nemo_rl_fp16.cpu_numerics import numerics_record
-    from nemo_rl_fp16.data import get_dataset
     from nemo_rl_fp16.data.warmstart import torch_threads
-    from nemo_rl_fp16.interfaces import SamplingParams
     from nemo_rl_fp16.mismatch import mismatch_metrics
     from nemo_rl_fp16.precision import PrecisionPolicy
 
@@ -74,15 +71,9 @@ def run_doctor(cfg: DictConfig, precisions: Sequence[str] | None = None, console
     precisions = list(precisions or parse_precisions(None, rc.mismatch.precisions))
     out = Path(rc.output_dir) / "doctor"
     t0 = time.perf_counter()
-    device = resolve_device(rc)
-    tokenizer = build_tokenizer(rc)
-    problems = get_dataset(rc.data.model_dump(), seed=rc.seed)
-    prompts = [tokenizer(problems[i % len(problems)].prompt)["input_ids"] for i in range(rc.mismatch.num_prompts)]
-    init = initial_weights(rc, tokenizer, problems, console)
-    model_cfg = rc.model.model_dump()
-    params = SamplingParams(max_new_tokens=rc.rollout.max_new_tokens, temperature=rc.rollout.temperature,
-                            top_p=rc.rollout.top_p, num_generations=rc.rollout.num_generations, seed=rc.seed,
-                            stop_token_ids=(tokenizer.eos_token_id,))
+    setup = offline_setup(rc, console)
+    device, tokenizer, prompts, init, model_cfg, params = (
+        setup.device, setup.tokenizer, setup.prompts, setup.init, setup.model_cfg, setup.params)
     save_resolved(cfg, out)
     results: dict[str, Any] = {}
     with torch_threads(1):  # the tiny model is overhead-bound (experiments.run_demo)
@@ -120,16 +111,6 @@ def run_doctor(cfg: DictConfig, precisions: Sequence[str] | None = None, console
     return report
 
 
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
 def _u(x: float) -> str:
     return "non-finite" if not math.isfinite(x) else f"{x:.2f}"
 
@@ -139,7 +120,7 @@ def write_doctor_report(out: Path, report: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / PLOT, lambda f: _plot(f, report))
     atomic_write(out / "report.md", _markdown(report))
-    atomic_write(out / "report.json", json.dumps(_json_safe(report), indent=2) + "\n")
+    atomic_write(out / "report.json", json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
 
 
 def _markdown(report: dict) -> str:

@@ -13,7 +13,9 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 from rich.console import Console
@@ -29,6 +31,33 @@ from nemo_rl_fp16.loggers import summary_table
 from nemo_rl_fp16.precision import PrecisionPolicy
 
 
+@dataclass
+class OfflineSetup:
+    """What the offline commands (`mismatch`, `doctor`) share: device, tokenizer, the prompt set
+    (`mismatch.num_prompts` problems, cycled), the starting weights and the sampling parameters."""
+
+    device: str
+    tokenizer: Any
+    problems: list
+    prompts: list[list[int]]
+    init: dict | None
+    model_cfg: dict
+    params: SamplingParams
+
+
+def offline_setup(rc, console: Console) -> OfflineSetup:
+    """Build the `OfflineSetup` of a typed recipe (runs the warm start when the recipe has one)."""
+    device = resolve_device(rc)
+    tokenizer = build_tokenizer(rc)
+    problems = get_dataset(rc.data.model_dump(), seed=rc.seed)
+    prompts = [tokenizer(problems[i % len(problems)].prompt)["input_ids"] for i in range(rc.mismatch.num_prompts)]
+    params = SamplingParams(max_new_tokens=rc.rollout.max_new_tokens, temperature=rc.rollout.temperature,
+                            top_p=rc.rollout.top_p, num_generations=rc.rollout.num_generations, seed=rc.seed,
+                            stop_token_ids=(tokenizer.eos_token_id,))
+    return OfflineSetup(device, tokenizer, problems, prompts, initial_weights(rc, tokenizer, problems, console),
+                        rc.model.model_dump(), params)
+
+
 def run_mismatch(cfg: DictConfig, console: Console | None = None) -> dict:
     """Offline π-vs-µ mismatch for each precision in `mismatch.precisions`; returns report.json."""
     from nemo_rl_fp16.policy import TorchPolicyTrainer
@@ -39,15 +68,9 @@ def run_mismatch(cfg: DictConfig, console: Console | None = None) -> dict:
     policies = mismatch_policies(rc)  # every refusal before anything is written
     out = Path(rc.output_dir)
     save_resolved(cfg, out)
-    device = resolve_device(rc.device)
-    tokenizer = build_tokenizer(rc)
-    problems = get_dataset(rc.data.model_dump(), seed=rc.seed)
-    prompts = [tokenizer(problems[i % len(problems)].prompt)["input_ids"] for i in range(rc.mismatch.num_prompts)]
-    init = initial_weights(rc, tokenizer, problems, console)
-    model_cfg = rc.model.model_dump()
-    params = SamplingParams(max_new_tokens=rc.rollout.max_new_tokens, temperature=rc.rollout.temperature,
-                            top_p=rc.rollout.top_p, num_generations=rc.rollout.num_generations, seed=rc.seed,
-                            stop_token_ids=(tokenizer.eos_token_id,))
+    setup = offline_setup(rc, console)
+    device, tokenizer, prompts, init, model_cfg, params = (
+        setup.device, setup.tokenizer, setup.prompts, setup.init, setup.model_cfg, setup.params)
     runs = {}
     for name in rc.mismatch.precisions:
         t0 = time.perf_counter()
@@ -128,7 +151,7 @@ def run_demo(overrides: list[str], recipe: str = "demo_tiny", dry_run: bool = Fa
             console.rule(f"{cfg.recipe}: {p}")
             finals[p] = run(cfg, console=console)
     summary = write_demo_report(Path(root), {p: Path(cfgs[p].output_dir) for p in DEMO_PRECISIONS},
-                                numerics=numerics_record(resolve_device(typed(cfgs["fp16"]).device)),
+                                numerics=numerics_record(resolve_device(typed(cfgs["fp16"]))),
                                 extra={"wall_s": time.perf_counter() - t0})
     keys = ("kl_k3_pooled", "kl_k3_median_step", "frac_steps_kl_zero", "final_accuracy", "peak_accuracy")
     rows = [(f"{p} {k}", "n/a" if s[k] is None else f"{s[k]:.4g}") for p, s in summary["runs"].items() for k in keys]

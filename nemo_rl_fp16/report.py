@@ -127,7 +127,7 @@ def write_report(
     if numerics is not None:
         report["numerics"] = dict(numerics)
     report["files"] = {"markdown": "report.md", **PLOTS}
-    report = _json_safe(report)
+    report = json_safe(report)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,11 +174,12 @@ def _split_run(name: str, run: Mapping[str, Any]) -> tuple[dict[str, np.ndarray]
     return arrs, extras
 
 
-def _json_safe(x: Any) -> Any:
+def json_safe(x: Any) -> Any:
+    """`x` with non-finite floats replaced by None (strict JSON), recursively through dicts and lists."""
     if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
+        return {k: json_safe(v) for k, v in x.items()}
     if isinstance(x, list):
-        return [_json_safe(v) for v in x]
+        return [json_safe(v) for v in x]
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return x
