@@ -246,16 +246,18 @@ def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 def package_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear` under the package GEMM of the current profile: `[..., K] x [N, K] -> [..., N]`
-    in `x.dtype` (fp16/bf16), bias added to the fp32 accumulator (cuBLAS epilogue)."""
+    in `x.dtype` (fp16/bf16), the bias added before the output rounding (cuBLAS epilogue)."""
     out = _GemmFn.apply(x.reshape(-1, x.shape[-1]), weight.t(), bias, _PROFILE.get(), x.dtype)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def package_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """`a @ b` (batched, broadcasting) under the package GEMM; result in `a.dtype`."""
-    if a.dim() == 1 or b.dim() == 1:  # vector cases: promote, multiply, squeeze (torch semantics)
+    if a.dim() == 1 or b.dim() == 1:  # vector cases: promote, multiply, drop the added dims (torch semantics)
         out = package_matmul(a.unsqueeze(0) if a.dim() == 1 else a, b.unsqueeze(-1) if b.dim() == 1 else b)
-        return out.squeeze(-1 if b.dim() == 1 else -2)
+        if b.dim() == 1:
+            out = out.squeeze(-1)
+        return out.squeeze(-1 if b.dim() == 1 else -2) if a.dim() == 1 else out
     return _GemmFn.apply(a, b, None, _PROFILE.get(), a.dtype)
 
 
