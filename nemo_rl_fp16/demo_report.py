@@ -57,7 +57,8 @@ def run_summary(rows: list[dict]) -> dict[str, Any]:
         "seq_logratio_std_mean": float(_col(rows, "mismatch/seq_logratio_std").mean()),
         "is_ratio_std_mean": float(_col(rows, "mismatch/is_ratio_std").mean()),
         "is_ratio_max": float(_col(rows, "mismatch/is_ratio_max").max()),
-        "mis_masked_frac": _pooled(rows, "mismatch/mis_masked_frac", "mismatch/n_tokens"),
+        # a fraction of sequences, and every step samples the same number of them: a plain mean
+        "mis_masked_frac": float(_col(rows, "mismatch/mis_masked_frac").mean()),
         "response_length_mean": float(_col(rows, "response/length_mean").mean()),
         "final_accuracy": float(acc[-5:].mean()),
         "peak_accuracy": float(acc.max()),

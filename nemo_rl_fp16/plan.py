@@ -297,7 +297,8 @@ def _value(cfg: RecipeConfig, key: str) -> object:
 
 
 def environment_problems(cfg: RecipeConfig) -> list[str]:
-    """What the run needs from this machine, one refusal line each: device, paths, packages, data.
+    """What the run needs from this machine, one refusal line each: device, the CPU-kernel switches
+    (`NEMO_RL_CPU_KERNELS`, `NEMO_RL_CPU_ISA`), paths, packages, data.
 
     The data checks read the dataset (and the held-out set) with the run's tokenizer: unreadable
     rows, unknown templates and a prompt that does not fit the model's context are refused here.
@@ -310,6 +311,13 @@ def environment_problems(cfg: RecipeConfig) -> list[str]:
         if not torch.cuda.is_available():
             out.append(f"bad value for 'device': {cfg.device} (resolves to cuda); allowed: cpu here (torch sees no "
                        f"CUDA device); run on the GPU node or set device=cpu")
+    from nemo_rl_fp16.cpu_numerics import cpu_isa, kernel_mode
+
+    for check in (kernel_mode, cpu_isa):  # the CPU-kernel switches (environment variables)
+        try:
+            check()
+        except ValueError as e:
+            out.append(str(e))
     for key, path, kind in (("model.name_or_path", cfg.model.name_or_path, "a local HF model folder"),
                             ("model.tokenizer", cfg.model.tokenizer, "a local tokenizer folder"),
                             ("data.path", cfg.data.path if cfg.data.dataset == "jsonl" else None, "a JSONL file"),
