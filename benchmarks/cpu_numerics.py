@@ -1,6 +1,6 @@
 """Benchmark: tiny Qwen2 forward and forward+backward in fp32 / bf16 / fp16, package and native kernels.
 
-"package" is `nemo_rl_fp16.cpu_numerics.cpu_numerics(cpu, dtype)` as the engines use it (the
+"package" is `nemo_rl_fp16.precision.cpu_numerics.cpu_numerics(cpu, dtype)` as the engines use it (the
 prefill/training kernels: tile GEMM, FlashAttention-2 forward, fp64-evaluated transcendentals);
 "native" is torch's own CPU kernels (`NEMO_RL_CPU_KERNELS=native`, with the fp32-GEMM speed
 path where the host lacks fast low-precision GEMMs). Batch 128 x 24 tokens, hidden 128,
@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from nemo_rl_fp16.cpu_numerics import KERNELS_ENV, cpu_has_native, cpu_isa, cpu_numerics
-from nemo_rl_fp16.models import build_model
+from nemo_rl_fp16.modeling import build_model
+from nemo_rl_fp16.precision.cpu_numerics import KERNELS_ENV, cpu_has_native, cpu_isa, cpu_numerics
 
 CFG = {"config": {"model_type": "qwen2", "vocab_size": 64, "hidden_size": 128, "num_hidden_layers": 4,
                   "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 256,

@@ -1,6 +1,6 @@
 """Megatron RL train-step benchmark: fp16 vs bf16 step time, tokens/s and model FLOP utilization.
 
-The real trainer path (`MegatronPolicyTrainer.train_step`: Float16Module + megatron DDP +
+The real trainer path (`MegatronPolicy.train_step`: Float16Module + megatron DDP +
 megatron Adam with dynamic loss scaling in fp16, fp32 log-softmax over the full vocabulary) on a
 ~1B dense config (Llama layout: hidden 2048 x 16 layers, 16 heads, SwiGLU 5632, vocab 32000),
 micro-batch 4 x seq 2048, with the local spec's unfused attention (`--attention local`) and with
@@ -26,7 +26,7 @@ import time
 import torch
 
 from nemo_rl_fp16.interfaces import RolloutBatch
-from nemo_rl_fp16.models import build_model
+from nemo_rl_fp16.modeling import build_model
 from nemo_rl_fp16.precision import PrecisionPolicy
 
 CONFIG = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632,
@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run (needs the test CUDA redirects)")
     ap.add_argument("--hidden", type=int, default=2048)
     a = ap.parse_args()
-    from nemo_rl_fp16.policy.megatron_policy import MegatronPolicyTrainer
+    from nemo_rl_fp16.policy.megatron_policy import MegatronPolicy
 
     cfg = {**CONFIG, "num_hidden_layers": a.layers}
     if a.hidden != 2048:  # smoke runs: shrink everything
@@ -91,7 +91,7 @@ def main() -> None:
         tokens = a.batch * acc * a.seq
         flops = model_flops(cfg, n_params, tokens, a.seq)
         for name in a.precisions:
-            tr = MegatronPolicyTrainer(model_cfg, PrecisionPolicy.from_name(name), lr=1e-5, micro_batch_size=a.batch,
+            tr = MegatronPolicy(model_cfg, PrecisionPolicy.from_name(name), lr=1e-5, micro_batch_size=a.batch,
                                        device=a.device, seed=0, initial_state_dict=sd, attention=attn,
                                        fused_elementwise=fused)
             for _ in range(a.warmup):

@@ -36,10 +36,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
 
-    from nemo_rl_fp16.checkpoint import write_hf_checkpoint
     from nemo_rl_fp16.data import build_char_tokenizer
+    from nemo_rl_fp16.hf_export import write_hf_checkpoint
     from nemo_rl_fp16.interfaces import SamplingParams
-    from nemo_rl_fp16.models import build_model
+    from nemo_rl_fp16.modeling import build_model
     from nemo_rl_fp16.precision import PrecisionPolicy
     from nemo_rl_fp16.rollout.vllm_engine import VllmRolloutEngine
 

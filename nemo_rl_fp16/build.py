@@ -15,7 +15,7 @@ from rich.console import Console
 
 from nemo_rl_fp16.config import ConfigError, RecipeConfig
 from nemo_rl_fp16.data import Problem, build_char_tokenizer, get_dataset, get_reward
-from nemo_rl_fp16.interfaces import PolicyTrainer, RolloutEngine
+from nemo_rl_fp16.interfaces import PolicyEngine, RolloutEngine
 from nemo_rl_fp16.precision import PrecisionPolicy, resolve_policies
 
 
@@ -28,9 +28,9 @@ class RunSetup:
     model_cfg: dict
     train_policy: PrecisionPolicy
     rollout_policy: PrecisionPolicy
-    policy: PolicyTrainer
+    policy: PolicyEngine
     rollout: RolloutEngine
-    reference: PolicyTrainer | None
+    reference: PolicyEngine | None
     device: str
     close: Callable[[], None] | None = None  # releases remote workers (Ray); None for in-process engines
 
@@ -74,7 +74,7 @@ def build_tokenizer(rc: RecipeConfig):
 
 def initial_weights(rc: RecipeConfig, tokenizer, problems: list[Problem], console: Console) -> dict | None:
     """fp32 starting weights shared by both engines (None = the checkpoint at model.name_or_path)."""
-    from nemo_rl_fp16.models import build_model
+    from nemo_rl_fp16.modeling import build_model
 
     model_cfg = rc.model.model_dump()
     if rc.model.config is None and not rc.warm_start.enabled:
@@ -83,7 +83,7 @@ def initial_weights(rc: RecipeConfig, tokenizer, problems: list[Problem], consol
     model = build_model(model_cfg, torch.float32)
     if not rc.warm_start.enabled:
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
-    from nemo_rl_fp16.data.warmstart import warm_start
+    from nemo_rl_fp16.warm_start import warm_start
 
     ws = rc.warm_start
     console.print(f"warm start: {ws.steps} SFT steps on {len(problems)} problems (cached in {ws.cache_dir})")
@@ -170,22 +170,22 @@ def build_run(rc: RecipeConfig, console: Console | None = None) -> RunSetup:
 
 
 def build_policy_trainer(rc: RecipeConfig, model_cfg: dict, train_pol: PrecisionPolicy, device: str,
-                         init: dict | None) -> PolicyTrainer:
+                         init: dict | None) -> PolicyEngine:
     """The trainer `policy.backend` names (one per process; one per rank under torch.distributed)."""
     p = rc.policy
     if p.backend == "megatron":
-        from nemo_rl_fp16.policy.megatron_policy import MegatronPolicyTrainer
+        from nemo_rl_fp16.policy.megatron_policy import MegatronPolicy
 
-        return MegatronPolicyTrainer(
+        return MegatronPolicy(
             model_cfg, train_pol, lr=p.lr, weight_decay=p.weight_decay, max_grad_norm=p.max_grad_norm,
             micro_batch_size=p.micro_batch_size, seed=rc.seed, device=device, initial_state_dict=init,
             tensor_parallel_size=p.tensor_parallel_size, pipeline_parallel_size=p.pipeline_parallel_size,
             expert_parallel_size=p.expert_parallel_size, sequence_parallel=p.sequence_parallel,
             activation_checkpointing=p.activation_checkpointing, attention=p.attention,
             fused_elementwise=p.fused_elementwise)
-    from nemo_rl_fp16.policy import TorchPolicyTrainer
+    from nemo_rl_fp16.policy import TorchPolicy
 
-    return TorchPolicyTrainer(model_cfg, train_pol, lr=p.lr, weight_decay=p.weight_decay,
+    return TorchPolicy(model_cfg, train_pol, lr=p.lr, weight_decay=p.weight_decay,
                               max_grad_norm=p.max_grad_norm, micro_batch_size=p.micro_batch_size,
                               seed=rc.seed, device=device, initial_state_dict=init,
                               lora=p.lora.model_dump() if p.lora.enabled else None, router_replay=p.router_replay)

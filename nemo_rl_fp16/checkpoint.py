@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import inspect
 import json
 import os
 import random
@@ -30,7 +29,6 @@ import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -85,7 +83,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     """Flush a file or directory to disk so a crash after rename cannot expose empty files."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -129,7 +127,7 @@ def _safetensors_ready(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
+def replace_dir(src: Path, dst: Path) -> None:
     """Rename `src` onto `dst`; an existing `dst` is swapped out first, then deleted.
 
     A kill between the two renames leaves `.old_<dst>_<pid>` and the complete `src`; `clean_stale`
@@ -143,7 +141,7 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, dst)
-    _fsync(dst.parent)
+    fsync_file(dst.parent)
 
 
 def save_checkpoint(
@@ -188,14 +186,14 @@ def save_checkpoint(
         torch.save(bundle, tmp / STATE_FILE)
         files = {}
         for name in (MODEL_FILE, STATE_FILE):
-            _fsync(tmp / name)
+            fsync_file(tmp / name)
             files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
         record = {"format": FORMAT, "step": int(step), "time": time.time(), "files": files, "meta": meta_json}
         (tmp / META_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
-        _fsync(tmp / META_FILE)
-        _fsync(tmp)
+        fsync_file(tmp / META_FILE)
+        fsync_file(tmp)
         final = root / f"step_{step:06d}"
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final)
     except BaseException as e:
         # judged before the partial folder is removed (that frees the space again)
         full = isinstance(e, (OSError, RuntimeError)) and not isinstance(e, CheckpointError) and _disk_full(e, root)
@@ -351,7 +349,7 @@ def clean_stale(root: str | os.PathLike) -> list[str]:
         if _TMP_RE.match(p.name) or _OLD_RE.match(p.name):
             shutil.rmtree(p, ignore_errors=True)
             done.append(f"removed stale {p.name}")
-    _fsync(root)
+    fsync_file(root)
     return done
 
 
@@ -443,55 +441,3 @@ def restore_rng(state: dict) -> None:
     cuda = state.get("cuda")
     if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
         torch.cuda.set_rng_state_all(cuda)
-
-
-def export_hf(path: str | os.PathLike, model, tokenizer=None, step: int | None = None) -> Path:
-    """`save_pretrained` (safetensors) of model (+ tokenizer) into `path`, swapped in atomically.
-
-    Raises `NonFiniteError` (nothing written) if a weight is NaN/inf.
-    """
-    check_weights(model.state_dict(), "HF export", step)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp_{path.name}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    kwargs = {}
-    if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:  # transformers < 5
-        kwargs["safe_serialization"] = True
-    try:
-        model.save_pretrained(tmp, **kwargs)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for f in tmp.iterdir():
-            _fsync(f)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
-
-
-def write_hf_checkpoint(model_cfg: Mapping[str, Any], path: str | os.PathLike, tokenizer: Any,
-                        state_dict: Mapping[str, torch.Tensor] | None = None, seed: int = 0,
-                        step: int | None = None) -> Path:
-    """An HF folder (config.json, fp32 model.safetensors, tokenizer) of policy weights, atomically.
-
-    `model_cfg` is a recipe `model:` block: the model is built from it (a seeded init for
-    `config`, the local checkpoint for `name_or_path`), then `state_dict` (fp32, HF names, e.g.
-    the trainer's `rollout_state_dict()`) overwrites its weights. The config carries the
-    tokenizer's special ids, so the folder loads in vLLM and `AutoModelForCausalLM` alike.
-    """
-    from nemo_rl_fp16.models import build_model, load_weights_
-
-    if state_dict is not None:
-        check_weights(state_dict, "HF export", step)
-    model = build_model(model_cfg, torch.float32, seed=seed)
-    if state_dict is not None:
-        load_weights_(model, state_dict)
-    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
-        val = getattr(tokenizer, key, None)
-        if val is not None:
-            setattr(model.config, key, val)
-            if getattr(model, "generation_config", None) is not None:
-                setattr(model.generation_config, key, val)
-    return export_hf(path, model, tokenizer, step=step)

@@ -8,8 +8,8 @@ parts:
 - the rollout engine's path: `TorchRolloutEngine`'s prefill over the left-padded prompts, then one
   KV-cached forward per response token under `cpu_numerics.kernel_profile("decode")` (its decode
   kernels), exactly as `generate` runs them;
-- the trainer's path: one full-sequence forward of `TorchPolicyTrainer`'s compute copy, as
-  `models.response_logprobs` runs it (prefill/training kernels).
+- the trainer's path: one full-sequence forward of `TorchPolicy`'s compute copy, as
+  `modeling.response_logprobs` runs it (prefill/training kernels).
 
 The decode step that predicts response token t and the one-pass position `P + t - 1` are aligned
 token for token; padding and finished rows are masked out. Per probe point the divergence is
@@ -35,9 +35,9 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from nemo_rl_fp16.cpu_numerics import cpu_numerics, kernel_profile
 from nemo_rl_fp16.interfaces import RolloutBatch
-from nemo_rl_fp16.models import decoder_layers, position_ids_from_mask, response_logprobs, token_logprobs
+from nemo_rl_fp16.modeling import decoder_layers, position_ids_from_mask, response_logprobs, token_logprobs
+from nemo_rl_fp16.precision.cpu_numerics import cpu_numerics, kernel_profile
 
 #: unit roundoff u = 2^-(mantissa bits + 1) of each precision preset
 UNIT_ROUNDOFF = {"fp16": 2.0**-11, "bf16": 2.0**-8, "fp32": 2.0**-24}
@@ -155,7 +155,7 @@ def decode_path(engine: Any, batch: RolloutBatch, temperature: float = 1.0) -> t
     rec.window = lambda length: slice(length - 1, length)  # the last position of each forward
     parts: dict[str, list[torch.Tensor]] = {}
     logps = []
-    with torch.no_grad(), cpu_numerics(engine.device, engine.policy.param_dtype), rec:
+    with torch.no_grad(), cpu_numerics(engine.device, engine.precision.param_dtype), rec:
         for start in range(0, batch.num_samples, engine.max_batch_size):
             mb = batch.select(slice(start, start + engine.max_batch_size))
             ids, resp = mb.input_ids.to(engine.device), mb.response_mask.to(engine.device)
@@ -168,7 +168,7 @@ def decode_path(engine: Any, batch: RolloutBatch, temperature: float = 1.0) -> t
                     steps.append(engine._forward(ids[:, p + t - 1:p + t], attn,
                                                  position_ids_from_mask(attn)[:, -1:], cache))
             logps.append(token_logprobs(torch.stack(steps, 1), ids[:, p:], temperature,
-                                        engine.policy.logits_dtype).float().cpu())
+                                        engine.precision.logits_dtype).float().cpu())
             for name, t in rec.outputs().items():
                 parts.setdefault(name, []).append(t)
     return {n: torch.cat(v) for n, v in parts.items()}, torch.cat(logps)
@@ -177,7 +177,7 @@ def decode_path(engine: Any, batch: RolloutBatch, temperature: float = 1.0) -> t
 def onepass_path(trainer: Any, batch: RolloutBatch, temperature: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Score `batch` with the trainer's one full-sequence forward (`response_logprobs`), hooked.
 
-    Uses `TorchPolicyTrainer`'s compute copy under its numerics scope, in its micro-batches.
+    Uses `TorchPolicy`'s compute copy under its numerics scope, in its micro-batches.
 
     Returns:
         ({probe name: `[N, T, width]` output at positions P−1 .. P+T−2}, `[N, T]` fp32 log π).
@@ -193,7 +193,7 @@ def onepass_path(trainer: Any, batch: RolloutBatch, temperature: float) -> tuple
             mb = batch.select(rows)
             logps.append(response_logprobs(trainer.compute, mb.input_ids.to(trainer.device),
                                            mb.attention_mask.to(trainer.device), mb.prompt_width, temperature,
-                                           trainer.policy.logits_dtype).float().cpu())
+                                           trainer.precision.logits_dtype).float().cpu())
             for name, t in rec.outputs().items():
                 parts.setdefault(name, []).append(t)
     return {n: torch.cat(v) for n, v in parts.items()}, torch.cat(logps)

@@ -60,10 +60,10 @@ def run_doctor(cfg: DictConfig, precisions: Sequence[str] | None = None, console
         build_policy_trainer,
         build_rollout_engine,
     )
-    from nemo_rl_fp16.cpu_numerics import numerics_record
-    from nemo_rl_fp16.data.warmstart import torch_threads
     from nemo_rl_fp16.mismatch import mismatch_metrics
     from nemo_rl_fp16.precision import PrecisionPolicy
+    from nemo_rl_fp16.precision.cpu_numerics import numerics_record
+    from nemo_rl_fp16.runtime import torch_threads
 
     console = console or Console()
     rc = typed(cfg)

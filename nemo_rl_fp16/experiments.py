@@ -22,13 +22,13 @@ from rich.console import Console
 
 from nemo_rl_fp16.build import build_rollout_engine, build_tokenizer, initial_weights, resolve_device
 from nemo_rl_fp16.config import ConfigError, load_recipe, save_resolved, typed
-from nemo_rl_fp16.cpu_numerics import numerics_record
 from nemo_rl_fp16.data import get_dataset
-from nemo_rl_fp16.data.warmstart import torch_threads
 from nemo_rl_fp16.demo_report import write_demo_report
 from nemo_rl_fp16.interfaces import SamplingParams
 from nemo_rl_fp16.loggers import summary_table
 from nemo_rl_fp16.precision import PrecisionPolicy
+from nemo_rl_fp16.precision.cpu_numerics import numerics_record
+from nemo_rl_fp16.runtime import torch_threads
 
 
 @dataclass
@@ -60,7 +60,7 @@ def offline_setup(rc, console: Console) -> OfflineSetup:
 
 def run_mismatch(cfg: DictConfig, console: Console | None = None) -> dict:
     """Offline π-vs-µ mismatch for each precision in `mismatch.precisions`; returns report.json."""
-    from nemo_rl_fp16.policy import TorchPolicyTrainer
+    from nemo_rl_fp16.policy import TorchPolicy
     from nemo_rl_fp16.report import ratio_text, write_report
 
     console = console or Console()
@@ -77,7 +77,7 @@ def run_mismatch(cfg: DictConfig, console: Console | None = None) -> dict:
         train_pol, rollout_pol = policies[name]
         engine = build_rollout_engine(rc, rollout_pol, model_cfg, tokenizer, device, initial_state_dict=init,
                                       model_dir=out / "rollout_model" / name)
-        scorer = TorchPolicyTrainer(model_cfg, train_pol, lr=rc.policy.lr, weight_decay=0.0, max_grad_norm=1.0,
+        scorer = TorchPolicy(model_cfg, train_pol, lr=rc.policy.lr, weight_decay=0.0, max_grad_norm=1.0,
                                     micro_batch_size=rc.policy.micro_batch_size, seed=rc.seed, device=device,
                                     initial_state_dict=init, router_replay=rc.policy.router_replay)
         batch = engine.generate(prompts, params)

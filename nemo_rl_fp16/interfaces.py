@@ -1,7 +1,7 @@
 """The two engine protocols the RL loop talks to, and the batch that flows between them.
 
 The trainer loop (`trainer.py`) imports only these names: a `RolloutEngine` samples responses
-and reports the log-probs µ of what it sampled; a `PolicyTrainer` scores the same tokens under
+and reports the log-probs µ of what it sampled; a `PolicyEngine` scores the same tokens under
 π and takes optimizer steps. Both are built from one `PrecisionPolicy` (`precision.py`).
 
 Token layout of a `RolloutBatch` (one row per sample, `N = prompts * num_generations`):
@@ -136,7 +136,7 @@ LossFn = Callable[[torch.Tensor, slice], tuple[torch.Tensor, dict[str, float]]]
 class RolloutEngine(Protocol):
     """Samples responses in the rollout precision and refits weights from the trainer."""
 
-    policy: PrecisionPolicy
+    precision: PrecisionPolicy
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> RolloutBatch: ...
 
@@ -146,10 +146,10 @@ class RolloutEngine(Protocol):
 
 
 @runtime_checkable
-class PolicyTrainer(Protocol):
+class PolicyEngine(Protocol):
     """Holds π: fp32 master weights, optimizer, loss scaler; scores and updates."""
 
-    policy: PrecisionPolicy
+    precision: PrecisionPolicy
 
     def logprobs(self, batch: RolloutBatch, temperature: float) -> torch.Tensor: ...
 

@@ -213,12 +213,3 @@ def router_topk_flip_rate_by_layer(train_experts: Any, rollout_experts: Any, mas
     differs = (a.sort(-1).values != b.sort(-1).values).any(-1)[m]  # [masked tokens, layers]
     n = differs.shape[0]
     return [float(differs[:, i].sum()) / n if n else 0.0 for i in range(a.shape[2])]
-
-
-def __getattr__(name: str) -> Any:
-    # Lazy re-export: the report writer needs matplotlib, the per-step metrics must not.
-    if name == "write_report":
-        from nemo_rl_fp16.report import write_report
-
-        return write_report
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

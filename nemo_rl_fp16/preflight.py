@@ -35,7 +35,7 @@ import torch
 from transformers import DynamicCache
 
 from nemo_rl_fp16.config import ConfigError
-from nemo_rl_fp16.models import cache_kwarg, decoder_layers, position_ids_from_mask, token_logprobs
+from nemo_rl_fp16.modeling import cache_kwarg, decoder_layers, position_ids_from_mask, token_logprobs
 from nemo_rl_fp16.precision import FP16_MAX
 
 FP16_SMALLEST_SUBNORMAL = 2.0**-24
@@ -319,10 +319,10 @@ def run_preflight(cfg: Any, console: Any = None) -> int:
     from nemo_rl_fp16.build import build_tokenizer, initial_weights
     from nemo_rl_fp16.config import typed
     from nemo_rl_fp16.data import get_dataset
-    from nemo_rl_fp16.data.warmstart import torch_threads
     from nemo_rl_fp16.fsutil import atomic_write
-    from nemo_rl_fp16.models import build_model, load_weights_
+    from nemo_rl_fp16.modeling import build_model, load_weights_
     from nemo_rl_fp16.precision import LossScaleConfig
+    from nemo_rl_fp16.runtime import torch_threads
 
     console = console or Console()
     rc = typed(cfg)

@@ -89,7 +89,7 @@ def write_report(
             from the longest response over all runs (:func:`auto_length_buckets`).
         seed (int): RNG seed for the scatter subsample (≤ ``MAX_SCATTER_POINTS`` per panel).
         numerics (Mapping | None): what decided the low-precision numerics
-            (:func:`nemo_rl_fp16.cpu_numerics.numerics_record`), written as ``"numerics"``.
+            (:func:`nemo_rl_fp16.precision.cpu_numerics.numerics_record`), written as ``"numerics"``.
 
     Returns:
         dict: the JSON content.

@@ -1,7 +1,7 @@
 """The RL loop: rollout -> reward -> advantages -> π log-probs -> loss -> step -> refit.
 
 One story, top to bottom (`RLTrainer.step`). The loop talks to its engines only through the
-`PolicyTrainer` / `RolloutEngine` protocols, so the same loop drives the torch engines on a CPU
+`PolicyEngine` / `RolloutEngine` protocols, so the same loop drives the torch engines on a CPU
 and Megatron + vLLM on a cluster. Every step logs reward, the π-vs-µ mismatch metrics, the loss
 scale and overflow skips, so a user sees the precision story of their own run.
 """
@@ -9,7 +9,6 @@ scale and overflow skips, so a user sees the precision story of their own run.
 from __future__ import annotations
 
 import dataclasses
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +23,10 @@ from nemo_rl_fp16.algorithms import combine_metrics, group_advantages, policy_lo
 from nemo_rl_fp16.build import RunSetup, build_run
 from nemo_rl_fp16.config import AlgorithmSection, RecipeConfig, save_resolved, typed
 from nemo_rl_fp16.guards import NonFiniteError, check_reward, check_update, check_weights
+from nemo_rl_fp16.hf_export import write_hf_checkpoint
 from nemo_rl_fp16.interfaces import (
     LossFn,
-    PolicyTrainer,
+    PolicyEngine,
     RolloutBatch,
     RolloutEngine,
     SamplingParams,
@@ -43,6 +43,7 @@ from nemo_rl_fp16.runs import (
     run_identity,
     storage_error_message,
 )
+from nemo_rl_fp16.runtime import mix_seed, seed_everything
 
 SEQUENCE_LEVEL = ("gspo", "pg_seq_is")
 
@@ -56,14 +57,14 @@ class RunState:
 
 
 class RLTrainer:
-    """Owns one `PolicyTrainer`, one `RolloutEngine` and the data; runs `trainer.max_steps` steps."""
+    """Owns one `PolicyEngine`, one `RolloutEngine` and the data; runs `trainer.max_steps` steps."""
 
     def __init__(self, cfg: RecipeConfig, run: RunSetup, console: Console | None = None):
         self.cfg = cfg
         self.run = run
-        self.policy: PolicyTrainer = run.policy
+        self.policy: PolicyEngine = run.policy
         self.rollout: RolloutEngine = run.rollout
-        self.ref: PolicyTrainer | None = run.reference
+        self.ref: PolicyEngine | None = run.reference
         self.console = console or Console()
         self.state = RunState()
         train_policy = resolve_policies(cfg.precision.model_dump())[0]
@@ -104,7 +105,7 @@ class RLTrainer:
         t0 = time.perf_counter()
         idx = self.prompts_for_step(step)
         prompts = [run.prompt_ids[i] for i in idx]
-        sampling = dataclasses.replace(self.sampling, seed=_mix(cfg.seed, step))
+        sampling = dataclasses.replace(self.sampling, seed=mix_seed(cfg.seed, step))
         try:
             batch = self.rollout.generate(prompts, sampling)
         except NonFiniteError as e:  # the engine refuses to sample from NaN/inf logits: a diverged policy
@@ -273,7 +274,7 @@ def run(cfg: DictConfig, console: Console | None = None) -> dict[str, float]:
         for line in start.recovered or []:
             console.print(f"checkpoints: {line}", soft_wrap=True)
         save_resolved(cfg, out)
-        _seed_everything(rc.seed)
+        seed_everything(rc.seed)
         setup = build_run(rc, console=console)
         try:
             return _run(rc, setup, out, console, start.resume_from, identity)
@@ -339,7 +340,7 @@ def _run(rc: RecipeConfig, setup: RunSetup, out: Path, console: Console, resume_
     finally:
         logger.close()
     if rc.trainer.export_hf:
-        path = ckpt.write_hf_checkpoint(setup.model_cfg, out / "hf", setup.tokenizer,
+        path = write_hf_checkpoint(setup.model_cfg, out / "hf", setup.tokenizer,
                                         state_dict=trainer.policy.rollout_state_dict(), seed=rc.seed,
                                         step=trainer.state.step)
         console.print(f"policy exported (HF, safetensors): {path}")
@@ -376,7 +377,7 @@ def audit(setup: RunSetup, rc: RecipeConfig) -> None:
 def moe_line(rc: RecipeConfig) -> str | None:
     """The run log's statement on MoE routing (None for a dense model): which replay is active and
     whether `mismatch/router_topk_flip_rate` can be measured."""
-    from nemo_rl_fp16.moe_routing import is_moe_model_config
+    from nemo_rl_fp16.modeling.moe_routing import is_moe_model_config
 
     if not is_moe_model_config(rc.model.model_dump()):
         return None
@@ -388,16 +389,6 @@ def moe_line(rc: RecipeConfig) -> str | None:
     else:
         flips = "mismatch/router_topk_flip_rate logged every step (trainer's own top-k vs the rollout's)"
     return f"MoE routing: router replay {replay}; expert flips {flips}"
-
-
-def _mix(seed: int, step: int) -> int:
-    return (seed * 1_000_003 + step) % (2**63 - 1)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _short(m: dict[str, float]) -> str:

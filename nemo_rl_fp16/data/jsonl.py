@@ -11,7 +11,7 @@ import json
 import string
 from pathlib import Path
 
-from nemo_rl_fp16.data.sanity import Problem
+from nemo_rl_fp16.data.problem import Problem
 
 TEMPLATES: dict[str, str] = {
     "plain": "{prompt}",

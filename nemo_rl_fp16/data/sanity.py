@@ -3,7 +3,7 @@
 The paper's "perfectible" set keeps only problems the initial policy solves with non-zero
 probability, so a correct RL algorithm should drive training accuracy to ~100% and any plateau
 or collapse is the algorithm's (or the precision's) fault. These synthetic tasks give the same
-property on CPU: a tiny Qwen2 warm-started by SFT (`warmstart.py`) solves them sometimes, and RL
+property on CPU: a tiny Qwen2 warm-started by SFT (`nemo_rl_fp16.warm_start`) solves them sometimes, and RL
 only has to sharpen what the model already knows.
 
 Every generator is deterministic given `(num_problems, seed)` and draws without replacement.
@@ -12,17 +12,9 @@ Every generator is deterministic given `(num_problems, seed)` and draws without 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
 
-
-@dataclass(frozen=True)
-class Problem:
-    """One prompt (already templated, ready to tokenize) and its reference answer."""
-
-    prompt: str
-    answer: str
+from nemo_rl_fp16.data.problem import Problem
 
 
 def _sample_unique(rng: random.Random, n: int, space: int, name: str) -> list[int]:
@@ -91,28 +83,3 @@ def make_sanity_dataset(name: str, num_problems: int = DEFAULT_NUM_PROBLEMS, see
     if name not in DATASETS:
         raise ValueError(f"unknown sanity dataset '{name}'; choose one of: {', '.join(sorted(DATASETS))}")
     return DATASETS[name](num_problems, seed)
-
-
-def get_dataset(data_cfg: Mapping[str, Any], seed: int = 0) -> list[Problem]:
-    """Problems selected by the recipe's `data` block (`data.dataset` = registered name | jsonl).
-
-    Reads `dataset`, and for `jsonl`: `path`, `prompt_key`, `answer_key`, `template`; for the
-    synthetic sets: `num_problems` (optional) and the run `seed`.
-    """
-    name = data_cfg.get("dataset")
-    if name == "jsonl":
-        from nemo_rl_fp16.data.jsonl import load_jsonl  # lazy: jsonl imports Problem from here
-
-        path = data_cfg.get("path")
-        if not path:
-            raise ValueError("data.dataset=jsonl needs data.path=<file.jsonl>")
-        return load_jsonl(
-            path,
-            prompt_key=data_cfg.get("prompt_key") or "prompt",
-            answer_key=data_cfg.get("answer_key") or "answer",
-            template=data_cfg.get("template") or "{prompt}",
-        )
-    if name not in DATASETS:
-        choices = ", ".join([*sorted(DATASETS), "jsonl"])
-        raise ValueError(f"unknown data.dataset '{name}'; choose one of: {choices}")
-    return make_sanity_dataset(name, int(data_cfg.get("num_problems") or DEFAULT_NUM_PROBLEMS), seed)

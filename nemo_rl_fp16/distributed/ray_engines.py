@@ -7,7 +7,7 @@
   running the recipe's trainer (`build.build_policy_trainer`: FSDP2 data parallel for the torch
   backend, megatron-core for `policy.backend=megatron`), plus the frozen reference policy on the
   same ranks when `algorithm.kl_coef > 0`. `RayPolicyGroup` is the loop's
-  `PolicyTrainer`: every call goes to every rank (the collectives need all of them) and rank 0's
+  `PolicyEngine`: every call goes to every rank (the collectives need all of them) and rank 0's
   answer comes back.
 - `RolloutWorker` x `rollout_workers`: one rollout engine each (`build.build_rollout_engine`).
   `RayRolloutGroup` is the loop's `RolloutEngine`: it splits a step's prompts between the engines
@@ -119,12 +119,12 @@ class RolloutWorker:
 
 
 class RayPolicyGroup:
-    """`PolicyTrainer` over the trainer ranks: each call runs on every rank, rank 0 answers.
+    """`PolicyEngine` over the trainer ranks: each call runs on every rank, rank 0 answers.
     `target` picks the ranks' policy or their reference copy."""
 
-    def __init__(self, workers: list, policy: PrecisionPolicy, target: str = "policy"):
+    def __init__(self, workers: list, precision: PrecisionPolicy, target: str = "policy"):
         self.workers = workers
-        self.policy = policy
+        self.precision = precision
         self.target = target
 
     def _all(self, method: str, *args: Any) -> list:
@@ -164,9 +164,9 @@ class RayPolicyGroup:
 class RayRolloutGroup:
     """`RolloutEngine` over the rollout workers: prompts split between them, batches stacked."""
 
-    def __init__(self, workers: list, policy: PrecisionPolicy, pad_token_id: int, colocated: bool):
+    def __init__(self, workers: list, precision: PrecisionPolicy, pad_token_id: int, colocated: bool):
         self.workers = workers
-        self.policy = policy
+        self.precision = precision
         self.pad_token_id = pad_token_id
         self.colocated = colocated
         self._asleep = False

@@ -1,5 +1,5 @@
-"""Policy trainers (π): `TorchPolicyTrainer` (HF/torch, fp32 master + low-precision compute)."""
+"""Policy trainers (π): `TorchPolicy` (HF/torch, fp32 master + low-precision compute)."""
 
-from nemo_rl_fp16.policy.torch_policy import TorchPolicyTrainer
+from nemo_rl_fp16.policy.torch_policy import TorchPolicy
 
-__all__ = ["TorchPolicyTrainer"]
+__all__ = ["TorchPolicy"]

@@ -1,4 +1,4 @@
-"""`MegatronPolicyTrainer`: the policy π as a megatron-core `GPTModel` (TP / EP; MoE), same protocol.
+"""`MegatronPolicy`: the policy π as a megatron-core `GPTModel` (TP / EP; MoE), same protocol.
 
 Model: a `GPTModel` built from the HF config (`ModelLayout`, which refuses by name what it does not
 map): RMSNorm, SwiGLU, RoPE with HF's inverse frequencies (theta; linear / llama3 scaling), GQA
@@ -11,7 +11,7 @@ Engine's when `transformer_engine` imports and the device is CUDA, the local spe
 `auto` = TE, else SDPA on CUDA, the local spec's unfused attention on CPU). Measured on one H100
 (benchmarks/megatron_step.py, ~1B dense, 4 x 2048 tokens): SDPA 167 ms/step vs local 316 ms.
 
-Weights always come from HF (a seeded `models.build_model` init or a local checkpoint) through
+Weights always come from HF (a seeded `modeling.build_model` init or a local checkpoint) through
 `megatron_convert.hf_to_megatron`, sharded per TP/EP rank, so both backends start from the same
 fp32 values; `rollout_state_dict()` gathers the shards back into HF names (fp32 master values).
 
@@ -34,7 +34,7 @@ Optimizer, two paths:
   min_loss_scale, loss_scale_window, hysteresis, clip_grad))`: fp32 main params, megatron's
   `DynamicGradScaler`, optional distributed optimizer.
 - CPU (megatron's optimizer and `DynamicGradScaler` allocate CUDA tensors): the torch backend's
-  own machinery, inherited from `TorchPolicyTrainer` unchanged: an fp32 master GPTModel with
+  own machinery, inherited from `TorchPolicy` unchanged: an fp32 master GPTModel with
   torch AdamW and `DynamicLossScaler`, a compute GPTModel in `param_dtype`, fp32 grad
   accumulation, overflow skip. Single process only (TP/EP/DP > 1 on CPU: log-probs only).
   megatron-core on CPU also needs a few CUDA calls redirected (PLATFORM.md); this package does
@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from nemo_rl_fp16.interfaces import LossFn, RolloutBatch, TrainStepResult
-from nemo_rl_fp16.models import build_model, effective_temperature, response_width
+from nemo_rl_fp16.modeling import build_model, effective_temperature, response_width
 from nemo_rl_fp16.policy.megatron_convert import (
     LazyHFCheckpoint,
     ModelLayout,
@@ -69,10 +69,10 @@ from nemo_rl_fp16.policy.megatron_convert import (
     tp_shard,
     tp_split_dim,
 )
-from nemo_rl_fp16.policy.torch_policy import TorchPolicyTrainer
+from nemo_rl_fp16.policy.torch_policy import TorchPolicy
 from nemo_rl_fp16.precision import PrecisionPolicy, audit_model, dtype_name, is_router_param
 
-__all__ = ["MegatronPolicyTrainer", "MegatronCausalLM", "build_gpt_model", "transformer_config",
+__all__ = ["MegatronPolicy", "MegatronCausalLM", "build_gpt_model", "transformer_config",
            "init_megatron_parallel", "SDPAttention"]
 
 
@@ -396,7 +396,7 @@ def hf_source(model_cfg: Mapping[str, Any], seed: int, initial_state_dict: Mappi
         return LazyHFCheckpoint(path), config, any(k.endswith("experts.gate_up_proj") for k in names)
     hf = build_model(model_cfg, torch.float32, seed=seed)
     if initial_state_dict is not None:
-        from nemo_rl_fp16.models import load_weights_
+        from nemo_rl_fp16.modeling import load_weights_
 
         load_weights_(hf, initial_state_dict)
     sd = hf.state_dict()
@@ -455,10 +455,10 @@ def gather_full_state_dict(named: Mapping[str, torch.Tensor], lay: ModelLayout) 
 
 
 # ---------------------------------------------------------------------------------- the trainer
-class MegatronPolicyTrainer(TorchPolicyTrainer):
-    """PolicyTrainer over a megatron-core GPTModel (see module doc for both optimizer paths).
+class MegatronPolicy(TorchPolicy):
+    """PolicyEngine over a megatron-core GPTModel (see module doc for both optimizer paths).
 
-    Args: as `TorchPolicyTrainer`, plus the recipe's parallel sizes (`tensor_parallel_size`,
+    Args: as `TorchPolicy`, plus the recipe's parallel sizes (`tensor_parallel_size`,
     `pipeline_parallel_size` (1 only in this version), `expert_parallel_size`, `sequence_parallel`,
     `activation_checkpointing`), `use_distributed_optimizer` (CUDA), `attention` (`auto` | `te` |
     `sdpa` | `local`, see `resolve_attention`) and `fused_elementwise` (see `transformer_config`).
@@ -477,13 +477,13 @@ class MegatronPolicyTrainer(TorchPolicyTrainer):
             raise ValueError(f"master weights must be float32, policy has {dtype_name(policy.master_dtype)}")
         if pipeline_parallel_size != 1:
             raise NotImplementedError("pipeline_parallel_size > 1 is not implemented in the megatron trainer yet")
-        self.policy = policy
+        self.precision = policy
         self.device = torch.device(device)
         self.cpu = self.device.type == "cpu"
         self.max_grad_norm = float(max_grad_norm)
         self.micro_batch_size = int(micro_batch_size)
         self.grad_hook = None
-        self._fsdp = False  # TorchPolicyTrainer flags the inherited CPU machinery reads
+        self._fsdp = False  # TorchPolicy flags the inherited CPU machinery reads
         self._lora = False
         tp, ep = int(tensor_parallel_size), int(expert_parallel_size)
         init_megatron_parallel(tp, 1, ep, seed=seed, cpu=self.cpu)
@@ -521,7 +521,7 @@ class MegatronPolicyTrainer(TorchPolicyTrainer):
         self._world_is_one = not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1)
         ls = policy.loss_scale
         if self.cpu:
-            # CPU fallback: TorchPolicyTrainer's master/compute/AdamW/DynamicLossScaler machinery as is.
+            # CPU fallback: TorchPolicy's master/compute/AdamW/DynamicLossScaler machinery as is.
             from nemo_rl_fp16.precision import DynamicLossScaler
 
             gpt32, self.tconfig = make(torch.float32)
@@ -548,7 +548,7 @@ class MegatronPolicyTrainer(TorchPolicyTrainer):
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.transformer.module import Float16Module
 
-        pol = self.policy
+        pol = self.precision
         # params_dtype/fp16/bf16 of the policy (Float16Module reads config.fp16/bf16); megatron's
         # optimizer then creates the fp32 main params from these (HF fp32 values rounded once).
         gpt, self.tconfig = make(pol.param_dtype)
@@ -579,7 +579,7 @@ class MegatronPolicyTrainer(TorchPolicyTrainer):
 
     def _router_to_fp32(self, model: torch.nn.Module) -> None:
         """Keep MoE router weights in fp32 when `router_dtype` is fp32 (as the rollout's fp32 gate)."""
-        if self.policy.router_dtype != torch.float32:
+        if self.precision.router_dtype != torch.float32:
             return
         for name, p in model.named_parameters():
             if is_router_param(name):
@@ -606,7 +606,7 @@ class MegatronPolicyTrainer(TorchPolicyTrainer):
 
     def _score(self, mb: RolloutBatch, temperature: float) -> torch.Tensor:
         return self.compute.response_logprobs(mb.input_ids.to(self.device), mb.attention_mask.to(self.device),
-                                              mb.prompt_width, temperature, self.policy.logits_dtype)
+                                              mb.prompt_width, temperature, self.precision.logits_dtype)
 
     def selected_experts(self, batch: RolloutBatch) -> torch.Tensor:
         """`[N, T, layers, k]` expert ids the trainer's routers pick for response token t.
@@ -659,7 +659,7 @@ class MegatronPolicyTrainer(TorchPolicyTrainer):
                                micro_metrics=micro)
 
     def back_off_loss_scale(self, used_scale: float) -> bool:
-        """As `TorchPolicyTrainer.back_off_loss_scale`; on CUDA on megatron's `DynamicGradScaler`."""
+        """As `TorchPolicy.back_off_loss_scale`; on CUDA on megatron's `DynamicGradScaler`."""
         if self.cpu:
             return super().back_off_loss_scale(used_scale)
         from megatron.core.optimizer.grad_scaler import DynamicGradScaler
@@ -720,11 +720,11 @@ class MegatronPolicyTrainer(TorchPolicyTrainer):
     def audit(self) -> list[str]:
         """Dtype findings on the megatron module: params vs param_dtype, routers vs router_dtype,
         the effective router compute dtype (`moe_router_dtype`), master/optimizer state fp32 (CPU)."""
-        lines = super().audit() if self.cpu else audit_model(self.compute, self.policy)
+        lines = super().audit() if self.cpu else audit_model(self.compute, self.precision)
         if self.layout.is_moe:
             eff = {"fp32": torch.float32, "fp64": torch.float64}.get(self.tconfig.moe_router_dtype or "",
-                                                                     self.policy.param_dtype)
-            if eff != self.policy.router_dtype:
+                                                                     self.precision.param_dtype)
+            if eff != self.precision.router_dtype:
                 lines.append(f"<router compute>: megatron moe_router_dtype={self.tconfig.moe_router_dtype} computes gate "
-                             f"logits in {dtype_name(eff)}, expected {dtype_name(self.policy.router_dtype)} (router_dtype)")
+                             f"logits in {dtype_name(eff)}, expected {dtype_name(self.precision.router_dtype)} (router_dtype)")
         return lines

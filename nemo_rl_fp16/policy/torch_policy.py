@@ -1,4 +1,4 @@
-"""`TorchPolicyTrainer`: the HF/torch policy π with fp32 master weights and fp16/bf16 compute.
+"""`TorchPolicy`: the HF/torch policy π with fp32 master weights and fp16/bf16 compute.
 
 Layout (what FSDP's `MixedPrecisionPolicy(param_dtype=...)` and Megatron's fp16 optimizer do,
 deliberately *not* autocast): an fp32 master model owns the parameters and the AdamW state; a
@@ -43,10 +43,8 @@ from typing import Any
 
 import torch
 
-from nemo_rl_fp16.cpu_numerics import cpu_numerics
 from nemo_rl_fp16.interfaces import LossFn, RolloutBatch, TrainStepResult
-from nemo_rl_fp16.models import (
-    ActivationMonitor,
+from nemo_rl_fp16.modeling import (
     build_model,
     cast_params_,
     decoder_layers,
@@ -54,21 +52,23 @@ from nemo_rl_fp16.models import (
     position_ids_from_mask,
     response_logprobs,
 )
-from nemo_rl_fp16.moe_routing import RouterHooks, replay_targets, response_experts
+from nemo_rl_fp16.modeling.moe_routing import RouterHooks, replay_targets, response_experts
 from nemo_rl_fp16.precision import DynamicLossScaler, PrecisionPolicy, audit_model, dtype_name
+from nemo_rl_fp16.precision.cpu_numerics import cpu_numerics
+from nemo_rl_fp16.precision.range_monitor import ActivationMonitor
 
 GradHook = Callable[[list[torch.Tensor]], None]
 
 
-class TorchPolicyTrainer:
-    """PolicyTrainer over an HF causal LM (see module doc for the precision layout).
+class TorchPolicy:
+    """PolicyEngine over an HF causal LM (see module doc for the precision layout).
 
     Args:
-        model_cfg: the recipe's `model:` block (see `models.build_model`).
+        model_cfg: the recipe's `model:` block (see `modeling.build_model`).
         policy: the trainer-side precision policy.
         lr, weight_decay, max_grad_norm: AdamW and clipping (`max_grad_norm <= 0`: no clipping).
         micro_batch_size: rows per forward/backward; gradients accumulate across micro-batches.
-        seed: seeds the random init of a `config`-built model (`models.build_model`).
+        seed: seeds the random init of a `config`-built model (`modeling.build_model`).
         device: torch device of both copies.
         initial_state_dict: fp32 HF state dict to start from (e.g. after a warm start).
         lora: the recipe's `policy.lora` block; when `enabled`, train LoRA adapters only (module doc).
@@ -93,7 +93,7 @@ class TorchPolicyTrainer:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         if policy.master_dtype != torch.float32:
             raise ValueError(f"master weights must be float32, policy has {dtype_name(policy.master_dtype)}")
-        self.policy = policy
+        self.precision = policy
         self.device = torch.device(device)
         self.max_grad_norm = float(max_grad_norm)
         self.micro_batch_size = int(micro_batch_size)
@@ -147,13 +147,13 @@ class TorchPolicyTrainer:
             routing.replay = replay_targets(mb.rollout_experts.to(self.device), mb.prompt_width, mb.input_ids.shape[1])
         try:
             return response_logprobs(self.compute, mb.input_ids.to(self.device), mb.attention_mask.to(self.device),
-                                     mb.prompt_width, temperature, self.policy.logits_dtype)
+                                     mb.prompt_width, temperature, self.precision.logits_dtype)
         finally:
             if routing is not None:
                 routing.replay = None
 
     def _gemm_ctx(self):
-        return cpu_numerics(self.device, self.policy.param_dtype)
+        return cpu_numerics(self.device, self.precision.param_dtype)
 
     def _dp(self) -> tuple[int, int]:
         """(rank, world size) of the data-parallel row split; (0, 1) without FSDP."""
@@ -186,7 +186,7 @@ class TorchPolicyTrainer:
         torch.distributed.all_gather(parts, local.contiguous(), group=self._dp_group())
         return torch.cat(parts)
 
-    # ------------------------------------------------------------------ PolicyTrainer
+    # ------------------------------------------------------------------ PolicyEngine
     def logprobs(self, batch: RolloutBatch, temperature: float) -> torch.Tensor:
         """`[N, T]` fp32 log π of the batch's response tokens (0 where masked), no grad.
 
@@ -316,7 +316,7 @@ class TorchPolicyTrainer:
             return  # fp32, or FSDP (which reduces in reduce_dtype itself): .grad accumulates
         for i, pc in enumerate(self._compute_params):
             if pc.grad is not None:
-                g = pc.grad.to(self.policy.grad_reduce_dtype, copy=True)
+                g = pc.grad.to(self.precision.grad_reduce_dtype, copy=True)
                 self._acc[i] = g if self._acc[i] is None else self._acc[i].add_(g)
                 pc.grad = None
 
@@ -361,17 +361,17 @@ class TorchPolicyTrainer:
 
     def audit(self) -> list[str]:
         """Dtype findings: the compute copy against the policy, the master against fp32."""
-        lines = [] if self._fsdp else audit_model(self.compute, self.policy)
-        bad_master = sorted({dtype_name(p.dtype) for p in self._master_params if p.dtype != self.policy.master_dtype})
+        lines = [] if self._fsdp else audit_model(self.compute, self.precision)
+        bad_master = sorted({dtype_name(p.dtype) for p in self._master_params if p.dtype != self.precision.master_dtype})
         if bad_master:
             lines.append(f"<master weights>: found {', '.join(bad_master)}, expected "
-                         f"{dtype_name(self.policy.master_dtype)} (master_dtype)")
+                         f"{dtype_name(self.precision.master_dtype)} (master_dtype)")
         bad_state = sorted({f"{k} {dtype_name(v.dtype)}" for st in self.optimizer.state.values() for k, v in st.items()
                             if torch.is_tensor(v) and v.is_floating_point() and k != "step"
-                            and v.dtype != self.policy.master_dtype})
+                            and v.dtype != self.precision.master_dtype})
         if bad_state:
             lines.append(f"<optimizer state>: found {', '.join(bad_state)}, expected "
-                         f"{dtype_name(self.policy.master_dtype)} (master_dtype)")
+                         f"{dtype_name(self.precision.master_dtype)} (master_dtype)")
         return lines
 
     def state_dict(self) -> dict:

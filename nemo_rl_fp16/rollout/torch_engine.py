@@ -27,25 +27,19 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from nemo_rl_fp16.cpu_numerics import cpu_numerics, kernel_profile
 from nemo_rl_fp16.guards import NonFiniteError
 from nemo_rl_fp16.interfaces import RolloutBatch, SamplingParams
-from nemo_rl_fp16.models import (
-    build_model,
-    cache_kwarg,
-    load_weights_,
-    logprob_table,
-    position_ids_from_mask,
-)
-from nemo_rl_fp16.moe_routing import EXPERT_DTYPE, PAD_EXPERT, RouterHooks
+from nemo_rl_fp16.modeling import build_model, cache_kwarg, load_weights_, logprob_table, position_ids_from_mask
+from nemo_rl_fp16.modeling.moe_routing import EXPERT_DTYPE, PAD_EXPERT, RouterHooks
 from nemo_rl_fp16.precision import PrecisionMismatchError, PrecisionPolicy, audit_model, dtype_name
+from nemo_rl_fp16.precision.cpu_numerics import cpu_numerics, kernel_profile
 
 
 class TorchRolloutEngine:
     """RolloutEngine over an HF causal LM with KV-cached decoding (see module doc).
 
     Args:
-        model_cfg: the recipe's `model:` block (see `models.build_model`).
+        model_cfg: the recipe's `model:` block (see `modeling.build_model`).
         policy: the rollout-side precision policy (`param_dtype`, `kv_cache_dtype`, `logits_dtype`).
         pad_token_id: fills left padding of prompts and the tail of finished responses.
         eos_token_id: one id or several; a row stops after emitting any of them.
@@ -65,7 +59,7 @@ class TorchRolloutEngine:
                 f"{dtype_name(policy.param_dtype)}: HF DynamicCache stores keys/values in the model dtype"])
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        self.policy = policy
+        self.precision = policy
         self.device = torch.device(device)
         self.pad_token_id = int(pad_token_id)
         eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
@@ -88,11 +82,11 @@ class TorchRolloutEngine:
 
     def audit(self) -> list[str]:
         """Parameter dtypes against the policy, plus the KV cache dtypes seen at the last prefill."""
-        lines = audit_model(self.model, self.policy)
-        bad = sorted(dtype_name(d) for d in self.last_kv_cache_dtypes if d != self.policy.kv_cache_dtype)
+        lines = audit_model(self.model, self.precision)
+        bad = sorted(dtype_name(d) for d in self.last_kv_cache_dtypes if d != self.precision.kv_cache_dtype)
         if bad:
             lines.append(f"<kv cache>: found {', '.join(bad)}, expected "
-                         f"{dtype_name(self.policy.kv_cache_dtype)} (kv_cache_dtype)")
+                         f"{dtype_name(self.precision.kv_cache_dtype)} (kv_cache_dtype)")
         return lines
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> RolloutBatch:
@@ -109,7 +103,7 @@ class TorchRolloutEngine:
                             device=self.device)
         gen = torch.Generator(device=self.device).manual_seed(params.seed)
         chunks = []
-        with torch.no_grad(), cpu_numerics(self.device, self.policy.param_dtype):
+        with torch.no_grad(), cpu_numerics(self.device, self.precision.param_dtype):
             for start in range(0, len(rows), self.max_batch_size):
                 chunks.append(self._generate_chunk(rows[start:start + self.max_batch_size], width, params, gen, stop))
         n_resp = max(c["tokens"].shape[1] for c in chunks)
@@ -163,13 +157,13 @@ class TorchRolloutEngine:
         logits = self._forward(prompt_ids.to(dev), attn, position_ids_from_mask(attn), cache)
         routed = [self._last_experts(b, width)]  # routed[t]: the routing that scored response token t
         self.last_kv_cache_dtypes = _cache_dtypes(cache)
-        if self.last_kv_cache_dtypes - {self.policy.kv_cache_dtype}:
+        if self.last_kv_cache_dtypes - {self.precision.kv_cache_dtype}:
             raise PrecisionMismatchError("torch rollout engine", self.audit())
 
         alive = torch.ones(b, dtype=torch.bool, device=dev)
         tokens, logps, masks = [], [], []
         for step in range(params.max_new_tokens):
-            tok, lp = sample_tokens(logits, params.temperature, params.top_p, gen, self.policy.logits_dtype)
+            tok, lp = sample_tokens(logits, params.temperature, params.top_p, gen, self.precision.logits_dtype)
             tok = torch.where(alive, tok, self.pad_token_id)
             tokens.append(tok)
             logps.append(torch.where(alive, lp, 0.0))

@@ -47,10 +47,11 @@ from typing import Any
 
 import torch
 
-from nemo_rl_fp16.checkpoint import write_hf_checkpoint
+from nemo_rl_fp16.hf_export import write_hf_checkpoint
 from nemo_rl_fp16.interfaces import RolloutBatch, SamplingParams
 from nemo_rl_fp16.precision import PrecisionMismatchError, PrecisionPolicy, audit_model, dtype_name, get_dtype
 from nemo_rl_fp16.rollout.vllm_worker import tensor_to_wire
+from nemo_rl_fp16.runtime import mix_seed
 
 WORKER_EXTENSION = "nemo_rl_fp16.rollout.vllm_worker.RolloutWorkerExtension"
 LOGPROBS_MODE = "processed_logprobs"
@@ -94,7 +95,7 @@ class VllmRolloutEngine:
                 f"it offers no other non-fp8 cache dtype"])
         if refit not in ("auto", "reload", "restart"):
             raise ValueError(f"refit must be auto|reload|restart, got {refit!r}")
-        self.policy = policy
+        self.precision = policy
         self.allow_mismatch = bool(allow_mismatch)
         self.pad_token_id = int(pad_token_id)
         eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
@@ -125,7 +126,7 @@ class VllmRolloutEngine:
         self.llm = self._start()
         _LIVE.add(self)
         try:
-            self.check(self.policy, self.allow_mismatch)
+            self.check(self.precision, self.allow_mismatch)
         except PrecisionMismatchError:
             _LIVE.discard(self)
             raise
@@ -200,7 +201,7 @@ class VllmRolloutEngine:
 
     def audit(self) -> list[str]:
         """The trainer's `audit_model` over the live engine's dtypes, plus KV cache and config."""
-        return audit_live(self.live_dtypes(), self.policy)
+        return audit_live(self.live_dtypes(), self.precision)
 
     def check(self, policy: PrecisionPolicy, allow_mismatch: bool = False) -> list[str]:
         """Audit against `policy`; raise `PrecisionMismatchError` unless `allow_mismatch` (then warn)."""
@@ -245,7 +246,7 @@ class VllmRolloutEngine:
             self.shutdown()
             self.llm = self._start()
             _LIVE.add(self)
-            self.check(self.policy, self.allow_mismatch)
+            self.check(self.precision, self.allow_mismatch)
         else:
             state_dict = {k: v for k, v in state_dict.items() if k not in self._tied}
             _check_names(state_dict, self._hf_shapes)
@@ -294,7 +295,7 @@ class VllmRolloutEngine:
 
 def request_seed(params: SamplingParams, index: int) -> int:
     """Seed of request `index`; its `num_generations` samples use seed + 0..g-1 (vLLM), so rows never share a stream."""
-    return (params.seed * 1_000_003 + index * params.num_generations) % (2**31)
+    return mix_seed(params.seed, index * params.num_generations, 2**31)
 
 
 def pack_batch(samples: list[tuple[list[int], list[int], list[float], bool]], num_generations: int,
@@ -407,7 +408,7 @@ def _check_names(state_dict: Mapping[str, torch.Tensor], shapes: Mapping[str, tu
 
 def _rewrite_checkpoint(path: Path, state_dict: Mapping[str, torch.Tensor]) -> None:
     """Overwrite the HF folder's weights with `state_dict` (HF in-memory names, validated all-or-nothing)."""
-    from nemo_rl_fp16.models import build_model, load_weights_
+    from nemo_rl_fp16.modeling import build_model, load_weights_
 
     model = build_model({"name_or_path": str(path)}, torch.float32)
     load_weights_(model, state_dict)

@@ -19,8 +19,8 @@ pytest.importorskip("megatron.core")
 
 from nemo_rl_fp16.algorithms import policy_loss  # noqa: E402
 from nemo_rl_fp16.interfaces import RolloutBatch  # noqa: E402
-from nemo_rl_fp16.policy import TorchPolicyTrainer  # noqa: E402
-from nemo_rl_fp16.policy.megatron_policy import MegatronPolicyTrainer  # noqa: E402
+from nemo_rl_fp16.policy import TorchPolicy  # noqa: E402
+from nemo_rl_fp16.policy.megatron_policy import MegatronPolicy  # noqa: E402
 from nemo_rl_fp16.precision import PrecisionPolicy  # noqa: E402
 
 VOCAB = 512
@@ -66,7 +66,7 @@ def _policy(name, router_fp32=False):
 def test_rl_update_through_megatron_optimizer(name, model):
     cfg = DENSE if model == "dense" else MOE
     pol = _policy(name, router_fp32=model == "moe")
-    tr = MegatronPolicyTrainer(cfg, pol, lr=1e-3, micro_batch_size=8, device="cuda", seed=0)
+    tr = MegatronPolicy(cfg, pol, lr=1e-3, micro_batch_size=8, device="cuda", seed=0)
     assert tr.mcore_optimizer is not None and tr.audit() == [], tr.audit()
     b = _batch()
     adv = torch.randn(b.num_samples, generator=torch.Generator().manual_seed(1))
@@ -78,7 +78,7 @@ def test_rl_update_through_megatron_optimizer(name, model):
         res.append(r)
     lp = tr.logprobs(b, 1.0).cpu()
     obj_after = float(-(lp * adv[:, None] * mask).sum() / mask.sum())
-    tr0 = MegatronPolicyTrainer(cfg, pol, lr=1e-3, micro_batch_size=8, device="cuda", seed=0)
+    tr0 = MegatronPolicy(cfg, pol, lr=1e-3, micro_batch_size=8, device="cuda", seed=0)
     lp0 = tr0.logprobs(b, 1.0).cpu()
     obj_before = float(-(lp0 * adv[:, None] * mask).sum() / mask.sum())
     print(f"GPU-RESULT megatron {model} {name}: loss_scale {[r.loss_scale for r in res]} skipped "
@@ -95,7 +95,7 @@ def test_rl_update_through_megatron_optimizer(name, model):
 
 
 def test_fp16_overflow_is_skipped_by_megatron_scaler():
-    tr = MegatronPolicyTrainer(DENSE, _policy("fp16"), lr=1e-3, micro_batch_size=8, device="cuda", seed=0)
+    tr = MegatronPolicy(DENSE, _policy("fp16"), lr=1e-3, micro_batch_size=8, device="cuda", seed=0)
     b = _batch()
     adv = torch.randn(b.num_samples, generator=torch.Generator().manual_seed(1))
     tr.grad_hook = lambda grads: grads[0].view(-1)[0].fill_(float("inf"))
@@ -112,10 +112,10 @@ def test_fp16_overflow_is_skipped_by_megatron_scaler():
 
 
 def test_fp32_megatron_logprobs_equal_torch_backend_on_gpu():
-    sd = TorchPolicyTrainer(DENSE, _policy("fp32"), lr=1e-3, device="cuda", seed=0).rollout_state_dict()
+    sd = TorchPolicy(DENSE, _policy("fp32"), lr=1e-3, device="cuda", seed=0).rollout_state_dict()
     b = _batch()
-    mt = MegatronPolicyTrainer(DENSE, _policy("fp32"), lr=1e-3, device="cuda", seed=0, initial_state_dict=sd)
-    tt = TorchPolicyTrainer(DENSE, _policy("fp32"), lr=1e-3, device="cuda", seed=0, initial_state_dict=sd)
+    mt = MegatronPolicy(DENSE, _policy("fp32"), lr=1e-3, device="cuda", seed=0, initial_state_dict=sd)
+    tt = TorchPolicy(DENSE, _policy("fp32"), lr=1e-3, device="cuda", seed=0, initial_state_dict=sd)
     err = (mt.logprobs(b, 1.0) - tt.logprobs(b, 1.0)).abs().max().item()
     print(f"GPU-RESULT fp32 megatron vs torch log-prob max|diff| {err:.2e}", flush=True)
     assert err < 1e-3  # TF32 / kernel differences on GPU

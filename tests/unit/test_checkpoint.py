@@ -10,13 +10,13 @@ import torch
 from nemo_rl_fp16.checkpoint import (
     CheckpointError,
     capture_rng,
-    export_hf,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     restore_rng,
     save_checkpoint,
 )
+from nemo_rl_fp16.hf_export import export_hf
 
 
 def _payload(seed=0):

@@ -1,6 +1,6 @@
 """The package's CPU fp16/bf16 kernels against fp64 references of the semantics they claim.
 
-Each kernel path says which real kernel it stands for (nemo_rl_fp16/cpu_numerics.py); these tests
+Each kernel path says which real kernel it stands for (nemo_rl_fp16/precision/cpu_numerics.py); these tests
 check the stated rounding semantics within their ulp bounds, the structural identities of each
 path (FA2 forward with one key block = plain rounded softmax; split-KV with one split = FA2),
 invariance to batch composition and left padding, and that the two paths do differ.
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import nemo_rl_fp16.cpu_numerics as cn
+import nemo_rl_fp16.precision.cpu_numerics as cn
 
 LOWP = [torch.float16, torch.bfloat16]
 ROOT = Path(__file__).resolve().parents[2]

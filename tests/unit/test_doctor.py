@@ -35,13 +35,13 @@ def setup():
     model_cfg = rc.model.model_dump()
 
     def engines(name):
-        from nemo_rl_fp16.policy import TorchPolicyTrainer
+        from nemo_rl_fp16.policy import TorchPolicy
         from nemo_rl_fp16.rollout import TorchRolloutEngine
 
         pol = PrecisionPolicy.from_name(name)
         eng = TorchRolloutEngine(model_cfg, pol, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                  initial_state_dict=init)
-        trainer = TorchPolicyTrainer(model_cfg, pol, lr=1e-3, micro_batch_size=64, initial_state_dict=init)
+        trainer = TorchPolicy(model_cfg, pol, lr=1e-3, micro_batch_size=64, initial_state_dict=init)
         return eng, trainer
 
     params = SamplingParams(max_new_tokens=24, temperature=1.0, num_generations=4, seed=3,

@@ -16,6 +16,7 @@ from nemo_rl_fp16.build import build_run
 from nemo_rl_fp16.cli import EXIT_CODES
 from nemo_rl_fp16.config import load_recipe, typed
 from nemo_rl_fp16.guards import NonFiniteError, check_weights
+from nemo_rl_fp16.hf_export import write_hf_checkpoint
 from nemo_rl_fp16.trainer import RLTrainer
 
 QUIET = Console(quiet=True)
@@ -81,7 +82,7 @@ def test_no_checkpoint_refit_or_export_with_nonfinite_weights(tmp_path):
     with pytest.raises(NonFiniteError, match="refit refused at step 3"):
         t.refit(3)
     with pytest.raises(NonFiniteError, match="HF export refused at step 3"):
-        ckpt.write_hf_checkpoint(t.run.model_cfg, tmp_path / "hf", t.run.tokenizer,
+        write_hf_checkpoint(t.run.model_cfg, tmp_path / "hf", t.run.tokenizer,
                                  state_dict=t.policy.rollout_state_dict(), step=3)
     assert not (tmp_path / "hf").exists()
     with torch.no_grad():  # finite in fp32 but inf once cast to the fp16 the rollout engine runs

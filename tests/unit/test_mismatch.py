@@ -100,9 +100,3 @@ def test_router_topk_flip_rate_hand_case():
     with pytest.raises(ValueError, match="layers, k"):
         router_topk_flip_rate(train[..., 0], roll[..., 0], mask)
 
-
-def test_write_report_is_reexported():
-    from nemo_rl_fp16 import mismatch
-    from nemo_rl_fp16.report import write_report
-
-    assert mismatch.write_report is write_report

@@ -6,14 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nemo_rl_fp16.models import (
-    ActivationMonitor,
-    build_model,
-    load_weights_,
-    position_ids_from_mask,
-    response_logprobs,
-    token_logprobs,
-)
+from nemo_rl_fp16.modeling import build_model, load_weights_, position_ids_from_mask, response_logprobs, token_logprobs
+from nemo_rl_fp16.precision.range_monitor import ActivationMonitor
 
 CFG = {"config": {"model_type": "qwen2", "vocab_size": 48, "hidden_size": 64, "num_hidden_layers": 2,
                   "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 128,

@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from nemo_rl_fp16.config import ConfigError, load_recipe, typed
-from nemo_rl_fp16.cpu_numerics import cpu_numerics, package_grouped_mm
 from nemo_rl_fp16.interfaces import SamplingParams
 from nemo_rl_fp16.mismatch import router_topk_flip_rate, router_topk_flip_rate_by_layer
 from nemo_rl_fp16.plan import check_run
-from nemo_rl_fp16.policy import TorchPolicyTrainer
+from nemo_rl_fp16.policy import TorchPolicy
 from nemo_rl_fp16.precision import PrecisionPolicy
+from nemo_rl_fp16.precision.cpu_numerics import cpu_numerics, package_grouped_mm
 from nemo_rl_fp16.rollout.torch_engine import TorchRolloutEngine
 
 QWEN3 = {"model_type": "qwen3_moe", "vocab_size": 32, "hidden_size": 64, "intermediate_size": 128,
@@ -38,7 +38,7 @@ EOS = [1, 2, 14, 15, 16]  # several stop ids: some rows end early, the batch kee
 def _pair(config, precision, replay="none", mbs=64, seed=0):
     pol = PrecisionPolicy.from_name(precision)
     engine = TorchRolloutEngine({"config": config}, pol, pad_token_id=0, eos_token_id=EOS, seed=seed)
-    trainer = TorchPolicyTrainer({"config": config}, pol, lr=1e-2, micro_batch_size=mbs, seed=seed,
+    trainer = TorchPolicy({"config": config}, pol, lr=1e-2, micro_batch_size=mbs, seed=seed,
                                  router_replay=replay)
     return engine, trainer
 
@@ -84,9 +84,9 @@ def test_dense_model_has_no_experts_and_refuses_replay():
     engine = TorchRolloutEngine({"config": DENSE}, pol, pad_token_id=0, eos_token_id=1)
     assert _batch(engine, n_gen=1, tokens=3).rollout_experts is None
     with pytest.raises(ValueError, match="router_replay=rollout needs an MoE model"):
-        TorchPolicyTrainer({"config": DENSE}, pol, lr=1e-3, router_replay="rollout")
+        TorchPolicy({"config": DENSE}, pol, lr=1e-3, router_replay="rollout")
     with pytest.raises(ValueError, match="router_replay"):
-        TorchPolicyTrainer({"config": QWEN3}, pol, lr=1e-3, router_replay="trainer")
+        TorchPolicy({"config": QWEN3}, pol, lr=1e-3, router_replay="trainer")
 
 
 def test_replay_without_recorded_experts_is_refused():
@@ -124,7 +124,7 @@ def test_replay_routes_every_token_to_the_rollout_experts():
 
 def test_replay_survives_micro_batching_and_retries():
     _, big, batch = _flipping_batch("rollout", mbs=128)
-    small = TorchPolicyTrainer({"config": QWEN3}, big.policy, lr=1e-2, micro_batch_size=3, router_replay="rollout")
+    small = TorchPolicy({"config": QWEN3}, big.policy, lr=1e-2, micro_batch_size=3, router_replay="rollout")
     small.load_state_dict(big.state_dict())  # the same weights (the flipping batch's seed may differ)
     ref = big.logprobs(batch, 1.0)
     assert torch.equal(small.logprobs(batch, 1.0), ref)  # rows are routed alike whatever the micro-batch

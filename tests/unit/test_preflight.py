@@ -16,7 +16,7 @@ from rich.console import Console
 
 from nemo_rl_fp16 import preflight as pf
 from nemo_rl_fp16.config import ConfigError, load_recipe, typed
-from nemo_rl_fp16.models import build_model
+from nemo_rl_fp16.modeling import build_model
 from nemo_rl_fp16.precision import PrecisionPolicy
 
 ROOT = Path(__file__).resolve().parents[2]

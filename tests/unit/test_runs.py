@@ -264,7 +264,7 @@ if target == "save_file":
 elif target == "torch_save":
     ck.torch = types.SimpleNamespace(**{**vars(ck.torch), "save": wrap(ck.torch.save)})
 elif target == "fsync":
-    ck._fsync = wrap(ck._fsync)
+    ck.fsync_file = wrap(ck.fsync_file)
 elif target == "replace":  # the rename that makes a step visible
     ck.os = types.SimpleNamespace(**{**vars(ck.os), "replace": wrap(ck.os.replace)})
 from nemo_rl_fp16.cli import main

@@ -14,10 +14,10 @@ import torch
 
 vllm = pytest.importorskip("vllm")
 
-from nemo_rl_fp16.checkpoint import write_hf_checkpoint  # noqa: E402
 from nemo_rl_fp16.data import build_char_tokenizer  # noqa: E402
+from nemo_rl_fp16.hf_export import write_hf_checkpoint  # noqa: E402
 from nemo_rl_fp16.interfaces import SamplingParams  # noqa: E402
-from nemo_rl_fp16.policy import TorchPolicyTrainer  # noqa: E402
+from nemo_rl_fp16.policy import TorchPolicy  # noqa: E402
 from nemo_rl_fp16.precision import PrecisionMismatchError, PrecisionPolicy  # noqa: E402
 from nemo_rl_fp16.rollout.vllm_engine import VllmRolloutEngine  # noqa: E402
 
@@ -69,7 +69,7 @@ def fp16_engine(model_dir, tok):
 
 
 def _trainer(model_dir, name, state_dict=None):
-    return TorchPolicyTrainer({"name_or_path": str(model_dir)}, PrecisionPolicy.from_name(name), lr=1e-3,
+    return TorchPolicy({"name_or_path": str(model_dir)}, PrecisionPolicy.from_name(name), lr=1e-3,
                               micro_batch_size=64, initial_state_dict=state_dict)
 
 
@@ -95,7 +95,7 @@ def test_moe_fp16_generates_and_refits_by_restart(tmp_path, tok, prompts):
         params = SamplingParams(max_new_tokens=8, temperature=1.0, num_generations=2, seed=0)
         b = e.generate(prompts, params)
         assert b.response_mask.sum() > 0 and b.rollout_experts is None  # routing capture: not offered
-        trainer = TorchPolicyTrainer({"name_or_path": str(d)}, PrecisionPolicy.from_name("fp32"), lr=1e-3)
+        trainer = TorchPolicy({"name_or_path": str(d)}, PrecisionPolicy.from_name("fp32"), lr=1e-3)
         with torch.no_grad():
             for p in trainer.master.parameters():
                 p.mul_(1.1)
@@ -121,7 +121,7 @@ def test_moe_reload_in_place_still_corrupts_on_cpu(tmp_path, tok, prompts):
     e = VllmRolloutEngine(d, PrecisionPolicy.from_name("fp32"), pad_token_id=tok.pad_token_id,
                           eos_token_id=tok.eos_token_id, refit="reload")
     try:
-        trainer = TorchPolicyTrainer({"name_or_path": str(d)}, PrecisionPolicy.from_name("fp32"), lr=1e-3)
+        trainer = TorchPolicy({"name_or_path": str(d)}, PrecisionPolicy.from_name("fp32"), lr=1e-3)
         params = SamplingParams(max_new_tokens=16, temperature=1.0, num_generations=2, seed=0)
         b = e.generate(prompts, params)
         assert _masked_max_abs(trainer.logprobs(b, 1.0), b.rollout_logp, b.response_mask.float()) < 1e-5

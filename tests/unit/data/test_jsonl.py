@@ -3,7 +3,7 @@
 import pytest
 
 from nemo_rl_fp16.data.jsonl import TEMPLATES, DataError, load_jsonl
-from nemo_rl_fp16.data.sanity import Problem
+from nemo_rl_fp16.data.problem import Problem
 
 
 def _write(tmp_path, text, name="data.jsonl"):

@@ -8,7 +8,7 @@ import torch
 
 from nemo_rl_fp16.config import load_recipe, typed
 from nemo_rl_fp16.interfaces import RolloutBatch, SamplingParams
-from nemo_rl_fp16.policy import TorchPolicyTrainer
+from nemo_rl_fp16.policy import TorchPolicy
 from nemo_rl_fp16.precision import PrecisionPolicy
 from nemo_rl_fp16.rollout import TorchRolloutEngine
 
@@ -36,8 +36,8 @@ def _loss_fn(batch: RolloutBatch):
     return lambda logp, rows: (-(logp * adv[rows, None] * mask[rows]).sum() / mask.sum(), {})
 
 
-def _trainer(name: str, lora=LORA) -> TorchPolicyTrainer:
-    return TorchPolicyTrainer(MODEL, PrecisionPolicy.from_name(name), lr=RC.policy.lr, micro_batch_size=4,
+def _trainer(name: str, lora=LORA) -> TorchPolicy:
+    return TorchPolicy(MODEL, PrecisionPolicy.from_name(name), lr=RC.policy.lr, micro_batch_size=4,
                               seed=RC.seed, lora=lora)
 
 
@@ -60,7 +60,7 @@ def test_only_adapters_train_and_refit_is_merged(name):
     changed = {k for k, v in trainer.master.named_parameters() if not torch.equal(v, before[k])}
     assert changed and all("lora_" in k for k in changed)
     assert any("lora_B" in k for k in changed)  # B starts at zero: the delta is now non-zero
-    assert {p.dtype for n, p in trainer.compute.named_parameters() if "lora_" in n} == {trainer.policy.param_dtype}
+    assert {p.dtype for n, p in trainer.compute.named_parameters() if "lora_" in n} == {trainer.precision.param_dtype}
     assert trainer.audit() == []
 
     merged = trainer.rollout_state_dict()

@@ -1,4 +1,4 @@
-"""The loop's loss closure through a real TorchPolicyTrainer (fp32): the step's loss and the fp32
+"""The loop's loss closure through a real TorchPolicy (fp32): the step's loss and the fp32
 master gradients do not depend on `policy.micro_batch_size`, with the KL-to-reference term on."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from conftest import synthetic_batch
 
 from nemo_rl_fp16.algorithms import combine_metrics
 from nemo_rl_fp16.config import AlgorithmSection
-from nemo_rl_fp16.policy import TorchPolicyTrainer
+from nemo_rl_fp16.policy import TorchPolicy
 from nemo_rl_fp16.precision import PrecisionPolicy
 from nemo_rl_fp16.trainer import loss_closure
 
@@ -22,7 +22,7 @@ N = 8
 
 def _step(algo: AlgorithmSection, micro_batch_size: int):
     """(loss, combined loss metrics, fp32 master grads) of one step on a fixed batch."""
-    trainer = TorchPolicyTrainer(CFG, PrecisionPolicy.from_name("fp32"), lr=1e-3, max_grad_norm=0.0,
+    trainer = TorchPolicy(CFG, PrecisionPolicy.from_name("fp32"), lr=1e-3, max_grad_norm=0.0,
                                  micro_batch_size=micro_batch_size, seed=3)
     batch = synthetic_batch(VOCAB, N, 4, 9, seed=1)
     batch.response_mask[2, 3:] = 0  # uneven lengths: 9, 6, 3, 6, ...

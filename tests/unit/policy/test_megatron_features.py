@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import synthetic_batch
 
-from nemo_rl_fp16.models import position_ids_from_mask
+from nemo_rl_fp16.modeling import position_ids_from_mask
 from nemo_rl_fp16.policy.megatron_convert import ModelLayout
 
 pytest.importorskip("megatron.core")

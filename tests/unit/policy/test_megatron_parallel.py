@@ -41,7 +41,7 @@ def _worker() -> None:  # pragma: no cover - runs under torchrun
     from megatron.core import parallel_state
     from test_megatron_policy import DENSE, MOE, _batch, _weights
 
-    from nemo_rl_fp16.policy.megatron_policy import MegatronPolicyTrainer
+    from nemo_rl_fp16.policy.megatron_policy import MegatronPolicy
     from nemo_rl_fp16.precision import PrecisionPolicy
 
     torch.set_num_threads(1)
@@ -52,7 +52,7 @@ def _worker() -> None:  # pragma: no cover - runs under torchrun
     def run(cfg, sd, **par):
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
-        tr = MegatronPolicyTrainer(cfg, pol, lr=1e-3, micro_batch_size=3, initial_state_dict=sd, **par)
+        tr = MegatronPolicy(cfg, pol, lr=1e-3, micro_batch_size=3, initial_state_dict=sd, **par)
         b = _batch()
         return tr, tr.logprobs(b, 0.8), b
 

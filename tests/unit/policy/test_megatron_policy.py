@@ -1,4 +1,4 @@
-"""MegatronPolicyTrainer on CPU (one process): logits == HF, log-probs == the torch backend,
+"""MegatronPolicy on CPU (one process): logits == HF, log-probs == the torch backend,
 train steps (CPU fallback optimizer), MoE routing, audit. TP=2/EP=2: test_megatron_parallel.py."""
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ import pytest
 import torch
 from conftest import synthetic_batch
 
-from nemo_rl_fp16.interfaces import PolicyTrainer, RolloutBatch
-from nemo_rl_fp16.models import build_model, position_ids_from_mask
-from nemo_rl_fp16.policy import TorchPolicyTrainer
+from nemo_rl_fp16.interfaces import PolicyEngine, RolloutBatch
+from nemo_rl_fp16.modeling import build_model, position_ids_from_mask
+from nemo_rl_fp16.policy import TorchPolicy
 from nemo_rl_fp16.precision import PrecisionPolicy
 
 pytest.importorskip("megatron.core")
 
-from nemo_rl_fp16.policy.megatron_policy import MegatronPolicyTrainer  # noqa: E402
+from nemo_rl_fp16.policy.megatron_policy import MegatronPolicy  # noqa: E402
 
 VOCAB = 64
 DENSE = {"config": {"model_type": "qwen2", "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128,
@@ -58,7 +58,7 @@ def _loss_fn(batch, seed=1):
 
 def _mtrainer(cfg, name="fp32", init=None, **kw):
     kw = {"lr": 1e-2, "micro_batch_size": 4, "max_grad_norm": 1.0, **kw}
-    return MegatronPolicyTrainer(cfg, PrecisionPolicy.from_name(name), initial_state_dict=init, **kw)
+    return MegatronPolicy(cfg, PrecisionPolicy.from_name(name), initial_state_dict=init, **kw)
 
 
 @pytest.mark.parametrize("cfg", [DENSE, MOE], ids=["qwen2", "qwen3_moe"])
@@ -82,8 +82,8 @@ def test_megatron_logprobs_equal_torch_backend(mcore_cpu):
     _, sd = _weights(DENSE)
     b = _batch()
     mt = _mtrainer(DENSE, init=sd)
-    assert isinstance(mt, PolicyTrainer)
-    tt = TorchPolicyTrainer(DENSE, PrecisionPolicy.from_name("fp32"), lr=1e-2, initial_state_dict=sd)
+    assert isinstance(mt, PolicyEngine)
+    tt = TorchPolicy(DENSE, PrecisionPolicy.from_name("fp32"), lr=1e-2, initial_state_dict=sd)
     for temp in (1.0, 0.7):
         a, c = mt.logprobs(b, temp), tt.logprobs(b, temp)
         assert a.dtype == torch.float32
@@ -115,7 +115,7 @@ def test_local_checkpoint_streams_one_tensor_at_a_time(mcore_cpu, cfg, tmp_path,
         return t
 
     monkeypatch.setattr(megatron_convert.LazyHFCheckpoint, "__getitem__", counted)
-    lazy = MegatronPolicyTrainer({"name_or_path": str(tmp_path / "ckpt")}, PrecisionPolicy.from_name("fp32"), lr=1e-2,
+    lazy = MegatronPolicy({"name_or_path": str(tmp_path / "ckpt")}, PrecisionPolicy.from_name("fp32"), lr=1e-2,
                                  micro_batch_size=4)
     assert len(reads) == len(set(reads))  # streamed: every tensor read once ...
     assert set(reads) == set(megatron_convert.LazyHFCheckpoint(tmp_path / "ckpt"))  # ... and all of them
@@ -129,7 +129,7 @@ def test_local_checkpoint_streams_one_tensor_at_a_time(mcore_cpu, cfg, tmp_path,
 def test_vocab_parallel_logprobs_equal_full_logit_log_softmax(mcore_cpu):
     """The trainer scores through megatron's vocab-parallel cross entropy (no gathered logits): the
     same values and gradients as fp32 log_softmax over the gathered logits."""
-    from nemo_rl_fp16.models import response_logprobs
+    from nemo_rl_fp16.modeling import response_logprobs
 
     _, sd = _weights(DENSE)
     b = _batch()
@@ -183,7 +183,7 @@ def test_train_steps_reduce_the_loss_cpu_fallback(mcore_cpu, name):
     assert not any(r.skipped for r in res)
     assert losses[-1] < losses[0] - 0.05, losses
     assert res[0].loss_scale == (2.0**16 if name == "fp16" else 1.0)
-    assert {p.dtype for p in tr.compute.parameters()} == {tr.policy.param_dtype}
+    assert {p.dtype for p in tr.compute.parameters()} == {tr.precision.param_dtype}
     assert {p.dtype for p in tr.master.parameters()} == {torch.float32}
     assert tr.audit() == []
     head = tr.activation_headroom(b)  # the fp16 range monitor walks megatron's decoder layers
@@ -222,7 +222,7 @@ def test_moe_experts_and_router_dtype(mcore_cpu):
     hf, sd = _weights(MOE)
     b = _batch()
     pol = dataclasses.replace(PrecisionPolicy.from_name("fp16"), router_dtype=torch.float32)
-    tr = MegatronPolicyTrainer(MOE, pol, lr=1e-3, initial_state_dict=sd)
+    tr = MegatronPolicy(MOE, pol, lr=1e-3, initial_state_dict=sd)
     assert tr.tconfig.moe_router_dtype == "fp32" and not tr.tconfig.moe_grouped_gemm
     routers = {n: p.dtype for n, p in tr.compute.named_parameters() if ".router." in n}
     assert routers and set(routers.values()) == {torch.float32}

@@ -1,4 +1,4 @@
-"""TorchPolicyTrainer: fp32 master + low-precision compute copy, loss scaling with overflow skip,
+"""TorchPolicy: fp32 master + low-precision compute copy, loss scaling with overflow skip,
 exact checkpoint round trip, audit."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import synthetic_batch
 
-from nemo_rl_fp16.interfaces import PolicyTrainer, RolloutBatch
-from nemo_rl_fp16.policy import TorchPolicyTrainer
+from nemo_rl_fp16.interfaces import PolicyEngine, RolloutBatch
+from nemo_rl_fp16.policy import TorchPolicy
 from nemo_rl_fp16.precision import PrecisionPolicy
 
 VOCAB = 48
@@ -38,13 +38,13 @@ def _loss_fn(batch: RolloutBatch, seed=1):
 
 def _trainer(name="fp16", policy=None, **kw):
     kw = {"lr": 1e-2, "micro_batch_size": 5, "max_grad_norm": 1.0, **kw}
-    return TorchPolicyTrainer(CFG, policy or PrecisionPolicy.from_name(name), **kw)
+    return TorchPolicy(CFG, policy or PrecisionPolicy.from_name(name), **kw)
 
 
 @pytest.mark.parametrize("name", ["fp32", "bf16", "fp16"])
 def test_train_steps_reduce_the_loss(name):
     trainer = _trainer(name)
-    assert isinstance(trainer, PolicyTrainer)
+    assert isinstance(trainer, PolicyEngine)
     batch, loss_fn = _batch(), _loss_fn(_batch())
     results = [trainer.train_step(batch, loss_fn, 1.0) for _ in range(4)]
     losses = [r.metrics["loss"] for r in results]
@@ -52,7 +52,7 @@ def test_train_steps_reduce_the_loss(name):
     assert losses[-1] < losses[0] - 0.05, losses
     assert all(0 < r.grad_norm < float("inf") for r in results)
     assert results[0].loss_scale == (2.0**16 if name == "fp16" else 1.0)
-    assert {p.dtype for p in trainer.compute.parameters()} == {trainer.policy.param_dtype}
+    assert {p.dtype for p in trainer.compute.parameters()} == {trainer.precision.param_dtype}
     assert {p.dtype for p in trainer.master.parameters()} == {torch.float32}
     assert (trainer.compute is trainer.master) == (name == "fp32")
     assert trainer.audit() == []

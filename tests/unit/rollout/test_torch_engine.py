@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from nemo_rl_fp16.algorithms import kl_estimate
-from nemo_rl_fp16.cpu_numerics import KERNELS_ENV
 from nemo_rl_fp16.interfaces import RolloutEngine, SamplingParams
-from nemo_rl_fp16.policy import TorchPolicyTrainer
+from nemo_rl_fp16.policy import TorchPolicy
 from nemo_rl_fp16.precision import PrecisionMismatchError, PrecisionPolicy
+from nemo_rl_fp16.precision.cpu_numerics import KERNELS_ENV
 from nemo_rl_fp16.rollout import TorchRolloutEngine
 from nemo_rl_fp16.rollout.torch_engine import sample_tokens
 
@@ -32,7 +32,7 @@ def _engine(name="fp32", **kw):
 
 
 def _trainer(name="fp32", **kw):
-    return TorchPolicyTrainer(CFG, PrecisionPolicy.from_name(name), lr=1e-2, micro_batch_size=8, **kw)
+    return TorchPolicy(CFG, PrecisionPolicy.from_name(name), lr=1e-2, micro_batch_size=8, **kw)
 
 
 def test_batch_layout_and_protocol():

@@ -13,16 +13,16 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save
 
+from nemo_rl_fp16.data.problem import Problem
 from nemo_rl_fp16.data.rewards import exact_match
-from nemo_rl_fp16.data.sanity import Problem
 from nemo_rl_fp16.fsutil import atomic_write
+from nemo_rl_fp16.runtime import torch_threads
 
 CACHE_VERSION = 1
 # Measured on 2 shared CPU cores (1 torch thread), sanity_add, 64 problems, tiny_qwen2_config(32),
@@ -31,25 +31,6 @@ CACHE_VERSION = 1
 DEFAULT_STEPS = 70
 DEFAULT_LR = 1e-3
 DEFAULT_BATCH_SIZE = 32
-
-
-@contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Temporarily run torch ops on `n` CPU threads (None: leave torch's setting).
-
-    The tiny sanity model is dominated by per-op overhead, and on a busy 2-core machine two
-    OpenMP threads spin against other processes: measured 80 SFT steps in ~1.9 s on one thread
-    vs 10-60 s on two.
-    """
-    if n is None:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def tiny_qwen2_config(vocab_size: int, **overrides):

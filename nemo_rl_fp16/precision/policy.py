@@ -1,6 +1,6 @@
 """The precision contract: one `PrecisionPolicy` names every dtype of a run.
 
-Trainer and rollout engine are both built from a policy, and `audit_model` walks the real
+Trainer and rollout engine are both built from a policy, and `audit.audit_model` walks the real
 modules afterwards so that a silently wrong dtype (a bf16 layer in an fp16 model, an MoE gate in
 the wrong precision) is an error, not a slow drift of π away from µ. Why FP16 at all:
 arXiv 2510.26788 — 10 mantissa bits keep the two engines within rounding noise where BF16's 7
@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from nemo_rl_fp16.precision.loss_scale import LossScaleConfig
+
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -34,11 +36,14 @@ DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.bfloat16: "bfloat16",
 }
 PRESETS = ("fp16", "bf16", "fp32")
+#: The preset name of each dtype (`float16` -> `fp16`), the short form reports and plans print.
+PRESET_OF: dict[str, str] = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 FP16_MAX = 65504.0
 
 # Module-path components that mark an MoE router / gate (HF Qwen2-MoE, Qwen3-MoE, Mixtral use
 # `gate` and `shared_expert_gate`; megatron-core uses `router`). `gate_proj` is a dense MLP weight.
 ROUTER_COMPONENTS = frozenset({"gate", "router", "shared_expert_gate"})
+
 
 
 class PrecisionMismatchError(RuntimeError):
@@ -54,6 +59,7 @@ class PrecisionMismatchError(RuntimeError):
         super().__init__(f"{component} breaks the precision policy:\n{lines}\n{hint}")
 
 
+
 def get_dtype(name: str | torch.dtype) -> torch.dtype:
     """Map a dtype name (`float16`, `fp16`, `bf16`, ...) or dtype to a floating torch dtype."""
     if isinstance(name, torch.dtype):
@@ -66,33 +72,15 @@ def get_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[key]
 
 
+def unit_roundoff(dtype: str | torch.dtype) -> float:
+    """u = 2^-(mantissa bits + 1) of a dtype or preset name: fp16 2^-11, bf16 2^-8, fp32 2^-24."""
+    return torch.finfo(get_dtype(dtype)).eps / 2
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """Canonical name (`float16`, `bfloat16`, `float32`) of a dtype."""
     return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
-
-@dataclass(frozen=True)
-class LossScaleConfig:
-    """Dynamic loss scaling settings (megatron-core `DynamicGradScaler` semantics).
-
-    Defaults, and why:
-    - `initial_scale=2**16`: torch.amp's default. Megatron's 2**32 costs ~16 skipped steps at the
-      start, and an RL step is expensive (its rollouts); log-prob losses have O(1) gradients, so
-      2**16 leaves fp16 gradients well above the subnormal range from step one.
-    - `growth_interval=200`: RL runs are hundreds, not hundreds of thousands, of steps; megatron's
-      window of 1000 would never grow the scale back after an early backoff.
-    - `hysteresis=2`: megatron's default; one isolated overflow skips the step but does not
-      halve the scale, two in a row (without a growth in between) do.
-    - `backoff_factor=0.5`, `growth_factor=2.0`, `min_scale=1.0`: megatron and torch.amp defaults.
-    """
-
-    enabled: bool = True
-    initial_scale: float = 2.0**16
-    min_scale: float = 1.0
-    growth_factor: float = 2.0
-    backoff_factor: float = 0.5
-    growth_interval: int = 200
-    hysteresis: int = 2
 
 
 @dataclass(frozen=True)
@@ -153,13 +141,13 @@ class PrecisionPolicy:
         """
         if isinstance(cfg, str):
             return cls.from_name(cfg)
-        cfg = _as_dict(cfg)
+        cfg = as_dict(cfg)
         base = cls.from_name(cfg.get("name") or "fp16")
         explicit = {f.name: get_dtype(cfg[f.name]) for f in dataclasses.fields(cls)
                     if f.name.endswith("_dtype") and cfg.get(f.name) is not None}
         param = explicit.get("param_dtype", base.param_dtype)
         follow = {k: param for k in ("compute_dtype", "router_dtype", "kv_cache_dtype")}
-        ls_cfg = {k: v for k, v in _as_dict(cfg.get("loss_scale") or {}).items() if v is not None}
+        ls_cfg = {k: v for k, v in as_dict(cfg.get("loss_scale") or {}).items() if v is not None}
         ls_cfg.setdefault("enabled", param == torch.float16)
         loss_scale = dataclasses.replace(base.loss_scale, **ls_cfg)
         return dataclasses.replace(base, **{**follow, **explicit}, loss_scale=loss_scale)
@@ -213,7 +201,7 @@ class PrecisionPolicy:
 
 def resolve_policies(cfg: Mapping[str, Any] | Any) -> tuple[PrecisionPolicy, PrecisionPolicy]:
     """(trainer, rollout) policies from a `precision:` block; refuses an undeclared mismatch."""
-    d = _as_dict(cfg) if not isinstance(cfg, str) else {"name": cfg}
+    d = as_dict(cfg) if not isinstance(cfg, str) else {"name": cfg}
     train = PrecisionPolicy.from_config(d)
     rollout = train.rollout_side(d.get("rollout"), {k: v for k, v in d.items() if v is not None})
     diffs = train.differences(rollout)
@@ -236,7 +224,7 @@ def precision_problems(cfg: Mapping[str, Any], trainer: str = "torch", rollout: 
     megatron reduces gradients in fp32 or the weight dtype and its optimizer builds a loss scaler
     for fp16 weights only, with growth 2.0 and backoff 0.5.
     """
-    d = {k: v for k, v in _as_dict(cfg).items() if v is not None}
+    d = {k: v for k, v in as_dict(cfg).items() if v is not None}
     train = PrecisionPolicy.from_config(d)
     out: list[str] = []
 
@@ -284,152 +272,7 @@ def precision_problems(cfg: Mapping[str, Any], trainer: str = "torch", rollout: 
     return out
 
 
-class DynamicLossScaler:
-    """Dynamic loss scale with megatron-core `DynamicGradScaler` semantics, on any device.
-
-    On overflow: the growth tracker resets and the hysteresis tracker counts down; once it
-    reaches zero the scale is multiplied by `backoff_factor` (floored at `min_scale`). After
-    `growth_interval` consecutive clean steps the scale is multiplied by `growth_factor` and the
-    hysteresis tracker is refilled. The scale is a Python float, so the scaler lives on CPU and
-    GPU alike; `found_inf` may be a bool or a tensor.
-    """
-
-    def __init__(
-        self,
-        initial_scale: float = 2.0**16,
-        min_scale: float = 1.0,
-        growth_factor: float = 2.0,
-        backoff_factor: float = 0.5,
-        growth_interval: int = 200,
-        hysteresis: int = 2,
-    ):
-        if not initial_scale > 0 or not min_scale > 0 or min_scale > initial_scale:
-            raise ValueError(f"need 0 < min_scale <= initial_scale, got {min_scale=} {initial_scale=}")
-        if not growth_factor > 1.0:
-            raise ValueError(f"growth_factor must be > 1, got {growth_factor}")
-        if not 0.0 < backoff_factor < 1.0:
-            raise ValueError(f"backoff_factor must be in (0, 1), got {backoff_factor}")
-        if growth_interval < 1 or hysteresis < 1:
-            raise ValueError(f"growth_interval and hysteresis must be >= 1, got {growth_interval}, {hysteresis}")
-        self.min_scale = float(min_scale)
-        self.growth_factor = float(growth_factor)
-        self.backoff_factor = float(backoff_factor)
-        self.growth_interval = int(growth_interval)
-        self.hysteresis = int(hysteresis)
-        self._scale = float(initial_scale)
-        self._growth_tracker = 0
-        self._hysteresis_tracker = self.hysteresis
-
-    @classmethod
-    def from_config(cls, cfg: LossScaleConfig) -> DynamicLossScaler:
-        return cls(cfg.initial_scale, cfg.min_scale, cfg.growth_factor, cfg.backoff_factor,
-                   cfg.growth_interval, cfg.hysteresis)
-
-    @property
-    def scale(self) -> float:
-        return self._scale
-
-    def update(self, found_inf: bool | torch.Tensor) -> None:
-        if bool(found_inf):
-            self._growth_tracker = 0
-            self._hysteresis_tracker -= 1
-            if self._hysteresis_tracker <= 0:
-                self._scale = max(self._scale * self.backoff_factor, self.min_scale)
-        else:
-            self._growth_tracker += 1
-            if self._growth_tracker == self.growth_interval:
-                self._growth_tracker = 0
-                self._hysteresis_tracker = self.hysteresis
-                self._scale = self._scale * self.growth_factor
-
-    def back_off_below(self, used_scale: float) -> bool:
-        """Make the scale strictly lower than `used_scale`, before a retry on the same batch.
-
-        `update(True)` has already run for the overflowed attempt; with hysteresis > 1 it may have
-        kept the scale, and the same batch at the same scale overflows again. Here the scale backs
-        off now (`used_scale * backoff_factor`, floored at `min_scale`) and the hysteresis counts as
-        spent (tracker 0, as after a backoff in `update`). A scale already below `used_scale` stays.
-
-        Returns:
-            bool: True when the scale is now below `used_scale`; False at `min_scale` (no retry can
-            run at a lower scale).
-        """
-        if self._scale < used_scale:
-            return True
-        lower = max(float(used_scale) * self.backoff_factor, self.min_scale)
-        if not lower < used_scale:
-            return False
-        self._scale = lower
-        self._hysteresis_tracker = 0
-        return True
-
-    def state_dict(self) -> dict[str, float | int]:
-        return {
-            "scale": self._scale,
-            "growth_tracker": self._growth_tracker,
-            "hysteresis_tracker": self._hysteresis_tracker,
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._scale = float(torch.as_tensor(state["scale"]).item())
-        self._growth_tracker = int(state["growth_tracker"])
-        self._hysteresis_tracker = int(state["hysteresis_tracker"])
-
-
-def is_router_param(name: str) -> bool:
-    """True for MoE router / gate weights (by module-path component, not substring)."""
-    return any(part in ROUTER_COMPONENTS for part in name.split(".")[:-1])
-
-
-def audit_model(model: torch.nn.Module, policy: PrecisionPolicy) -> list[str]:
-    """Every parameter / floating buffer group whose dtype breaks `policy`, one line each.
-
-    Parameters under an MoE router/gate are checked against `router_dtype`, all others against
-    `param_dtype`. Floating buffers (rotary tables and the like) may be `param_dtype` or fp32.
-    Offending tensors are grouped by owning module and found dtype; when every parameter of a
-    role is off in the same way the group collapses to one `<all ...>` line. Empty list = clean.
-    """
-    groups: dict[tuple[str, str, torch.dtype, torch.dtype], list[str]] = {}
-    role_counts: dict[str, int] = {}
-    for name, p in model.named_parameters():
-        role = "router_dtype" if is_router_param(name) else "param_dtype"
-        role_counts[role] = role_counts.get(role, 0) + 1
-        expected = getattr(policy, role)
-        if p.dtype != expected:
-            module, _, leaf = name.rpartition(".")
-            groups.setdefault((role, module or "<root>", p.dtype, expected), []).append(leaf)
-    for name, b in model.named_buffers():
-        if b.is_floating_point() and b.dtype not in (policy.param_dtype, torch.float32):
-            module, _, leaf = name.rpartition(".")
-            groups.setdefault(("buffer", module or "<root>", b.dtype, policy.param_dtype), []).append(leaf)
-
-    lines = []
-    for role in ("param_dtype", "router_dtype"):
-        role_groups = {k: v for k, v in groups.items() if k[0] == role}
-        found = {k[2] for k in role_groups}
-        n_bad = sum(len(v) for v in role_groups.values())
-        if len(found) == 1 and n_bad == role_counts.get(role, 0) and len(role_groups) > 1:
-            what = "parameters" if role == "param_dtype" else "router/gate parameters"
-            lines.append(
-                f"<all {n_bad} {what}>: found {dtype_name(found.pop())}, "
-                f"expected {dtype_name(getattr(policy, role))} ({role})"
-            )
-            groups = {k: v for k, v in groups.items() if k[0] != role}
-    for (role, module, found_dt, expected), leaves in groups.items():
-        what = f"{module}.{{{','.join(leaves)}}}" if len(leaves) > 1 else f"{module}.{leaves[0]}"
-        label = "buffer, expected param_dtype or float32" if role == "buffer" else role
-        lines.append(f"{what}: found {dtype_name(found_dt)}, expected {dtype_name(expected)} ({label})")
-    return lines
-
-
-def check_model(model: torch.nn.Module, policy: PrecisionPolicy, component: str) -> None:
-    """`audit_model`, raising `PrecisionMismatchError` naming `component` on any finding."""
-    problems = audit_model(model, policy)
-    if problems:
-        raise PrecisionMismatchError(component, problems)
-
-
-def _as_dict(cfg: Any) -> dict[str, Any]:
+def as_dict(cfg: Any) -> dict[str, Any]:
     if isinstance(cfg, Mapping):
         return dict(cfg)
     try:  # OmegaConf DictConfig or a pydantic model, without importing either here

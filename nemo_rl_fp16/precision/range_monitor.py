@@ -1,0 +1,59 @@
+"""fp16 range monitor: the largest |activation| per decoder layer and the fp16 headroom."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from nemo_rl_fp16.modeling.hf import decoder_layers
+from nemo_rl_fp16.precision.policy import FP16_MAX
+
+
+class ActivationMonitor:
+    """fp16 headroom monitor: running max |hidden state| output of each decoder layer.
+
+    Use as a context manager around forwards; `metrics()` reports the per-layer maxima, the
+    overall max, the headroom factor `65504 / max` (below ~10 a fp16 overflow is near) and the
+    count of non-finite outputs; any non-finite output makes the headroom 0 ("unsafe"). Values are kept as tensors until `metrics()` to avoid a device
+    sync per layer.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.layers = decoder_layers(model)
+        self.max_abs: list[torch.Tensor | None] = [None] * len(self.layers)
+        self.nonfinite: list[torch.Tensor | None] = [None] * len(self.layers)
+        self._handles: list[Any] = []
+
+    def _hook(self, i: int):
+        def hook(_module, _inputs, output):
+            h = (output[0] if isinstance(output, (tuple, list)) else output).detach()
+            m, bad = h.abs().amax().float(), (~torch.isfinite(h)).sum()
+            self.max_abs[i] = m if self.max_abs[i] is None else torch.maximum(self.max_abs[i], m)
+            self.nonfinite[i] = bad if self.nonfinite[i] is None else self.nonfinite[i] + bad
+        return hook
+
+    def __enter__(self) -> ActivationMonitor:
+        self._handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def metrics(self, prefix: str = "range/") -> dict[str, float]:
+        """Flat float metrics; empty when no forward ran inside the monitor."""
+        seen = [(i, m.item()) for i, m in enumerate(self.max_abs) if m is not None]
+        if not seen:
+            return {}
+        out = {f"{prefix}act_absmax/layer{i}": v for i, v in seen}
+        nonfinite = float(sum(n.item() for n in self.nonfinite if n is not None))
+        top = max((v for _, v in seen), key=lambda v: math.inf if v != v else v)  # a NaN max counts as inf
+        out[f"{prefix}act_absmax"] = top
+        # any non-finite activation: headroom 0 ("unsafe"), never inf/NaN from 65504 / NaN
+        safe = nonfinite == 0 and math.isfinite(top)
+        out[f"{prefix}fp16_headroom"] = (FP16_MAX / top if top > 0 else float("inf")) if safe else 0.0
+        out[f"{prefix}act_nonfinite"] = nonfinite
+        return out
