@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nemo_rl_fp16.policy.megatron_convert import ModelLayout
+from nemo_rl_fp16.modeling.layout import ModelLayout
 
 #: Layouts of hub checkpoints the shipped recipes name (their config.json fields), so a dry run on
 #: a login node plans them without a download. A local folder's config.json always wins.

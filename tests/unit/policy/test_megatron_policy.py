@@ -17,7 +17,7 @@ from nemo_rl_fp16.precision import PrecisionPolicy
 
 pytest.importorskip("megatron.core")
 
-from nemo_rl_fp16.policy.megatron_policy import MegatronPolicy  # noqa: E402
+from nemo_rl_fp16.policy.megatron.policy import MegatronPolicy  # noqa: E402
 
 VOCAB = 64
 DENSE = {"config": {"model_type": "qwen2", "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128,
@@ -102,7 +102,7 @@ def test_sdpa_attention_matches_local_spec(mcore_cpu):
 def test_local_checkpoint_streams_one_tensor_at_a_time(mcore_cpu, cfg, tmp_path, monkeypatch):
     """A safetensors folder is read lazily (each tensor once, converted and sharded layer by layer)
     and gives exactly the trainer built from the same weights in memory."""
-    from nemo_rl_fp16.policy import megatron_convert
+    from nemo_rl_fp16.policy.megatron import convert as megatron_convert
 
     hf, sd = _weights(cfg)
     hf.save_pretrained(tmp_path / "ckpt")
@@ -157,7 +157,7 @@ def test_fused_elementwise_matches_unfused(mcore_cpu):
 
 
 def test_attention_choice_is_resolved_and_checked(monkeypatch):
-    from nemo_rl_fp16.policy import megatron_policy as mp
+    from nemo_rl_fp16.policy.megatron import attention as mp
 
     monkeypatch.setattr(mp, "te_available", lambda: False)
     assert mp.resolve_attention("auto", cuda=False) == "local"
