@@ -163,7 +163,6 @@ class TorchPolicy:
         if router_replay == "rollout" and self.routing is None:
             raise ValueError("policy.router_replay=rollout needs an MoE model (HF qwen2_moe, qwen3_moe or mixtral "
                              "routers); this model is dense: set policy.router_replay=none")
-        self.router_replay = router_replay
         self._last_experts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         trainable = [p for p in master.parameters() if p.requires_grad]  # LoRA: the adapters only
         optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
@@ -191,6 +190,15 @@ class TorchPolicy:
     def scaler(self) -> DynamicLossScaler | None:
         """The dynamic loss scaler (None when `precision.loss_scale.enabled` is false)."""
         return self.weights.scaler
+
+    @property
+    def router_replay(self) -> str:
+        """`"rollout"` (R3: score response tokens with the rollout's experts) or `"none"` (settable)."""
+        return self.adapter.router_replay
+
+    @router_replay.setter
+    def router_replay(self, value: str) -> None:
+        self.adapter.router_replay = value
 
     @property
     def max_grad_norm(self) -> float:
