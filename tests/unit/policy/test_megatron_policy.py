@@ -251,3 +251,13 @@ def test_moe_experts_and_router_dtype(mcore_cpu):
     # fp16 MoE (non-grouped experts) trains on the CPU fallback
     r = [tr.train_step(b, _loss_fn(b), 1.0) for _ in range(2)]
     assert not r[0].skipped and r[1].metrics["loss"] < r[0].metrics["loss"]
+
+
+def test_cuda_resume_is_refused_in_one_line():
+    """Without the CPU master step (the CUDA path) the megatron backend cannot restore its sharded
+    fp32 main params / optimizer / grad scaler: one line naming what is missing, before any copy."""
+    from types import SimpleNamespace
+
+    with pytest.raises(NotImplementedError, match="needs megatron dist-checkpointing") as e:
+        MegatronPolicy.load_state_dict(SimpleNamespace(weights=None), {"model": {}, "optimizer": {}, "scaler": None})
+    assert "\n" not in str(e.value) and "fp32 main params" in str(e.value)

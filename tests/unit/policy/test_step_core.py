@@ -34,8 +34,8 @@ class Toy(torch.nn.Module):
 
 
 class ToyAdapter:
-    def __init__(self, model, dp=DataParallel()):
-        self.model, self.dp, self.device, self.scored = model, dp, torch.device("cpu"), []
+    def __init__(self, model, dp=None):
+        self.model, self.dp, self.device, self.scored = model, dp or DataParallel(), torch.device("cpu"), []
 
     def score(self, mb, temperature):
         self.scored.append(mb.num_samples)
