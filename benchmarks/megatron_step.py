@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run (needs the test CUDA redirects)")
     ap.add_argument("--hidden", type=int, default=2048)
     a = ap.parse_args()
-    from nemo_rl_fp16.policy.megatron_policy import MegatronPolicy
+    from nemo_rl_fp16.policy.megatron.policy import MegatronPolicy
 
     cfg = {**CONFIG, "num_hidden_layers": a.layers}
     if a.hidden != 2048:  # smoke runs: shrink everything

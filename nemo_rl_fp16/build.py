@@ -174,7 +174,7 @@ def build_policy_trainer(rc: RecipeConfig, model_cfg: dict, train_pol: Precision
     """The trainer `policy.backend` names (one per process; one per rank under torch.distributed)."""
     p = rc.policy
     if p.backend == "megatron":
-        from nemo_rl_fp16.policy.megatron_policy import MegatronPolicy
+        from nemo_rl_fp16.policy.megatron.policy import MegatronPolicy
 
         return MegatronPolicy(
             model_cfg, train_pol, lr=p.lr, weight_decay=p.weight_decay, max_grad_norm=p.max_grad_norm,

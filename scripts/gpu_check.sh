@@ -43,7 +43,7 @@ if ! "$PY" -c "import megatron.core, omegaconf, pydantic" 2>/dev/null; then
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # the package from this checkout (no install needed)
-"$PY" -c "import megatron.core, nemo_rl_fp16.policy.megatron_policy as m; print('megatron-core', megatron.core.__version__, 'TE', m.te_available())" || exit 2
+"$PY" -c "import megatron.core, nemo_rl_fp16.policy.megatron.attention as m; print('megatron-core', megatron.core.__version__, 'TE', m.te_available())" || exit 2
 
 echo "=== megatron GPU tests"
 timeout 180 "$PY" -m pytest -q -m gpu -s -p no:cacheprovider tests/gpu/test_megatron_gpu.py 2>&1 | tee "$OUT/megatron_gpu_tests.log"

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nemo_rl_fp16.policy.megatron_convert import ModelLayout
+from nemo_rl_fp16.modeling.layout import ModelLayout
 
 #: Layouts of hub checkpoints the shipped recipes name (their config.json fields), so a dry run on
 #: a login node plans them without a download. A local folder's config.json always wins.
@@ -51,7 +51,19 @@ GIB = 1024**3
 
 
 def model_layout(model_cfg: Any) -> tuple[ModelLayout | None, str]:
-    """(layout, where it came from) for a recipe's `model:` block; (None, why) when unknown."""
+    """The model layout of a recipe's `model:` block, and where it came from.
+
+    Sources, in order: `model.config`, a local folder's `config.json`, `KNOWN_LAYOUTS`.
+
+    Args:
+        model_cfg: the `model:` block (a dict or the pydantic section).
+
+    Returns:
+        (layout, source) or (None, why no layout is known).
+
+    Raises:
+        ValueError: the HF config names a feature the megatron backend does not map (`ModelLayout.from_hf_config`).
+    """
     cfg = model_cfg if isinstance(model_cfg, dict) else model_cfg.model_dump()
     if cfg.get("config"):
         return ModelLayout.from_hf_config(cfg["config"]), "model.config"
@@ -65,6 +77,17 @@ def model_layout(model_cfg: Any) -> tuple[ModelLayout | None, str]:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
+    """Per-GPU memory of the megatron backend, in bytes (formulas: module doc).
+
+    Attributes:
+        params_local: parameters held by one GPU (its TP/PP/EP share).
+        weights: model weights in the compute dtype.
+        grads: fp32 gradient buffers.
+        optimizer: fp32 main params + Adam moments (12 bytes per local parameter).
+        optimizer_distributed: the same with megatron's distributed optimizer (sharded over DP).
+        activations: saved activations of one micro-batch plus the fp32 logits.
+    """
+
     params_local: int
     weights: float
     grads: float
@@ -74,17 +97,36 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
+        """Bytes per GPU without the distributed optimizer."""
         return self.weights + self.grads + self.optimizer + self.activations
 
     @property
     def total_distributed(self) -> float:
+        """Bytes per GPU with the distributed optimizer."""
         return self.weights + self.grads + self.optimizer_distributed + self.activations
 
 
 def estimate_memory(lay: ModelLayout, *, tp: int, pp: int, ep: int, dp: int, param_bytes: int, micro_batch: int,
                     seq: int, sequence_parallel: bool = False, recompute: bool = False,
                     fused_attention: bool = True) -> MemoryEstimate:
-    """Per-GPU bytes (see module doc for the formulas)."""
+    """Per-GPU bytes of one megatron trainer rank (see module doc for the formulas).
+
+    Args:
+        lay: the model layout.
+        tp: tensor-parallel size.
+        pp: pipeline-parallel size.
+        ep: expert-parallel size.
+        dp: data-parallel size.
+        param_bytes: bytes per compute-dtype parameter (2 for fp16/bf16).
+        micro_batch: rows per micro-batch.
+        seq: tokens per row.
+        sequence_parallel: megatron sequence parallelism.
+        recompute: full activation recomputation (only layer inputs are kept).
+        fused_attention: flash/SDPA-style attention (no `[s, s]` score matrices kept).
+
+    Returns:
+        The estimate (bytes).
+    """
     n = lay.num_parameters()
     experts = n["experts"]
     dense = n["total"] - experts
@@ -109,8 +151,10 @@ def estimate_memory(lay: ModelLayout, *, tp: int, pp: int, ep: int, dp: int, par
 
 
 def fmt_params(n: float) -> str:
+    """A parameter count as `1.54B` / `494.0M`."""
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
 def fmt_gib(x: float) -> str:
+    """Bytes as GiB with one decimal, e.g. `12.3 GiB`."""
     return f"{x / GIB:.1f} GiB"

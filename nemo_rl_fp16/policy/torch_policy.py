@@ -1,14 +1,10 @@
 """`TorchPolicy`: the HF/torch policy π with fp32 master weights and fp16/bf16 compute.
 
-Layout (what FSDP's `MixedPrecisionPolicy(param_dtype=...)` and Megatron's fp16 optimizer do,
-deliberately *not* autocast): an fp32 master model owns the parameters and the AdamW state; a
-compute copy in `policy.param_dtype` runs forward and backward. Each step casts master ->
-compute, backpropagates `loss * scale` through the compute copy micro-batch by micro-batch,
-accumulates each micro-batch's low-precision gradients in `grad_reduce_dtype` (fp32, as FSDP's
-`reduce_dtype` and Megatron's main_grad do), unscales them into fp32 master `.grad` (dividing in
-fp32), and either skips the step (any inf/nan: weights and optimizer state untouched, loss scale
-backed off per hysteresis) or clips and steps. When `param_dtype` is fp32 the compute copy *is*
-the master (no copy).
+Composition: the fp32 master step (master model + compute copy in `param_dtype`, AdamW, dynamic
+loss scaling, overflow skip, unscale, clip) is `mixed_precision.MasterWeights`; the micro-batch
+loop (data-parallel row split, micro-batches, gathers) is `micro_batches.MicroBatchLoop`, which
+sees this backend's model only through `HFModelAdapter`. When `param_dtype` is fp32 the compute
+copy *is* the master (no copy).
 
 Optional multi-GPU: with torch.distributed initialised and world size > 1 the master is wrapped
 with FSDP2 `fully_shard` + `MixedPrecisionPolicy(param_dtype, reduce_dtype=grad_reduce_dtype)`,
@@ -38,7 +34,8 @@ gate probabilities, so the gate still gets gradients.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -49,96 +46,42 @@ from nemo_rl_fp16.modeling import (
     cast_params_,
     decoder_layers,
     load_weights_,
-    position_ids_from_mask,
     response_logprobs,
 )
 from nemo_rl_fp16.modeling.moe_routing import RouterHooks, replay_targets, response_experts
-from nemo_rl_fp16.precision import DynamicLossScaler, PrecisionPolicy, audit_model, dtype_name
+from nemo_rl_fp16.policy.micro_batches import DataParallel, MicroBatchLoop
+from nemo_rl_fp16.policy.mixed_precision import GradHook, MasterWeights, check_master_dtype
+from nemo_rl_fp16.precision import DynamicLossScaler, PrecisionPolicy, audit_model
 from nemo_rl_fp16.precision.cpu_numerics import cpu_numerics
-from nemo_rl_fp16.precision.range_monitor import ActivationMonitor
-
-GradHook = Callable[[list[torch.Tensor]], None]
 
 
-class TorchPolicy:
-    """PolicyEngine over an HF causal LM (see module doc for the precision layout).
+class HFModelAdapter:
+    """`micro_batches.ModelAdapter` over an HF causal LM (the torch backend's compute copy).
 
     Args:
-        model_cfg: the recipe's `model:` block (see `modeling.build_model`).
-        policy: the trainer-side precision policy.
-        lr, weight_decay, max_grad_norm: AdamW and clipping (`max_grad_norm <= 0`: no clipping).
-        micro_batch_size: rows per forward/backward; gradients accumulate across micro-batches.
-        seed: seeds the random init of a `config`-built model (`modeling.build_model`).
-        device: torch device of both copies.
-        initial_state_dict: fp32 HF state dict to start from (e.g. after a warm start).
-        lora: the recipe's `policy.lora` block; when `enabled`, train LoRA adapters only (module doc).
-        router_replay: `"none"` or `"rollout"` (R3, module doc; needs an HF MoE model).
-
-    Raises:
-        ValueError: bad sizes/dtypes, an unknown `router_replay`, or replay with a dense model.
+        compute: the compute model (the FSDP-wrapped master under FSDP).
+        precision: the policy-side precision (`param_dtype` picks the numerics, `logits_dtype` the log-softmax).
+        device: where the model runs.
+        routing: MoE router hooks on `compute` (None: dense model).
+        router_replay: `"rollout"` routes response tokens to `batch.rollout_experts` (R3), else `"none"`.
+        fsdp: the master is FSDP-sharded over the default process group (data parallel = world).
     """
 
-    #: MoE router hooks on the compute copy (None: dense model, or a subclass without HF routers)
-    routing: RouterHooks | None = None
-    router_replay: str = "none"
-
-    def __init__(self, model_cfg: Mapping[str, Any], policy: PrecisionPolicy, *, lr: float,
-                 weight_decay: float = 0.0, max_grad_norm: float = 1.0, micro_batch_size: int = 8,
-                 seed: int = 0, device: torch.device | str = "cpu",
-                 initial_state_dict: Mapping[str, torch.Tensor] | None = None,
-                 lora: Mapping[str, Any] | None = None, router_replay: str = "none"):
-        if router_replay not in ("none", "rollout"):
-            raise ValueError(f"bad value for 'policy.router_replay': {router_replay!r}; allowed: none, rollout")
-        if micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-        if policy.master_dtype != torch.float32:
-            raise ValueError(f"master weights must be float32, policy has {dtype_name(policy.master_dtype)}")
-        self.precision = policy
-        self.device = torch.device(device)
-        self.max_grad_norm = float(max_grad_norm)
-        self.micro_batch_size = int(micro_batch_size)
-        #: test/debug hook applied to the fp32 master grads before the inf check (e.g. plant an inf).
-        self.grad_hook: GradHook | None = None
-
-        self.master = build_model(model_cfg, torch.float32, seed=seed, device=self.device)
-        if initial_state_dict is not None:
-            load_weights_(self.master, initial_state_dict)
-        self._lora = bool(lora and lora.get("enabled"))
-        if self._lora:
-            self.master = _lora_wrap(self.master, lora)
-        self._fsdp = _fsdp_wrap(self.master, policy)
-        if self._fsdp or policy.param_dtype == torch.float32:
-            self.compute = self.master
-        else:
-            self.compute = cast_params_(copy.deepcopy(self.master), policy.param_dtype)
-        self._compute_stale = True
-        routing = RouterHooks(self.compute)
-        self.routing = routing if routing.routers else None
-        if router_replay == "rollout" and self.routing is None:
-            raise ValueError("policy.router_replay=rollout needs an MoE model (HF qwen2_moe, qwen3_moe or mixtral "
-                             "routers); this model is dense: set policy.router_replay=none")
+    def __init__(self, compute: torch.nn.Module, precision: PrecisionPolicy, device: torch.device, *,
+                 routing: RouterHooks | None, router_replay: str, fsdp: bool):
+        self.compute = compute
+        self.precision = precision
+        self.device = device
+        self.routing = routing
         self.router_replay = router_replay
-        self._last_experts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._master_params = list(self.master.parameters())
-        self._compute_params = list(self.compute.parameters())
-        self._acc: list[torch.Tensor | None] = [None] * len(self._compute_params)  # grad accumulators
-        trainable = [p for p in self._master_params if p.requires_grad]  # LoRA: the adapters only
-        self.optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
-        ls = policy.loss_scale
-        self.scaler = DynamicLossScaler.from_config(ls) if ls.enabled else None
+        self.fsdp = fsdp
 
-    # ------------------------------------------------------------------ helpers
-    def _sync_compute(self) -> None:
-        """Cast master -> compute copy, once per optimizer step (lazily)."""
-        if self._compute_stale and self.compute is not self.master:
-            with torch.no_grad():
-                for pc, pm in zip(self._compute_params, self._master_params, strict=True):
-                    pc.copy_(pm)
-        self._compute_stale = False
+    def score(self, mb: RolloutBatch, temperature: float) -> torch.Tensor:
+        """`[n, T]` fp32 log π of the response tokens (`ModelAdapter.score`); R3-routed under replay.
 
-    def _score(self, mb: RolloutBatch, temperature: float) -> torch.Tensor:
-        """`[n, T]` fp32 log π of a micro-batch's response tokens through the compute copy
-        (routed to `mb.rollout_experts` under `router_replay="rollout"`)."""
+        Raises:
+            ValueError: `router_replay="rollout"` and the batch carries no `rollout_experts`.
+        """
         routing = self.routing
         if routing is not None and self.router_replay == "rollout":
             if mb.rollout_experts is None:
@@ -152,77 +95,186 @@ class TorchPolicy:
             if routing is not None:
                 routing.replay = None
 
-    def _gemm_ctx(self):
+    def numerics(self) -> AbstractContextManager:
+        """`precision.cpu_numerics` for `param_dtype` on this device (a no-op on GPUs and for fp32)."""
         return cpu_numerics(self.device, self.precision.param_dtype)
 
-    def _dp(self) -> tuple[int, int]:
-        """(rank, world size) of the data-parallel row split; (0, 1) without FSDP."""
-        if not self._fsdp:
-            return 0, 1
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    def data_parallel(self) -> DataParallel:
+        """(rank, world size, default group) under FSDP, else (0, 1, None)."""
+        if not self.fsdp:
+            return DataParallel()
+        return DataParallel(torch.distributed.get_rank(), torch.distributed.get_world_size(), None)
 
-    def _dp_group(self):
-        """The process group of the data-parallel ranks (None = the default group)."""
-        return None
 
-    def _micro_batches(self, n: int, local: bool = False):
-        """Row slices of `micro_batch_size`; `local=True`: only this data-parallel rank's rows."""
-        lo, hi = 0, n
-        rank, world = self._dp() if local else (0, 1)
-        if world > 1:
-            if n % world:
-                raise ValueError(f"a batch of {n} rows does not split evenly over {world} data-parallel ranks; make "
-                                 f"data.prompts_per_step x rollout.num_generations a multiple of {world}")
-            lo, hi = rank * n // world, (rank + 1) * n // world
-        for start in range(lo, hi, self.micro_batch_size):
-            yield slice(start, min(hi, start + self.micro_batch_size))
+class TorchPolicy:
+    """PolicyEngine over an HF causal LM (see module doc for the precision layout).
 
-    def _gather_rows(self, local: torch.Tensor) -> torch.Tensor:
-        """Concatenate every data-parallel rank's rows (rank order), or return `local` alone."""
-        _, world = self._dp()
-        if world == 1:
-            return local
-        parts = [torch.empty_like(local) for _ in range(world)]
-        torch.distributed.all_gather(parts, local.contiguous(), group=self._dp_group())
-        return torch.cat(parts)
+    Args:
+        model_cfg: the recipe's `model:` block (see `modeling.build_model`).
+        policy: the trainer-side precision policy.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        max_grad_norm: clip the fp32 master grads to this total norm (`<= 0`: no clipping).
+        micro_batch_size: rows per forward/backward; gradients accumulate across micro-batches.
+        seed: seeds the random init of a `config`-built model (`modeling.build_model`).
+        device: torch device of both copies.
+        initial_state_dict: fp32 HF state dict to start from (e.g. after a warm start).
+        lora: the recipe's `policy.lora` block; when `enabled`, train LoRA adapters only (module doc).
+        router_replay: `"none"` or `"rollout"` (R3, module doc; needs an HF MoE model).
+
+    Attributes:
+        weights: the fp32 master step (`MasterWeights`: master, compute copy, optimizer, scaler).
+        loop: the micro-batch loop (`MicroBatchLoop`) over `adapter`.
+        adapter: this backend's `HFModelAdapter`.
+        grad_hook: test/debug hook applied to the fp32 master grads before the inf check.
+
+    Raises:
+        ValueError: bad sizes/dtypes, an unknown `router_replay`, or replay with a dense model.
+    """
+
+    def __init__(self, model_cfg: Mapping[str, Any], policy: PrecisionPolicy, *, lr: float,
+                 weight_decay: float = 0.0, max_grad_norm: float = 1.0, micro_batch_size: int = 8,
+                 seed: int = 0, device: torch.device | str = "cpu",
+                 initial_state_dict: Mapping[str, torch.Tensor] | None = None,
+                 lora: Mapping[str, Any] | None = None, router_replay: str = "none"):
+        if router_replay not in ("none", "rollout"):
+            raise ValueError(f"bad value for 'policy.router_replay': {router_replay!r}; allowed: none, rollout")
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        check_master_dtype(policy)
+        self.precision = policy
+        self.device = torch.device(device)
+        self.grad_hook: GradHook | None = None
+
+        master = build_model(model_cfg, torch.float32, seed=seed, device=self.device)
+        if initial_state_dict is not None:
+            load_weights_(master, initial_state_dict)
+        self._lora = bool(lora and lora.get("enabled"))
+        if self._lora:
+            master = _lora_wrap(master, lora)
+        self._fsdp = _fsdp_wrap(master, policy)  # also read by preflight.py (FSDP masters are not checked)
+        if self._fsdp or policy.param_dtype == torch.float32:
+            compute = master
+        else:
+            compute = cast_params_(copy.deepcopy(master), policy.param_dtype)
+        routing = RouterHooks(compute)
+        #: MoE router hooks on the compute copy (None: dense model)
+        self.routing: RouterHooks | None = routing if routing.routers else None
+        if router_replay == "rollout" and self.routing is None:
+            raise ValueError("policy.router_replay=rollout needs an MoE model (HF qwen2_moe, qwen3_moe or mixtral "
+                             "routers); this model is dense: set policy.router_replay=none")
+        self._last_experts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        trainable = [p for p in master.parameters() if p.requires_grad]  # LoRA: the adapters only
+        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+        self.weights = MasterWeights(master, compute, optimizer, policy, max_grad_norm=max_grad_norm)
+        self.adapter = HFModelAdapter(compute, policy, self.device, routing=self.routing,
+                                      router_replay=router_replay, fsdp=self._fsdp)
+        self.loop = MicroBatchLoop(self.adapter, micro_batch_size)
+
+    @property
+    def master(self) -> torch.nn.Module:
+        """The fp32 master model (FSDP-sharded under FSDP; peft-wrapped with LoRA)."""
+        return self.weights.master
+
+    @property
+    def compute(self) -> torch.nn.Module:
+        """The compute copy in `param_dtype` (the master itself for fp32 and FSDP)."""
+        return self.weights.compute
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over the master's trainable parameters (fp32 state)."""
+        return self.weights.optimizer
+
+    @property
+    def scaler(self) -> DynamicLossScaler | None:
+        """The dynamic loss scaler (None when `precision.loss_scale.enabled` is false)."""
+        return self.weights.scaler
+
+    @property
+    def router_replay(self) -> str:
+        """`"rollout"` (R3: score response tokens with the rollout's experts) or `"none"` (settable)."""
+        return self.adapter.router_replay
+
+    @router_replay.setter
+    def router_replay(self, value: str) -> None:
+        self.adapter.router_replay = value
+
+    @property
+    def max_grad_norm(self) -> float:
+        """Clip norm of the fp32 master grads (`<= 0`: no clipping)."""
+        return self.weights.max_grad_norm
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Rows per forward/backward (settable; the loop reads it at each call)."""
+        return self.loop.micro_batch_size
+
+    @micro_batch_size.setter
+    def micro_batch_size(self, value: int) -> None:
+        self.loop.micro_batch_size = int(value)
+
+    # scoring helpers read by doctor.py (the one-pass probe); the loop/weights/adapter hold the logic
+    def _sync_compute(self) -> None:
+        self.weights.sync_compute()
+
+    def _gemm_ctx(self) -> AbstractContextManager:
+        return self.adapter.numerics()
+
+    def _micro_batches(self, n: int, local: bool = False) -> Iterator[slice]:
+        return self.loop.slices(n, local)
 
     # ------------------------------------------------------------------ PolicyEngine
     def logprobs(self, batch: RolloutBatch, temperature: float) -> torch.Tensor:
-        """`[N, T]` fp32 log π of the batch's response tokens (0 where masked), no grad.
+        """Log π of the batch's response tokens, no grad (each data-parallel rank scores its rows).
 
-        Returned on the batch's device, like the log-probs `train_step` hands to `loss_fn`.
         MoE: also records the experts the routers picked (`selected_experts`).
+
+        Args:
+            batch: the rollout batch (`N` rows, responses of width `T`).
+            temperature: the sampling temperature the logits are divided by.
+
+        Returns:
+            `[N, T]` fp32, 0 where masked, on the batch's device (like the log-probs `train_step`
+            hands to `loss_fn`).
         """
-        self._sync_compute()
-        out, own, used = [], [], []
+        self.weights.sync_compute()
         routing = self.routing
-        with torch.no_grad(), self._gemm_ctx():
-            for rows in self._micro_batches(batch.num_samples, local=True):
-                mb = batch.select(rows)
-                if routing is not None:
-                    routing.recording = True
-                try:
-                    logp = self._score(mb, temperature)
-                finally:
-                    if routing is not None:
-                        routing.recording = False
-                out.append(torch.where(mb.response_mask.to(self.device).bool(), logp, 0.0))
-                if routing is not None:
-                    n, s = mb.input_ids.shape
-                    for dst, which in ((own, "own"), (used, "used")):
-                        dst.append(response_experts(routing.collect(which, n, s), mb.prompt_width, mb.response_mask))
-        if routing is not None:  # int32 through the gather (gloo), int16 at rest
-            own_all, used_all = (self._gather_rows(torch.cat(x).int()).short().cpu() for x in (own, used))
-            self._last_experts = (batch.input_ids.detach().cpu(), own_all, used_all)
-        return self._gather_rows(torch.cat(out)).to(batch.input_ids.device)
+        if routing is None:
+            return self.loop.logprobs(batch, temperature)
+        own: list[torch.Tensor] = []
+        used: list[torch.Tensor] = []
+
+        @contextmanager
+        def recording(mb: RolloutBatch):
+            routing.recording = True
+            try:
+                yield
+            finally:
+                routing.recording = False
+            n, s = mb.input_ids.shape
+            for dst, which in ((own, "own"), (used, "used")):
+                dst.append(response_experts(routing.collect(which, n, s), mb.prompt_width, mb.response_mask))
+
+        out = self.loop.logprobs(batch, temperature, around=recording)
+        # int32 through the gather (gloo), int16 at rest
+        own_all, used_all = (self.loop.gather_rows(torch.cat(x).int()).short().cpu() for x in (own, used))
+        self._last_experts = (batch.input_ids.detach().cpu(), own_all, used_all)
+        return out
 
     def selected_experts(self, batch: RolloutBatch, replayed: bool = False) -> torch.Tensor:
-        """`[N, T, moe layers, k]` int16 expert ids of the trainer's routers for `batch` (-1 on padding).
+        """Expert ids of the trainer's routers for `batch`.
 
         Entry t is the routing at the position that scores response token t (`moe_routing`).
-        `replayed=False`: the routers' own top-k (before any replay: the flip-rate side);
-        `replayed=True`: the experts the forward used (= `batch.rollout_experts` under R3).
         Taken from the last `logprobs` call when it scored the same tokens, else one no-grad pass.
+
+        Args:
+            batch: the rollout batch (`N` rows, responses of width `T`).
+            replayed: False: the routers' own top-k (before any replay: the flip-rate side);
+                True: the experts the forward used (= `batch.rollout_experts` under R3).
+
+        Returns:
+            `[N, T, moe layers, k]` int16 expert ids on CPU, -1 on padding.
 
         Raises:
             ValueError: a dense model.
@@ -236,121 +288,41 @@ class TorchPolicy:
         return cached[2] if replayed else cached[1]
 
     def train_step(self, batch: RolloutBatch, loss_fn: LossFn, temperature: float) -> TrainStepResult:
-        """One optimizer step over `batch` (micro-batched; see module doc for the skip rules)."""
-        self._sync_compute()
-        self.compute.zero_grad(set_to_none=True)
-        self.master.zero_grad(set_to_none=True)
-        self._acc = [None] * len(self._compute_params)
-        scale = self.scaler.scale if self.scaler is not None else 1.0
+        """One optimizer step over `batch` (micro-batched; skip rules: `mixed_precision` module doc).
 
-        def backward(loss: torch.Tensor) -> None:
-            (loss * scale).backward()
-            self._accumulate_grads()
+        Args:
+            batch: the rollout batch; each data-parallel rank trains its rows.
+            loss_fn: the loop's loss closure (`interfaces.LossFn`).
+            temperature: the sampling temperature the logits are divided by.
 
-        loss_sum, metric_sums, micro = self._forward_backward(batch, loss_fn, temperature, backward)
-
-        # FSDP averages over the data-parallel ranks (in fp32); the rows are pre-weighted by their share of
-        # the global batch, so the step needs the sum: unscale by scale / world (exact for powers of two)
-        grads = self._unscale_into_master(scale / self._dp()[1])
-        if self.grad_hook is not None:
-            self.grad_hook(grads)
-        found_inf = _any_nonfinite(grads)
-        if found_inf:
-            grad_norm = float("nan")
-        elif self.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self._master_params, self.max_grad_norm))
-        else:
-            grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-        if not found_inf:
-            self.optimizer.step()
-            self._compute_stale = True
-        self.master.zero_grad(set_to_none=True)
-        self.compute.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.update(found_inf)
-
-        metrics = {"loss": loss_sum, **metric_sums, "loss_scale": scale, "skipped": float(found_inf)}
-        return TrainStepResult(skipped=found_inf, grad_norm=grad_norm, loss_scale=scale, metrics=metrics,
-                               micro_metrics=micro)
+        Returns:
+            The step's `TrainStepResult` (`skipped` on an fp16 overflow: weights untouched).
+        """
+        return self.weights.train_step(self.loop, batch, loss_fn, temperature, self.grad_hook)
 
     def back_off_loss_scale(self, used_scale: float) -> bool:
-        """Scale strictly below `used_scale` for a retry on the same batch (`DynamicLossScaler.back_off_below`);
-        False without a scaler or at `min_scale`."""
-        return self.scaler is not None and self.scaler.back_off_below(used_scale)
+        """Scale strictly below `used_scale` for a retry on the same batch (`DynamicLossScaler.back_off_below`).
 
-    def _forward_backward(self, batch: RolloutBatch, loss_fn: LossFn, temperature: float,
-                          backward: Callable[[torch.Tensor], None]):
-        """This rank's micro-batches: score, loss, `backward(loss)`; returns the step's (loss, row-weighted
-        metrics, per-micro-batch metrics), summed/gathered over data-parallel ranks."""
-        loss_sum, metric_sums, micro, n_rows = 0.0, {}, [], batch.num_samples
-        with self._gemm_ctx():
-            for rows in self._micro_batches(n_rows, local=True):
-                mb = batch.select(rows)
-                logp = self._score(mb, temperature)
-                loss, metrics = loss_fn(logp.to(mb.input_ids.device), rows)
-                backward(loss)
-                loss_sum += float(loss.detach())
-                micro.append({k: float(v) for k, v in metrics.items()})
-                w = (rows.stop - rows.start) / n_rows
-                for k, v in metrics.items():
-                    metric_sums[k] = metric_sums.get(k, 0.0) + w * float(v)
-        return self._reduce_step_metrics(loss_sum, metric_sums, micro)
-
-    def _reduce_step_metrics(self, loss_sum: float, metric_sums: dict[str, float], micro: list[dict[str, float]]):
-        """Data parallel: sum the ranks' loss and row-weighted metrics, gather the micro-batch dicts."""
-        _, world = self._dp()
-        if world == 1:
-            return loss_sum, metric_sums, micro
-        dist = torch.distributed
-        keys = sorted(metric_sums)
-        t = torch.tensor([loss_sum, *(metric_sums[k] for k in keys)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, group=self._dp_group())
-        every: list[list[dict[str, float]] | None] = [None] * world
-        dist.all_gather_object(every, micro, group=self._dp_group())
-        vals = t.tolist()
-        return vals[0], dict(zip(keys, vals[1:], strict=True)), [m for part in every for m in part]
-
-    def _accumulate_grads(self) -> None:
-        """Move the compute copy's micro-batch grads into accumulators in `grad_reduce_dtype`."""
-        if self.compute is self.master:
-            return  # fp32, or FSDP (which reduces in reduce_dtype itself): .grad accumulates
-        for i, pc in enumerate(self._compute_params):
-            if pc.grad is not None:
-                g = pc.grad.to(self.precision.grad_reduce_dtype, copy=True)
-                self._acc[i] = g if self._acc[i] is None else self._acc[i].add_(g)
-                pc.grad = None
-
-    def _unscale_into_master(self, scale: float) -> list[torch.Tensor]:
-        """fp32 master grads = accumulated grads (upcast) / scale, divided in fp32."""
-        grads = []
-        for i, pm in enumerate(self._master_params):
-            if self.compute is not self.master:
-                acc, self._acc[i] = self._acc[i], None
-                pm.grad = None if acc is None else acc.to(pm.dtype)
-            if pm.grad is None:
-                continue
-            if scale != 1.0:
-                pm.grad.div_(scale)
-            grads.append(pm.grad)
-        return grads
+        Returns:
+            False without a scaler or at `min_scale`.
+        """
+        return self.weights.back_off_loss_scale(used_scale)
 
     def activation_headroom(self, batch: RolloutBatch) -> dict[str, float]:
-        """fp16 range monitor: max |hidden state| per decoder layer over a no-grad forward of `batch`.
+        """fp16 range monitor over a no-grad forward of `batch` (`MicroBatchLoop.activation_headroom`).
 
-        Returns `range/act_absmax[/layer{i}]`, `range/fp16_headroom` (65504 / max) and
-        `range/act_nonfinite`; every position counts, padding included (it runs in fp16 too).
+        Returns:
+            `range/act_absmax[/layer{i}]`, `range/fp16_headroom` (65504 / max), `range/act_nonfinite`.
         """
-        self._sync_compute()
-        with torch.no_grad(), self._gemm_ctx(), ActivationMonitor(self.compute) as monitor:
-            for rows in self._micro_batches(batch.num_samples):
-                mb = batch.select(rows)
-                attn = mb.attention_mask.to(self.device)
-                self.compute(input_ids=mb.input_ids.to(self.device), attention_mask=attn,
-                             position_ids=position_ids_from_mask(attn), use_cache=False, logits_to_keep=1)
-        return monitor.metrics()
+        self.weights.sync_compute()
+        return self.loop.activation_headroom(self.compute, batch)
 
     def rollout_state_dict(self) -> dict[str, torch.Tensor]:
-        """fp32 master weights under HF names, for the rollout engine's refit (LoRA: merged)."""
+        """fp32 master weights under HF names, for the rollout engine's refit (LoRA: merged).
+
+        Returns:
+            `{HF name: fp32 tensor}`; FSDP: the full (unsharded, CPU) dict, a collective on every rank.
+        """
         if self._lora:
             return _merged_lora_state_dict(self.master)
         if self._fsdp:
@@ -360,24 +332,19 @@ class TorchPolicy:
         return {k: v.detach() for k, v in self.master.state_dict().items()}
 
     def audit(self) -> list[str]:
-        """Dtype findings: the compute copy against the policy, the master against fp32."""
+        """Dtype findings: the compute copy against the policy, the master and optimizer state against fp32.
+
+        Returns:
+            One line per finding (empty: clean); FSDP: master and optimizer state only.
+        """
         lines = [] if self._fsdp else audit_model(self.compute, self.precision)
-        bad_master = sorted({dtype_name(p.dtype) for p in self._master_params if p.dtype != self.precision.master_dtype})
-        if bad_master:
-            lines.append(f"<master weights>: found {', '.join(bad_master)}, expected "
-                         f"{dtype_name(self.precision.master_dtype)} (master_dtype)")
-        bad_state = sorted({f"{k} {dtype_name(v.dtype)}" for st in self.optimizer.state.values() for k, v in st.items()
-                            if torch.is_tensor(v) and v.is_floating_point() and k != "step"
-                            and v.dtype != self.precision.master_dtype})
-        if bad_state:
-            lines.append(f"<optimizer state>: found {', '.join(bad_state)}, expected "
-                         f"{dtype_name(self.precision.master_dtype)} (master_dtype)")
-        return lines
+        return lines + self.weights.audit()
 
     def state_dict(self) -> dict:
         """{"model", "optimizer", "scaler"}: live references, like torch's (clone before mutating).
 
-        FSDP: full (unsharded, CPU) model and optimizer state on rank 0, empty dicts elsewhere.
+        `model` holds HF names (LoRA: peft names, base_layer + lora_A/B). FSDP: full (unsharded,
+        CPU) model and optimizer state on rank 0, empty dicts elsewhere (a collective).
         """
         model = {k: v.detach() for k, v in self.master.state_dict().items()} if self._lora else self.rollout_state_dict()
         if self._fsdp:
@@ -387,13 +354,19 @@ class TorchPolicy:
                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         else:
             optim = self.optimizer.state_dict()
-        return {"model": model, "optimizer": optim,
-                "scaler": None if self.scaler is None else self.scaler.state_dict()}
+        return {"model": model, "optimizer": optim, "scaler": self.weights.scaler_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore master weights, optimizer state and loss scale (validated before any copy)."""
-        if (state.get("scaler") is None) != (self.scaler is None):
-            raise ValueError("checkpoint and trainer disagree on loss scaling (precision.loss_scale.enabled)")
+        """Restore master weights, optimizer state and loss scale (validated before any copy).
+
+        Args:
+            state: a dict as `state_dict` returns it.
+
+        Raises:
+            ValueError: the checkpoint and this run disagree on loss scaling, or on parameter
+                names/shapes (`modeling.load_weights_`).
+        """
+        self.weights.check_scaler_state(state)
         if self._fsdp:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
@@ -410,23 +383,7 @@ class TorchPolicy:
             else:
                 load_weights_(self.master, state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        self._compute_stale = True
-
-
-def _any_nonfinite(grads: list[torch.Tensor]) -> bool:
-    """True if any gradient holds inf/nan (one host sync, all-reduced under torch.distributed)."""
-    if not grads:
-        return False
-    flags = torch.stack([(~torch.isfinite(_local(g))).any() for g in grads]).any().float()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-    return bool(flags.item())
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
+        self.weights.load_scaler_state(state)
 
 
 def _fsdp_wrap(model: torch.nn.Module, policy: PrecisionPolicy) -> bool:
@@ -448,7 +405,7 @@ def _fsdp_wrap(model: torch.nn.Module, policy: PrecisionPolicy) -> bool:
 
 
 def _lora_wrap(model: torch.nn.Module, lora: Mapping[str, Any]) -> torch.nn.Module:
-    """peft LoRA around the fp32 master: base weights frozen, adapters (fp32) trainable."""
+    """LoRA (peft) around the fp32 master: base weights frozen, adapters (fp32) trainable."""
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         raise ValueError("policy.lora with torch.distributed (FSDP) is not implemented; run LoRA single-process")

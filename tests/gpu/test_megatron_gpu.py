@@ -20,7 +20,7 @@ pytest.importorskip("megatron.core")
 from nemo_rl_fp16.algorithms import policy_loss  # noqa: E402
 from nemo_rl_fp16.interfaces import RolloutBatch  # noqa: E402
 from nemo_rl_fp16.policy import TorchPolicy  # noqa: E402
-from nemo_rl_fp16.policy.megatron_policy import MegatronPolicy  # noqa: E402
+from nemo_rl_fp16.policy.megatron.policy import MegatronPolicy  # noqa: E402
 from nemo_rl_fp16.precision import PrecisionPolicy  # noqa: E402
 
 VOCAB = 512

@@ -6,17 +6,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from nemo_rl_fp16.policy.megatron_convert import (
-    ModelLayout,
-    ep_global_name,
-    ep_local_experts,
-    hf_to_megatron,
-    megatron_to_hf,
-    qkv_fuse,
-    qkv_split,
-    tp_merge,
-    tp_shard,
-)
+from nemo_rl_fp16.modeling.layout import ModelLayout
+from nemo_rl_fp16.policy.megatron.convert import hf_to_megatron, megatron_to_hf, qkv_fuse, qkv_split
+from nemo_rl_fp16.policy.megatron.sharding import ep_global_name, ep_local_experts, tp_merge, tp_shard
 
 DENSE = dict(model_type="qwen2", vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rope_theta=5000.0,

@@ -12,7 +12,7 @@ import torch
 from conftest import synthetic_batch
 
 from nemo_rl_fp16.modeling import position_ids_from_mask
-from nemo_rl_fp16.policy.megatron_convert import ModelLayout
+from nemo_rl_fp16.modeling.layout import ModelLayout
 
 pytest.importorskip("megatron.core")
 
@@ -107,7 +107,7 @@ def test_unmapped_feature_is_refused_by_name(extra, needle):
 
 
 def test_sliding_window_with_te_is_refused_by_name():
-    from nemo_rl_fp16.policy.megatron_policy import layer_spec
+    from nemo_rl_fp16.policy.megatron.model import layer_spec
 
     lay = ModelLayout.from_hf_config({**BASE, **MAPPED["sliding window (mistral)"]})
     with pytest.raises(ValueError, match="sliding_window=5 with policy.attention=te"):

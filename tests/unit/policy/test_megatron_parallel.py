@@ -41,7 +41,7 @@ def _worker() -> None:  # pragma: no cover - runs under torchrun
     from megatron.core import parallel_state
     from test_megatron_policy import DENSE, MOE, _batch, _weights
 
-    from nemo_rl_fp16.policy.megatron_policy import MegatronPolicy
+    from nemo_rl_fp16.policy.megatron.policy import MegatronPolicy
     from nemo_rl_fp16.precision import PrecisionPolicy
 
     torch.set_num_threads(1)
@@ -64,7 +64,7 @@ def _worker() -> None:  # pragma: no cover - runs under torchrun
                               ("TP2-KV1", kv1, {"tensor_parallel_size": 2})):
             _, sd = _weights(cfg)
             ref_tr, ref, b = run(cfg, sd)  # TP 1 on 2 ranks = DP 2: each rank scores half the rows, gathered
-            assert ref_tr._dp() == (rank, 2)
+            assert ref_tr.adapter.data_parallel()[:2] == (rank, 2)
             ref_ex = ref_tr.selected_experts(b) if tag == "EP2" else None
             tr, lp, _ = run(cfg, sd, **par)
             err = (lp - ref).abs().max().item()

@@ -17,7 +17,7 @@ from nemo_rl_fp16.precision import PrecisionPolicy
 
 pytest.importorskip("megatron.core")
 
-from nemo_rl_fp16.policy.megatron_policy import MegatronPolicy  # noqa: E402
+from nemo_rl_fp16.policy.megatron.policy import MegatronPolicy  # noqa: E402
 
 VOCAB = 64
 DENSE = {"config": {"model_type": "qwen2", "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128,
@@ -102,7 +102,7 @@ def test_sdpa_attention_matches_local_spec(mcore_cpu):
 def test_local_checkpoint_streams_one_tensor_at_a_time(mcore_cpu, cfg, tmp_path, monkeypatch):
     """A safetensors folder is read lazily (each tensor once, converted and sharded layer by layer)
     and gives exactly the trainer built from the same weights in memory."""
-    from nemo_rl_fp16.policy import megatron_convert
+    from nemo_rl_fp16.policy.megatron import convert as megatron_convert
 
     hf, sd = _weights(cfg)
     hf.save_pretrained(tmp_path / "ckpt")
@@ -157,7 +157,7 @@ def test_fused_elementwise_matches_unfused(mcore_cpu):
 
 
 def test_attention_choice_is_resolved_and_checked(monkeypatch):
-    from nemo_rl_fp16.policy import megatron_policy as mp
+    from nemo_rl_fp16.policy.megatron import attention as mp
 
     monkeypatch.setattr(mp, "te_available", lambda: False)
     assert mp.resolve_attention("auto", cuda=False) == "local"
@@ -251,3 +251,13 @@ def test_moe_experts_and_router_dtype(mcore_cpu):
     # fp16 MoE (non-grouped experts) trains on the CPU fallback
     r = [tr.train_step(b, _loss_fn(b), 1.0) for _ in range(2)]
     assert not r[0].skipped and r[1].metrics["loss"] < r[0].metrics["loss"]
+
+
+def test_cuda_resume_is_refused_in_one_line():
+    """Without the CPU master step (the CUDA path) the megatron backend cannot restore its sharded
+    fp32 main params / optimizer / grad scaler: one line naming what is missing, before any copy."""
+    from types import SimpleNamespace
+
+    with pytest.raises(NotImplementedError, match="needs megatron dist-checkpointing") as e:
+        MegatronPolicy.load_state_dict(SimpleNamespace(weights=None), {"model": {}, "optimizer": {}, "scaler": None})
+    assert "\n" not in str(e.value) and "fp32 main params" in str(e.value)

@@ -1,0 +1,458 @@
+"""`MegatronPolicy`: the policy π as a megatron-core `GPTModel` (TP / EP; MoE), behind `PolicyEngine`.
+
+It composes the same parts as the torch backend: the shared micro-batch loop
+(`micro_batches.MicroBatchLoop`, over `MegatronModelAdapter`) and, on CPU, the shared fp32
+master step (`mixed_precision.MasterWeights`). The model is `model.MegatronCausalLM` around a
+`GPTModel` (`model.py`), parallel state from `parallel.py`.
+
+Weights always come from HF (a seeded `modeling.build_model` init or a local checkpoint, read
+lazily: `convert.hf_source`) through `convert.hf_to_megatron_parts`, sharded per TP/EP rank
+(`sharding.py`), so both backends start from the same fp32 values; `rollout_state_dict()` gathers
+the shards back into HF names (fp32 master values).
+
+Optimizer, two paths:
+- CUDA: megatron's `Float16Module` + megatron `DistributedDataParallel` (fp32 grad buffers) +
+  `get_megatron_optimizer(OptimizerConfig(fp16/bf16, loss_scale=None, initial_loss_scale,
+  min_loss_scale, loss_scale_window, hysteresis, clip_grad))`: fp32 main params, megatron's
+  `DynamicGradScaler`, optional distributed optimizer. Resume is not implemented on this path
+  (`load_state_dict` refuses: it needs megatron dist-checkpointing).
+- CPU (megatron's optimizer and `DynamicGradScaler` allocate CUDA tensors): the shared
+  `MasterWeights`, as the torch backend uses it: an fp32 master GPTModel with torch AdamW and
+  `DynamicLossScaler`, a compute GPTModel in `param_dtype`, fp32 grad accumulation, overflow
+  skip. Single process only (TP/EP/DP > 1 on CPU: log-probs only). megatron-core on CPU also
+  needs a few CUDA calls redirected; this package does not do that, the test fixtures do
+  (`tests/unit/policy/conftest.py`). The CPU path exists for CI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+
+from nemo_rl_fp16.interfaces import LossFn, RolloutBatch, TrainStepResult
+from nemo_rl_fp16.modeling.layout import ModelLayout
+from nemo_rl_fp16.policy.megatron.attention import resolve_attention
+from nemo_rl_fp16.policy.megatron.convert import (
+    hf_source,
+    hf_to_megatron,
+    hf_to_megatron_parts,
+    megatron_to_hf,
+    te_names,
+)
+from nemo_rl_fp16.policy.megatron.model import MegatronCausalLM, build_gpt_model, transformer_config, unwrap
+from nemo_rl_fp16.policy.megatron.parallel import data_parallel, init_megatron_parallel
+from nemo_rl_fp16.policy.megatron.sharding import gather_full_state_dict, load_shard_, shard_state_dict
+from nemo_rl_fp16.policy.micro_batches import DataParallel, MicroBatchLoop
+from nemo_rl_fp16.policy.mixed_precision import GradHook, MasterWeights, check_master_dtype
+from nemo_rl_fp16.precision import DynamicLossScaler, PrecisionPolicy, audit_model, dtype_name, is_router_param
+from nemo_rl_fp16.precision.cpu_numerics import cpu_numerics
+
+__all__ = ["MegatronModelAdapter", "MegatronPolicy"]
+
+
+class MegatronModelAdapter:
+    """`micro_batches.ModelAdapter` over a `MegatronCausalLM` (vocab-parallel scoring, megatron's DP group).
+
+    Args:
+        compute: the compute model.
+        precision: the policy-side precision (`param_dtype` picks the numerics, `logits_dtype` the log-softmax).
+        device: where the model runs.
+    """
+
+    def __init__(self, compute: MegatronCausalLM, precision: PrecisionPolicy, device: torch.device):
+        self.compute = compute
+        self.precision = precision
+        self.device = device
+
+    def score(self, mb: RolloutBatch, temperature: float) -> torch.Tensor:
+        """`[n, T]` fp32 log π of the response tokens (`MegatronCausalLM.response_logprobs`)."""
+        return self.compute.response_logprobs(mb.input_ids.to(self.device), mb.attention_mask.to(self.device),
+                                              mb.prompt_width, temperature, self.precision.logits_dtype)
+
+    def numerics(self) -> AbstractContextManager:
+        """`precision.cpu_numerics` for `param_dtype` on this device (a no-op on GPUs and for fp32)."""
+        return cpu_numerics(self.device, self.precision.param_dtype)
+
+    def data_parallel(self) -> DataParallel:
+        """The data-parallel rank, size and group in megatron's parallel state (`parallel.data_parallel`)."""
+        return data_parallel()
+
+
+class MegatronPolicy:
+    """PolicyEngine over a megatron-core GPTModel (see module doc for both optimizer paths).
+
+    Args:
+        model_cfg: the recipe's `model:` block (a `config` or a local safetensors folder).
+        policy: the trainer-side precision policy.
+        lr: learning rate (AdamW on CPU; megatron's Adam on CUDA).
+        weight_decay: weight decay.
+        max_grad_norm: clip the fp32 grads to this total norm (`<= 0`: no clipping on CPU).
+        micro_batch_size: rows per forward/backward; gradients accumulate across micro-batches.
+        seed: seeds a `config`-built model's init and megatron's model-parallel RNG.
+        device: `cpu` or a CUDA device.
+        initial_state_dict: fp32 HF state dict to start from (e.g. after a warm start).
+        tensor_parallel_size: TP.
+        pipeline_parallel_size: PP (1 only in this version).
+        expert_parallel_size: EP (MoE).
+        sequence_parallel: megatron sequence parallelism (TP > 1).
+        activation_checkpointing: full activation recomputation.
+        use_distributed_optimizer: megatron's distributed optimizer (CUDA).
+        attention: `auto` | `te` | `sdpa` | `local` (`attention.resolve_attention`).
+        fused_elementwise: megatron's compiled SwiGLU / bias-dropout-add (`model.transformer_config`).
+
+    Attributes:
+        layout: the model's `ModelLayout`.
+        tconfig: the compute model's megatron `TransformerConfig`.
+        weights: the shared fp32 master step on CPU (None on CUDA: megatron's optimizer).
+        loop: the shared micro-batch loop over `adapter`.
+        mcore_optimizer: megatron's optimizer on CUDA (None on CPU).
+        grad_hook: test/debug hook on the fp32 grads before the inf check.
+
+    Raises:
+        ValueError: bad sizes/dtypes, an unmapped HF feature, or a parallel layout that does not divide.
+        NotImplementedError: `pipeline_parallel_size > 1`.
+    """
+
+    def __init__(self, model_cfg: Mapping[str, Any], policy: PrecisionPolicy, *, lr: float,
+                 weight_decay: float = 0.0, max_grad_norm: float = 1.0, micro_batch_size: int = 8,
+                 seed: int = 0, device: torch.device | str = "cpu",
+                 initial_state_dict: Mapping[str, torch.Tensor] | None = None,
+                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, expert_parallel_size: int = 1,
+                 sequence_parallel: bool = False, activation_checkpointing: bool = False,
+                 use_distributed_optimizer: bool = False, attention: str = "auto", fused_elementwise: bool = False):
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        check_master_dtype(policy)
+        if pipeline_parallel_size != 1:
+            raise NotImplementedError("pipeline_parallel_size > 1 is not implemented in the megatron trainer yet")
+        self.precision = policy
+        self.device = torch.device(device)
+        self.cpu = self.device.type == "cpu"
+        self.max_grad_norm = float(max_grad_norm)
+        self.grad_hook: GradHook | None = None
+        tp, ep = int(tensor_parallel_size), int(expert_parallel_size)
+        init_megatron_parallel(tp, 1, ep, seed=seed, cpu=self.cpu)
+
+        hf_sd, hf_config, self._hf_fused_experts = hf_source(model_cfg, seed, initial_state_dict)
+        self.layout = ModelLayout.from_hf_config(hf_config)
+        problems = self.layout.parallel_problems(tp, 1, ep)
+        if problems:
+            raise ValueError("; ".join(problems))
+        shard: dict[str, torch.Tensor] = {}
+        for part in hf_to_megatron_parts(hf_sd, self.layout):  # one layer's full tensors at a time
+            shard.update(shard_state_dict(part, self.layout))
+        del hf_sd
+        if attention == "auto" and self.layout.sliding_window and not self.cpu:
+            attention = "sdpa"  # TE's sliding window is not mapped (layer_spec)
+        self.attention = attention = resolve_attention(attention, cuda=not self.cpu)
+        use_te = attention == "te"
+        if use_te:
+            shard = te_names(shard)
+        self.use_te = use_te
+
+        def make(dtype: torch.dtype):
+            cfg = transformer_config(self.layout, params_dtype=dtype, router_dtype=policy.router_dtype, tp=tp, ep=ep,
+                                     sequence_parallel=sequence_parallel,
+                                     activation_checkpointing=activation_checkpointing, cpu=self.cpu,
+                                     fused_elementwise=fused_elementwise)
+            gpt = build_gpt_model(self.layout, cfg, use_te=use_te, attention=attention).to(self.device)
+            for p in gpt.parameters():  # megatron builds norms in fp32 whatever params_dtype (Float16Module casts)
+                p.data = p.data.to(dtype)
+            self._router_to_fp32(gpt)
+            load_shard_(gpt, shard)  # after the casts: each tensor rounded once, from fp32
+            return gpt, cfg
+
+        self._world_is_one = not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1)
+        self.weights: MasterWeights | None = None
+        self.mcore_optimizer = None
+        if self.cpu:
+            # CPU: the shared fp32 master step (MasterWeights), as the torch backend uses it
+            gpt32, self.tconfig = make(torch.float32)
+            master = MegatronCausalLM(gpt32, self.layout).eval()
+            if policy.param_dtype == torch.float32:
+                compute = master
+            else:
+                gptc, self.tconfig = make(policy.param_dtype)
+                compute = MegatronCausalLM(gptc, self.layout).eval()
+            optimizer = torch.optim.AdamW(list(master.parameters()), lr=lr, weight_decay=weight_decay)
+            self.weights = MasterWeights(master, compute, optimizer, policy, max_grad_norm=max_grad_norm)
+            self._model = compute
+        else:
+            self._model = self._init_cuda(make, shard, lr, weight_decay, use_distributed_optimizer)
+        self.adapter = MegatronModelAdapter(self._model, policy, self.device)
+        self.loop = MicroBatchLoop(self.adapter, micro_batch_size)
+
+    # -------------------------------------------------------------------------- CUDA path
+    def _init_cuda(self, make, shard: Mapping[str, torch.Tensor], lr: float, weight_decay: float,
+                   use_distributed_optimizer: bool) -> MegatronCausalLM:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.transformer.module import Float16Module
+
+        pol = self.precision
+        # params_dtype/fp16/bf16 of the policy (Float16Module reads config.fp16/bf16); megatron's
+        # optimizer then creates the fp32 main params from these (HF fp32 values rounded once).
+        gpt, self.tconfig = make(pol.param_dtype)
+        if pol.param_dtype != torch.float32:
+            gpt = Float16Module(self.tconfig, gpt)  # casts params to fp16/bf16, logits back to fp32
+            self._router_to_fp32(gpt)
+            load_shard_(gpt, shard)  # fp32 router values exact (not fp16-rounded), others rounded once
+        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=pol.grad_reduce_dtype == torch.float32,
+                                                overlap_grad_reduce=False,
+                                                use_distributed_optimizer=use_distributed_optimizer)
+        self.ddp = DistributedDataParallel(self.tconfig, ddp_cfg, gpt)
+        ls = pol.loss_scale
+        fp16 = pol.param_dtype == torch.float16
+        opt_cfg = OptimizerConfig(
+            optimizer="adam", lr=lr, weight_decay=weight_decay, fp16=fp16, bf16=pol.param_dtype == torch.bfloat16,
+            params_dtype=pol.param_dtype, clip_grad=self.max_grad_norm,
+            # fp16: None = megatron's DynamicGradScaler; 1.0 = constant (scaling disabled). bf16/fp32: no scaler.
+            loss_scale=1.0 if (fp16 and not ls.enabled) else None,
+            initial_loss_scale=ls.initial_scale, min_loss_scale=ls.min_scale,
+            loss_scale_window=ls.growth_interval, hysteresis=ls.hysteresis,
+            use_distributed_optimizer=use_distributed_optimizer)
+        self.mcore_optimizer = get_megatron_optimizer(opt_cfg, [self.ddp])
+        return MegatronCausalLM(self.ddp, self.layout).eval()
+
+    def _router_to_fp32(self, model: torch.nn.Module) -> None:
+        """Keep MoE router weights in fp32 when `router_dtype` is fp32 (as the rollout's fp32 gate)."""
+        if self.precision.router_dtype != torch.float32:
+            return
+        for name, p in model.named_parameters():
+            if is_router_param(name):
+                p.data = p.data.float()
+
+    # -------------------------------------------------------------------------- the models
+    @property
+    def master(self) -> MegatronCausalLM:
+        """The fp32 master model on CPU; on CUDA the one DDP-wrapped model (fp32 main params live in the optimizer)."""
+        return self.weights.master if self.weights is not None else self._model
+
+    @property
+    def compute(self) -> MegatronCausalLM:
+        """The model in `param_dtype` that runs forward and backward (the master itself for fp32)."""
+        return self._model
+
+    @property
+    def optimizer(self) -> Any:
+        """The optimizer: torch AdamW over the fp32 master (CPU), or megatron's optimizer (CUDA)."""
+        return self.weights.optimizer if self.weights is not None else self.mcore_optimizer
+
+    @property
+    def scaler(self) -> DynamicLossScaler | None:
+        """The CPU path's dynamic loss scaler (None on CUDA, where megatron's `DynamicGradScaler` runs)."""
+        return self.weights.scaler if self.weights is not None else None
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Rows per forward/backward."""
+        return self.loop.micro_batch_size
+
+    def _sync_compute(self) -> None:
+        if self.weights is not None:
+            self.weights.sync_compute()
+
+    # -------------------------------------------------------------------------- PolicyEngine
+    def logprobs(self, batch: RolloutBatch, temperature: float) -> torch.Tensor:
+        """Log π of the batch's response tokens, no grad (each data-parallel rank scores its rows).
+
+        Args:
+            batch: the rollout batch (`N` rows, responses of width `T`).
+            temperature: the sampling temperature the logits are divided by.
+
+        Returns:
+            `[N, T]` fp32, 0 where masked, on the batch's device.
+        """
+        self._sync_compute()
+        return self.loop.logprobs(batch, temperature)
+
+    def selected_experts(self, batch: RolloutBatch) -> torch.Tensor:
+        """Expert ids the trainer's routers pick for each response token (one no-grad pass).
+
+        Token t's entry is the routing of position `P + t - 1`, the forward that scores token t
+        (the same position the log-prob comes from). Compare with `batch.rollout_experts` through
+        `mismatch.router_topk_flip_rate`.
+
+        Returns:
+            `[N, T, moe layers, k]` expert ids on CPU (sorted per token).
+
+        Raises:
+            ValueError: a dense model.
+        """
+        if not self.layout.is_moe:
+            raise ValueError("selected_experts needs an MoE model")
+        self._sync_compute()
+        out = []
+        model = self.compute
+        model.record_experts = True
+        try:
+            with torch.no_grad(), self.adapter.numerics():
+                for rows in self.loop.slices(batch.num_samples):
+                    mb = batch.select(rows)
+                    model(input_ids=mb.input_ids.to(self.device), attention_mask=mb.attention_mask.to(self.device),
+                          logits_to_keep=1)
+                    p = mb.prompt_width
+                    out.append(model.last_experts[:, p - 1: -1].cpu())
+        finally:
+            model.record_experts = False
+        return torch.cat(out)
+
+    def train_step(self, batch: RolloutBatch, loss_fn: LossFn, temperature: float) -> TrainStepResult:
+        """One optimizer step over `batch` (CPU: `MasterWeights`; CUDA: megatron's optimizer).
+
+        Args:
+            batch: the rollout batch; each data-parallel rank trains its rows.
+            loss_fn: the loop's loss closure (`interfaces.LossFn`).
+            temperature: the sampling temperature the logits are divided by.
+
+        Returns:
+            The step's `TrainStepResult` (`skipped` on an fp16 overflow: weights untouched).
+
+        Raises:
+            NotImplementedError: on CPU with more than one process (no TP/EP/DP gradient sync there).
+        """
+        if self.weights is not None:
+            if not self._world_is_one:
+                raise NotImplementedError("CPU megatron train_step runs single-process only (no TP/EP/DP grads sync)")
+            return self.weights.train_step(self.loop, batch, loss_fn, temperature, self.grad_hook)
+        return self._train_step_cuda(batch, loss_fn, temperature)
+
+    def _train_step_cuda(self, batch: RolloutBatch, loss_fn: LossFn, temperature: float) -> TrainStepResult:
+        opt = self.mcore_optimizer
+        self.ddp.zero_grad_buffer()
+        opt.zero_grad()
+        scale = float(opt.get_loss_scale())
+        self.compute.train()
+        loss_sum, metric_sums, micro = self.loop.forward_backward(
+            batch, loss_fn, temperature, lambda loss: opt.scale_loss(loss.to(self.device)).backward())
+        self.ddp.finish_grad_sync()
+        if self.grad_hook is not None:  # test/debug hook on the fp32 main grads (e.g. plant an inf)
+            self.grad_hook([p.main_grad for p in self.ddp.parameters() if getattr(p, "main_grad", None) is not None])
+        ok, grad_norm, _ = opt.step()
+        self.compute.eval()
+        skipped = not ok
+        grad_norm = float("nan") if skipped or grad_norm is None else float(grad_norm)
+        metrics = {"loss": loss_sum, **metric_sums, "loss_scale": scale, "skipped": float(skipped)}
+        return TrainStepResult(skipped=skipped, grad_norm=grad_norm, loss_scale=scale, metrics=metrics,
+                               micro_metrics=micro)
+
+    def back_off_loss_scale(self, used_scale: float) -> bool:
+        """Lower the loss scale strictly below `used_scale` for a retry on the same batch.
+
+        CPU: `DynamicLossScaler.back_off_below`; CUDA: the same rule on megatron's `DynamicGradScaler`s.
+
+        Returns:
+            False without a dynamic scaler (bf16/fp32, constant scale) or at `min_scale`.
+        """
+        if self.weights is not None:
+            return self.weights.back_off_loss_scale(used_scale)
+        from megatron.core.optimizer.grad_scaler import DynamicGradScaler
+
+        opts = getattr(self.mcore_optimizer, "chained_optimizers", [self.mcore_optimizer])
+        scalers = {id(o.grad_scaler): o.grad_scaler for o in opts if getattr(o, "grad_scaler", None) is not None}
+        if not scalers or not all(isinstance(gs, DynamicGradScaler) for gs in scalers.values()):
+            return False  # bf16/fp32 or a constant scale: a retry would run at the same scale
+        for gs in scalers.values():  # the same rule as DynamicLossScaler.back_off_below
+            if float(gs.scale) < used_scale:
+                continue
+            lower = max(float(used_scale) * float(gs.backoff_factor), float(gs.min_scale))
+            if not lower < used_scale:
+                return False
+            gs._scale = torch.full_like(gs._scale, lower)
+            gs._hysteresis_tracker = 0
+        return True
+
+    def activation_headroom(self, batch: RolloutBatch) -> dict[str, float]:
+        """fp16 range monitor over megatron's decoder layers (`MicroBatchLoop.activation_headroom`).
+
+        Returns:
+            `range/act_absmax[/layer{i}]`, `range/fp16_headroom` (65504 / max), `range/act_nonfinite`.
+        """
+        self._sync_compute()
+        return self.loop.activation_headroom(self.compute, batch)
+
+    # -------------------------------------------------------------------------- weights
+    def _fp32_named_params(self) -> dict[str, torch.Tensor]:
+        """This rank's parameters under megatron names, fp32 master values."""
+        if self.weights is not None:
+            return {k: v for k, v in unwrap(self.master.module).named_parameters()}
+        main = {}
+        opts = getattr(self.mcore_optimizer, "chained_optimizers", [self.mcore_optimizer])
+        for o in opts:
+            for mg, fg in zip(getattr(o, "float16_groups", []), getattr(o, "fp32_from_float16_groups", []), strict=False):
+                for mp, fp in zip(mg, fg, strict=True):
+                    main[id(mp)] = fp
+        return {k: main.get(id(p), p) for k, p in unwrap(self.ddp).named_parameters()}
+
+    def rollout_state_dict(self) -> dict[str, torch.Tensor]:
+        """fp32 master weights under HF names (TP/EP shards gathered), for the rollout refit.
+
+        A collective over the TP/EP groups. With the distributed optimizer on CUDA the fp32 shards
+        are not gathered: the values are the model's fp16/bf16 parameters upcast (they equal the
+        rounded master values).
+
+        Returns:
+            `{HF name: float32 CPU tensor}`, on every rank.
+        """
+        named = self._fp32_named_params()
+        if self.use_te:
+            named = {k.replace(".self_attention.linear_qkv.layer_norm_weight", ".input_layernorm.weight")
+                      .replace(".mlp.linear_fc1.layer_norm_weight", ".pre_mlp_layernorm.weight"): v
+                     for k, v in named.items()}
+        full = gather_full_state_dict(named, self.layout)
+        return megatron_to_hf(full, self.layout, fused_experts=self._hf_fused_experts)
+
+    def audit(self) -> list[str]:
+        """Dtype findings on the megatron module.
+
+        Checks params vs `param_dtype`, routers vs `router_dtype`, the effective router compute
+        dtype (`moe_router_dtype`), and on CPU the fp32 master and optimizer state.
+
+        Returns:
+            One line per finding (empty: clean).
+        """
+        lines = audit_model(self.compute, self.precision)
+        if self.weights is not None:
+            lines += self.weights.audit()
+        if self.layout.is_moe:
+            eff = {"fp32": torch.float32, "fp64": torch.float64}.get(self.tconfig.moe_router_dtype or "",
+                                                                     self.precision.param_dtype)
+            if eff != self.precision.router_dtype:
+                lines.append(f"<router compute>: megatron moe_router_dtype={self.tconfig.moe_router_dtype} computes gate "
+                             f"logits in {dtype_name(eff)}, expected {dtype_name(self.precision.router_dtype)} (router_dtype)")
+        return lines
+
+    def state_dict(self) -> dict:
+        """{"model", "optimizer", "scaler"}: live references (clone before mutating).
+
+        `model` holds the fp32 master weights under HF names (`rollout_state_dict`, a collective);
+        `optimizer` is the optimizer's own state dict (torch AdamW on CPU, megatron's on CUDA);
+        `scaler` the CPU loss scaler's state (None on CUDA and without loss scaling).
+        """
+        return {"model": self.rollout_state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": None if self.weights is None else self.weights.scaler_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore master weights, optimizer state and loss scale (CPU; validated before any copy).
+
+        Args:
+            state: a dict as `state_dict` returns it.
+
+        Raises:
+            ValueError: the checkpoint and this run disagree on loss scaling, or on parameter names/shapes.
+            NotImplementedError: on CUDA (the sharded fp32 main params, optimizer and grad scaler
+                need megatron dist-checkpointing, not implemented yet).
+        """
+        if self.weights is None:
+            raise NotImplementedError(
+                "policy.backend=megatron on CUDA cannot resume yet: restoring its TP/EP-sharded fp32 main params, "
+                "Adam state and DynamicGradScaler needs megatron dist-checkpointing (not implemented); "
+                "start afresh with trainer.resume=never")
+        self.weights.check_scaler_state(state)
+        full = hf_to_megatron(state["model"], self.layout)
+        load_shard_(self.master.module, shard_state_dict(full, self.layout))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.weights.load_scaler_state(state)
