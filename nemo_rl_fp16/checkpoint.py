@@ -63,8 +63,11 @@ def mount_point(path: str | os.PathLike) -> Path:
 
 
 def _disk_full(exc: BaseException, where: Path) -> bool:
-    """Did `exc` come from a full disk? torch.save reports it as an `inline_container.cc` enforce fail
-    ("unexpected pos"), so a write failure with under 64 MiB left counts as one."""
+    """Did `exc` come from a full disk?
+
+    torch.save reports it as an `inline_container.cc` enforce fail ("unexpected pos"), so a write
+    failure with under 64 MiB left counts as one.
+    """
     if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
         return True
     if "No space left" in str(exc) or "os error 28" in str(exc):

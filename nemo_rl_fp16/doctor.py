@@ -52,7 +52,7 @@ BLOCK_PARTS = (("input_layernorm", "input norm"), ("self_attn", "attention outpu
 
 
 def unit_roundoff(precision: str | torch.dtype) -> float:
-    """u of a preset name (fp16 | bf16 | fp32) or a float dtype: `torch.finfo(dtype).eps / 2`.
+    """U of a preset name (fp16 | bf16 | fp32) or a float dtype: `torch.finfo(dtype).eps / 2`.
 
     Raises:
         ValueError: an unknown preset name.
@@ -131,7 +131,7 @@ class Recorder:
         self._handles = []
 
     def outputs(self) -> dict[str, torch.Tensor]:
-        """name -> `[rows, positions, width]`, the forwards seen so far concatenated along positions."""
+        """Name -> `[rows, positions, width]`, the forwards seen so far concatenated along positions."""
         out = {n: torch.cat(v, 1) for n, v in self._seen.items() if v}
         for v in self._seen.values():
             v.clear()
@@ -241,7 +241,8 @@ def compare(decode: dict[str, torch.Tensor], onepass: dict[str, torch.Tensor], m
     """Per-probe divergence table for one precision, plus first flagged / fastest growth.
 
     Args:
-        decode, onepass: name -> `[N, T, W]` outputs of the two paths.
+        decode: name -> `[N, T, W]` outputs of the rollout engine's path (KV-cached decode).
+        onepass: name -> `[N, T, W]` outputs of the trainer's path (one full-sequence forward).
         mask: `[N, T]` response mask.
         points: `probe_points` of the model (names, descriptions, in forward order).
         precision: preset name, for u.
@@ -294,8 +295,9 @@ def replay(engine: Any, trainer: Any, batch: RolloutBatch, precision: str, tempe
 
 @contextmanager
 def planted_fault(model: torch.nn.Module, param: str, scale: float = 1.0 + 1e-2) -> Iterator[None]:
-    """Scale the parameter named `param` of `model` (e.g. the rollout engine's
-    `model.layers.1.input_layernorm.weight`) by `scale`, in its own dtype; restored on exit.
+    """Scale the parameter named `param` of `model` by `scale`, in its own dtype; restored on exit.
+
+    A test fixture for the doctor: e.g. the rollout engine's `model.layers.1.input_layernorm.weight`.
 
     Raises:
         KeyError: `model` has no parameter of that name (the message lists a few that exist).

@@ -26,8 +26,14 @@ PLOT = "divergence_vs_layer.png"
 
 
 def parse_precisions(value: str | None, default: Sequence[str]) -> list[str]:
-    """The precisions to compare: `value` (comma-separated, e.g. "fp16,bf16") or `default`, with
-    fp32 (the floor) first, duplicates dropped.
+    """The precisions to compare, fp32 (the floor) first, duplicates dropped.
+
+    Args:
+        value: comma-separated preset names (e.g. "fp16,bf16"), or None for `default`.
+        default: the names used when `value` is None.
+
+    Returns:
+        Preset names, `"fp32"` first.
 
     Raises:
         ConfigError: an unknown name (one line naming the value, the allowed ones and an example).

@@ -71,6 +71,12 @@ class MetricsLogger:
             self._mlflow = _mlflow
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Write one step's metrics to every enabled sink (non-finite values as strings in JSONL).
+
+        Args:
+            step: the RL step.
+            metrics: flat `{name: value}`; names as in `docs/metrics.md`.
+        """
         clean = {k: float(v) for k, v in metrics.items()}
         if self._jsonl:
             row = {"step": step, **{k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()}}
@@ -86,6 +92,7 @@ class MetricsLogger:
             self._mlflow.log_metrics({k.replace("/", "."): v for k, v in clean.items()}, step=step)
 
     def close(self) -> None:
+        """Flush and close every sink (JSONL file, TensorBoard writer, wandb run, mlflow run)."""
         if self._jsonl:
             self._jsonl.close()
         if self._tb:
@@ -112,6 +119,7 @@ def progress_bar(enabled: bool, console: Console | None = None) -> Progress:
 
 
 def summary_table(title: str, rows: Iterable[tuple[str, str]]) -> Table:
+    """A two-column rich table (name, value) without header, for end-of-run summaries."""
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column("metric", style="bold")
     table.add_column("value")

@@ -70,7 +70,8 @@ def activation_ranges(model: torch.nn.Module, input_ids: torch.Tensor, attention
 
     Args:
         model: an HF causal LM (its dtype is used as is; fp32 shows values beyond fp16's range).
-        input_ids, attention_mask: `[N, L]` (left-padded; padding positions are excluded).
+        input_ids: `[N, L]` int64 token ids (left-padded).
+        attention_mask: `[N, L]`, 1 on real tokens; padding positions are excluded.
 
     Returns:
         [{layer, max_abs, where (the submodule holding the max), nonfinite (count),
@@ -205,11 +206,13 @@ def preflight(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, pad_t
     Args:
         model: fp32 HF causal LM (the trainer's master weights, or a copy).
         prompts: token ids of the sample prompts.
+        pad_token_id: fills the prompts' left padding and finished responses.
         initial_scale: the loss scale the run starts with.
         global_tokens_per_response: expected response length (default: the samples' mean length).
         global_rows: responses per optimizer step (prompts_per_step x num_generations).
         micro_rows: rows per micro-batch (policy.micro_batch_size, at most global_rows).
-        max_new_tokens, seed: sampling of the responses.
+        max_new_tokens: response length cap of the sampled responses.
+        seed: seeds the sampling of the responses.
 
     `problems` are one-line findings (layer first); `safe` is True when there are none.
     """

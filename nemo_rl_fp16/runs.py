@@ -130,6 +130,18 @@ class RunLock:
             return {}
 
     def acquire(self) -> RunLock:
+        """Take the lock (non-blocking) and write this process's record into it.
+
+        A lock whose holder is dead (same host, pid gone or reused) is taken over; `took_over`
+        then holds the old record.
+
+        Returns:
+            self.
+
+        Raises:
+            RunError: another live run holds the folder, a holder on another host, the folder is
+                not writable, or the lock file keeps changing (one line each).
+        """
         host = socket.gethostname()
         for _ in range(10):
             try:
@@ -180,6 +192,7 @@ class RunLock:
         raise RunError(f"cannot take the lock {self.path}: it keeps changing; is another run starting there?")
 
     def release(self) -> None:
+        """Delete the lock file and drop the flock; a no-op when not held."""
         if self.fd is None:
             return
         try:
@@ -213,8 +226,17 @@ def _same_process(holder: dict) -> bool:
 
 
 def check_output_dir(out: Path) -> None:
-    """`output_dir` is a folder or can be made one; RunError (one line) otherwise. Writes nothing
-    but the folder itself (whether it is writable shows when `RunLock` creates its file)."""
+    """Check that `output_dir` is a folder or can be made one.
+
+    Writes nothing but the folder itself (whether it is writable shows when `RunLock` creates
+    its file).
+
+    Args:
+        out: the run's `output_dir`.
+
+    Raises:
+        RunError: a file is in the way, or the folder cannot be created (one line).
+    """
     if out.exists() and not out.is_dir():
         raise RunError(f"output_dir={out} is a file, not a folder; pass a folder path (it is created if missing)")
     try:
@@ -224,6 +246,11 @@ def check_output_dir(out: Path) -> None:
 
 
 def read_identity(out: Path) -> dict | None:
+    """The run identity `<out>/run.json` (training keys and format version), or None when absent.
+
+    Raises:
+        RunError: the file exists but is unreadable or not a run identity.
+    """
     path = out / RUN_FILE
     if not path.is_file():
         return None
@@ -242,8 +269,10 @@ def _foreign_entries(out: Path) -> list[str]:
 
 
 def move_aside(out: Path) -> Path:
-    """Move every entry of `out` (but the lock and `launch/`, the launcher's script and job logs,
-    which a running job may be writing) into a new sibling `<out>.prev-<time>`; returns it.
+    """Move every entry of `out` into a new sibling `<out>.prev-<time>` and return that path.
+
+    The lock and `launch/` (the launcher's script and job logs, which a running job may be
+    writing) stay.
 
     `run.json` goes first, so a kill half-way leaves a folder that is refused, never resumed.
     """
@@ -339,8 +368,16 @@ def prepare_run_dir(out: Path, resume: str, identity: dict) -> RunStart:
 
 
 def storage_error_message(exc: BaseException, out: Path, last: Path | None) -> str | None:
-    """One line for a full / read-only disk hit mid-run, naming the last intact checkpoint; None if
-    `exc` is not a storage error."""
+    """One line for a full / read-only disk hit mid-run, naming the last intact checkpoint.
+
+    Args:
+        exc: the exception the run stopped with.
+        out: the run's `output_dir`.
+        last: the last intact checkpoint, if any.
+
+    Returns:
+        The message, or None when `exc` is not a storage error.
+    """
     code = getattr(exc, "errno", None)
     text = str(exc)
     full = code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or "os error 28" in text

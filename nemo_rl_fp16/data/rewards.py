@@ -14,7 +14,7 @@ def exact_match(response: str, answer: str) -> float:
 
 
 def last_boxed(text: str) -> str | None:
-    """Contents of the last `\\boxed{...}` (or `\\fbox{...}`) with balanced braces, else None."""
+    r"""Contents of the last `\boxed{...}` (or `\fbox{...}`) with balanced braces, else None."""
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     if start < 0:
         return None
@@ -44,7 +44,7 @@ def _math_verify():
 
 
 def math_verify_reward(response: str, answer: str) -> float:
-    """1.0 when the last `\\boxed{}` in the response is mathematically equal to `answer`.
+    r"""1.0 when the last `\boxed{}` in the response is mathematically equal to `answer`.
 
     No boxed answer scores 0.0 (the prompt templates ask for one). math-verify guards parsing
     with SIGALRM timeouts, which raise off the main thread; there we disable them (inputs are

@@ -44,8 +44,18 @@ def make_reverse(num_problems: int, seed: int) -> list[Problem]:
 
 
 def addition_steps(a: int, b: int) -> str:
-    """Column addition written out right to left, then the sum: `addition_steps(4738, 2595)` ->
-    `"8+5=13 3+9+1=13 7+5+1=13 4+2+1=7 7333"` (each column `x+y[+carry]=s`)."""
+    """Column addition written out right to left, then the sum.
+
+    Example: `addition_steps(4738, 2595)` -> `"8+5=13 3+9+1=13 7+5+1=13 4+2+1=7 7333"` (each
+    column `x+y[+carry]=s`).
+
+    Args:
+        a: first addend (non-negative).
+        b: second addend (non-negative).
+
+    Returns:
+        The written-out computation, the reference answer of an `add_steps` problem.
+    """
     xs, ys = str(a)[::-1], str(b)[::-1]
     steps, carry = [], 0
     for i in range(max(len(xs), len(ys))):
@@ -57,10 +67,19 @@ def addition_steps(a: int, b: int) -> str:
 
 
 def make_add_steps(num_problems: int, seed: int) -> list[Problem]:
-    """Four-digit addition written out column by column, `"4738+2595="` ->
-    `"8+5=13 3+9+1=13 7+5+1=13 4+2+1=7 7333"` (81M distinct problems; responses of 33-41
-    characters, mean ~37: long enough for the rounding mismatch to accumulate, arXiv 2510.26788
-    Fig. 2). The reward is exact match on the whole written-out computation."""
+    """Four-digit addition written out column by column (the `add_steps` task).
+
+    `"4738+2595="` -> `"8+5=13 3+9+1=13 7+5+1=13 4+2+1=7 7333"` (81M distinct problems; responses
+    of 33-41 characters, mean ~37: long enough for the rounding mismatch to accumulate, arXiv
+    2510.26788 Fig. 2). The reward is exact match on the whole written-out computation.
+
+    Args:
+        num_problems: problems to draw.
+        seed: seeds the draw (same seed, same problems).
+
+    Returns:
+        `num_problems` problems (prompt, answer).
+    """
     rng = random.Random(f"sanity_add_steps:{seed}")
     out = []
     for k in _sample_unique(rng, num_problems, 9000 * 9000, "sanity_add_steps"):

@@ -23,7 +23,7 @@ def effective_temperature(temperature: float) -> float:
 
 def logprob_table(logits: torch.Tensor, temperature: float,
                   logits_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """log softmax(logits / T) over the vocabulary, in `logits_dtype` (fp32), from low-precision logits.
+    """Log softmax(logits / T) over the vocabulary, in `logits_dtype` (fp32), from low-precision logits.
 
     The cast happens before the temperature division, identically in both engines; greedy
     decoding (T = 0) is scored at T = 1.

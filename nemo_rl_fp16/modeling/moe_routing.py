@@ -96,13 +96,16 @@ class RouterHooks:
 
     @property
     def num_layers(self) -> int:
+        """MoE layers hooked."""
         return len(self.routers)
 
     @property
     def top_k(self) -> int:
+        """Experts per token (`top_k` of the first router; HF MoE models use one k)."""
         return int(self.routers[0].top_k)
 
     def remove(self) -> None:
+        """Remove the forward hooks from the routers."""
         for h in self._handles:
             h.remove()
 
@@ -149,8 +152,17 @@ def replay_targets(rollout_experts: torch.Tensor, prompt_width: int, seq_len: in
 
 
 def response_experts(per_position: torch.Tensor, prompt_width: int, response_mask: torch.Tensor) -> torch.Tensor:
-    """Slice `[n, S, layers, k]` per-position ids to the `[n, T, layers, k]` layout (module doc):
-    positions `P - 1 .. P + T - 2`, -1 where `response_mask` is 0; `EXPERT_DTYPE`."""
+    """Slice per-position expert ids to the response layout of `RolloutBatch.rollout_experts`.
+
+    Args:
+        per_position: `[n, S, layers, k]` ids of every position of a forward.
+        prompt_width: `P`; response token t is scored at position `P + t - 1`.
+        response_mask: `[n, T]` 1 on real response tokens.
+
+    Returns:
+        `[n, T, layers, k]` `EXPERT_DTYPE` (int16) ids of positions `P - 1 .. P + T - 2`, -1 where
+        `response_mask` is 0.
+    """
     t = response_mask.shape[1]
     out = per_position[:, prompt_width - 1: prompt_width - 1 + t].to(EXPERT_DTYPE)
     return out.masked_fill(~response_mask.to(out.device).bool()[:, :, None, None], PAD_EXPERT)

@@ -129,8 +129,10 @@ def cpu_isa() -> str:
 
 
 def cpu_has_native(dtype: torch.dtype) -> bool:
-    """Whether the host (as `cpu_isa` sees it) has fast `dtype` GEMMs: bf16 on AVX512-BF16 or AMX,
-    fp16 on AMX (AMX-FP16); True for fp32/fp64 (nothing to emulate)."""
+    """Whether the host (as `cpu_isa` sees it) has fast `dtype` GEMMs.
+
+    bf16: AVX512-BF16 or AMX; fp16: AMX (AMX-FP16); True for fp32/fp64 (nothing to emulate).
+    """
     isa = cpu_isa()
     if dtype == torch.float16:
         return isa == "amx" and _cpu_flag("_is_amx_fp16_supported")
@@ -140,8 +142,10 @@ def cpu_has_native(dtype: torch.dtype) -> bool:
 
 
 def uses_package_kernels(device: torch.device | str, dtype: torch.dtype) -> bool:
-    """True when `cpu_numerics(device, dtype)` installs the package kernels: CPU, fp16 or bf16,
-    `NEMO_RL_CPU_KERNELS` not `native`."""
+    """True when `cpu_numerics(device, dtype)` installs the package kernels.
+
+    That is: a CPU device, fp16 or bf16, and `NEMO_RL_CPU_KERNELS` not `native`.
+    """
     return torch.device(device).type == "cpu" and dtype in LOWP_DTYPES and kernel_mode() == "package"
 
 
@@ -167,8 +171,15 @@ def numerics_record(device: torch.device | str = "cpu") -> dict[str, Any]:
 
 @contextlib.contextmanager
 def kernel_profile(profile: Profile) -> Iterator[None]:
-    """Scope in which the package kernels run as `profile`: `"prefill"` (trainer, rollout prefill)
-    or `"decode"` (the rollout engine's one-token steps)."""
+    """Scope in which the package kernels run as `profile`.
+
+    Args:
+        profile: `"prefill"` (trainer, rollout prefill) or `"decode"` (the rollout engine's
+            one-token steps).
+
+    Raises:
+        ValueError: another profile name.
+    """
     if profile not in ("prefill", "decode"):
         raise ValueError(f"kernel profile must be 'prefill' or 'decode', got {profile!r}")
     token = _PROFILE.set(profile)
@@ -245,8 +256,16 @@ def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 def package_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear` under the package GEMM of the current profile: `[..., K] x [N, K] -> [..., N]`
-    in `x.dtype` (fp16/bf16), the bias added before the output rounding (cuBLAS epilogue)."""
+    """`F.linear` under the package GEMM of the current profile.
+
+    Args:
+        x: `[..., K]` fp16/bf16 input.
+        weight: `[N, K]` in `x.dtype`.
+        bias: optional `[N]`, added before the output rounding (cuBLAS epilogue).
+
+    Returns:
+        `[..., N]` in `x.dtype`.
+    """
     out = _GemmFn.apply(x.reshape(-1, x.shape[-1]), weight.t(), bias, _PROFILE.get(), x.dtype)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
@@ -263,10 +282,12 @@ def package_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def package_addmm(input: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, *, beta: float = 1.0,
                   alpha: float = 1.0) -> torch.Tensor:
-    """`torch.addmm` / `torch.baddbmm` (`beta·input + alpha·(m1 @ m2)`) under the package GEMM:
-    the product's accumulator (rounded to fp32), scaled and added in fp32 as a cuBLAS epilogue,
+    """`torch.addmm` / `torch.baddbmm` (`beta·input + alpha·(m1 @ m2)`) under the package GEMM.
+
+    The product's accumulator (rounded to fp32), scaled and added in fp32 as a cuBLAS epilogue,
     rounded once to `m1.dtype`. With `beta == 0`, `input` is ignored (NaNs in it too), as in torch.
-    Megatron's local attention computes Q·Kᵀ this way."""
+    Megatron's local attention computes Q·Kᵀ this way.
+    """
     d = m1.dtype
     acc = _GemmFn.apply(m1, m2, None, _PROFILE.get(), torch.float32)
     out = acc * alpha if alpha != 1 else acc
@@ -277,9 +298,22 @@ def package_addmm(input: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, *, be
 
 def package_grouped_mm(mat_a: torch.Tensor, mat_b: torch.Tensor, *, offs: torch.Tensor | None = None,
                        bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """`F.grouped_mm` (MoE experts: `[S, K]` rows grouped by `offs` x `[G, K, N]`) as one package GEMM
-    per group, result `[S, N]` in `mat_a.dtype` (rows past `offs[-1]`: 0). Other layouts, `bias` and
-    `out_dtype` raise NotImplementedError (refused rather than computed by the host's kernel)."""
+    """`F.grouped_mm` (MoE experts) as one package GEMM per group.
+
+    Args:
+        mat_a: `[S, K]` rows, grouped by `offs`.
+        mat_b: `[G, K, N]`, one matrix per group.
+        offs: `[G]` cumulative row ends of the groups.
+        bias: must be None.
+        out_dtype: None or `mat_a.dtype`.
+
+    Returns:
+        `[S, N]` in `mat_a.dtype` (rows past `offs[-1]`: 0).
+
+    Raises:
+        NotImplementedError: other layouts, a `bias` or another `out_dtype` (refused rather than
+            computed by the host's kernel).
+    """
     if mat_a.dim() != 2 or mat_b.dim() != 3 or offs is None or bias is not None or out_dtype not in (None, mat_a.dtype):
         raise NotImplementedError(f"package CPU kernels: grouped_mm of {tuple(mat_a.shape)} x {tuple(mat_b.shape)} "
                                   f"(offs {'set' if offs is not None else 'None'}, bias/out_dtype) is not implemented; "
@@ -328,7 +362,9 @@ def package_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: t
     """Attention output `[B, H, Tq, D]` in `q.dtype` under the profile's kernel (module doc).
 
     Args:
-        q: `[B, H, Tq, D]` fp16/bf16. k, v: `[B, H, Tk, D]` (KV heads already expanded).
+        q: `[B, H, Tq, D]` fp16/bf16.
+        k: `[B, H, Tk, D]` in `q.dtype` (KV heads already expanded).
+        v: `[B, H, Tk, D]` in `q.dtype`.
         keep: boolean, broadcastable to `[B, H, Tq, Tk]`: which keys each query attends.
         scale: softmax scale (1/sqrt(D) by default in SDPA).
         profile: "decode" runs split-KV for every query row; "prefill" the FA2 forward.
@@ -498,8 +534,11 @@ class PackageNumericsMode(TorchFunctionMode):
 
 
 class _NativeFastGemmMode(TorchFunctionMode):
-    """`native` mode on CPUs without fast `dtype` GEMMs: GEMMs as fp32 over the same values,
-    rounded once (torch's slow native kernels have the same numerics, ~10x slower)."""
+    """`native` mode on CPUs without fast `dtype` GEMMs.
+
+    GEMMs run as fp32 over the same values, rounded once (torch's slow native kernels have the
+    same numerics, ~10x slower).
+    """
 
     def __init__(self, dtype: torch.dtype):
         super().__init__()

