@@ -1,4 +1,4 @@
-"""Atomic checkpoints: save, find the latest complete one, verify and load, export to HF.
+"""Atomic checkpoints: save, find the latest complete one, verify and load (HF export: `hf_export.py`).
 
 A multi-day RL run is killed at arbitrary moments (preemption, OOM, Slurm time limit), so a
 checkpoint is either complete or invisible: files are written into `<root>/.tmp_step_<N>_<pid>`,

