@@ -61,7 +61,18 @@ class PrecisionMismatchError(RuntimeError):
 
 
 def get_dtype(name: str | torch.dtype) -> torch.dtype:
-    """Map a dtype name (`float16`, `fp16`, `bf16`, ...) or dtype to a floating torch dtype."""
+    """Map a dtype name (`float16`, `fp16`, `bf16`, ...) or dtype to a floating torch dtype.
+
+    Args:
+        name: a name of the one dtype table (`DTYPES`, case-insensitive, `torch.` prefix allowed)
+            or a torch dtype.
+
+    Returns:
+        The torch dtype.
+
+    Raises:
+        ValueError: an unknown name or an unsupported dtype (the message lists the allowed ones).
+    """
     if isinstance(name, torch.dtype):
         if name not in DTYPE_NAMES:
             raise ValueError(f"unsupported dtype {name}; use one of {sorted(set(DTYPE_NAMES.values()))}")
@@ -73,12 +84,26 @@ def get_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def unit_roundoff(dtype: str | torch.dtype) -> float:
-    """U = 2^-(mantissa bits + 1) of a dtype or preset name: fp16 2^-11, bf16 2^-8, fp32 2^-24."""
+    """Unit roundoff u = 2^-(mantissa bits + 1): fp16 2^-11, bf16 2^-8, fp32 2^-24.
+
+    Args:
+        dtype: a dtype, dtype name or preset name.
+
+    Returns:
+        u, half of `torch.finfo(dtype).eps`.
+    """
     return torch.finfo(get_dtype(dtype)).eps / 2
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """Canonical name (`float16`, `bfloat16`, `float32`) of a dtype."""
+    """Canonical name (`float16`, `bfloat16`, `float32`) of a dtype.
+
+    Args:
+        dtype: any torch dtype.
+
+    Returns:
+        The table's name, or torch's name without the `torch.` prefix for other dtypes.
+    """
     return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
@@ -112,6 +137,16 @@ class PrecisionPolicy:
 
         The router and KV cache follow the parameter dtype, which is what vLLM does by default;
         a recipe may set `router_dtype: float32` where both engines support it.
+
+        Args:
+            name: `fp16`, `bf16` or `fp32`.
+
+        Returns:
+            The preset: weights, compute, router and KV cache in the low dtype; master weights,
+            gradient reduction and logits in fp32; loss scaling on for fp16 only.
+
+        Raises:
+            ValueError: another name.
         """
         if name not in PRESETS:
             raise ValueError(f"unknown precision preset {name!r}; allowed: {list(PRESETS)}")
@@ -138,6 +173,15 @@ class PrecisionPolicy:
         `compute_dtype`, `router_dtype` and `kv_cache_dtype` follow `param_dtype`, and
         `loss_scale.enabled` is on exactly when `param_dtype` is float16 (so
         `precision=bf16 precision.param_dtype=float16` gets a loss scaler).
+
+        Args:
+            cfg: a preset name, or the `precision:` block (mapping, OmegaConf or pydantic).
+
+        Returns:
+            The trainer-side policy.
+
+        Raises:
+            ValueError: an unknown preset or dtype name.
         """
         if isinstance(cfg, str):
             return cls.from_name(cfg)
@@ -158,6 +202,13 @@ class PrecisionPolicy:
         An ablation preset replaces the weight dtype (`param_dtype`, and `compute_dtype` with it);
         every other explicit dtype key of the recipe (`explicit`: logits, router, KV cache, ...)
         applies to the rollout side as it does to the trainer's.
+
+        Args:
+            rollout_preset: `precision.rollout` (None: same as the trainer).
+            explicit: the recipe's non-null `precision:` keys.
+
+        Returns:
+            `self`, or the ablation's rollout policy.
         """
         if rollout_preset in (None, self.name):
             return self
