@@ -30,7 +30,15 @@ class ConfigError(ValueError):
 
 
 def refuse(line: str) -> PydanticCustomError:
-    """A validator's refusal, reported verbatim: one line naming key, value, allowed values and the fix."""
+    """A validator's refusal, reported verbatim by `validate` (not rewritten like pydantic's errors).
+
+    Args:
+        line: the whole message: one line naming the key, the value, the allowed values and the
+            fix (braces are escaped, so the text is kept as is).
+
+    Returns:
+        A `PydanticCustomError` of type "refused" for the validator to raise.
+    """
     return PydanticCustomError("refused", line.replace("{", "{{").replace("}", "}}"))
 
 
@@ -382,12 +390,20 @@ class RecipeConfig(_Section):
 
 
 def recipes_dir() -> Path:
-    """Folder of the recipes packaged with nemo_rl_fp16 (inside the wheel)."""
+    """Folder of the recipes packaged with nemo_rl_fp16 (inside the wheel).
+
+    Returns:
+        The path of `nemo_rl_fp16/recipes` (it exists in an installed package).
+    """
     return Path(str(resources.files("nemo_rl_fp16") / "recipes"))
 
 
 def available_recipes() -> list[str]:
-    """Names of the packaged recipes (YAML stems under `recipes_dir()`), sorted."""
+    """Names of the packaged recipes (YAML stems under `recipes_dir()`), sorted.
+
+    Returns:
+        The recipe names, e.g. ["ablate_bf16_rollout_fp16_train", "base", "demo_tiny", ...].
+    """
     return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
 
 
@@ -542,18 +558,43 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
 
 
 def typed(cfg: DictConfig | dict) -> RecipeConfig:
-    """The pydantic view of a loaded recipe (attribute access with types)."""
+    """The pydantic view of a loaded recipe (attribute access with types).
+
+    Args:
+        cfg: a config from `load_recipe` (interpolations are resolved) or the same as a plain dict.
+
+    Returns:
+        The validated `RecipeConfig`.
+
+    Raises:
+        ConfigError: `cfg` does not validate (one line per problem; see `validate`).
+    """
     data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     return validate(data)  # type: ignore[arg-type]
 
 
 def to_yaml(cfg: DictConfig) -> str:
-    """The config as YAML text (OmegaConf's dump)."""
+    """The config as YAML text (OmegaConf's dump, keys in the config's order).
+
+    Args:
+        cfg: the config to dump.
+
+    Returns:
+        The YAML text.
+    """
     return OmegaConf.to_yaml(cfg)
 
 
 def save_resolved(cfg: DictConfig, out_dir: str | os.PathLike) -> Path:
-    """Write the resolved config to `<out_dir>/config.yaml` atomically."""
+    """Write the resolved config to `<out_dir>/config.yaml` atomically (`fsutil.atomic_write`).
+
+    Args:
+        cfg: the loaded config (from `load_recipe`).
+        out_dir: the run folder; created if missing.
+
+    Returns:
+        The path of the written `config.yaml`.
+    """
     from nemo_rl_fp16.fsutil import atomic_write
 
     return atomic_write(Path(out_dir) / "config.yaml", to_yaml(cfg))

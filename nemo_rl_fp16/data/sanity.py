@@ -24,7 +24,18 @@ def _sample_unique(rng: random.Random, n: int, space: int, name: str) -> list[in
 
 
 def make_add(num_problems: int, seed: int) -> list[Problem]:
-    """Two-digit addition, `"37+45="` -> `"82"` (8100 distinct problems)."""
+    """Two-digit addition, `"37+45="` -> `"82"` (8100 distinct problems).
+
+    Args:
+        num_problems: problems to draw, without replacement.
+        seed: seeds the draw (same seed, same problems).
+
+    Returns:
+        `num_problems` problems (prompt, answer).
+
+    Raises:
+        ValueError: `num_problems` is not in [1, 8100].
+    """
     rng = random.Random(f"sanity_add:{seed}")
     out = []
     for k in _sample_unique(rng, num_problems, 90 * 90, "sanity_add"):
@@ -34,7 +45,18 @@ def make_add(num_problems: int, seed: int) -> list[Problem]:
 
 
 def make_reverse(num_problems: int, seed: int) -> list[Problem]:
-    """Reverse a 4-digit string, `"1234="` -> `"4321"` (10000 distinct problems)."""
+    """Reverse a 4-digit string, `"1234="` -> `"4321"` (10000 distinct problems).
+
+    Args:
+        num_problems: problems to draw, without replacement.
+        seed: seeds the draw (same seed, same problems).
+
+    Returns:
+        `num_problems` problems (prompt, answer).
+
+    Raises:
+        ValueError: `num_problems` is not in [1, 10000].
+    """
     rng = random.Random(f"sanity_reverse:{seed}")
     out = []
     for k in _sample_unique(rng, num_problems, 10_000, "sanity_reverse"):
@@ -98,7 +120,20 @@ DEFAULT_NUM_PROBLEMS = 64
 
 
 def make_sanity_dataset(name: str, num_problems: int = DEFAULT_NUM_PROBLEMS, seed: int = 0) -> list[Problem]:
-    """Build the registered synthetic dataset `name`; unknown names list the choices."""
+    """Build the registered synthetic dataset `name`.
+
+    Args:
+        name: a `DATASETS` key: "sanity_add", "sanity_reverse" or "sanity_add_steps".
+        num_problems: problems to draw (default 64).
+        seed: seeds the draw.
+
+    Returns:
+        `num_problems` distinct problems, deterministic given `(num_problems, seed)`.
+
+    Raises:
+        ValueError: an unknown name (the message lists the choices), or `num_problems` outside
+            [1, distinct problems of the task].
+    """
     if name not in DATASETS:
         raise ValueError(f"unknown sanity dataset '{name}'; choose one of: {', '.join(sorted(DATASETS))}")
     return DATASETS[name](num_problems, seed)
