@@ -20,12 +20,16 @@ class NonFiniteError(RuntimeError):
 def nonfinite_tensors(state: Mapping[str, torch.Tensor], max_abs: float | None = None) -> list[str]:
     """Names of the floating tensors of `state` holding NaN/inf (or |x| > `max_abs`), in order.
 
+    One device sync for the whole dict (per-tensor flags are stacked first).
+
     Args:
-        state: name -> tensor (any device; floating tensors are checked, others skipped).
+        state: name -> tensor (any device; floating tensors are checked, others and empty ones
+            skipped).
         max_abs: also flag values whose magnitude exceeds it (e.g. 65504: not representable in
             float16, so the fp16 engine would see inf).
 
-    One device sync for the whole dict (per-tensor flags are stacked first).
+    Returns:
+        The flagged names, in `state`'s order; empty when every tensor is finite (and in range).
     """
     names, flags = [], []
     for name, t in state.items():
