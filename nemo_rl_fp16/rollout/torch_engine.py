@@ -47,6 +47,13 @@ class TorchRolloutEngine:
         initial_state_dict: fp32 HF state dict to start from (else the seeded random/checkpoint init).
         max_batch_size: rows decoded together; larger batches are processed in chunks.
         seed: seeds the random init of a `config`-built model (same default as the trainer's).
+
+    Raises:
+        PrecisionMismatchError: `policy.kv_cache_dtype` differs from `param_dtype` (HF DynamicCache
+            stores keys/values in the model dtype).
+        ValueError: `max_batch_size` < 1, a malformed `model_cfg` (`modeling.build_model`), or an
+            `initial_state_dict` that does not match the model (`modeling.load_weights_`).
+        FileNotFoundError: `model_cfg.name_or_path` is not a loadable local checkpoint.
     """
 
     def __init__(self, model_cfg: Mapping[str, Any], policy: PrecisionPolicy, *, pad_token_id: int,

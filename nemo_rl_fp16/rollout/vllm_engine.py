@@ -78,6 +78,18 @@ class VllmRolloutEngine:
             ablations and tests of the audit (a planted mismatch).
         refit: "auto" (in place; restart for MoE and tied embeddings), "reload" or "restart".
         max_model_len, enforce_eager, gpu_memory_utilization, tensor_parallel_size: vLLM's.
+        trust_remote_code: passed to vLLM (custom model code in the folder).
+        sleep_mode: enable vLLM's sleep mode so `sleep()` frees the engine's GPU memory between
+            rollouts (forced off on vLLM-CPU, where sleep/wake_up are no-ops).
+
+    Raises:
+        PrecisionMismatchError: `policy.kv_cache_dtype` differs from `param_dtype` (vLLM's
+            kv_cache_dtype='auto' is the model dtype), or the started engine's audit finds another
+            dtype than `policy` and `allow_mismatch` is false.
+        ValueError: an unknown `refit`, a `config` block without `tokenizer`, an unknown
+            `engine_dtype`, or an `initial_state_dict` that does not match the checkpoint.
+        RuntimeError: an in-process MoE engine after a dense one set up this process's parallel
+            groups without an expert-parallel group.
     """
 
     def __init__(self, model_path_or_cfg: str | Path | Mapping[str, Any], policy: PrecisionPolicy, *,
@@ -292,7 +304,18 @@ class VllmRolloutEngine:
 
     # ------------------------------------------------------------------ generate
     def sampling_params(self, params: SamplingParams, index: int):
-        """The vLLM `SamplingParams` of request `index` (seed `request_seed`, EOS + stop ids, log-probs on)."""
+        """The vLLM `SamplingParams` of request `index`.
+
+        Args:
+            params: the step's sampling settings.
+            index: the prompt's position in the request list.
+
+        Returns:
+            `vllm.SamplingParams` with n=`num_generations`, the temperature and top_p, top_k=0
+            (off), max_tokens=`max_new_tokens`, seed=`request_seed(params, index)`, stop ids = EOS ids
+            ∪ `params.stop_token_ids`, logprobs=0 (the sampled token's log-prob only, in
+            `LOGPROBS_MODE`), no detokenization.
+        """
         from vllm import SamplingParams as VSP
 
         stop = sorted(set(self.eos_token_ids) | set(params.stop_token_ids))
