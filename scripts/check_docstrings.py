@@ -83,7 +83,10 @@ def _is_abstract_stub(fn) -> bool:
     body = fn.body
     if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
         body = body[1:]  # the docstring
-    return len(body) == 1 and isinstance(body[0], ast.Raise)
+    if len(body) != 1 or not isinstance(body[0], ast.Raise) or body[0].exc is None:
+        return False
+    exc = body[0].exc.func if isinstance(body[0].exc, ast.Call) else body[0].exc
+    return isinstance(exc, ast.Name) and exc.id == "NotImplementedError"
 
 
 def _gaps(fn, method: bool, class_doc: str | None) -> list[str]:
@@ -152,10 +155,10 @@ def _public(name: str) -> bool:
     return not name.startswith("_") or name in ("__init__", "__call__")
 
 
-def check_file(path: Path) -> list[tuple[str, int, str, list[str]]]:
-    """Return ``(file, line, qualified name, missing sections)`` for each gap in ``path``."""
+def check_file(path: Path, root: Path = PACKAGE) -> list[tuple[str, int, str, list[str]]]:
+    """Return ``(file relative to root, line, qualified name, missing sections)`` for each gap in ``path``."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    rel = path.relative_to(PACKAGE).as_posix()
+    rel = path.relative_to(root).as_posix()
     out = []
     for node in _top_level(tree.body):
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and not node.name.startswith("_"):
