@@ -1,4 +1,4 @@
-"""Atomic checkpoints: save, find the latest complete one, verify and load, export to HF.
+"""Atomic checkpoints: save, find the latest complete one, verify and load (HF export: `hf_export.py`).
 
 A multi-day RL run is killed at arbitrary moments (preemption, OOM, Slurm time limit), so a
 checkpoint is either complete or invisible: files are written into `<root>/.tmp_step_<N>_<pid>`,
@@ -53,7 +53,14 @@ class StorageError(OSError):
 
 
 def mount_point(path: str | os.PathLike) -> Path:
-    """The mount point holding `path` (its nearest existing parent)."""
+    """The mount point of the filesystem that holds `path`, for "no space left on ..." messages.
+
+    Args:
+        path: a file or folder; it need not exist yet (its nearest existing parent is used).
+
+    Returns:
+        The absolute path of the mount point (`os.path.ismount`) at or above `path`.
+    """
     p = Path(path).absolute()
     while not p.exists():
         p = p.parent
@@ -63,8 +70,11 @@ def mount_point(path: str | os.PathLike) -> Path:
 
 
 def _disk_full(exc: BaseException, where: Path) -> bool:
-    """Did `exc` come from a full disk? torch.save reports it as an `inline_container.cc` enforce fail
-    ("unexpected pos"), so a write failure with under 64 MiB left counts as one."""
+    """Did `exc` come from a full disk?
+
+    torch.save reports it as an `inline_container.cc` enforce fail ("unexpected pos"), so a write
+    failure with under 64 MiB left counts as one.
+    """
     if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
         return True
     if "No space left" in str(exc) or "os error 28" in str(exc):
@@ -84,7 +94,14 @@ def _sha256(path: Path) -> str:
 
 
 def fsync_file(path: Path) -> None:
-    """Flush a file or directory to disk so a crash after rename cannot expose empty files."""
+    """Flush a file or directory to disk so a crash after rename cannot expose empty files.
+
+    Best effort: a path that cannot be opened, or a filesystem that refuses fsync (some do on
+    directories), is skipped silently.
+
+    Args:
+        path: the file or directory to fsync.
+    """
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -131,7 +148,12 @@ def replace_dir(src: Path, dst: Path) -> None:
     """Rename `src` onto `dst`; an existing `dst` is swapped out first, then deleted.
 
     A kill between the two renames leaves `.old_<dst>_<pid>` and the complete `src`; `clean_stale`
-    finishes the swap at the next start, so the step is never lost.
+    finishes the swap at the next start, so the step is never lost. Both must be on one filesystem
+    (`os.replace`); its `OSError` propagates.
+
+    Args:
+        src: the complete new folder (a `.tmp_step_*` folder).
+        dst: the final name (`step_NNNNNN`); replaced if it exists.
     """
     if dst.exists():
         old = dst.parent / f".old_{dst.name}_{os.getpid()}"
@@ -156,15 +178,34 @@ def save_checkpoint(
     keep_last: int | None = 2,
     weights_dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write `<root>/step_<N:06d>` atomically and prune to the newest `keep_last` (None/0: keep all).
+    """Write `<root>/step_<N:06d>` atomically and prune to the newest `keep_last`.
 
-    `meta` must be JSON-serialisable (recipe name, config, metrics); it goes into meta.json.
+    Layout and completeness marker: see the module docstring.
+
+    Args:
+        root: the checkpoint root (`checkpointing.dir`); created if missing.
+        step: the RL step the state belongs to (the folder name's number).
+        model_state: name -> tensor, the fp32 master weights (any device; copied to CPU,
+            contiguous, tied/aliased tensors de-duplicated), saved as safetensors.
+        trainer_state: the engine/loop state (optimizer, loss scaler, step counters); it must load
+            with `torch.load(weights_only=True)`: tensors, containers, python scalars.
+        rng: RNG states from `capture_rng`.
+        data_state: the data order state (same restriction as `trainer_state`).
+        meta: JSON-serialisable extras (recipe name, config, metrics) stored in meta.json.
+        keep_last: after saving, delete all but the newest `keep_last` complete step dirs (never the
+            one just written); None or 0 keeps all.
+        weights_dtype: the dtype the weights are used in (e.g. float16); values beyond its finite
+            range count as non-finite. None: only NaN/inf are refused.
+
+    Returns:
+        The final step directory `<root>/step_<N:06d>`.
 
     Raises:
         NonFiniteError: a weight of `model_state` is NaN/inf (or beyond `weights_dtype`'s range);
             nothing is written.
         StorageError: the disk filled up while writing; the partial step folder is removed.
-        CheckpointError: state that `torch.load(weights_only=True)` could not read back.
+        CheckpointError: state that `torch.load(weights_only=True)` could not read back, a
+            non-tensor in `model_state`, or a `meta` that is not JSON-serialisable.
     """
     root = Path(root)
     check_weights(model_state, "checkpoint", step, weights_dtype)
@@ -259,7 +300,17 @@ def _is_complete(path: Path) -> bool:
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
-    """Complete `step_*` dirs under `root`, oldest first (temp and incomplete dirs skipped)."""
+    """Complete `step_*` dirs under `root`, oldest first (temp and incomplete dirs skipped).
+
+    Completeness is the cheap test (meta.json parses, every listed file exists with its recorded
+    size); checksums are verified by `verify_checkpoint` / `load_checkpoint`.
+
+    Args:
+        root: the checkpoint root; a missing folder gives an empty list.
+
+    Returns:
+        The complete step directories, sorted by step number.
+    """
     root = Path(root)
     if not root.is_dir():
         return []
@@ -272,7 +323,14 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
 
 
 def step_dirs(root: str | os.PathLike) -> list[Path]:
-    """Every `step_*` dir under `root`, complete or not, oldest first."""
+    """Every `step_*` dir under `root`, complete or not, oldest first.
+
+    Args:
+        root: the checkpoint root; a missing folder gives an empty list.
+
+    Returns:
+        The step directories, sorted by step number.
+    """
     root = Path(root)
     if not root.is_dir():
         return []
@@ -281,9 +339,17 @@ def step_dirs(root: str | os.PathLike) -> list[Path]:
 
 
 def verify_checkpoint(path: str | os.PathLike) -> dict:
-    """Full check of a step dir (meta.json, sizes, sha256) without loading it; returns meta.json.
+    """Full check of a step dir (meta.json, sizes, sha256) without loading it.
 
-    Raises `CheckpointError` naming what is wrong.
+    Args:
+        path: a `step_NNNNNN` directory.
+
+    Returns:
+        The parsed meta.json record: {"format", "step", "time", "files", "meta"}.
+
+    Raises:
+        CheckpointError: meta.json is missing or unreadable, or a file is missing, has the wrong
+            size or the wrong sha256; the message names the file and the fix.
     """
     path = Path(path)
     record = _read_meta(path)
@@ -296,10 +362,19 @@ def _reason(e: CheckpointError) -> str:
 
 
 def find_resume_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The latest step dir under `root`, fully verified; None when there is none.
+    """The latest step dir under `root`, fully verified (for `trainer.resume=auto`).
 
-    A corrupt or incomplete latest step is never skipped silently: `CheckpointError` names what
-    is wrong, the newest intact older step (if any) and how to resume from it.
+    A corrupt or incomplete latest step is never skipped silently.
+
+    Args:
+        root: the checkpoint root.
+
+    Returns:
+        The newest `step_*` directory when it verifies; None when there is no `step_*` directory.
+
+    Raises:
+        CheckpointError: the newest step dir fails `verify_checkpoint`; the message names what is
+            wrong, the newest intact older step (if any) and how to resume from it.
     """
     dirs = step_dirs(root)
     if not dirs:
@@ -326,11 +401,18 @@ def find_resume_checkpoint(root: str | os.PathLike) -> Path | None:
 
 
 def clean_stale(root: str | os.PathLike) -> list[str]:
-    """Finish interrupted saves under `root` (call it holding the run lock); returns what was done.
+    """Finish interrupted saves under `root` (call it holding the run lock).
 
     `.old_step_N_*` without `step_N` (killed between the two renames of a re-save): the complete
     new `.tmp_step_N_*` is renamed in, else the old folder is put back. Every other `.tmp_step_*`
     and `.old_step_*` is a leftover of a killed save and is removed.
+
+    Args:
+        root: an existing checkpoint root (a missing one raises `FileNotFoundError`).
+
+    Returns:
+        One line per action taken, e.g. "removed stale .tmp_step_3_1234"; empty when nothing was
+        stale.
     """
     root = Path(root)
     done: list[str] = []
@@ -362,16 +444,33 @@ def _verifies(path: Path) -> bool:
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The highest complete step dir under `root`, or None."""
+    """The highest complete step dir under `root` (cheap completeness test, no checksums).
+
+    Args:
+        root: the checkpoint root.
+
+    Returns:
+        The newest complete step directory, or None when there is none.
+    """
     ckpts = list_checkpoints(root)
     return ckpts[-1] if ckpts else None
 
 
 def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict:
-    """Verify (sizes + sha256 when `verify`) and load a step dir.
+    """Verify and load a step dir; never returns partial data.
 
-    Returns {"step", "model_state", "trainer_state", "rng", "data_state", "meta", "path"};
-    raises CheckpointError instead of returning anything partial.
+    Args:
+        path: a `step_NNNNNN` directory (not the checkpoint root).
+        verify: also compare every file's sha256 with meta.json (sizes are always checked).
+
+    Returns:
+        {"step": int, "model_state": name -> CPU tensor (dtype as saved, fp32 master weights),
+        "trainer_state", "rng", "data_state" (as passed to `save_checkpoint`), "meta": dict,
+        "path": Path}.
+
+    Raises:
+        CheckpointError: `path` is missing, is a checkpoint root, or its meta.json / files are
+            missing, truncated, corrupt or unreadable; the message names the file and the fix.
     """
     path = Path(path)
     if not path.is_dir():
@@ -406,7 +505,13 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict:
 
 
 def capture_rng() -> dict:
-    """Python, numpy, torch CPU (and CUDA) RNG states as tensors/lists (weights_only-safe)."""
+    """Python, numpy, torch CPU (and CUDA, when initialised) RNG states, weights_only-safe.
+
+    Returns:
+        {"python": [version, state list, gauss], "numpy": {"name", "keys" (int64 tensor), "pos",
+        "has_gauss", "cached_gaussian"}, "torch": uint8 tensor, "cuda": [uint8 tensor per device]
+        (only when CUDA is initialised)}; pass it to `restore_rng`.
+    """
     import numpy as np
 
     version, internal, gauss = random.getstate()
@@ -428,7 +533,11 @@ def capture_rng() -> dict:
 
 
 def restore_rng(state: dict) -> None:
-    """Inverse of `capture_rng`; CUDA states are restored only when the device count matches."""
+    """Inverse of `capture_rng`; CUDA states are restored only when the device count matches.
+
+    Args:
+        state: a dict from `capture_rng` (as loaded back by `load_checkpoint`).
+    """
     import numpy as np
 
     version, internal, gauss = state["python"]

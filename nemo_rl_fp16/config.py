@@ -30,7 +30,15 @@ class ConfigError(ValueError):
 
 
 def refuse(line: str) -> PydanticCustomError:
-    """A validator's refusal, reported verbatim: one line naming key, value, allowed values and the fix."""
+    """A validator's refusal, reported verbatim by `validate` (not rewritten like pydantic's errors).
+
+    Args:
+        line: the whole message: one line naming the key, the value, the allowed values and the
+            fix (braces are escaped, so the text is kept as is).
+
+    Returns:
+        A `PydanticCustomError` of type "refused" for the validator to raise.
+    """
     return PydanticCustomError("refused", line.replace("{", "{{").replace("}", "}}"))
 
 
@@ -40,6 +48,11 @@ class _Section(BaseModel):
 
 
 class LossScaleSection(_Section):
+    """`precision.loss_scale`: dynamic loss scaling overrides (None: the preset's value).
+
+    Defaults live in one place (`precision.loss_scale.LossScaleConfig`); min_scale <= initial_scale.
+    """
+
     enabled: bool | None = None
     initial_scale: float | None = Field(None, gt=0)
     min_scale: float | None = Field(None, gt=0)
@@ -59,6 +72,12 @@ class LossScaleSection(_Section):
 
 
 class PrecisionSection(_Section):
+    """`precision`: the preset (`fp16`/`bf16`/`fp32`), per-dtype overrides, the rollout side's preset.
+
+    Resolved into trainer and rollout `PrecisionPolicy` objects by `precision.policy.resolve_policies`;
+    a trainer/rollout difference needs `allow_mismatch=true` (a declared ablation).
+    """
+
     name: Preset = "fp16"
     param_dtype: DtypeName | None = None
     compute_dtype: DtypeName | None = None
@@ -79,6 +98,8 @@ class PrecisionSection(_Section):
 
 
 class ModelSection(_Section):
+    """`model`: exactly one of a local HF checkpoint (`name_or_path`) or an HF config dict (`config`)."""
+
     name_or_path: str | None = None
     config: dict[str, Any] | None = None
     tokenizer: str | None = None
@@ -124,6 +145,8 @@ class ModelSection(_Section):
 
 
 class LoraSection(_Section):
+    """`policy.lora`: LoRA adapters on the torch policy (peft `LoraConfig(r=rank, lora_alpha=alpha)`)."""
+
     enabled: bool = False
     rank: int = Field(1, ge=1)
     alpha: float = 32.0
@@ -131,6 +154,8 @@ class LoraSection(_Section):
 
 
 class PolicySection(_Section):
+    """`policy`: the π engine: backend, AdamW and clipping, micro-batch, parallel sizes, attention, R3, LoRA."""
+
     backend: Literal["torch", "megatron"] = "torch"
     lr: float = Field(1e-6, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -149,6 +174,8 @@ class PolicySection(_Section):
 
 
 class RolloutSection(_Section):
+    """`rollout`: the µ engine: backend, group size, sampling (`SamplingParams`), vLLM settings."""
+
     backend: Literal["torch", "vllm"] = "torch"
     num_generations: int = Field(8, ge=1)
     max_new_tokens: int = Field(1024, ge=1)
@@ -160,6 +187,8 @@ class RolloutSection(_Section):
 
 
 class AlgorithmSection(_Section):
+    """`algorithm`: the loss (`algorithms.losses.policy_loss`): objective, TIS/MIS correction, clipping, reduction, KL."""
+
     name: Literal["grpo", "gspo", "pg_seq_is"] = "grpo"
     correction: Literal["none", "tis", "mis"] = "none"
     clip_low: float = Field(0.2, ge=0)
@@ -182,6 +211,8 @@ class AlgorithmSection(_Section):
 
 
 class DataSection(_Section):
+    """`data`: the dataset (generated sanity tasks or JSONL), prompts per step, problem counts."""
+
     dataset: str = "sanity_add"
     path: str | None = None
     eval_path: str | None = None
@@ -213,10 +244,14 @@ class DataSection(_Section):
 
 
 class RewardSection(_Section):
+    """`reward`: the reward function (`data.rewards`)."""
+
     name: Literal["exact_match", "math_verify"] = "exact_match"
 
 
 class WarmStartSection(_Section):
+    """`warm_start`: the SFT warm start before RL (`warm_start.py`), cached by content hash."""
+
     enabled: bool = False
     steps: int = Field(70, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -225,6 +260,8 @@ class WarmStartSection(_Section):
 
 
 class TrainerSection(_Section):
+    """`trainer`: the RL loop: steps, eval, checkpoints, resume, overflow retries, fp16 headroom monitor."""
+
     max_steps: int = Field(100, ge=0)
     eval_every: int = Field(0, ge=0)
     eval_k: int = Field(4, ge=1)
@@ -238,11 +275,15 @@ class TrainerSection(_Section):
 
 
 class ToggleSection(_Section):
+    """An on/off experiment logger (`logging.wandb`, `logging.mlflow`) and its project name."""
+
     enabled: bool = False
     project: str = "nemo_rl_fp16"
 
 
 class LoggingSection(_Section):
+    """`logging`: metric sinks (`loggers.py`)."""
+
     jsonl: bool = True
     tensorboard: bool = True
     progress: bool = True
@@ -251,6 +292,8 @@ class LoggingSection(_Section):
 
 
 class RaySection(_Section):
+    """`cluster.ray`: engines as Ray actors (`distributed/`): layout, worker counts, CPUs per worker."""
+
     enabled: bool = False
     address: str | None = None
     layout: Literal["colocated", "split"] = "colocated"
@@ -260,12 +303,16 @@ class RaySection(_Section):
 
 
 class ClusterSection(_Section):
+    """`cluster`: nodes and GPUs per node (placement and the launchers), and Ray."""
+
     nodes: int = Field(1, ge=1)
     gpus_per_node: int = Field(0, ge=0)
     ray: RaySection = RaySection()
 
 
 class MismatchSection(_Section):
+    """`mismatch`: the offline π-vs-µ check (`nemo-rl-fp16 mismatch`) and the length buckets of the metrics."""
+
     precisions: list[Preset] = Field(["fp32", "fp16", "bf16"], min_length=1)
     num_prompts: int = Field(64, ge=1)
     length_buckets: list[int] = Field([64, 256, 1024, 4096], min_length=1)
@@ -280,6 +327,13 @@ class MismatchSection(_Section):
 
 
 class RecipeConfig(_Section):
+    """A whole recipe, typed: every key of `recipes/base.yaml` with its type, bounds and default.
+
+    Built by `typed` / `validate`; `_cross_checks` refuses combinations (keys that do not apply
+    to the chosen backend, unimplemented settings) with one line each. Every key is listed in
+    `docs/recipes.md` (generated) and has an entry in `tests/unit/test_every_key.py`.
+    """
+
     recipe: str = Field("base", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")  # a name, never a path
     seed: int = Field(1234, ge=0, lt=2**63)
     output_dir: str = "outputs/base"
@@ -336,11 +390,20 @@ class RecipeConfig(_Section):
 
 
 def recipes_dir() -> Path:
-    """Folder of the recipes packaged with nemo_rl_fp16 (inside the wheel)."""
+    """Folder of the recipes packaged with nemo_rl_fp16 (inside the wheel).
+
+    Returns:
+        The path of `nemo_rl_fp16/recipes` (it exists in an installed package).
+    """
     return Path(str(resources.files("nemo_rl_fp16") / "recipes"))
 
 
 def available_recipes() -> list[str]:
+    """Names of the packaged recipes (YAML stems under `recipes_dir()`), sorted.
+
+    Returns:
+        The recipe names, e.g. ["ablate_bf16_rollout_fp16_train", "base", "demo_tiny", ...].
+    """
     return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
 
 
@@ -454,7 +517,17 @@ def _format_errors(err: ValidationError, data: dict) -> str:
 
 
 def validate(data: dict) -> RecipeConfig:
-    """Typed config from a plain dict; `ConfigError` with every problem otherwise."""
+    """Typed config from a plain dict.
+
+    Args:
+        data: the recipe as nested plain containers.
+
+    Returns:
+        The validated `RecipeConfig`.
+
+    Raises:
+        ConfigError: one line per problem.
+    """
     try:
         return RecipeConfig.model_validate(data)
     except ValidationError as e:
@@ -464,8 +537,16 @@ def validate(data: dict) -> RecipeConfig:
 def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Load a packaged recipe by name or a YAML path, apply dotlist overrides, validate.
 
-    Returns the resolved, validated config with every key filled in (defaults included).
-    Raises `ConfigError` naming each bad key / value.
+    Args:
+        name_or_path: a packaged recipe name (`available_recipes`) or a YAML file path.
+        overrides: OmegaConf dotlist items, `key=value`.
+
+    Returns:
+        The resolved, validated config with every key filled in (defaults included).
+
+    Raises:
+        ConfigError: one line per bad key / value (unknown key with the nearest valid one, wrong
+            type, bad choice), an unknown recipe, or an unresolvable interpolation.
     """
     cfg = _apply_overrides(_compose(_find(name_or_path)), list(overrides))
     try:
@@ -477,17 +558,43 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
 
 
 def typed(cfg: DictConfig | dict) -> RecipeConfig:
-    """The pydantic view of a loaded recipe (attribute access with types)."""
+    """The pydantic view of a loaded recipe (attribute access with types).
+
+    Args:
+        cfg: a config from `load_recipe` (interpolations are resolved) or the same as a plain dict.
+
+    Returns:
+        The validated `RecipeConfig`.
+
+    Raises:
+        ConfigError: `cfg` does not validate (one line per problem; see `validate`).
+    """
     data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     return validate(data)  # type: ignore[arg-type]
 
 
 def to_yaml(cfg: DictConfig) -> str:
+    """The config as YAML text (OmegaConf's dump, keys in the config's order).
+
+    Args:
+        cfg: the config to dump.
+
+    Returns:
+        The YAML text.
+    """
     return OmegaConf.to_yaml(cfg)
 
 
 def save_resolved(cfg: DictConfig, out_dir: str | os.PathLike) -> Path:
-    """Write the resolved config to `<out_dir>/config.yaml` atomically."""
+    """Write the resolved config to `<out_dir>/config.yaml` atomically (`fsutil.atomic_write`).
+
+    Args:
+        cfg: the loaded config (from `load_recipe`).
+        out_dir: the run folder; created if missing.
+
+    Returns:
+        The path of the written `config.yaml`.
+    """
     from nemo_rl_fp16.fsutil import atomic_write
 
     return atomic_write(Path(out_dir) / "config.yaml", to_yaml(cfg))

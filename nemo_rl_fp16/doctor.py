@@ -52,7 +52,13 @@ BLOCK_PARTS = (("input_layernorm", "input norm"), ("self_attn", "attention outpu
 
 
 def unit_roundoff(precision: str | torch.dtype) -> float:
-    """u of a preset name (fp16 | bf16 | fp32) or a float dtype: `torch.finfo(dtype).eps / 2`.
+    """Unit roundoff u of a preset name or a float dtype: `torch.finfo(dtype).eps / 2`.
+
+    Args:
+        precision: "fp16" | "bf16" | "fp32", or a floating-point `torch.dtype`.
+
+    Returns:
+        u: 2^-11 (fp16), 2^-8 (bf16), 2^-24 (fp32).
 
     Raises:
         ValueError: an unknown preset name.
@@ -70,6 +76,13 @@ def noise_u(precision: str, model: torch.nn.Module) -> float:
     fp16/bf16: `NOISE_U`. fp32: `NOISE_U * sqrt(K)`, K the longest dot product of the model
     (the largest `in_features` of its linear layers), the typical error of an fp32 sum of K terms
     in another order.
+
+    Args:
+        precision: the preset name being replayed ("fp16", "bf16", "fp32").
+        model: the model (its `nn.Linear` layers give K; only read for fp32).
+
+    Returns:
+        The flag threshold in units of u.
     """
     if precision != "fp32":
         return NOISE_U
@@ -83,6 +96,15 @@ def probe_points(model: torch.nn.Module) -> list[tuple[str, str, torch.nn.Module
     Per block i: `layers.i.input_layernorm`, `layers.i.self_attn`, `layers.i.post_attention_layernorm`,
     `layers.i.mlp` (those that exist) and `layers.i` (the block output, the residual stream); then
     `norm` (final norm = the last hidden state) and `logits` (the output embedding).
+
+    Args:
+        model: an HF causal LM (Llama/Qwen layout: `get_decoder()` or `.model` holding `layers`).
+
+    Returns:
+        The probe points; hook each module's forward output.
+
+    Raises:
+        TypeError: the model has no decoder layer stack (from `modeling.decoder_layers`).
     """
     pts = []
     for i, layer in enumerate(decoder_layers(model)):
@@ -104,9 +126,13 @@ def probe_points(model: torch.nn.Module) -> list[tuple[str, str, torch.nn.Module
 class Recorder:
     """Forward hooks on `probe_points(model)` keeping a window of positions of each output.
 
-    `window(length) -> slice` picks the positions kept from an output of sequence length `length`;
-    kept outputs are stored detached (in their own dtype) and concatenated along the sequence by
-    `outputs()`, then along rows by the caller.
+    `window(length) -> slice` picks the positions kept from an output of sequence length `length`
+    (default: all); kept outputs are stored detached (in their own dtype) and concatenated along
+    the sequence by `outputs()`, then along rows by the caller. Use as a context manager: hooks
+    are registered on enter and removed on exit.
+
+    Args:
+        model: the HF causal LM to probe (see `probe_points`).
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -131,7 +157,12 @@ class Recorder:
         self._handles = []
 
     def outputs(self) -> dict[str, torch.Tensor]:
-        """name -> `[rows, positions, width]`, the forwards seen so far concatenated along positions."""
+        """The outputs recorded so far, concatenated along positions; clears the record.
+
+        Returns:
+            Name -> `[rows, positions, width]` tensor in the module's output dtype (probe points that
+            saw no forward are left out).
+        """
         out = {n: torch.cat(v, 1) for n, v in self._seen.items() if v}
         for v in self._seen.values():
             v.clear()
@@ -144,6 +175,12 @@ def decode_path(engine: Any, batch: RolloutBatch, temperature: float = 1.0) -> t
     Mirrors `TorchRolloutEngine._generate_chunk` with the tokens forced: prefill over the
     left-padded prompts, then step t feeds response token t−1 (attention-mask column = its
     response-mask bit) under `kernel_profile("decode")`; rows go in chunks of `max_batch_size`.
+
+    Args:
+        engine: a `TorchRolloutEngine` (reads `model`, `device`, `precision`, `max_batch_size`
+            and its `_forward`).
+        batch: the sampled rollouts, N rows, prompt width P, T response tokens.
+        temperature: the sampling temperature the log-probs are taken at.
 
     Returns:
         ({probe name: `[N, T, width]` output at the positions predicting response tokens 0..T−1},
@@ -177,7 +214,14 @@ def decode_path(engine: Any, batch: RolloutBatch, temperature: float = 1.0) -> t
 def onepass_path(trainer: Any, batch: RolloutBatch, temperature: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Score `batch` with the trainer's one full-sequence forward (`response_logprobs`), hooked.
 
-    Uses `TorchPolicy`'s compute copy under its numerics scope, in its micro-batches.
+    Uses `TorchPolicy`'s compute copy (synced from the fp32 master weights first) under its
+    numerics scope, in its micro-batches.
+
+    Args:
+        trainer: a `TorchPolicy` (reads `compute`, `device`, `precision` and its private
+            `_sync_compute`, `_gemm_ctx`, `_micro_batches`).
+        batch: the same rollouts as given to `decode_path`.
+        temperature: the sampling temperature the log-probs are taken at.
 
     Returns:
         ({probe name: `[N, T, width]` output at positions P−1 .. P+T−2}, `[N, T]` fp32 log π).
@@ -200,13 +244,21 @@ def onepass_path(trainer: Any, batch: RolloutBatch, temperature: float) -> tuple
 
 
 def divergence(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
-    """Divergence of `a` (decode path) from `b` (one-pass path), `[N, T, W]` each, over `mask` `[N, T]`.
+    """Divergence of `a` (decode path) from `b` (one-pass path) over the masked tokens.
+
+    Args:
+        a: `[N, T, W]` decode-path outputs (any float dtype).
+        b: `[N, T, W]` one-pass outputs, the reference.
+        mask: `[N, T]` valid-token mask (response tokens of unfinished rows).
 
     Returns:
         dict with `rel_norm` (‖a−b‖_F / ‖b‖_F over masked tokens), `rel_max` (max over masked
         tokens of ‖a_t−b_t‖_∞ / ‖b_t‖_∞), `per_token` (`[n_masked]` float64 ‖a_t−b_t‖₂ / ‖b_t‖₂)
         and `finite` (False if either side has a non-finite value at a masked token: then both
-        metrics are inf, never a small number). Computed in float64.
+        metrics are inf, never a small number). Computed in float64; no masked token gives 0.0.
+
+    Raises:
+        ValueError: `a` and `b` differ in shape, or `mask` is not their `[N, T]`.
     """
     if a.shape != b.shape or tuple(a.shape[:2]) != tuple(mask.shape):
         raise ValueError(f"decode and one-pass outputs must align: {tuple(a.shape)} vs {tuple(b.shape)}, "
@@ -241,7 +293,8 @@ def compare(decode: dict[str, torch.Tensor], onepass: dict[str, torch.Tensor], m
     """Per-probe divergence table for one precision, plus first flagged / fastest growth.
 
     Args:
-        decode, onepass: name -> `[N, T, W]` outputs of the two paths.
+        decode: name -> `[N, T, W]` outputs of the rollout engine's path (KV-cached decode).
+        onepass: name -> `[N, T, W]` outputs of the trainer's path (one full-sequence forward).
         mask: `[N, T]` response mask.
         points: `probe_points` of the model (names, descriptions, in forward order).
         precision: preset name, for u.
@@ -276,9 +329,19 @@ def compare(decode: dict[str, torch.Tensor], onepass: dict[str, torch.Tensor], m
 def replay(engine: Any, trainer: Any, batch: RolloutBatch, precision: str, temperature: float) -> dict[str, Any]:
     """Replay `batch` through both paths of one precision and compare them (see module doc).
 
+    Args:
+        engine: the rollout engine in this precision (`decode_path`).
+        trainer: the policy in this precision (`onepass_path`).
+        batch: the fixed responses, sampled once for all precisions.
+        precision: the preset name ("fp16", "bf16", "fp32"), for u and the noise level.
+        temperature: the sampling temperature.
+
     Returns:
-        `compare(...)`'s dict plus `logp` {decode, onepass} (`[N, T]` fp32 tensors), and
-        `logp_gap` {mean, max} of |log µ − log π| over valid tokens.
+        `compare(...)`'s dict plus `logp` {decode, onepass} (`[N, T]` fp32 tensors, 0 at masked
+        positions), and `logp_gap` {mean, max} of |log µ − log π| over valid tokens.
+
+    Raises:
+        ValueError: the two paths' outputs do not align (`divergence`).
     """
     dec, logp_roll = decode_path(engine, batch, temperature)
     one, logp_train = onepass_path(trainer, batch, temperature)
@@ -294,8 +357,17 @@ def replay(engine: Any, trainer: Any, batch: RolloutBatch, precision: str, tempe
 
 @contextmanager
 def planted_fault(model: torch.nn.Module, param: str, scale: float = 1.0 + 1e-2) -> Iterator[None]:
-    """Scale the parameter named `param` of `model` (e.g. the rollout engine's
-    `model.layers.1.input_layernorm.weight`) by `scale`, in its own dtype; restored on exit.
+    """Scale the parameter named `param` of `model` by `scale`, in its own dtype; restored on exit.
+
+    A test fixture for the doctor: e.g. the rollout engine's `model.layers.1.input_layernorm.weight`.
+
+    Args:
+        model: the module whose parameter is perturbed in place.
+        param: the full parameter name (`model.named_parameters()`).
+        scale: the factor (default 1.01).
+
+    Yields:
+        None; inside the block the parameter is scaled, after it the saved copy is written back.
 
     Raises:
         KeyError: `model` has no parameter of that name (the message lists a few that exist).

@@ -26,8 +26,14 @@ PLOT = "divergence_vs_layer.png"
 
 
 def parse_precisions(value: str | None, default: Sequence[str]) -> list[str]:
-    """The precisions to compare: `value` (comma-separated, e.g. "fp16,bf16") or `default`, with
-    fp32 (the floor) first, duplicates dropped.
+    """The precisions to compare, fp32 (the floor) first, duplicates dropped.
+
+    Args:
+        value: comma-separated preset names (e.g. "fp16,bf16"), or None for `default`.
+        default: the names used when `value` is None.
+
+    Returns:
+        Preset names, `"fp32"` first.
 
     Raises:
         ConfigError: an unknown name (one line naming the value, the allowed ones and an example).
@@ -50,11 +56,27 @@ def _check_backends(rc: Any) -> None:
 
 
 def run_doctor(cfg: DictConfig, precisions: Sequence[str] | None = None, console: Console | None = None) -> dict:
-    """Sample once, replay per precision through both paths, write the report; returns report.json.
+    """Sample once, replay per precision through both paths, write the report.
 
     Samples `mismatch.num_prompts` prompts x `rollout.num_generations` with the recipe's torch
     rollout engine in the first precision (fp32) and sampling settings, from the run's initial
-    weights. Raises `ConfigError` for the Megatron trainer or the vLLM rollout engine.
+    weights; then, per precision, builds a fresh rollout engine and a `TorchPolicy` (LoRA off) and
+    runs `doctor.replay`. Files are written under `<output_dir>/doctor/` (see module docstring).
+
+    Args:
+        cfg: the loaded recipe (`config.load_recipe`).
+        precisions: preset names to compare, fp32 first (as `parse_precisions` returns them);
+            None: `mismatch.precisions` of the recipe, with fp32 added first.
+        console: where progress lines go (default: a new rich `Console`).
+
+    Returns:
+        The report dict also written as report.json: {"title", "recipe", "samples", "precisions":
+        {name: `doctor.compare` result + "logp_gap", "kl_k3", "abs_logratio_mean", "wall_s"},
+        "numerics", "files", "wall_s"}.
+
+    Raises:
+        ConfigError: `policy.backend` or `rollout.backend` is not "torch" (the doctor hooks the HF
+            model of both torch engines), or the recipe does not validate.
     """
     from nemo_rl_fp16.build import (
         build_policy_trainer,
@@ -116,7 +138,15 @@ def _u(x: float) -> str:
 
 
 def write_doctor_report(out: Path, report: dict) -> None:
-    """`report.md`, the plot, then `report.json` (last) into `out`."""
+    """`report.md`, the plot, then `report.json` (last: its presence marks a complete report).
+
+    Each file is written atomically (`fsutil.atomic_write`).
+
+    Args:
+        out: the report folder (`<output_dir>/doctor`); created if missing.
+        report: the dict `run_doctor` builds; non-finite floats are written as JSON-safe values
+            (`report.json_safe`).
+    """
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / PLOT, lambda f: _plot(f, report))
     atomic_write(out / "report.md", _markdown(report))

@@ -15,7 +15,18 @@ from typing import IO, Any
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any] | bytes | str) -> Path:
-    """Write `path` atomically from bytes/str or a callback that writes to a binary file object."""
+    """Write `path` atomically from bytes/str or a callback that writes to a binary file object.
+
+    The data goes to a temp file in `path`'s folder (created if missing), is fsynced, then
+    `os.replace`d onto `path`; on any error the temp file is removed and the error propagates.
+
+    Args:
+        path: the target file; replaced if it exists.
+        write: the content (str is UTF-8 encoded) or a callable taking the open binary file.
+
+    Returns:
+        `path` as a `Path`.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -20,12 +20,16 @@ class NonFiniteError(RuntimeError):
 def nonfinite_tensors(state: Mapping[str, torch.Tensor], max_abs: float | None = None) -> list[str]:
     """Names of the floating tensors of `state` holding NaN/inf (or |x| > `max_abs`), in order.
 
+    One device sync for the whole dict (per-tensor flags are stacked first).
+
     Args:
-        state: name -> tensor (any device; floating tensors are checked, others skipped).
+        state: name -> tensor (any device; floating tensors are checked, others and empty ones
+            skipped).
         max_abs: also flag values whose magnitude exceeds it (e.g. 65504: not representable in
             float16, so the fp16 engine would see inf).
 
-    One device sync for the whole dict (per-tensor flags are stacked first).
+    Returns:
+        The flagged names, in `state`'s order; empty when every tensor is finite (and in range).
     """
     names, flags = [], []
     for name, t in state.items():
@@ -52,6 +56,9 @@ def check_weights(state: Mapping[str, torch.Tensor], what: str, step: int | None
         what: what is about to happen, for the message ("checkpoint", "refit", "HF export").
         step: the RL step (None: not in a run).
         dtype: the dtype the weights will be used in; values beyond its finite range count as inf.
+
+    Raises:
+        NonFiniteError: naming how many tensors and a few of their names; nothing was written.
     """
     max_abs = torch.finfo(dtype).max if dtype is not None and dtype.is_floating_point else None
     bad = nonfinite_tensors(state, max_abs)
@@ -65,7 +72,21 @@ def check_weights(state: Mapping[str, torch.Tensor], what: str, step: int | None
 
 
 def check_reward(value: float, reward_name: str, sample: int, prompt: int, text: str) -> float:
-    """`value` as a float if finite; else `NonFiniteError` naming the reward function and sample."""
+    """Check one reward value before it enters the advantages.
+
+    Args:
+        value: what the reward function returned.
+        reward_name: the `reward.name` key, for the message.
+        sample: the row of the batch.
+        prompt: the prompt index of the row.
+        text: the decoded response (shown up to 80 characters).
+
+    Returns:
+        `value` as a float.
+
+    Raises:
+        NonFiniteError: `value` is NaN or inf.
+    """
     v = float(value)
     if not math.isfinite(v):
         shown = text if len(text) <= 80 else text[:77] + "..."
@@ -82,6 +103,19 @@ def check_update(skipped: bool, loss: float, grad_norm: float, *, loss_scaling: 
 
     With loss scaling on, a skipped update is an overflow: retried until `max_retries`, then an
     error. Without it (bf16/fp32), any non-finite gradient or loss is an error at once.
+
+    Args:
+        skipped: `TrainStepResult.skipped`.
+        loss: the step's loss value.
+        grad_norm: `TrainStepResult.grad_norm`.
+        loss_scaling: whether dynamic loss scaling is on.
+        retries: overflow retries already spent on this batch.
+        max_retries: `trainer.max_overflow_retries`.
+        step: the RL step, for the message.
+
+    Raises:
+        NonFiniteError: a non-finite loss or gradient without loss scaling, an overflow that
+            persists past `max_retries`, or a non-finite loss with finite gradients.
     """
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
     if not skipped and finite:

@@ -24,7 +24,20 @@ from nemo_rl_fp16.modeling.hf import build_model, load_weights_
 def export_hf(path: str | os.PathLike, model, tokenizer=None, step: int | None = None) -> Path:
     """`save_pretrained` (safetensors) of model (+ tokenizer) into `path`, swapped in atomically.
 
-    Raises `NonFiniteError` (nothing written) if a weight is NaN/inf.
+    Written to `.tmp_<name>_<pid>` beside `path`, fsynced, then renamed over `path` (an existing
+    folder is replaced, `checkpoint.replace_dir`); on error the temp folder is removed.
+
+    Args:
+        model: an HF `PreTrainedModel`, saved in its own parameter dtype.
+        path: the export folder.
+        tokenizer: saved into the same folder when given.
+        step: the RL step, for the refusal message.
+
+    Returns:
+        `path` as a `Path`.
+
+    Raises:
+        NonFiniteError: a weight is NaN/inf; nothing is written.
     """
     check_weights(model.state_dict(), "HF export", step)
     path = Path(path)
@@ -56,6 +69,24 @@ def write_hf_checkpoint(model_cfg: Mapping[str, Any], path: str | os.PathLike, t
     `config`, the local checkpoint for `name_or_path`), then `state_dict` (fp32, HF names, e.g.
     the trainer's `rollout_state_dict()`) overwrites its weights. The config carries the
     tokenizer's special ids, so the folder loads in vLLM and `AutoModelForCausalLM` alike.
+
+    Args:
+        model_cfg: the recipe's `model:` block (see `modeling.build_model`).
+        path: the export folder (replaced atomically, see `export_hf`).
+        tokenizer: the run's tokenizer; its pad/eos/bos ids go into config.json and
+            generation_config.json, and it is saved into the folder.
+        state_dict: HF name -> tensor to load (None: keep the built model's weights).
+        seed: seeds the random init of a `config` model.
+        step: the RL step, for the refusal message.
+
+    Returns:
+        `path` as a `Path`.
+
+    Raises:
+        NonFiniteError: a weight of `state_dict` is NaN/inf; nothing is written.
+        ValueError: `model_cfg` is malformed, or `state_dict` has unknown/missing names or shape
+            mismatches (`modeling.build_model`, `modeling.load_weights_`).
+        FileNotFoundError: `model_cfg.name_or_path` is not a loadable local checkpoint.
     """
     if state_dict is not None:
         check_weights(state_dict, "HF export", step)

@@ -20,7 +20,16 @@ from rich.table import Table
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a metrics.jsonl file (a torn last line from a crash is ignored)."""
+    """Rows of a metrics.jsonl file (a torn last line from a crash is ignored).
+
+    Reading stops at the first line that is not valid JSON.
+
+    Args:
+        path: the metrics.jsonl file; a missing file gives no rows.
+
+    Returns:
+        One dict per line, {"step": int, name: float | "nan" | "inf" | "-inf"} as `log` wrote it.
+    """
     rows = []
     p = Path(path)
     if not p.exists():
@@ -34,7 +43,21 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 class MetricsLogger:
-    """Writes each step's flat `{name: float}` metrics to the enabled sinks."""
+    """Writes each step's flat `{name: float}` metrics to the enabled sinks.
+
+    Args:
+        out_dir: the run folder (created if missing): `metrics.jsonl` and `tensorboard/` go here.
+        jsonl: write `<out_dir>/metrics.jsonl`; rows with step > `resume_step` are dropped first
+            (all rows when `resume_step` is 0), so a resumed run's file equals an uninterrupted one.
+        tensorboard: write TensorBoard events (events past `resume_step` are purged).
+        wandb: the `logging.wandb` section; with `enabled` true a wandb run is started in
+            `project` (ImportError when wandb is not installed).
+        mlflow: the `logging.mlflow` section; with `enabled` true an mlflow run is started in the
+            experiment `project` (ImportError when mlflow is not installed).
+        run_name: the wandb / mlflow run name.
+        config: the resolved recipe, logged as the wandb run's config.
+        resume_step: the step the run resumes from (0: a fresh run).
+    """
 
     def __init__(self, out_dir: str | os.PathLike, *, jsonl: bool = True, tensorboard: bool = True,
                  wandb: Mapping | None = None, mlflow: Mapping | None = None, run_name: str = "run",
@@ -71,6 +94,12 @@ class MetricsLogger:
             self._mlflow = _mlflow
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Write one step's metrics to every enabled sink (non-finite values as strings in JSONL).
+
+        Args:
+            step: the RL step.
+            metrics: flat `{name: value}`; names as in `docs/metrics.md`.
+        """
         clean = {k: float(v) for k, v in metrics.items()}
         if self._jsonl:
             row = {"step": step, **{k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()}}
@@ -86,6 +115,7 @@ class MetricsLogger:
             self._mlflow.log_metrics({k.replace("/", "."): v for k, v in clean.items()}, step=step)
 
     def close(self) -> None:
+        """Flush and close every sink (JSONL file, TensorBoard writer, wandb run, mlflow run)."""
         if self._jsonl:
             self._jsonl.close()
         if self._tb:
@@ -97,7 +127,15 @@ class MetricsLogger:
 
 
 def progress_bar(enabled: bool, console: Console | None = None) -> Progress:
-    """A rich progress bar with a live metrics field (`metrics=` in `update`)."""
+    """A rich progress bar with a live metrics field (`metrics=` in `update`).
+
+    Args:
+        enabled: False gives a disabled (silent) bar, e.g. for non-interactive logs.
+        console: the rich console to draw on (default: rich's global console).
+
+    Returns:
+        The `Progress`; add tasks with `add_task(..., metrics="")`.
+    """
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -112,6 +150,15 @@ def progress_bar(enabled: bool, console: Console | None = None) -> Progress:
 
 
 def summary_table(title: str, rows: Iterable[tuple[str, str]]) -> Table:
+    """A two-column rich table (name, value) without header, for end-of-run summaries.
+
+    Args:
+        title: the table title (left-justified).
+        rows: (name, value) pairs, already formatted as text.
+
+    Returns:
+        The rich `Table`, ready for `console.print`.
+    """
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column("metric", style="bold")
     table.add_column("value")

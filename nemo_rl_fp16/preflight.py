@@ -47,7 +47,15 @@ MODES = ("warn", "refuse", "off")
 
 
 def headroom_bits(max_abs: float) -> float:
-    """log2(65504 / max_abs): +inf for 0, -inf for a non-finite max (never "safe")."""
+    """fp16 headroom of an activation maximum, in bits: log2(65504 / max_abs).
+
+    Args:
+        max_abs: the largest |activation| measured (fp32).
+
+    Returns:
+        The headroom in bits (negative: beyond fp16's range); +inf for 0, -inf for a non-finite
+        max (never "safe").
+    """
     if not math.isfinite(max_abs):
         return -math.inf
     return math.inf if max_abs == 0 else math.log2(FP16_MAX / max_abs)
@@ -70,7 +78,8 @@ def activation_ranges(model: torch.nn.Module, input_ids: torch.Tensor, attention
 
     Args:
         model: an HF causal LM (its dtype is used as is; fp32 shows values beyond fp16's range).
-        input_ids, attention_mask: `[N, L]` (left-padded; padding positions are excluded).
+        input_ids: `[N, L]` int64 token ids (left-padded).
+        attention_mask: `[N, L]`, 1 on real tokens; padding positions are excluded.
 
     Returns:
         [{layer, max_abs, where (the submodule holding the max), nonfinite (count),
@@ -114,10 +123,17 @@ def sample_responses(model: torch.nn.Module, prompts: Sequence[Sequence[int]], m
                      pad_token_id: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Sample one response per prompt from `model` (KV cache, temperature 1, fp32 logits).
 
+    Args:
+        model: the HF causal LM to sample from (fp32 for the preflight).
+        prompts: token ids per prompt (lengths may differ; left-padded to the longest).
+        max_new_tokens: response length cap.
+        pad_token_id: fills the left padding and the positions after a response ended.
+        seed: seeds the sampler's `torch.Generator` (same seed, same responses).
+
     Returns:
-        (`[N, P+T]` input ids, `[N, P+T]` attention mask (0 on left padding and after a response
-        ends), P the prompt width). Responses stop at the model's `eos_token_id` (if any), and
-        sampling stops early at non-finite logits.
+        (`[N, P+T]` int64 input ids, `[N, P+T]` int64 attention mask (0 on left padding and after
+        a response ends), P the prompt width). Responses stop at the model's `eos_token_id` (if
+        any), and sampling stops early at non-finite logits.
     """
     from nemo_rl_fp16.rollout.torch_engine import sample_tokens
 
@@ -154,10 +170,22 @@ def gradient_underflow(model: torch.nn.Module, input_ids: torch.Tensor, attentio
     """Fractions of gradient elements that under/overflow fp16 at `initial_scale` (see module doc).
 
     The surrogate loss is −Σ A_i log π(token) / `global_tokens` x `micro_rows` / N with A_i = ±1
-    alternating by row; the gradient is taken in `model`'s dtype (fp32) and left zeroed after.
+    alternating by row (a GRPO-like token-mean loss scaled to one micro-batch); the gradient is
+    taken in `model`'s dtype (fp32) and left zeroed after. Underflow: |g| x S < 2^-24 (fp16's
+    smallest subnormal); overflow: |g| x S > 65504. Only nonzero gradient elements count.
+
+    Args:
+        model: the HF causal LM (fp32); its `.grad` fields are set to None on return.
+        input_ids: `[N, P+T]` token ids from `sample_responses`.
+        attention_mask: `[N, P+T]` mask from `sample_responses`.
+        prompt_width: P.
+        initial_scale: the loss scale S the run starts with.
+        global_tokens: response tokens per optimizer step (the token-mean's denominator).
+        micro_rows: rows per micro-batch.
 
     Returns:
-        {max_abs, underflow_frac, overflow_frac, recommended_scale, underflow_frac_at_recommended,
+        {max_abs, underflow_frac, overflow_frac, recommended_scale (2^floor(log2(65504 / 2 /
+        max_abs)); `initial_scale` when max_abs is 0 or non-finite), underflow_frac_at_recommended,
         worst_layer (the parameter group with the largest underflow fraction), worst_layer_frac,
         n_elements (nonzero gradient elements)}.
     """
@@ -200,18 +228,25 @@ def gradient_underflow(model: torch.nn.Module, input_ids: torch.Tensor, attentio
 def preflight(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, pad_token_id: int, initial_scale: float,
               global_tokens_per_response: float | None = None, global_rows: int, micro_rows: int,
               max_new_tokens: int, seed: int) -> dict:
-    """Run the preflight on an fp32 HF model; returns {layers, gradients, problems, safe, initial_scale}.
+    """Run the preflight on an fp32 HF model: activation headroom and gradient underflow in fp16.
+
+    `problems` are one-line findings (layer first); `safe` is True when there are none.
+    Thresholds: `HEADROOM_MIN_BITS` per layer, `UNDERFLOW_MAX_FRAC` of gradient elements.
 
     Args:
         model: fp32 HF causal LM (the trainer's master weights, or a copy).
         prompts: token ids of the sample prompts.
+        pad_token_id: fills the prompts' left padding and finished responses.
         initial_scale: the loss scale the run starts with.
         global_tokens_per_response: expected response length (default: the samples' mean length).
         global_rows: responses per optimizer step (prompts_per_step x num_generations).
         micro_rows: rows per micro-batch (policy.micro_batch_size, at most global_rows).
-        max_new_tokens, seed: sampling of the responses.
+        max_new_tokens: response length cap of the sampled responses.
+        seed: seeds the sampling of the responses.
 
-    `problems` are one-line findings (layer first); `safe` is True when there are none.
+    Returns:
+        {"layers": `activation_ranges` rows, "gradients": `gradient_underflow` dict, "problems":
+        [str], "safe": bool, "initial_scale": float, "samples": {"rows", "mean_response_tokens"}}.
     """
     ids, attn, width = sample_responses(model, prompts, max_new_tokens, pad_token_id, seed)
     layers = activation_ranges(model, ids, attn)
@@ -235,7 +270,15 @@ def preflight(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, pad_t
 
 
 def fix_hint(result: dict) -> str:
-    """What to change for the first problem of an unsafe `preflight` result (one clause)."""
+    """What to change for the first problem of an unsafe `preflight` result (one clause).
+
+    Args:
+        result: a `preflight` result with at least one problem.
+
+    Returns:
+        "set precision.loss_scale.initial_scale=<recommended>" for gradient underflow, else the
+        advice to run in bf16 or rescale the layer's weights.
+    """
     first = result["problems"][0]
     if "underflow" in first:
         return f"set precision.loss_scale.initial_scale={result['gradients']['recommended_scale']:g}"
@@ -243,7 +286,15 @@ def fix_hint(result: dict) -> str:
 
 
 def summary_line(result: dict) -> str:
-    """One line: the tightest headroom, gradient underflow at the initial scale, verdict."""
+    """One line: the tightest headroom, gradient underflow at the initial scale, verdict.
+
+    Args:
+        result: a `preflight` result (with at least one layer row).
+
+    Returns:
+        "preflight (fp16): min activation headroom ... : ok" or "...: UNSAFE: <first problem>;
+        <fix_hint>".
+    """
     finite = [r for r in result["layers"] if math.isfinite(r["headroom_bits"])]
     worst = min(result["layers"], key=lambda r: r["headroom_bits"])
     head = ("non-finite" if not math.isfinite(worst["headroom_bits"]) else f"{worst['headroom_bits']:.1f} bits") \
@@ -256,7 +307,17 @@ def summary_line(result: dict) -> str:
 
 
 def check_mode(mode: str) -> str:
-    """Validate `precision.preflight`; raises ConfigError naming the key otherwise."""
+    """Validate `precision.preflight`.
+
+    Args:
+        mode: the key's value.
+
+    Returns:
+        `mode`, one of `MODES` ("warn", "refuse", "off").
+
+    Raises:
+        ConfigError: any other value (one line naming the key and the allowed values).
+    """
     if mode not in MODES:
         raise ConfigError(f"bad value for 'precision.preflight': {mode}; allowed: {', '.join(MODES)}")
     return mode
@@ -277,9 +338,23 @@ def at_run_start(rc: Any, setup: Any, console: Any) -> dict | None:
     """The automatic preflight of an fp16 run (`precision.preflight`), on the trainer's current weights.
 
     Runs when the trainer's `param_dtype` is float16 and the mode is not `off`, on the torch
-    trainer's fp32 master model (no copy). `warn` prints `summary_line`; `refuse` raises
-    `ConfigError` (exit 2, one line: the layer, the finding and what to change) when unsafe, and
-    when the trainer cannot be checked (Megatron, Ray actors, FSDP: not supported yet).
+    trainer's fp32 master model (no copy), at the scaler's current loss scale. `warn` prints
+    `summary_line` (or that the check was skipped, for an unsupported trainer).
+
+    Args:
+        rc: the typed recipe (`config.typed`).
+        setup: the assembled run, `build.RunSetup` (reads `train_policy`, `policy`, `prompt_ids`,
+            `tokenizer`).
+        console: a rich `Console` for the summary line.
+
+    Returns:
+        The `preflight` result, or None when it did not run (mode off, not fp16, or an
+        unsupported trainer under `warn`).
+
+    Raises:
+        ConfigError: `precision.preflight` is invalid; or, under `refuse`, the model is unsafe in
+            fp16 (one line: the layer, the finding and what to change) or the trainer cannot be
+            checked (Megatron, Ray actors, FSDP: not supported yet). The CLI exits 2.
     """
     mode = check_mode(rc.precision.preflight)
     if mode == "off" or setup.train_policy.param_dtype != torch.float16:
@@ -305,10 +380,24 @@ def at_run_start(rc: Any, setup: Any, console: Any) -> dict | None:
 
 
 def run_preflight(cfg: Any, console: Any = None) -> int:
-    """`nemo-rl-fp16 preflight`: the fp16 preflight of a recipe's starting weights; returns the exit code.
+    """`nemo-rl-fp16 preflight`: the fp16 preflight of a recipe's starting weights.
 
-    Prints the per-layer table and the summary line, writes `<output_dir>/preflight/report.json`.
-    Returns 0, or 2 (with the one-line refusal) when unsafe and `precision.preflight=refuse`.
+    Builds the recipe's tokenizer, data and initial weights (the SFT warm start where configured)
+    in an fp32 model, runs `preflight` at `precision.loss_scale.initial_scale`, prints the
+    per-layer table and the summary line, and writes `<output_dir>/preflight/report.json`
+    (non-finite numbers as null).
+
+    Args:
+        cfg: the loaded recipe (`config.load_recipe`).
+        console: where the table goes (default: a new rich `Console`).
+
+    Returns:
+        0 (the exit code) when the check ran, safe or (under `warn`/`off`) not.
+
+    Raises:
+        ConfigError: `precision.preflight` is invalid, or the model is unsafe and
+            `precision.preflight=refuse` (one line with the fix; the CLI exits 2). The report is
+            written first.
     """
     import json
     from pathlib import Path

@@ -72,10 +72,14 @@ def _is_identity_key(key: str) -> bool:
 
 
 def run_identity(cfg: dict) -> dict:
-    """{"format", "fingerprint" (sha256 hex), "keys" {dotted key: value}} of a resolved recipe dict.
+    """The identity of a resolved recipe: every key except those in `NOT_IDENTITY`, fingerprinted.
 
     Args:
         cfg: the resolved recipe as plain python (`OmegaConf.to_container(cfg, resolve=True)`).
+
+    Returns:
+        {"format": `IDENTITY_FORMAT`, "fingerprint": sha256 hex of the sorted keys as JSON,
+        "keys": {dotted key: value}} (empty sections appear as {}).
     """
     keys = {k: v for k, v in sorted(_flatten(cfg).items()) if _is_identity_key(k)}
     blob = json.dumps(keys, sort_keys=True, default=str).encode()
@@ -83,7 +87,16 @@ def run_identity(cfg: dict) -> dict:
 
 
 def identity_diff(old: dict, new: dict) -> list[str]:
-    """'key: old -> new' for every identity key that differs (missing keys shown as <unset>)."""
+    """The identity keys on which two runs differ.
+
+    Args:
+        old: the identity in the folder or checkpoint (`run_identity` layout).
+        new: this run's identity.
+
+    Returns:
+        "key: <old value> -> <new value>" for every differing key, sorted by key; a key missing
+        on one side shows as <unset>. Empty when the keys agree.
+    """
     a, b = old.get("keys", {}), new.get("keys", {})
     unset = "<unset>"
     return [f"{k}: {a.get(k, unset)!r} -> {b.get(k, unset)!r}" for k in sorted(set(a) | set(b))
@@ -115,7 +128,11 @@ class RunLock:
 
     The kernel drops a flock when its process dies (also on kill -9), so a lock left by a dead
     run is detected and taken over; the pid/host record gives the second run a message naming the
-    holder, and covers filesystems whose flock is not shared between hosts.
+    holder, and covers filesystems whose flock is not shared between hosts. Use as a context
+    manager (`acquire` on enter, `release` on exit).
+
+    Args:
+        out: the run's `output_dir` (must exist; see `check_output_dir`).
     """
 
     def __init__(self, out: Path):
@@ -130,6 +147,18 @@ class RunLock:
             return {}
 
     def acquire(self) -> RunLock:
+        """Take the lock (non-blocking) and write this process's record into it.
+
+        A lock whose holder is dead (same host, pid gone or reused) is taken over; `took_over`
+        then holds the old record.
+
+        Returns:
+            self.
+
+        Raises:
+            RunError: another live run holds the folder, a holder on another host, the folder is
+                not writable, or the lock file keeps changing (one line each).
+        """
         host = socket.gethostname()
         for _ in range(10):
             try:
@@ -180,6 +209,7 @@ class RunLock:
         raise RunError(f"cannot take the lock {self.path}: it keeps changing; is another run starting there?")
 
     def release(self) -> None:
+        """Delete the lock file and drop the flock; a no-op when not held."""
         if self.fd is None:
             return
         try:
@@ -213,8 +243,17 @@ def _same_process(holder: dict) -> bool:
 
 
 def check_output_dir(out: Path) -> None:
-    """`output_dir` is a folder or can be made one; RunError (one line) otherwise. Writes nothing
-    but the folder itself (whether it is writable shows when `RunLock` creates its file)."""
+    """Check that `output_dir` is a folder or can be made one.
+
+    Writes nothing but the folder itself (whether it is writable shows when `RunLock` creates
+    its file).
+
+    Args:
+        out: the run's `output_dir`.
+
+    Raises:
+        RunError: a file is in the way, or the folder cannot be created (one line).
+    """
     if out.exists() and not out.is_dir():
         raise RunError(f"output_dir={out} is a file, not a folder; pass a folder path (it is created if missing)")
     try:
@@ -224,6 +263,17 @@ def check_output_dir(out: Path) -> None:
 
 
 def read_identity(out: Path) -> dict | None:
+    """The run identity `<out>/run.json` (training keys and format version).
+
+    Args:
+        out: the run's `output_dir`.
+
+    Returns:
+        The record as `run_identity` wrote it, or None when there is no run.json.
+
+    Raises:
+        RunError: the file exists but is unreadable or not a run identity.
+    """
     path = out / RUN_FILE
     if not path.is_file():
         return None
@@ -242,10 +292,17 @@ def _foreign_entries(out: Path) -> list[str]:
 
 
 def move_aside(out: Path) -> Path:
-    """Move every entry of `out` (but the lock and `launch/`, the launcher's script and job logs,
-    which a running job may be writing) into a new sibling `<out>.prev-<time>`; returns it.
+    """Move every entry of `out` into a new sibling `<out>.prev-<time>`.
 
-    `run.json` goes first, so a kill half-way leaves a folder that is refused, never resumed.
+    The lock and `launch/` (the launcher's script and job logs, which a running job may be
+    writing) stay. `run.json` goes first, so a kill half-way leaves a folder that is refused,
+    never resumed.
+
+    Args:
+        out: the run's `output_dir`.
+
+    Returns:
+        The new folder, `<out>.prev-<YYYYmmdd-HHMMSS>` (with `-<n>` appended if that exists).
     """
     stamp = time.strftime("%Y%m%d-%H%M%S")
     aside = out.parent / f"{out.name}.prev-{stamp}"
@@ -284,10 +341,22 @@ def prepare_run_dir(out: Path, resume: str, identity: dict) -> RunStart:
     """Decide how this run uses `out` (see module doc); the caller holds `RunLock(out)`.
 
     Nothing in `out` is changed before every check passed; then stale temp folders are cleaned,
-    an interrupted re-save is finished, and `run.json` is written.
+    an interrupted re-save is finished, checkpoints newer than an explicit resume step of this
+    run are moved to `checkpoints/superseded-<time>`, and `run.json` is written (when absent).
+
+    Args:
+        out: the run's `output_dir` (an existing folder).
+        resume: `trainer.resume`: "auto", "never" or a `step_NNNNNN` checkpoint folder.
+        identity: this run's `run_identity`.
+
+    Returns:
+        The decision: `resume_from` (verified checkpoint or None), `moved_aside` (where an old run
+        went under `never`), `recovered` (what the cleanup did).
 
     Raises:
-        RunError: another run's folder, a foreign folder, an explicit checkpoint of another run.
+        RunError: another run's folder, a foreign folder, an unreadable run.json, a missing
+            explicit checkpoint folder, or an explicit checkpoint of another run (or one without
+            a run identity).
         CheckpointError: the checkpoint to resume from is corrupt (naming the intact older one).
     """
     start = RunStart(identity)
@@ -339,8 +408,16 @@ def prepare_run_dir(out: Path, resume: str, identity: dict) -> RunStart:
 
 
 def storage_error_message(exc: BaseException, out: Path, last: Path | None) -> str | None:
-    """One line for a full / read-only disk hit mid-run, naming the last intact checkpoint; None if
-    `exc` is not a storage error."""
+    """One line for a full / read-only disk hit mid-run, naming the last intact checkpoint.
+
+    Args:
+        exc: the exception the run stopped with.
+        out: the run's `output_dir`.
+        last: the last intact checkpoint, if any.
+
+    Returns:
+        The message, or None when `exc` is not a storage error.
+    """
     code = getattr(exc, "errno", None)
     text = str(exc)
     full = code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or "os error 28" in text
@@ -359,9 +436,17 @@ def storage_error_message(exc: BaseException, out: Path, last: Path | None) -> s
 
 
 def check_model_folders(model_name_or_path: str | None, tokenizer: str | None) -> None:
-    """`model.name_or_path` / `model.tokenizer` must be local HF folders; RunError (one line) otherwise.
+    """`model.name_or_path` / `model.tokenizer` must be local HF folders (no hub downloads).
 
     Part of the validation stage (`plan.environment_problems`), so the dry run checks it too.
+
+    Args:
+        model_name_or_path: `model.name_or_path` (None: a `model.config` model, not checked).
+        tokenizer: `model.tokenizer` (None: the tokenizer is read from `model_name_or_path`).
+
+    Raises:
+        RunError: a folder is missing, has no config.json, or holds no tokenizer file
+            (tokenizer.json, tokenizer_config.json, tokenizer.model or vocab.json); one line.
     """
     if model_name_or_path is not None:
         p = Path(model_name_or_path)

@@ -13,8 +13,19 @@ from nemo_rl_fp16.data.sanity import DATASETS, DEFAULT_NUM_PROBLEMS, make_sanity
 def get_dataset(data_cfg: Mapping[str, Any], seed: int = 0) -> list[Problem]:
     """Problems selected by the recipe's `data` block (`data.dataset` = registered name | jsonl).
 
-    Reads `dataset`, and for `jsonl`: `path`, `prompt_key`, `answer_key`, `template`; for the
-    synthetic sets: `num_problems` (optional) and the run `seed`.
+    Args:
+        data_cfg: the recipe's `data` section. Reads `dataset`; for `jsonl` also `path`,
+            `prompt_key` (default "prompt"), `answer_key` (default "answer") and `template`
+            (default "{prompt}"); for the synthetic sanity sets `num_problems` (None/0: the set's
+            default size).
+        seed: the run seed; it fixes the synthetic sets' problems (unused for `jsonl`).
+
+    Returns:
+        The problems, in file order for `jsonl`, in generation order for the sanity sets.
+
+    Raises:
+        ValueError: `data.dataset=jsonl` without `data.path`, or an unknown `data.dataset`.
+        DataError: the JSONL file or template is unusable (from `load_jsonl`; a ValueError).
     """
     name = data_cfg.get("dataset")
     if name == "jsonl":

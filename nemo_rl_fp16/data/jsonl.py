@@ -29,7 +29,18 @@ class DataError(ValueError):
 
 
 def resolve_template(template: str) -> str:
-    """A `TEMPLATES` name or a `str.format` string using `{prompt}` and any row field."""
+    """A `TEMPLATES` name or a `str.format` string using `{prompt}` and any row field.
+
+    Args:
+        template: the `data.template` value: a name in `TEMPLATES` ("plain", "qwen_math",
+            "r1_boxed") or a format string with named fields.
+
+    Returns:
+        The format string to apply to each row.
+
+    Raises:
+        DataError: an unknown name (no braces), an invalid format string, or positional fields.
+    """
     if template in TEMPLATES:
         return TEMPLATES[template]
     if "{" not in template:
@@ -72,9 +83,23 @@ def load_jsonl(
 ) -> list[Problem]:
     """Read one JSON object per line into `Problem`s with `template` applied to the prompt.
 
-    Blank lines are skipped. Raises `DataError` (one line: file, line, what, fix) on a missing
-    or empty file, invalid JSON, a non-object row, a missing key, a non-text value, or a template
-    field the row lacks.
+    Blank lines are skipped. Number values (e.g. integer answers) become strings.
+
+    Args:
+        path: the JSONL file (UTF-8).
+        prompt_key: the row key holding the prompt (`data.prompt_key`).
+        answer_key: the row key holding the reference answer (`data.answer_key`).
+        template: the `data.template` (see `resolve_template`); `{prompt}` is the prompt text and
+            any other field is read from the row.
+
+    Returns:
+        One `Problem(prompt=<template applied>, answer=<answer text>)` per non-blank line, in
+        file order.
+
+    Raises:
+        DataError: one line (file, line, what, fix) on a missing or empty file, non-UTF-8 text,
+            invalid JSON, a non-object row, a missing key, a non-text value, a bad template, or a
+            template field the row lacks.
     """
     tmpl = resolve_template(template)
     p = Path(path)

@@ -9,12 +9,28 @@ Reward = Callable[[str, str], float]
 
 
 def exact_match(response: str, answer: str) -> float:
-    """1.0 when the response equals the answer up to surrounding whitespace, else 0.0."""
+    """1.0 when the response equals the answer up to surrounding whitespace, else 0.0.
+
+    Args:
+        response: the decoded response text.
+        answer: the reference answer.
+
+    Returns:
+        The reward, 1.0 or 0.0.
+    """
     return 1.0 if response.strip() == answer.strip() else 0.0
 
 
 def last_boxed(text: str) -> str | None:
-    """Contents of the last `\\boxed{...}` (or `\\fbox{...}`) with balanced braces, else None."""
+    r"""Contents of the last `\boxed{...}` (or `\fbox{...}`) with balanced braces.
+
+    Args:
+        text: a response or reference answer.
+
+    Returns:
+        The text between the braces (nested braces kept), or None when there is no boxed
+        expression or its braces never close.
+    """
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     if start < 0:
         return None
@@ -44,12 +60,23 @@ def _math_verify():
 
 
 def math_verify_reward(response: str, answer: str) -> float:
-    """1.0 when the last `\\boxed{}` in the response is mathematically equal to `answer`.
+    r"""1.0 when the last `\boxed{}` in the response is mathematically equal to `answer`.
 
-    No boxed answer scores 0.0 (the prompt templates ask for one). math-verify guards parsing
-    with SIGALRM timeouts, which raise off the main thread; there we disable them (inputs are
-    short boxed expressions) instead of silently scoring everything 0. Any parse or comparison
-    failure scores 0.0 rather than crashing a training step.
+    Uses HuggingFace math-verify (`parse`, `verify`). No boxed answer scores 0.0 (the prompt
+    templates ask for one). math-verify guards parsing with SIGALRM timeouts (5 s here), which
+    raise off the main thread; there they are disabled (inputs are short boxed expressions)
+    instead of silently scoring everything 0. Any parse or comparison failure scores 0.0 rather
+    than crashing a training step.
+
+    Args:
+        response: the decoded response text.
+        answer: the reference answer, boxed or bare.
+
+    Returns:
+        The reward, 1.0 or 0.0.
+
+    Raises:
+        ImportError: the `math-verify` package is not installed (the message gives the pip command).
     """
     parse, verify = _math_verify()
     pred = last_boxed(response)
@@ -71,7 +98,17 @@ REWARDS: dict[str, Reward] = {"exact_match": exact_match, "math_verify": math_ve
 
 
 def get_reward(name: str) -> Reward:
-    """The reward function registered as `name` (recipe key `reward.name`)."""
+    """The reward function registered as `name` (recipe key `reward.name`).
+
+    Args:
+        name: "exact_match" or "math_verify".
+
+    Returns:
+        A callable `(response, answer) -> float` (1.0 or 0.0).
+
+    Raises:
+        ValueError: an unknown name; the message lists the registered ones.
+    """
     if name not in REWARDS:
         raise ValueError(f"unknown reward.name '{name}'; choose one of: {', '.join(sorted(REWARDS))}")
     return REWARDS[name]

@@ -24,7 +24,18 @@ def _sample_unique(rng: random.Random, n: int, space: int, name: str) -> list[in
 
 
 def make_add(num_problems: int, seed: int) -> list[Problem]:
-    """Two-digit addition, `"37+45="` -> `"82"` (8100 distinct problems)."""
+    """Two-digit addition, `"37+45="` -> `"82"` (8100 distinct problems).
+
+    Args:
+        num_problems: problems to draw, without replacement.
+        seed: seeds the draw (same seed, same problems).
+
+    Returns:
+        `num_problems` problems (prompt, answer).
+
+    Raises:
+        ValueError: `num_problems` is not in [1, 8100].
+    """
     rng = random.Random(f"sanity_add:{seed}")
     out = []
     for k in _sample_unique(rng, num_problems, 90 * 90, "sanity_add"):
@@ -34,7 +45,18 @@ def make_add(num_problems: int, seed: int) -> list[Problem]:
 
 
 def make_reverse(num_problems: int, seed: int) -> list[Problem]:
-    """Reverse a 4-digit string, `"1234="` -> `"4321"` (10000 distinct problems)."""
+    """Reverse a 4-digit string, `"1234="` -> `"4321"` (10000 distinct problems).
+
+    Args:
+        num_problems: problems to draw, without replacement.
+        seed: seeds the draw (same seed, same problems).
+
+    Returns:
+        `num_problems` problems (prompt, answer).
+
+    Raises:
+        ValueError: `num_problems` is not in [1, 10000].
+    """
     rng = random.Random(f"sanity_reverse:{seed}")
     out = []
     for k in _sample_unique(rng, num_problems, 10_000, "sanity_reverse"):
@@ -44,8 +66,18 @@ def make_reverse(num_problems: int, seed: int) -> list[Problem]:
 
 
 def addition_steps(a: int, b: int) -> str:
-    """Column addition written out right to left, then the sum: `addition_steps(4738, 2595)` ->
-    `"8+5=13 3+9+1=13 7+5+1=13 4+2+1=7 7333"` (each column `x+y[+carry]=s`)."""
+    """Column addition written out right to left, then the sum.
+
+    Example: `addition_steps(4738, 2595)` -> `"8+5=13 3+9+1=13 7+5+1=13 4+2+1=7 7333"` (each
+    column `x+y[+carry]=s`).
+
+    Args:
+        a: first addend (non-negative).
+        b: second addend (non-negative).
+
+    Returns:
+        The written-out computation, the reference answer of an `add_steps` problem.
+    """
     xs, ys = str(a)[::-1], str(b)[::-1]
     steps, carry = [], 0
     for i in range(max(len(xs), len(ys))):
@@ -57,10 +89,19 @@ def addition_steps(a: int, b: int) -> str:
 
 
 def make_add_steps(num_problems: int, seed: int) -> list[Problem]:
-    """Four-digit addition written out column by column, `"4738+2595="` ->
-    `"8+5=13 3+9+1=13 7+5+1=13 4+2+1=7 7333"` (81M distinct problems; responses of 33-41
-    characters, mean ~37: long enough for the rounding mismatch to accumulate, arXiv 2510.26788
-    Fig. 2). The reward is exact match on the whole written-out computation."""
+    """Four-digit addition written out column by column (the `add_steps` task).
+
+    `"4738+2595="` -> `"8+5=13 3+9+1=13 7+5+1=13 4+2+1=7 7333"` (81M distinct problems; responses
+    of 33-41 characters, mean ~37: long enough for the rounding mismatch to accumulate, arXiv
+    2510.26788 Fig. 2). The reward is exact match on the whole written-out computation.
+
+    Args:
+        num_problems: problems to draw.
+        seed: seeds the draw (same seed, same problems).
+
+    Returns:
+        `num_problems` problems (prompt, answer).
+    """
     rng = random.Random(f"sanity_add_steps:{seed}")
     out = []
     for k in _sample_unique(rng, num_problems, 9000 * 9000, "sanity_add_steps"):
@@ -79,7 +120,20 @@ DEFAULT_NUM_PROBLEMS = 64
 
 
 def make_sanity_dataset(name: str, num_problems: int = DEFAULT_NUM_PROBLEMS, seed: int = 0) -> list[Problem]:
-    """Build the registered synthetic dataset `name`; unknown names list the choices."""
+    """Build the registered synthetic dataset `name`.
+
+    Args:
+        name: a `DATASETS` key: "sanity_add", "sanity_reverse" or "sanity_add_steps".
+        num_problems: problems to draw (default 64).
+        seed: seeds the draw.
+
+    Returns:
+        `num_problems` distinct problems, deterministic given `(num_problems, seed)`.
+
+    Raises:
+        ValueError: an unknown name (the message lists the choices), or `num_problems` outside
+            [1, distinct problems of the task].
+    """
     if name not in DATASETS:
         raise ValueError(f"unknown sanity dataset '{name}'; choose one of: {', '.join(sorted(DATASETS))}")
     return DATASETS[name](num_problems, seed)

@@ -23,6 +23,17 @@ def build_char_tokenizer(alphabet: str = DEFAULT_ALPHABET) -> PreTrainedTokenize
     Encoding prepends `<bos>` (add_special_tokens=True, the default) so every prompt starts with
     the same anchor token regardless of left padding; unknown characters map to `<unk>`.
     Decoding concatenates characters without separators.
+
+    Args:
+        alphabet: the characters to encode, ids 4, 5, ... in first-seen order (duplicates
+            dropped); default digits, `+-*=` and space.
+
+    Returns:
+        A `PreTrainedTokenizerFast` (WordLevel model) with left padding and
+        `model_max_length=1024`; vocabulary size 4 + distinct characters.
+
+    Raises:
+        ValueError: `alphabet` is empty.
     """
     chars = list(dict.fromkeys(alphabet))  # de-duplicate, keep order
     if not chars:

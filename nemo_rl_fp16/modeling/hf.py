@@ -38,6 +38,20 @@ def build_model(
     so every engine holds the same rounding of the same weights. Floating buffers (RoPE inverse
     frequencies) stay fp32, as in vLLM/Megatron. Dropout is off (eval mode) on both sides so that
     π and µ are the same function up to precision.
+
+    Args:
+        model_cfg: the `model:` block (mapping, OmegaConf or pydantic): `config` or
+            `name_or_path`, optional `attn_implementation` (default "sdpa"), `trust_remote_code`.
+        dtype: the parameter dtype (the policy's `param_dtype`, or fp32 for a master copy).
+        seed: seeds the random init of a `config` model (None: the global torch RNG).
+        device: where the model goes.
+
+    Returns:
+        The model in eval mode, parameters in `dtype`, floating buffers fp32.
+
+    Raises:
+        ValueError: not exactly one of `config` / `name_or_path`, or a `config` without `model_type`.
+        FileNotFoundError: `name_or_path` is not a loadable local checkpoint.
     """
     cfg = as_dict(model_cfg)
     attn = cfg.get("attn_implementation") or DEFAULT_ATTN_IMPLEMENTATION
@@ -70,7 +84,15 @@ def build_model(
 
 
 def cast_params_(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
-    """Round every parameter to `dtype` in place (tied weights stay tied); buffers keep theirs."""
+    """Round every parameter to `dtype` in place (tied weights stay tied); buffers keep theirs.
+
+    Args:
+        model: an HF model.
+        dtype: the target parameter dtype.
+
+    Returns:
+        `model` itself, with `config.dtype` set to `dtype`.
+    """
     with torch.no_grad():
         for p in model.parameters():
             p.data = p.data.to(dtype)
@@ -83,6 +105,13 @@ def load_weights_(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]
 
     Validates everything first (unknown names, missing names, shape mismatches are reported
     together) so that a bad state dict leaves the model untouched, never half-written.
+
+    Args:
+        model: the model to load into.
+        state_dict: every name of `model.state_dict()`, any float dtype (cast on copy).
+
+    Raises:
+        ValueError: unknown or missing names, or shape mismatches; nothing was copied.
     """
     own = model.state_dict()
     unknown = sorted(set(state_dict) - set(own))
@@ -102,13 +131,30 @@ def load_weights_(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]
 
 
 def cache_kwarg(model: torch.nn.Module) -> str:
-    """Name of the KV-cache argument of `model.forward` (`cache` since transformers 5.2x)."""
+    """Name of the KV-cache argument of `model.forward`.
+
+    Args:
+        model: an HF causal LM.
+
+    Returns:
+        `"cache"` (transformers 5.2x) or `"past_key_values"` (earlier).
+    """
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder layer stack of an HF causal LM (`model.model.layers` for Llama/Qwen)."""
+    """The decoder layer stack of an HF causal LM (`model.model.layers` for Llama/Qwen).
+
+    Args:
+        model: an HF causal LM (or anything with `get_decoder()` / `.model` holding `layers`).
+
+    Returns:
+        The `ModuleList` of decoder layers, in forward order.
+
+    Raises:
+        TypeError: no such stack.
+    """
     inner = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
     layers = getattr(inner, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):

@@ -10,12 +10,29 @@ import torch
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """`cumsum(mask) - 1` clamped at 0: a left-padded row is positioned as if unpadded."""
+    """Position ids of a left-padded batch: a padded row is positioned as if unpadded.
+
+    Args:
+        attention_mask: `[N, S]`, 1 on real tokens.
+
+    Returns:
+        `[N, S]` int64 `cumsum(mask) - 1`, clamped at 0 (padding positions get 0).
+    """
     return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
 
 
 def effective_temperature(temperature: float) -> float:
-    """The temperature log-probs use: greedy decoding (0) is scored at temperature 1."""
+    """The temperature log-probs use: greedy decoding (0) is scored at temperature 1.
+
+    Args:
+        temperature: the sampling temperature.
+
+    Returns:
+        `temperature`, or 1.0 for 0.
+
+    Raises:
+        ValueError: a negative temperature.
+    """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     return 1.0 if temperature == 0 else float(temperature)
@@ -23,22 +40,51 @@ def effective_temperature(temperature: float) -> float:
 
 def logprob_table(logits: torch.Tensor, temperature: float,
                   logits_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """log softmax(logits / T) over the vocabulary, in `logits_dtype` (fp32), from low-precision logits.
+    """Log softmax(logits / T) over the vocabulary, in `logits_dtype` (fp32), from low-precision logits.
 
     The cast happens before the temperature division, identically in both engines; greedy
-    decoding (T = 0) is scored at T = 1.
+    decoding (T = 0) is scored at T = 1. vLLM's `processed_logprobs` is the same quantity.
+
+    Args:
+        logits: `[..., V]` in the model dtype (fp16/bf16/fp32).
+        temperature: the sampling temperature (0: greedy, scored at 1).
+        logits_dtype: the policy's `logits_dtype` (fp32 in every preset).
+
+    Returns:
+        `[..., V]` natural-log probabilities in `logits_dtype`.
     """
     return torch.log_softmax(logits.to(logits_dtype) / effective_temperature(temperature), dim=-1)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
                    logits_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """`logprob_table(...)[token]`: the log-prob of each given token."""
+    """`logprob_table(...)[token]`: the log-prob of each given token.
+
+    Args:
+        logits: `[..., V]` logits.
+        tokens: `[...]` int64 token ids, one per logits row.
+        temperature: as `logprob_table`.
+        logits_dtype: as `logprob_table`.
+
+    Returns:
+        `[...]` log-probs in `logits_dtype`.
+    """
     return logprob_table(logits, temperature, logits_dtype).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def response_width(input_ids: torch.Tensor, prompt_width: int) -> int:
-    """T, the response width of a `[N, P + T]` batch (checked: P >= 1, T >= 1)."""
+    """T, the response width of a `[N, P + T]` batch.
+
+    Args:
+        input_ids: `[N, P + T]` token ids.
+        prompt_width: P.
+
+    Returns:
+        T.
+
+    Raises:
+        ValueError: P < 1 or T < 1.
+    """
     n_resp = input_ids.shape[1] - prompt_width
     if prompt_width < 1 or n_resp < 1:
         raise ValueError(f"need prompt_width >= 1 and a response, got P={prompt_width}, width {input_ids.shape[1]}")
@@ -52,6 +98,20 @@ def response_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention
 
     Token `P + t` is predicted by the logits at position `P + t - 1`; only those T positions
     reach the lm_head (`logits_to_keep`). Padding is not zeroed: callers honour response_mask.
+
+    Args:
+        model: an HF causal LM (or one with the same forward signature and `.logits`).
+        input_ids: `[N, P + T]` int64, the `RolloutBatch` layout.
+        attention_mask: `[N, P + T]`, 1 on real tokens.
+        prompt_width: P.
+        temperature: the rollout's sampling temperature.
+        logits_dtype: the policy's `logits_dtype`.
+
+    Returns:
+        `[N, T]` log π in `logits_dtype`, with grad if the caller enabled it.
+
+    Raises:
+        ValueError: P < 1 or no response column.
     """
     n_resp = response_width(input_ids, prompt_width)
     out = model(input_ids=input_ids, attention_mask=attention_mask,

@@ -45,15 +45,29 @@ def _router_classes() -> tuple[type, ...]:
 
 
 def hf_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The top-k routers of an HF Qwen2-MoE / Qwen3-MoE / Mixtral model, in layer order ([] if dense)."""
+    """The top-k routers of an HF Qwen2-MoE / Qwen3-MoE / Mixtral model, in layer order.
+
+    Args:
+        model: any module; its submodules are matched against the HF router classes.
+
+    Returns:
+        The routers in `model.modules()` order (= layer order); [] for a dense model.
+    """
     classes = _router_classes()
     return [m for m in model.modules() if isinstance(m, classes)]
 
 
 def is_moe_model_config(model_cfg: Mapping[str, Any]) -> bool | None:
-    """Whether a recipe's `model:` block is one of `MOE_MODEL_TYPES` (None when unknown without loading).
+    """Whether a recipe's `model:` block is one of `MOE_MODEL_TYPES`, without loading the model.
 
     Reads `model.config.model_type`, or `config.json` of a local `name_or_path` directory.
+
+    Args:
+        model_cfg: the `model:` block as a mapping (`config` or `name_or_path`).
+
+    Returns:
+        True / False from the model type; None when it cannot be known (no `config` and no local
+        `config.json`).
     """
     import json
     import os
@@ -77,13 +91,19 @@ def _normalises(router: torch.nn.Module) -> bool:
 class RouterHooks:
     """Forward hooks on every HF MoE router of `model` (see module doc).
 
+    The hooks are registered at construction; call `remove()` to take them off.
+
+    Args:
+        model: an HF causal LM (a dense model gets no hooks; `top_k` then fails).
+
     Attributes:
         routers: the hooked routers, layer order.
         recording: when True, each router's forward stores its own top-k ids (`own[i]`,
             `[tokens, k]` long) and the ids the layer then used (`used[i]`, = own without replay).
         replay: None, or `[tokens, layers, k]` long expert ids for the next forward(s): rows with
             all k ids >= 0 are routed to them (weights from the router's own probabilities), rows
-            holding -1 keep the router's choice.
+            holding -1 keep the router's choice. A forward whose token count differs from the
+            replay's raises ValueError from the hook.
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -96,13 +116,16 @@ class RouterHooks:
 
     @property
     def num_layers(self) -> int:
+        """MoE layers hooked."""
         return len(self.routers)
 
     @property
     def top_k(self) -> int:
+        """Experts per token (`top_k` of the first router; HF MoE models use one k)."""
         return int(self.routers[0].top_k)
 
     def remove(self) -> None:
+        """Remove the forward hooks from the routers."""
         for h in self._handles:
             h.remove()
 
@@ -128,7 +151,19 @@ class RouterHooks:
         return hook
 
     def collect(self, which: str, batch: int, seq: int) -> torch.Tensor:
-        """`[batch, seq, layers, k]` ids of the last recorded forward (`which`: "own" or "used")."""
+        """The expert ids of the last recorded forward, per position and MoE layer.
+
+        Args:
+            which: "own" (the routers' own top-k) or anything else for "used" (after replay).
+            batch: rows of that forward.
+            seq: positions per row of that forward (`batch * seq` = the routers' token count).
+
+        Returns:
+            `[batch, seq, layers, k]` int64 expert ids.
+
+        Raises:
+            RuntimeError: a router has no recorded forward (recording was off).
+        """
         recs = self.own if which == "own" else self.used
         if any(r is None for r in recs):
             raise RuntimeError("router hooks: no recorded forward (recording was off)")
@@ -139,7 +174,15 @@ def replay_targets(rollout_experts: torch.Tensor, prompt_width: int, seq_len: in
     """`[n * seq_len, layers, k]` long replay ids for a forward over `[n, seq_len]` tokens.
 
     Response token t's experts go to position `prompt_width + t - 1` (module doc); every other
-    position holds -1 (the router's own choice).
+    position holds -1 (the router's own choice). Set the result as `RouterHooks.replay`.
+
+    Args:
+        rollout_experts: `[n, T, layers, k]` `RolloutBatch.rollout_experts` (int16, -1 on padding).
+        prompt_width: P, the prompt width of the forward's rows.
+        seq_len: S, the forward's sequence length (P + T for a full scoring forward).
+
+    Returns:
+        `[n * S, layers, k]` int64 ids on `rollout_experts`' device.
     """
     n, t, layers, k = rollout_experts.shape
     out = torch.full((n, seq_len, layers, k), PAD_EXPERT, dtype=torch.long, device=rollout_experts.device)
@@ -149,8 +192,17 @@ def replay_targets(rollout_experts: torch.Tensor, prompt_width: int, seq_len: in
 
 
 def response_experts(per_position: torch.Tensor, prompt_width: int, response_mask: torch.Tensor) -> torch.Tensor:
-    """Slice `[n, S, layers, k]` per-position ids to the `[n, T, layers, k]` layout (module doc):
-    positions `P - 1 .. P + T - 2`, -1 where `response_mask` is 0; `EXPERT_DTYPE`."""
+    """Slice per-position expert ids to the response layout of `RolloutBatch.rollout_experts`.
+
+    Args:
+        per_position: `[n, S, layers, k]` ids of every position of a forward.
+        prompt_width: `P`; response token t is scored at position `P + t - 1`.
+        response_mask: `[n, T]` 1 on real response tokens.
+
+    Returns:
+        `[n, T, layers, k]` `EXPERT_DTYPE` (int16) ids of positions `P - 1 .. P + T - 2`, -1 where
+        `response_mask` is 0.
+    """
     t = response_mask.shape[1]
     out = per_position[:, prompt_width - 1: prompt_width - 1 + t].to(EXPERT_DTYPE)
     return out.masked_fill(~response_mask.to(out.device).bool()[:, :, None, None], PAD_EXPERT)

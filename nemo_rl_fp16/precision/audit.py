@@ -8,7 +8,14 @@ from nemo_rl_fp16.precision.policy import ROUTER_COMPONENTS, PrecisionMismatchEr
 
 
 def is_router_param(name: str) -> bool:
-    """True for MoE router / gate weights (by module-path component, not substring)."""
+    """True for MoE router / gate weights (by module-path component, not substring).
+
+    Args:
+        name: a parameter name, e.g. "model.layers.0.mlp.gate.weight".
+
+    Returns:
+        Whether a module component of `name` (the leaf excluded) is in `ROUTER_COMPONENTS`.
+    """
     return any(part in ROUTER_COMPONENTS for part in name.split(".")[:-1])
 
 
@@ -18,7 +25,15 @@ def audit_model(model: torch.nn.Module, policy: PrecisionPolicy) -> list[str]:
     Parameters under an MoE router/gate are checked against `router_dtype`, all others against
     `param_dtype`. Floating buffers (rotary tables and the like) may be `param_dtype` or fp32.
     Offending tensors are grouped by owning module and found dtype; when every parameter of a
-    role is off in the same way the group collapses to one `<all ...>` line. Empty list = clean.
+    role is off in the same way the group collapses to one `<all ...>` line.
+
+    Args:
+        model: the live model of an engine.
+        policy: the `PrecisionPolicy` it must follow.
+
+    Returns:
+        Lines "<module>.<leaf or {leaves}>: found <dtype>, expected <dtype> (<role>)"; empty =
+        clean.
     """
     groups: dict[tuple[str, str, torch.dtype, torch.dtype], list[str]] = {}
     role_counts: dict[str, int] = {}
@@ -54,7 +69,17 @@ def audit_model(model: torch.nn.Module, policy: PrecisionPolicy) -> list[str]:
 
 
 def check_model(model: torch.nn.Module, policy: PrecisionPolicy, component: str) -> None:
-    """`audit_model`, raising `PrecisionMismatchError` naming `component` on any finding."""
+    """`audit_model`, raising on any finding.
+
+    Args:
+        model: the live model of an engine.
+        policy: the `PrecisionPolicy` it must follow.
+        component: what the model is ("trainer compute model", "rollout engine", ...), for the
+            message.
+
+    Raises:
+        PrecisionMismatchError: `audit_model` found a tensor in the wrong dtype (lists them all).
+    """
     problems = audit_model(model, policy)
     if problems:
         raise PrecisionMismatchError(component, problems)

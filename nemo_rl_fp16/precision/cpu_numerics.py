@@ -94,7 +94,14 @@ _PROFILE: contextvars.ContextVar[str] = contextvars.ContextVar("nemo_rl_cpu_prof
 # switches and the numerics record
 # ---------------------------------------------------------------------------------------------
 def kernel_mode() -> str:
-    """`NEMO_RL_CPU_KERNELS` (package | native); raises ValueError naming the variable otherwise."""
+    """The CPU kernel mode from `NEMO_RL_CPU_KERNELS` (read on every call).
+
+    Returns:
+        "package" (default: unset or empty) or "native".
+
+    Raises:
+        ValueError: another value; the message names the variable and the choices.
+    """
     mode = os.environ.get(KERNELS_ENV, "package").strip().lower() or "package"
     if mode not in KERNEL_MODES:
         raise ValueError(f"{KERNELS_ENV}={mode!r} is not one of {', '.join(KERNEL_MODES)}; unset it "
@@ -113,7 +120,14 @@ def cpu_isa() -> str:
     """The host's vector ISA class as the package sees it: avx2 | avx512 | avx512_bf16 | amx.
 
     `NEMO_RL_CPU_ISA` overrides the detection (torch's own `_is_*_supported` flags ignore
-    `ATEN_CPU_CAPABILITY`, so they cannot be steered otherwise). Raises ValueError on a bad value.
+    `ATEN_CPU_CAPABILITY`, so they cannot be steered otherwise).
+
+    Returns:
+        The forced value, or the detected class: "amx" (AMX tiles), "avx512_bf16", "avx512" (from
+        ATen's CPU capability), else "avx2".
+
+    Raises:
+        ValueError: `NEMO_RL_CPU_ISA` is not one of `ISA_CHOICES`.
     """
     forced = os.environ.get(ISA_ENV, "auto").strip().lower() or "auto"
     if forced not in ISA_CHOICES:
@@ -129,8 +143,19 @@ def cpu_isa() -> str:
 
 
 def cpu_has_native(dtype: torch.dtype) -> bool:
-    """Whether the host (as `cpu_isa` sees it) has fast `dtype` GEMMs: bf16 on AVX512-BF16 or AMX,
-    fp16 on AMX (AMX-FP16); True for fp32/fp64 (nothing to emulate)."""
+    """Whether the host (as `cpu_isa` sees it) has fast `dtype` GEMMs.
+
+    bf16: AVX512-BF16 or AMX; fp16: AMX (AMX-FP16); True for fp32/fp64 (nothing to emulate).
+
+    Args:
+        dtype: the GEMM dtype.
+
+    Returns:
+        True when torch's native kernels for `dtype` are fast on this host.
+
+    Raises:
+        ValueError: a bad `NEMO_RL_CPU_ISA` (`cpu_isa`).
+    """
     isa = cpu_isa()
     if dtype == torch.float16:
         return isa == "amx" and _cpu_flag("_is_amx_fp16_supported")
@@ -140,16 +165,38 @@ def cpu_has_native(dtype: torch.dtype) -> bool:
 
 
 def uses_package_kernels(device: torch.device | str, dtype: torch.dtype) -> bool:
-    """True when `cpu_numerics(device, dtype)` installs the package kernels: CPU, fp16 or bf16,
-    `NEMO_RL_CPU_KERNELS` not `native`."""
+    """True when `cpu_numerics(device, dtype)` installs the package kernels.
+
+    That is: a CPU device, fp16 or bf16, and `NEMO_RL_CPU_KERNELS` not `native`.
+
+    Args:
+        device: the engine's device.
+        dtype: the engine's weight dtype.
+
+    Returns:
+        Whether the package kernels are active for that engine.
+
+    Raises:
+        ValueError: a bad `NEMO_RL_CPU_KERNELS` (read only for CPU fp16/bf16).
+    """
     return torch.device(device).type == "cpu" and dtype in LOWP_DTYPES and kernel_mode() == "package"
 
 
 def numerics_record(device: torch.device | str = "cpu") -> dict[str, Any]:
     """What decides the low-precision numerics of a run on `device`, for reports.
 
-    Keys: torch, cpu (platform processor string), isa (`cpu_isa`), aten_capability, kernels
-    (`package` | `native`; `cuda` on a GPU), blas_caps (the MKL/oneDNN/ATen cap variables set).
+    Args:
+        device: the run's device.
+
+    Returns:
+        {"torch": version, "cpu": platform processor string, "isa": `cpu_isa()`,
+        "aten_capability": ATen's CPU capability, "kernels": "package" | "native" ("cuda" on a
+        GPU), "kernel_geometry": {"SPLIT_K", "ATTN_BLOCK_N", "KV_SPLIT"}, "blas_caps": the
+        `MKL_ENABLE_INSTRUCTIONS` / `ONEDNN_MAX_CPU_ISA` / `ATEN_CPU_CAPABILITY` variables that are
+        set}.
+
+    Raises:
+        ValueError: a bad `NEMO_RL_CPU_ISA` or (on CPU) `NEMO_RL_CPU_KERNELS`.
     """
     dev = torch.device(device)
     caps = {k: os.environ[k] for k in ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
@@ -167,8 +214,18 @@ def numerics_record(device: torch.device | str = "cpu") -> dict[str, Any]:
 
 @contextlib.contextmanager
 def kernel_profile(profile: Profile) -> Iterator[None]:
-    """Scope in which the package kernels run as `profile`: `"prefill"` (trainer, rollout prefill)
-    or `"decode"` (the rollout engine's one-token steps)."""
+    """Scope in which the package kernels run as `profile` (a context variable, so thread-safe).
+
+    Args:
+        profile: `"prefill"` (trainer, rollout prefill) or `"decode"` (the rollout engine's
+            one-token steps).
+
+    Yields:
+        None; the previous profile is restored on exit.
+
+    Raises:
+        ValueError: another profile name.
+    """
     if profile not in ("prefill", "decode"):
         raise ValueError(f"kernel profile must be 'prefill' or 'decode', got {profile!r}")
     token = _PROFILE.set(profile)
@@ -191,10 +248,13 @@ def package_gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = N
         bias: optional `[N]`, added before the rounding (cuBLAS epilogue).
         profile: "prefill" — the exact sum (fp64), to be rounded once; "decode" — split-K: each
             of `SPLIT_K` contiguous K slices summed exactly and rounded to fp32, the partial
-            sums and the bias added in fp32 in order.
+            sums and the bias added in fp32 in order (K < 2 * `SPLIT_K`: as "prefill").
 
     Returns:
         `[..., M, N]` fp64 ("prefill") or fp32 ("decode").
+
+    Raises:
+        ValueError: `a` or `b` has fewer than 2 dims.
     """
     if a.dim() < 2 or b.dim() < 2:
         raise ValueError(f"package GEMM needs 2-D or batched operands, got {tuple(a.shape)} @ {tuple(b.shape)}")
@@ -245,14 +305,32 @@ def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 def package_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear` under the package GEMM of the current profile: `[..., K] x [N, K] -> [..., N]`
-    in `x.dtype` (fp16/bf16), the bias added before the output rounding (cuBLAS epilogue)."""
+    """`F.linear` under the package GEMM of the current profile.
+
+    Args:
+        x: `[..., K]` fp16/bf16 input.
+        weight: `[N, K]` in `x.dtype`.
+        bias: optional `[N]`, added before the output rounding (cuBLAS epilogue).
+
+    Returns:
+        `[..., N]` in `x.dtype`.
+    """
     out = _GemmFn.apply(x.reshape(-1, x.shape[-1]), weight.t(), bias, _PROFILE.get(), x.dtype)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def package_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`a @ b` (batched, broadcasting) under the package GEMM; result in `a.dtype`."""
+    """`a @ b` (batched, broadcasting) under the package GEMM of the current profile.
+
+    1-D operands follow torch's matmul rules (promoted, multiplied, the added dim dropped).
+
+    Args:
+        a: `[..., M, K]` or `[K]` fp16/bf16.
+        b: `[..., K, N]` or `[K]` in `a.dtype`.
+
+    Returns:
+        The product in `a.dtype`, rounded once from the package GEMM's value.
+    """
     if a.dim() == 1 or b.dim() == 1:  # vector cases: promote, multiply, drop the added dims (torch semantics)
         out = package_matmul(a.unsqueeze(0) if a.dim() == 1 else a, b.unsqueeze(-1) if b.dim() == 1 else b)
         if b.dim() == 1:
@@ -263,10 +341,22 @@ def package_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def package_addmm(input: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, *, beta: float = 1.0,
                   alpha: float = 1.0) -> torch.Tensor:
-    """`torch.addmm` / `torch.baddbmm` (`beta·input + alpha·(m1 @ m2)`) under the package GEMM:
-    the product's accumulator (rounded to fp32), scaled and added in fp32 as a cuBLAS epilogue,
+    """`torch.addmm` / `torch.baddbmm` (`beta·input + alpha·(m1 @ m2)`) under the package GEMM.
+
+    The product's accumulator (rounded to fp32), scaled and added in fp32 as a cuBLAS epilogue,
     rounded once to `m1.dtype`. With `beta == 0`, `input` is ignored (NaNs in it too), as in torch.
-    Megatron's local attention computes Q·Kᵀ this way."""
+    Megatron's local attention computes Q·Kᵀ this way.
+
+    Args:
+        input: broadcastable to the product's shape.
+        m1: `[M, K]` or `[B, M, K]` fp16/bf16.
+        m2: `[K, N]` or `[B, K, N]` in `m1.dtype`.
+        beta: scale of `input`.
+        alpha: scale of the product.
+
+    Returns:
+        `[M, N]` or `[B, M, N]` in `m1.dtype`.
+    """
     d = m1.dtype
     acc = _GemmFn.apply(m1, m2, None, _PROFILE.get(), torch.float32)
     out = acc * alpha if alpha != 1 else acc
@@ -277,9 +367,22 @@ def package_addmm(input: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, *, be
 
 def package_grouped_mm(mat_a: torch.Tensor, mat_b: torch.Tensor, *, offs: torch.Tensor | None = None,
                        bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """`F.grouped_mm` (MoE experts: `[S, K]` rows grouped by `offs` x `[G, K, N]`) as one package GEMM
-    per group, result `[S, N]` in `mat_a.dtype` (rows past `offs[-1]`: 0). Other layouts, `bias` and
-    `out_dtype` raise NotImplementedError (refused rather than computed by the host's kernel)."""
+    """`F.grouped_mm` (MoE experts) as one package GEMM per group.
+
+    Args:
+        mat_a: `[S, K]` rows, grouped by `offs`.
+        mat_b: `[G, K, N]`, one matrix per group.
+        offs: `[G]` cumulative row ends of the groups.
+        bias: must be None.
+        out_dtype: None or `mat_a.dtype`.
+
+    Returns:
+        `[S, N]` in `mat_a.dtype` (rows past `offs[-1]`: 0).
+
+    Raises:
+        NotImplementedError: other layouts, a `bias` or another `out_dtype` (refused rather than
+            computed by the host's kernel).
+    """
     if mat_a.dim() != 2 or mat_b.dim() != 3 or offs is None or bias is not None or out_dtype not in (None, mat_a.dtype):
         raise NotImplementedError(f"package CPU kernels: grouped_mm of {tuple(mat_a.shape)} x {tuple(mat_b.shape)} "
                                   f"(offs {'set' if offs is not None else 'None'}, bias/out_dtype) is not implemented; "
@@ -327,13 +430,18 @@ def package_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: t
                       scale: float, profile: str) -> torch.Tensor:
     """Attention output `[B, H, Tq, D]` in `q.dtype` under the profile's kernel (module doc).
 
+    Rows with no key to attend (padding queries) return 0 instead of NaN.
+
     Args:
-        q: `[B, H, Tq, D]` fp16/bf16. k, v: `[B, H, Tk, D]` (KV heads already expanded).
+        q: `[B, H, Tq, D]` fp16/bf16.
+        k: `[B, H, Tk, D]` in `q.dtype` (KV heads already expanded).
+        v: `[B, H, Tk, D]` in `q.dtype`.
         keep: boolean, broadcastable to `[B, H, Tq, Tk]`: which keys each query attends.
         scale: softmax scale (1/sqrt(D) by default in SDPA).
         profile: "decode" runs split-KV for every query row; "prefill" the FA2 forward.
 
-    Rows with no key to attend (padding queries) return 0 instead of NaN.
+    Returns:
+        `[B, H, Tq, D]` in `q.dtype`, rounded once from the fp32 accumulator.
     """
     d = q.dtype
     keep = keep.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
@@ -466,7 +574,14 @@ class PackageNumericsMode(TorchFunctionMode):
     the fp64-evaluated ops (module doc) apply to `dtype` and fp32 CPU tensors. `addmm`/`baddbmm`
     (megatron's local attention) run as the package GEMM with an fp32 epilogue; MoE expert GEMMs
     (`grouped_mm`) as one package GEMM per expert. Anything else (other dtypes, CUDA tensors,
-    `out=`) is left to torch.
+    `out=`) is left to torch. Inside the mode, attention dropout raises ValueError and unsupported
+    `grouped_mm` layouts raise NotImplementedError rather than falling back to the host's kernels.
+
+    Args:
+        dtype: torch.float16 or torch.bfloat16.
+
+    Raises:
+        ValueError: another dtype.
     """
 
     def __init__(self, dtype: torch.dtype):
@@ -498,8 +613,11 @@ class PackageNumericsMode(TorchFunctionMode):
 
 
 class _NativeFastGemmMode(TorchFunctionMode):
-    """`native` mode on CPUs without fast `dtype` GEMMs: GEMMs as fp32 over the same values,
-    rounded once (torch's slow native kernels have the same numerics, ~10x slower)."""
+    """`native` mode on CPUs without fast `dtype` GEMMs.
+
+    GEMMs run as fp32 over the same values, rounded once (torch's slow native kernels have the
+    same numerics, ~10x slower).
+    """
 
     def __init__(self, dtype: torch.dtype):
         super().__init__()
@@ -522,7 +640,18 @@ def cpu_numerics(device: torch.device | str, dtype: torch.dtype) -> contextlib.A
 
     Package kernels (module doc) for fp16/bf16 on CPU; in `native` mode, torch's kernels (with
     the fp32-GEMM speed path where the host lacks fast `dtype` GEMMs); a no-op on GPUs and for
-    fp32. Raises ValueError on a bad `NEMO_RL_CPU_KERNELS` / `NEMO_RL_CPU_ISA`.
+    fp32.
+
+    Args:
+        device: the engine's device.
+        dtype: the engine's weight dtype (`param_dtype`).
+
+    Returns:
+        A context manager: `PackageNumericsMode(dtype)`, the native fp32-GEMM mode, or
+        `contextlib.nullcontext()`.
+
+    Raises:
+        ValueError: a bad `NEMO_RL_CPU_KERNELS` / `NEMO_RL_CPU_ISA` (read only for CPU fp16/bf16).
     """
     if torch.device(device).type != "cpu" or dtype not in LOWP_DTYPES:
         return contextlib.nullcontext()

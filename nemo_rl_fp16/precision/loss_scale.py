@@ -42,7 +42,21 @@ class DynamicLossScaler:
     reaches zero the scale is multiplied by `backoff_factor` (floored at `min_scale`). After
     `growth_interval` consecutive clean steps the scale is multiplied by `growth_factor` and the
     hysteresis tracker is refilled. The scale is a Python float, so the scaler lives on CPU and
-    GPU alike; `found_inf` may be a bool or a tensor.
+    GPU alike; `found_inf` may be a bool or a tensor. Source: megatron-core
+    `optimizer/grad_scaler.py` (`DynamicGradScaler.update`); mixed-precision loss scaling as in
+    Micikevicius et al. 2018 (arXiv 1710.03740).
+
+    Args:
+        initial_scale: the starting scale (default 2**16, see `LossScaleConfig`).
+        min_scale: the backoff floor.
+        growth_factor: multiplier after `growth_interval` clean steps (> 1).
+        backoff_factor: multiplier once `hysteresis` overflows are counted (in (0, 1)).
+        growth_interval: consecutive clean steps before a growth (>= 1).
+        hysteresis: overflows, without a growth in between, before a backoff (>= 1).
+
+    Raises:
+        ValueError: a setting out of range (0 < min_scale <= initial_scale, growth_factor > 1,
+            0 < backoff_factor < 1, growth_interval and hysteresis >= 1).
     """
 
     def __init__(
@@ -73,14 +87,31 @@ class DynamicLossScaler:
 
     @classmethod
     def from_config(cls, cfg: LossScaleConfig) -> DynamicLossScaler:
+        """A scaler with `cfg`'s settings (`enabled` is the caller's business).
+
+        Args:
+            cfg: the resolved loss-scale settings (`PrecisionPolicy.loss_scale`).
+
+        Returns:
+            A fresh scaler at `cfg.initial_scale`.
+
+        Raises:
+            ValueError: settings out of range (as the constructor).
+        """
         return cls(cfg.initial_scale, cfg.min_scale, cfg.growth_factor, cfg.backoff_factor,
                    cfg.growth_interval, cfg.hysteresis)
 
     @property
     def scale(self) -> float:
+        """The current loss scale (a Python float; the loss is multiplied by it before backward)."""
         return self._scale
 
     def update(self, found_inf: bool | torch.Tensor) -> None:
+        """Advance the scaler after one step attempt (see the class doc for the rules).
+
+        Args:
+            found_inf: whether any unscaled gradient was inf/nan (bool or a 0-dim tensor).
+        """
         if bool(found_inf):
             self._growth_tracker = 0
             self._hysteresis_tracker -= 1
@@ -101,6 +132,9 @@ class DynamicLossScaler:
         off now (`used_scale * backoff_factor`, floored at `min_scale`) and the hysteresis counts as
         spent (tracker 0, as after a backoff in `update`). A scale already below `used_scale` stays.
 
+        Args:
+            used_scale: the scale the overflowed attempt ran with.
+
         Returns:
             bool: True when the scale is now below `used_scale`; False at `min_scale` (no retry can
             run at a lower scale).
@@ -115,6 +149,11 @@ class DynamicLossScaler:
         return True
 
     def state_dict(self) -> dict[str, float | int]:
+        """The scaler's state, for checkpoints.
+
+        Returns:
+            {"scale": float, "growth_tracker": int, "hysteresis_tracker": int}.
+        """
         return {
             "scale": self._scale,
             "growth_tracker": self._growth_tracker,
@@ -122,6 +161,16 @@ class DynamicLossScaler:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore from `state_dict()` output (the scale may be a float or a 0-dim tensor).
+
+        The settings (factors, interval, hysteresis, floor) are the constructor's, not restored.
+
+        Args:
+            state: a mapping with "scale", "growth_tracker" and "hysteresis_tracker".
+
+        Raises:
+            KeyError: a key is missing.
+        """
         self._scale = float(torch.as_tensor(state["scale"]).item())
         self._growth_tracker = int(state["growth_tracker"])
         self._hysteresis_tracker = int(state["hysteresis_tracker"])

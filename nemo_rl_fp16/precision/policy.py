@@ -47,7 +47,15 @@ ROUTER_COMPONENTS = frozenset({"gate", "router", "shared_expert_gate"})
 
 
 class PrecisionMismatchError(RuntimeError):
-    """An engine's real dtypes disagree with the policy; the message lists every component."""
+    """An engine's real dtypes disagree with the policy; the message lists every component.
+
+    Args:
+        component: what disagrees ("torch rollout engine", "precision.rollout", ...), the
+            message's first words.
+        problems: one line per finding; kept as the `problems` attribute.
+        hint: the fix, the message's last line (default: build both engines from one preset, or
+            declare the ablation with precision.rollout and precision.allow_mismatch=true).
+    """
 
     def __init__(self, component: str, problems: Iterable[str], hint: str = ""):
         self.problems = list(problems)
@@ -61,7 +69,18 @@ class PrecisionMismatchError(RuntimeError):
 
 
 def get_dtype(name: str | torch.dtype) -> torch.dtype:
-    """Map a dtype name (`float16`, `fp16`, `bf16`, ...) or dtype to a floating torch dtype."""
+    """Map a dtype name (`float16`, `fp16`, `bf16`, ...) or dtype to a floating torch dtype.
+
+    Args:
+        name: a name of the one dtype table (`DTYPES`, case-insensitive, `torch.` prefix allowed)
+            or a torch dtype.
+
+    Returns:
+        The torch dtype.
+
+    Raises:
+        ValueError: an unknown name or an unsupported dtype (the message lists the allowed ones).
+    """
     if isinstance(name, torch.dtype):
         if name not in DTYPE_NAMES:
             raise ValueError(f"unsupported dtype {name}; use one of {sorted(set(DTYPE_NAMES.values()))}")
@@ -73,12 +92,26 @@ def get_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def unit_roundoff(dtype: str | torch.dtype) -> float:
-    """u = 2^-(mantissa bits + 1) of a dtype or preset name: fp16 2^-11, bf16 2^-8, fp32 2^-24."""
+    """Unit roundoff u = 2^-(mantissa bits + 1): fp16 2^-11, bf16 2^-8, fp32 2^-24.
+
+    Args:
+        dtype: a dtype, dtype name or preset name.
+
+    Returns:
+        u, half of `torch.finfo(dtype).eps`.
+    """
     return torch.finfo(get_dtype(dtype)).eps / 2
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """Canonical name (`float16`, `bfloat16`, `float32`) of a dtype."""
+    """Canonical name (`float16`, `bfloat16`, `float32`) of a dtype.
+
+    Args:
+        dtype: any torch dtype.
+
+    Returns:
+        The table's name, or torch's name without the `torch.` prefix for other dtypes.
+    """
     return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
@@ -112,6 +145,16 @@ class PrecisionPolicy:
 
         The router and KV cache follow the parameter dtype, which is what vLLM does by default;
         a recipe may set `router_dtype: float32` where both engines support it.
+
+        Args:
+            name: `fp16`, `bf16` or `fp32`.
+
+        Returns:
+            The preset: weights, compute, router and KV cache in the low dtype; master weights,
+            gradient reduction and logits in fp32; loss scaling on for fp16 only.
+
+        Raises:
+            ValueError: another name.
         """
         if name not in PRESETS:
             raise ValueError(f"unknown precision preset {name!r}; allowed: {list(PRESETS)}")
@@ -138,6 +181,15 @@ class PrecisionPolicy:
         `compute_dtype`, `router_dtype` and `kv_cache_dtype` follow `param_dtype`, and
         `loss_scale.enabled` is on exactly when `param_dtype` is float16 (so
         `precision=bf16 precision.param_dtype=float16` gets a loss scaler).
+
+        Args:
+            cfg: a preset name, or the `precision:` block (mapping, OmegaConf or pydantic).
+
+        Returns:
+            The trainer-side policy.
+
+        Raises:
+            ValueError: an unknown preset or dtype name.
         """
         if isinstance(cfg, str):
             return cls.from_name(cfg)
@@ -158,6 +210,13 @@ class PrecisionPolicy:
         An ablation preset replaces the weight dtype (`param_dtype`, and `compute_dtype` with it);
         every other explicit dtype key of the recipe (`explicit`: logits, router, KV cache, ...)
         applies to the rollout side as it does to the trainer's.
+
+        Args:
+            rollout_preset: `precision.rollout` (None: same as the trainer).
+            explicit: the recipe's non-null `precision:` keys.
+
+        Returns:
+            `self`, or the ablation's rollout policy.
         """
         if rollout_preset in (None, self.name):
             return self
@@ -166,7 +225,16 @@ class PrecisionPolicy:
         return PrecisionPolicy.from_config({"name": rollout_preset, **keep})
 
     def differences(self, other: PrecisionPolicy) -> list[str]:
-        """Dtype fields on which two policies disagree, one line each (empty when they agree)."""
+        """Dtype fields on which two policies disagree, one line each (empty when they agree).
+
+        `master_dtype` and `grad_reduce_dtype` (trainer-only) are not compared.
+
+        Args:
+            other: the rollout side's policy (`self` is the trainer's).
+
+        Returns:
+            Lines "<field>: trainer <dtype>, rollout <dtype>".
+        """
         out = []
         for f in dataclasses.fields(self):
             if f.name.endswith("_dtype") and f.name not in ("master_dtype", "grad_reduce_dtype"):
@@ -176,7 +244,13 @@ class PrecisionPolicy:
         return out
 
     def describe(self) -> dict[str, str]:
-        """Human-readable summary for plans, logs and reports."""
+        """Human-readable summary for plans, logs and reports.
+
+        Returns:
+            {"<field>_dtype": dtype name for every dtype field, "name": preset name, "loss_scale":
+            "dynamic, initial ..., min ..., x<growth> after <n> clean steps, x<backoff> after <h>
+            overflow(s)" or "off"}.
+        """
         d = {f.name: dtype_name(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name.endswith("_dtype")}
         d["name"] = self.name
         ls = self.loss_scale
@@ -188,7 +262,15 @@ class PrecisionPolicy:
         return d
 
     def dtype_table(self, other: PrecisionPolicy) -> str:
-        """Trainer (self) vs rollout (other) dtypes, one row per field, `!=` marking a difference."""
+        """Trainer (self) vs rollout (other) dtypes, one row per field, `!=` marking a difference.
+
+        Args:
+            other: the rollout side's policy.
+
+        Returns:
+            A multi-line text table (columns dtype, trainer, rollout; "-" in the rollout column of the
+            trainer-only fields `master_dtype`, `grad_reduce_dtype`).
+        """
         rows = [f"  {'dtype':<18}{'trainer':<10}rollout"]
         for f in dataclasses.fields(self):
             if f.name.endswith("_dtype"):
@@ -200,7 +282,21 @@ class PrecisionPolicy:
 
 
 def resolve_policies(cfg: Mapping[str, Any] | Any) -> tuple[PrecisionPolicy, PrecisionPolicy]:
-    """(trainer, rollout) policies from a `precision:` block; refuses an undeclared mismatch."""
+    """(trainer, rollout) policies from a `precision:` block; refuses an undeclared mismatch.
+
+    Args:
+        cfg: the `precision:` block (mapping, OmegaConf, pydantic) or a preset name string.
+
+    Returns:
+        (trainer policy, rollout policy); the same object twice unless `precision.rollout` names
+        another preset.
+
+    Raises:
+        PrecisionMismatchError: the two differ on a compared dtype field and
+            `precision.allow_mismatch` is not true.
+        ValueError: an unknown preset or dtype name.
+        TypeError: `cfg` is not a mapping, config or preset name.
+    """
     d = as_dict(cfg) if not isinstance(cfg, str) else {"name": cfg}
     train = PrecisionPolicy.from_config(d)
     rollout = train.rollout_side(d.get("rollout"), {k: v for k, v in d.items() if v is not None})
@@ -216,13 +312,24 @@ def resolve_policies(cfg: Mapping[str, Any] | Any) -> tuple[PrecisionPolicy, Pre
 def precision_problems(cfg: Mapping[str, Any], trainer: str = "torch", rollout: str = "torch") -> list[str]:
     """Dtype settings of a `precision:` block that an engine would not honour, one refusal line each.
 
-    `trainer` / `rollout` are the backends (`policy.backend`, `rollout.backend`). What each engine
-    does: activations run in the weight dtype (no autocast), so `compute_dtype` must equal
-    `param_dtype`; master weights and optimizer state are fp32; the HF / vLLM MoE gates run in the
-    weight dtype, so `router_dtype` must equal `param_dtype` on each side; the KV cache is stored in
-    the model dtype (HF DynamicCache, vLLM `kv_cache_dtype=auto`); vLLM's log-probs are fp32;
-    megatron reduces gradients in fp32 or the weight dtype and its optimizer builds a loss scaler
-    for fp16 weights only, with growth 2.0 and backoff 0.5.
+    What each engine does: activations run in the weight dtype (no autocast), so `compute_dtype`
+    must equal `param_dtype`; master weights and optimizer state are fp32; the HF / vLLM MoE gates
+    run in the weight dtype, so `router_dtype` must equal `param_dtype` on each side; the KV cache
+    is stored in the model dtype (HF DynamicCache, vLLM `kv_cache_dtype=auto`); vLLM's log-probs
+    are fp32; megatron-core reduces gradients in fp32 or the weight dtype and its optimizer builds a
+    loss scaler (`DynamicGradScaler`) for fp16 weights only, with growth 2.0 and backoff 0.5.
+
+    Args:
+        cfg: the `precision:` block (null keys: the preset's value).
+        trainer: the trainer backend, `policy.backend` ("torch" | "megatron").
+        rollout: the rollout backend, `rollout.backend` ("torch" | "vllm").
+
+    Returns:
+        Lines "bad value for 'precision.<key>': <value>; allowed: ...; <fix>"; empty when every
+        setting is honoured.
+
+    Raises:
+        ValueError: an unknown preset or dtype name.
     """
     d = {k: v for k, v in as_dict(cfg).items() if v is not None}
     train = PrecisionPolicy.from_config(d)
@@ -273,6 +380,18 @@ def precision_problems(cfg: Mapping[str, Any], trainer: str = "torch", rollout: 
 
 
 def as_dict(cfg: Any) -> dict[str, Any]:
+    """A `precision:` block as a plain dict, from a mapping, an OmegaConf config or a pydantic model.
+
+    Args:
+        cfg: a mapping, an OmegaConf config (interpolations resolved) or an object with
+            `model_dump()`.
+
+    Returns:
+        A new top-level dict (nested values are not copied for a mapping).
+
+    Raises:
+        TypeError: anything else.
+    """
     if isinstance(cfg, Mapping):
         return dict(cfg)
     try:  # OmegaConf DictConfig or a pydantic model, without importing either here

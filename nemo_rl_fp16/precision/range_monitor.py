@@ -16,8 +16,15 @@ class ActivationMonitor:
 
     Use as a context manager around forwards; `metrics()` reports the per-layer maxima, the
     overall max, the headroom factor `65504 / max` (below ~10 a fp16 overflow is near) and the
-    count of non-finite outputs; any non-finite output makes the headroom 0 ("unsafe"). Values are kept as tensors until `metrics()` to avoid a device
-    sync per layer.
+    count of non-finite outputs; any non-finite output makes the headroom 0 ("unsafe"). Values are
+    kept as tensors until `metrics()` to avoid a device sync per layer. Maxima accumulate over all
+    forwards inside the monitor.
+
+    Args:
+        model: an HF causal LM; its decoder layers' outputs are hooked.
+
+    Raises:
+        TypeError: `model` has no decoder layer stack (`modeling.decoder_layers`).
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -44,7 +51,17 @@ class ActivationMonitor:
         self._handles = []
 
     def metrics(self, prefix: str = "range/") -> dict[str, float]:
-        """Flat float metrics; empty when no forward ran inside the monitor."""
+        """Flat float metrics of the forwards seen; empty when no forward ran inside the monitor.
+
+        Args:
+            prefix: prepended to every key.
+
+        Returns:
+            {"<prefix>act_absmax/layer<i>": max |output| of layer i (fp32 value), "<prefix>act_absmax":
+            the largest (NaN counts as inf), "<prefix>fp16_headroom": 65504 / act_absmax (inf when 0;
+            0.0 when any output was non-finite), "<prefix>act_nonfinite": count of non-finite
+            elements}.
+        """
         seen = [(i, m.item()) for i, m in enumerate(self.max_abs) if m is not None]
         if not seen:
             return {}

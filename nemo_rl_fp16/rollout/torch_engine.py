@@ -47,6 +47,13 @@ class TorchRolloutEngine:
         initial_state_dict: fp32 HF state dict to start from (else the seeded random/checkpoint init).
         max_batch_size: rows decoded together; larger batches are processed in chunks.
         seed: seeds the random init of a `config`-built model (same default as the trainer's).
+
+    Raises:
+        PrecisionMismatchError: `policy.kv_cache_dtype` differs from `param_dtype` (HF DynamicCache
+            stores keys/values in the model dtype).
+        ValueError: `max_batch_size` < 1, a malformed `model_cfg` (`modeling.build_model`), or an
+            `initial_state_dict` that does not match the model (`modeling.load_weights_`).
+        FileNotFoundError: `model_cfg.name_or_path` is not a loadable local checkpoint.
     """
 
     def __init__(self, model_cfg: Mapping[str, Any], policy: PrecisionPolicy, *, pad_token_id: int,
@@ -77,11 +84,22 @@ class TorchRolloutEngine:
 
     # ------------------------------------------------------------------ RolloutEngine
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Refit from fp32 master weights (HF names), cast in place; all-or-nothing."""
+        """Refit from fp32 master weights (HF names), cast in place; all-or-nothing.
+
+        Args:
+            state_dict: fp32 HF-named weights (`PolicyEngine.rollout_state_dict`).
+
+        Raises:
+            ValueError: unknown / missing names or shape mismatches (`modeling.load_weights_`).
+        """
         load_weights_(self.model, state_dict)
 
     def audit(self) -> list[str]:
-        """Parameter dtypes against the policy, plus the KV cache dtypes seen at the last prefill."""
+        """Parameter dtypes against the policy, plus the KV cache dtypes seen at the last prefill.
+
+        Returns:
+            One line per finding; empty when the engine matches `precision`.
+        """
         lines = audit_model(self.model, self.precision)
         bad = sorted(dtype_name(d) for d in self.last_kv_cache_dtypes if d != self.precision.kv_cache_dtype)
         if bad:
@@ -94,6 +112,19 @@ class TorchRolloutEngine:
 
         Seeded by `params.seed` (a `torch.Generator`): the same seed, prompts and batch size give
         the same samples. Returned tensors are on CPU; the response width is the longest response.
+
+        Args:
+            prompts: unpadded token ids, none empty.
+            params: sampling settings.
+
+        Returns:
+            A `RolloutBatch` (`interfaces.py` layout), `extras["truncated"]` `[N]` bool, and
+            `rollout_experts` `[N, T, layers, k]` int16 for MoE models.
+
+        Raises:
+            ValueError: bad prompts or `params`.
+            guards.NonFiniteError: NaN/inf logits.
+            PrecisionMismatchError: the KV cache is not in `precision.kv_cache_dtype`.
         """
         _check_params(prompts, params)
         g = params.num_generations
@@ -186,13 +217,25 @@ class TorchRolloutEngine:
 
 def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator,
                   logits_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row from `[B, V]` logits; returns (tokens, pre-top-p fp32 log-probs).
-
-    Raises `guards.NonFiniteError` on NaN/inf logits instead of sampling from them.
+    """Sample one token per row from `[B, V]` logits.
 
     Sampling is inverse-CDF in fp64 from one `torch.rand` draw per row of `gen`, so the same
-    logits and generator state give the same tokens on every CPU. Nucleus sampling keeps the smallest set of most likely tokens whose cumulative probability
-    reaches `top_p` (the top token always survives) and renormalises over it.
+    logits and generator state give the same tokens on every CPU. Nucleus sampling keeps the
+    smallest set of most likely tokens whose cumulative probability reaches `top_p` (the top
+    token always survives) and renormalises over it.
+
+    Args:
+        logits: `[B, V]` last-position logits in the model dtype.
+        temperature: 0 is greedy (argmax), scored at 1.
+        top_p: nucleus mass in (0, 1].
+        gen: the generator the draws come from.
+        logits_dtype: the policy's `logits_dtype` (fp32).
+
+    Returns:
+        (tokens `[B]` int64, their log-probs `[B]` in `logits_dtype`, computed before top-p).
+
+    Raises:
+        guards.NonFiniteError: NaN/inf logits (never sampled from).
     """
     if not bool(torch.isfinite(logits).all()):
         raise NonFiniteError(f"rollout engine: non-finite logits ({int((~torch.isfinite(logits)).sum())} of "

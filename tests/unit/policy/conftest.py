@@ -1,4 +1,4 @@
-"""Test-only CUDA redirects that let megatron-core run on CPU.
+"""Test-only CUDA redirects that let megatron-core (0.16.1 here) run forward and backward on CPU.
 
 megatron-core hard-codes a few CUDA calls (current device, the model-parallel RNG tracker's CUDA
 RNG state). Tests redirect them to the CPU; the package never does. `cpu_redirects()` is a plain
