@@ -1,11 +1,12 @@
 """The validation stage and the run plan: every check a run needs, before any work.
 
-`check_run` is the one validation stage shared by the dry run and the real run (the CLI and
-`trainer.run` both call it): the schema (`config.py`, pydantic) has already checked keys, types,
-ranges and dtype combinations; here come the layout (`parallel_layout`), the device
-(`run_device`, the one rule the plan, `build` and the Ray driver use), what this version does not
-implement, and the environment a run needs (`environment_problems`: paths, optional packages,
-dataset rows, prompt length vs the model's context). Nothing is built: a bad run fails in seconds.
+`check_run` is the one validation stage shared by the dry run and the real run (every command
+calls it: `commands.validate`, and `commands.rl.run` first thing): the schema (`config.py`,
+pydantic) has already checked keys, types, ranges and dtype combinations; here come the layout
+(`parallel_layout`), the device (`run_device`, the one rule the plan, `assembly` and the Ray
+driver use), what this version does not implement, and the environment a run needs
+(`environment_problems`: paths, optional packages, dataset rows, prompt length vs the model's
+context). Nothing is built: a bad run fails in seconds. This module imports no run assembly.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class Layout:
 
 
 def run_device(cfg: RecipeConfig) -> str:
-    """The device every engine of the run uses: the one rule for plan, build and the Ray driver.
+    """The device every engine of the run uses: the one rule for plan, assembly and the Ray driver.
 
     `device=cpu|cuda` is taken as is. `auto` is `cuda` when the recipe declares GPUs
     (`cluster.gpus_per_node > 0`); without declared GPUs it is `cpu` under Ray (Ray gives actors
@@ -361,9 +362,9 @@ def _context_length(cfg: RecipeConfig) -> int | None:
 
 def data_problems(cfg: RecipeConfig) -> list[str]:
     """Dataset rows, held-out split, vocabulary and prompt length vs context (needs the tokenizer)."""
-    from nemo_rl_fp16.build import build_tokenizer
     from nemo_rl_fp16.data import DataError, get_dataset
     from nemo_rl_fp16.evaluation import eval_problems
+    from nemo_rl_fp16.modeling.tokenizer import build_tokenizer
 
     try:
         tokenizer = build_tokenizer(cfg)

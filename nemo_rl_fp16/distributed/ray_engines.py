@@ -1,22 +1,23 @@
 """Trainer ranks and rollout engines as Ray actors, behind the same two protocols as in-process engines.
 
-`RayEngines` (built by `build.build_run` when `cluster.ray.enabled=true`) places actors as
+`RayEngines` (built by `assembly.build_run` when `cluster.ray.enabled=true`) places actors as
 `placement.plan_placement` says, in one Ray placement group:
 
 - `PolicyWorker` x `trainer_workers`: one torch.distributed rank each (gloo on CPU, NCCL on GPU),
-  running the recipe's trainer (`build.build_policy_trainer`: FSDP2 data parallel for the torch
+  running the recipe's trainer (`policy.build_policy`: FSDP2 data parallel for the torch
   backend, megatron-core for `policy.backend=megatron`), plus the frozen reference policy on the
   same ranks when `algorithm.kl_coef > 0`. `RayPolicyGroup` is the loop's
   `PolicyEngine`: every call goes to every rank (the collectives need all of them) and rank 0's
   answer comes back.
-- `RolloutWorker` x `rollout_workers`: one rollout engine each (`build.build_rollout_engine`).
+- `RolloutWorker` x `rollout_workers`: one rollout engine each (`rollout.build_rollout_engine`).
   `RayRolloutGroup` is the loop's `RolloutEngine`: it splits a step's prompts between the engines
   (whole prompt groups), stacks their batches, and refits all of them from one object-store copy
   of the weights. Colocated, it puts engines to sleep after generating and wakes them for the refit
   when the engine has `sleep`/`wake_up`.
 
-The loop's loss closure travels to the workers by Ray's cloudpickle (code of this package, not a
-network service: vLLM's insecure serialization is not involved). Results come back on the CPU.
+The loop's loss (`algorithms.BoundLoss`, a dataclass of tensors) travels to the workers by Ray's
+pickle (code of this package, not a network service: vLLM's insecure serialization is not
+involved). Results come back on the CPU.
 """
 
 from __future__ import annotations
@@ -71,14 +72,14 @@ class PolicyWorker:
               train_pol: PrecisionPolicy, device: str, init: dict | None, reference: bool = False) -> str:
         import torch.distributed as dist
 
-        from nemo_rl_fp16.build import build_policy_trainer
+        from nemo_rl_fp16.policy import build_policy
 
         os.environ.setdefault("LOCAL_RANK", "0")  # Ray shows each actor only its own GPU
         dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(minutes=30))
-        self.engines["policy"] = build_policy_trainer(rc, model_cfg, train_pol, device, init)
+        self.engines["policy"] = build_policy(rc, model_cfg, train_pol, device, init)
         if reference:
-            self.engines["reference"] = build_policy_trainer(rc, model_cfg, train_pol, device, init)
+            self.engines["reference"] = build_policy(rc, model_cfg, train_pol, device, init)
         return type(self.engines["policy"]).__name__
 
     def call(self, target: str, method: str, *args: Any) -> Any:
@@ -100,7 +101,7 @@ class RolloutWorker:
 
     def setup(self, rc: RecipeConfig, rollout_pol: PrecisionPolicy, model_cfg: dict, tokenizer: Any, device: str,
               init: dict | None, model_dir: str) -> str:
-        from nemo_rl_fp16.build import build_rollout_engine
+        from nemo_rl_fp16.rollout import build_rollout_engine
 
         self.engine = build_rollout_engine(rc, rollout_pol, model_cfg, tokenizer, device, initial_state_dict=init,
                                            model_dir=Path(model_dir))
@@ -209,7 +210,7 @@ class RayEngines:
     """Starts (or joins) Ray, places the actors, builds both groups; `close()` releases everything."""
 
     def __init__(self, rc: RecipeConfig, model_cfg: dict, train_pol: PrecisionPolicy, rollout_pol: PrecisionPolicy,
-                 tokenizer: Any, init: dict | None, model_dir: Path, console: Console | None = None):
+                 tokenizer: Any, init: dict | None, model_dir: Path, device: str, console: Console | None = None):
         try:
             import ray
             from ray.util.placement_group import placement_group, remove_placement_group
@@ -219,9 +220,7 @@ class RayEngines:
         console = console or Console()
         r = rc.cluster.ray
         gpus = rc.cluster.gpus_per_node > 0
-        from nemo_rl_fp16.plan import run_device
-
-        self.device = run_device(rc)  # the plan's rule (auto: cuda iff cluster.gpus_per_node > 0 under Ray)
+        self.device = device  # the plan's rule, `plan.run_device` (auto: cuda iff cluster.gpus_per_node > 0 under Ray)
         try:
             self.placement: Placement = plan_placement(r.layout, r.trainer_workers, r.rollout_workers, gpus=gpus,
                                                        cpus_per_worker=r.cpus_per_worker,
