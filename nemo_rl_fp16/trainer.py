@@ -59,6 +59,7 @@ class RLTrainer:
     """
 
     def __init__(self, cfg: RecipeConfig, run: RunParts, console: Any = None):
+        """Take the run's engines and data; the KL term is on when the run has a reference."""
         self.cfg = cfg
         self.run = run
         self.policy: PolicyEngine = run.policy

@@ -52,10 +52,14 @@ def _cpu(obj: Any) -> Any:
 
 
 class PolicyWorker:
-    """One trainer rank (wrapped with `ray.remote` by `RayEngines`): the policy, and with
-    `algorithm.kl_coef > 0` the frozen reference policy, sharded the same way on the same ranks."""
+    """One trainer rank (wrapped with `ray.remote` by `RayEngines`).
+
+    Holds the policy and, with `algorithm.kl_coef > 0`, the frozen reference policy, sharded the
+    same way on the same ranks.
+    """
 
     def __init__(self, threads: int):
+        """Limit torch to `threads` intra-op threads (the actor's CPUs)."""
         torch.set_num_threads(max(1, threads))
         self.engines: dict[str, Any] = {}
 
@@ -70,6 +74,24 @@ class PolicyWorker:
 
     def setup(self, rank: int, world: int, addr: str, port: int, backend: str, rc: RecipeConfig, model_cfg: dict,
               train_pol: PrecisionPolicy, device: str, init: dict | None, reference: bool = False) -> str:
+        """Join the process group as `rank` of `world`, then build the policy (and reference) engine.
+
+        Args:
+            rank (int): this worker's rank.
+            world (int): the number of trainer ranks.
+            addr (str): rank 0's IP (`rendezvous`).
+            port (int): rank 0's free port.
+            backend (str): `gloo` (CPU) or `nccl` (GPU).
+            rc (RecipeConfig): the typed recipe.
+            model_cfg (dict): the recipe's `model:` block.
+            train_pol (PrecisionPolicy): the trainer side's dtypes.
+            device (str): `cpu` or `cuda`.
+            init (dict | None): fp32 starting weights (None = `model.name_or_path`).
+            reference (bool): also build the frozen reference policy.
+
+        Returns:
+            str: the engine's class name (for the driver's log line).
+        """
         import torch.distributed as dist
 
         from nemo_rl_fp16.policy import build_policy
@@ -83,9 +105,11 @@ class PolicyWorker:
         return type(self.engines["policy"]).__name__
 
     def call(self, target: str, method: str, *args: Any) -> Any:
+        """`engines[target].method(*args)`, tensors of the answer moved to the CPU."""
         return _cpu(getattr(self.engines[target], method)(*args))
 
     def close(self) -> None:
+        """Leave the process group."""
         import torch.distributed as dist
 
         if dist.is_initialized():
@@ -96,11 +120,13 @@ class RolloutWorker:
     """One rollout engine (wrapped with `ray.remote` by `RayEngines`)."""
 
     def __init__(self, threads: int):
+        """Limit torch to `threads` intra-op threads (the actor's CPUs)."""
         torch.set_num_threads(max(1, threads))
         self.engine = None
 
     def setup(self, rc: RecipeConfig, rollout_pol: PrecisionPolicy, model_cfg: dict, tokenizer: Any, device: str,
               init: dict | None, model_dir: str) -> str:
+        """Build this worker's rollout engine (`rollout.build_rollout_engine`); returns its class name."""
         from nemo_rl_fp16.rollout import build_rollout_engine
 
         self.engine = build_rollout_engine(rc, rollout_pol, model_cfg, tokenizer, device, initial_state_dict=init,
@@ -108,6 +134,7 @@ class RolloutWorker:
         return type(self.engine).__name__
 
     def call(self, method: str, *args: Any) -> Any:
+        """`engine.method(*args)`, tensors of the answer moved to the CPU."""
         return _cpu(getattr(self.engine, method)(*args))
 
     def sleep(self) -> bool:
@@ -115,15 +142,20 @@ class RolloutWorker:
         return bool(self.engine.sleep()) if hasattr(self.engine, "sleep") else False
 
     def wake_up(self) -> None:
+        """Reload what `sleep` freed (no-op for an engine that cannot sleep)."""
         if hasattr(self.engine, "wake_up"):
             self.engine.wake_up()
 
 
 class RayPolicyGroup:
     """`PolicyEngine` over the trainer ranks: each call runs on every rank, rank 0 answers.
-    `target` picks the ranks' policy or their reference copy."""
+
+    Every protocol method (`interfaces.PolicyEngine`) is forwarded to all ranks, since the
+    collectives need all of them; `audit` unions the ranks' findings.
+    """
 
     def __init__(self, workers: list, precision: PrecisionPolicy, target: str = "policy"):
+        """Wrap `workers` (`PolicyWorker` handles); `target` picks their `policy` or `reference` engine."""
         self.workers = workers
         self.precision = precision
         self.target = target
@@ -135,30 +167,39 @@ class RayPolicyGroup:
         return ray.get([w.call.remote(self.target, method, *refs) for w in self.workers])
 
     def logprobs(self, batch: RolloutBatch, temperature: float) -> torch.Tensor:
+        """`[N, T]` fp32 log π of the batch's response tokens (rank 0's answer)."""
         return self._all("logprobs", batch, temperature)[0]
 
     def train_step(self, batch: RolloutBatch, loss_fn: LossFn, temperature: float) -> TrainStepResult:
+        """One optimizer step on every rank (each its data-parallel share); rank 0's result."""
         return self._all("train_step", batch, loss_fn, temperature)[0]
 
     def selected_experts(self, batch: RolloutBatch) -> torch.Tensor:
+        """`[N, T, moe layers, k]` expert ids π's routers pick (rank 0's answer)."""
         return self._all("selected_experts", batch)[0]
 
     def back_off_loss_scale(self, used_scale: float) -> bool:
+        """Lower every rank's loss scale below `used_scale`; False when it cannot go lower."""
         return self._all("back_off_loss_scale", used_scale)[0]
 
     def rollout_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full weights in the rollout dtype, HF names (rank 0's answer)."""
         return self._all("rollout_state_dict")[0]
 
     def activation_headroom(self, batch: RolloutBatch) -> dict[str, float]:
+        """fp16 activation headroom metrics of the batch (rank 0's answer)."""
         return self._all("activation_headroom", batch)[0]
 
     def audit(self) -> list[str]:
+        """Precision findings of all ranks, de-duplicated and sorted (empty = clean)."""
         return sorted({line for lines in self._all("audit") for line in lines})
 
     def state_dict(self) -> dict:
+        """Checkpoint state (`model` + optimizer/scaler), gathered to rank 0."""
         return self._all("state_dict")[0]
 
     def load_state_dict(self, state: dict) -> None:
+        """Load checkpoint state on every rank."""
         self._all("load_state_dict", state)
 
 
@@ -166,6 +207,7 @@ class RayRolloutGroup:
     """`RolloutEngine` over the rollout workers: prompts split between them, batches stacked."""
 
     def __init__(self, workers: list, precision: PrecisionPolicy, pad_token_id: int, colocated: bool):
+        """Wrap `workers` (`RolloutWorker` handles); colocated engines sleep between rollouts."""
         self.workers = workers
         self.precision = precision
         self.pad_token_id = pad_token_id
@@ -194,6 +236,7 @@ class RayRolloutGroup:
         return RolloutBatch.concat(batches, self.pad_token_id)
 
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Refit every engine from one object-store copy of `state_dict` (waking them first)."""
         import ray
 
         self._wake()
@@ -201,6 +244,7 @@ class RayRolloutGroup:
         ray.get([w.call.remote("update_weights", ref) for w in self.workers])
 
     def audit(self) -> list[str]:
+        """Precision findings of all engines, de-duplicated and sorted (empty = clean)."""
         import ray
 
         return sorted({line for lines in ray.get([w.call.remote("audit") for w in self.workers]) for line in lines})
@@ -211,6 +255,22 @@ class RayEngines:
 
     def __init__(self, rc: RecipeConfig, model_cfg: dict, train_pol: PrecisionPolicy, rollout_pol: PrecisionPolicy,
                  tokenizer: Any, init: dict | None, model_dir: Path, device: str, console: Console | None = None):
+        """Start or join Ray, place the actors, build `policy`, `reference` and `rollout`.
+
+        Args:
+            rc (RecipeConfig): the typed recipe (`cluster.ray.*` sizes the placement).
+            model_cfg (dict): the recipe's `model:` block.
+            train_pol (PrecisionPolicy): the trainer side's dtypes.
+            rollout_pol (PrecisionPolicy): the rollout engines' dtypes.
+            tokenizer: the run's tokenizer.
+            init (dict | None): fp32 starting weights (None = `model.name_or_path`).
+            model_dir (Path): where vLLM engines write config-built models (`r<j>` each).
+            device (str): the run's device (`plan.run_device`).
+            console (Console | None): where the placement is reported.
+
+        Raises:
+            ConfigError: Ray is missing, the placement is invalid, or the cluster cannot place it.
+        """
         try:
             import ray
             from ray.util.placement_group import placement_group, remove_placement_group
@@ -275,6 +335,7 @@ class RayEngines:
                       f"{r.layout} on {self.device}")
 
     def close(self) -> None:
+        """Kill the actors, remove the placement group, shut down a Ray this run started."""
         import ray
 
         for w in self.workers:
