@@ -35,8 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _measure(out: Path) -> dict:
     """Demo + offline mismatch in this process (its environment decides the CPU variant)."""
+    from nemo_rl_fp16.commands.demo import run_demo
+    from nemo_rl_fp16.commands.mismatch import run_mismatch
     from nemo_rl_fp16.config import load_recipe
-    from nemo_rl_fp16.experiments import run_demo, run_mismatch
 
     quiet = Console(quiet=True)
     t0 = time.perf_counter()

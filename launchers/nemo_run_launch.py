@@ -12,7 +12,7 @@ package's recipe loader before anything is built). `--dryrun` prints what NeMo-R
 
 Scope: one rl process per job (`ntasks_per_node=1`), i.e. the single-process trainer on one node.
 A multi-node job that needs a Ray cluster (head + workers) is what `nemo-rl-fp16 launch slurm`
-generates (nemo_rl_fp16/launch.py, docs/scaling.md). For a Slurm cluster you reach over SSH, pass
+generates (nemo_rl_fp16/commands/launch.py, docs/scaling.md). For a Slurm cluster you reach over SSH, pass
 `--ssh-host`/`--ssh-user` (a `run.SSHTunnel`); otherwise the tunnel is local (run on the login node).
 Needs the `nemo` extra (`pip install 'nemo_rl_fp16[nemo]'`: nemo-run==0.11.1, leptonai<0.47).
 """

@@ -1,4 +1,4 @@
-"""`nemo-rl-fp16` console script (and the body behind `nemo llm rl ...`).
+"""`nemo-rl-fp16` console script (and the body behind `nemo llm rl ...`): parse, dispatch, exit code.
 
     nemo-rl-fp16 rl recipe=grpo_fp16 trainer.max_steps=3 precision=bf16 [dry_run=true]
     nemo-rl-fp16 mismatch recipe=mismatch_tiny
@@ -13,6 +13,9 @@ prints the resolved config and the plan and exits. Errors a user can cause print
 problem (`error: ...`) and exit with a code saying what kind of problem it was (`EXIT_CODES`,
 docs/runs.md); `--traceback` (or `NEMO_RL_TRACEBACK=1`) shows the full Python trace instead, for
 bug reports. An unexpected exception is one line too, exit 1, with that hint.
+
+This module only parses the command line and dispatches to the command's module in
+`nemo_rl_fp16.commands` (imported on use, so `--help` stays fast); the commands never import it.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("recipes", help="list the packaged recipes")
     sl = sub.add_parser("launch", help="write (and optionally submit) a cluster launch script",
                         description="Write an sbatch script (Ray head + workers, then the rl run); "
-                                    "see nemo_rl_fp16/launch.py and docs/scaling.md.")
+                                    "see nemo_rl_fp16/commands/launch.py and docs/scaling.md.")
     sl.add_argument("target", choices=["slurm"], help="scheduler")
     sl.add_argument("overrides", nargs=argparse.REMAINDER,
                     help="recipe=NAME, nodes=, gpus_per_node=, time=, account=, partition=, image=, mounts=, "
@@ -142,51 +145,25 @@ def _run_command(command: str, args: Sequence[str]) -> int:
         print("\n".join(available_recipes()))
         return 0
     if command == "launch":
-        from nemo_rl_fp16.launch import launch_slurm
+        from nemo_rl_fp16.commands.launch import launch_slurm
 
         return launch_slurm(args)
     recipe, overrides, dry_run = split_args(command, args)
-    if command == "demo":
-        from nemo_rl_fp16.experiments import run_demo
-
-        return run_demo(overrides, recipe=recipe, dry_run=dry_run)
-    from nemo_rl_fp16.config import load_recipe, to_yaml, typed
-    from nemo_rl_fp16.plan import check_run, format_plan
-
-    doctor_precisions = None
-    if command == "doctor":  # precision=fp16,bf16 is the doctor's list, not the run's preset
-        from nemo_rl_fp16.doctor_report import parse_precisions
-
-        given = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] in ("precision", "+precision")]
-        overrides = [o for o in overrides if o.split("=", 1)[0] not in ("precision", "+precision")]
-        doctor_precisions = parse_precisions(given[-1], ()) if given else None
-    cfg = load_recipe(recipe, overrides)
-    if command == "rl" and not dry_run:  # `run` starts with the same validation stage (`check_run`)
-        from nemo_rl_fp16.trainer import run
-
-        run(cfg)
-        return 0
-    plan = check_run(typed(cfg))  # the dry run's checks are the real run's: plan + environment
-    if dry_run:
-        print(to_yaml(cfg), end="")
-        print(f"# plan ({command})\n{format_plan(plan)}")
-        return 0
-    if command == "preflight":
-        from nemo_rl_fp16.preflight import run_preflight
-
-        return run_preflight(cfg)
-    if command == "doctor":
-        from nemo_rl_fp16.doctor_report import run_doctor
-
-        run_doctor(cfg, doctor_precisions)
-        return 0
-    from nemo_rl_fp16.experiments import run_mismatch
-
-    run_mismatch(cfg)
-    return 0
+    if command == "rl":
+        from nemo_rl_fp16.commands.rl import main as command_main
+    elif command == "mismatch":
+        from nemo_rl_fp16.commands.mismatch import main as command_main
+    elif command == "doctor":
+        from nemo_rl_fp16.commands.doctor import main as command_main
+    elif command == "preflight":
+        from nemo_rl_fp16.commands.preflight import main as command_main
+    else:
+        from nemo_rl_fp16.commands.demo import main as command_main
+    return command_main(recipe, overrides, dry_run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The console script: parse `argv` (default `sys.argv[1:]`), run the command, return its exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = _parser().parse_args(argv)
     return run_command(ns.command, getattr(ns, "overrides", []), show_traceback=ns.traceback or None)  # launch: target is always slurm

@@ -16,9 +16,9 @@ from typing import Any
 from omegaconf import DictConfig
 from rich.console import Console
 
+from nemo_rl_fp16.assembly import offline_setup
 from nemo_rl_fp16.config import ConfigError, save_resolved, typed
 from nemo_rl_fp16.doctor import UNIT_ROUNDOFF, replay
-from nemo_rl_fp16.experiments import offline_setup
 from nemo_rl_fp16.fsutil import atomic_write
 from nemo_rl_fp16.report import json_safe
 
@@ -78,13 +78,11 @@ def run_doctor(cfg: DictConfig, precisions: Sequence[str] | None = None, console
         ConfigError: `policy.backend` or `rollout.backend` is not "torch" (the doctor hooks the HF
             model of both torch engines), or the recipe does not validate.
     """
-    from nemo_rl_fp16.build import (
-        build_policy_trainer,
-        build_rollout_engine,
-    )
     from nemo_rl_fp16.mismatch import mismatch_metrics
+    from nemo_rl_fp16.policy import build_policy
     from nemo_rl_fp16.precision import PrecisionPolicy
     from nemo_rl_fp16.precision.cpu_numerics import numerics_record
+    from nemo_rl_fp16.rollout import build_rollout_engine
     from nemo_rl_fp16.runtime import torch_threads
 
     console = console or Console()
@@ -98,7 +96,7 @@ def run_doctor(cfg: DictConfig, precisions: Sequence[str] | None = None, console
         setup.device, setup.tokenizer, setup.prompts, setup.init, setup.model_cfg, setup.params)
     save_resolved(cfg, out)
     results: dict[str, Any] = {}
-    with torch_threads(1):  # the tiny model is overhead-bound (experiments.run_demo)
+    with torch_threads(1):  # the tiny model is overhead-bound (commands.demo.run_demo)
         sampler = build_rollout_engine(rc, PrecisionPolicy.from_name(precisions[0]), model_cfg, tokenizer, device,
                                        initial_state_dict=init, model_dir=out / "rollout_model")
         batch = sampler.generate(prompts, params)
@@ -108,7 +106,7 @@ def run_doctor(cfg: DictConfig, precisions: Sequence[str] | None = None, console
             pol = PrecisionPolicy.from_name(name)
             engine = build_rollout_engine(rc, pol, model_cfg, tokenizer, device, initial_state_dict=init,
                                           model_dir=out / "rollout_model")
-            trainer = build_policy_trainer(rc.model_copy(update={"policy": rc.policy.model_copy(
+            trainer = build_policy(rc.model_copy(update={"policy": rc.policy.model_copy(
                 update={"lora": rc.policy.lora.model_copy(update={"enabled": False})})}), model_cfg, pol, device, init)
             r = replay(engine, trainer, batch, name, rc.rollout.temperature)
             logp = r.pop("logp")

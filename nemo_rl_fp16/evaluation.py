@@ -64,9 +64,12 @@ def evaluate(rollout: RolloutEngine, prompts: list[list[int]], answers: list[str
 
     Args:
         rollout: the run's rollout engine (µ), current weights.
-        prompts: token ids of each held-out prompt; answers: its reference answer.
+        prompts: token ids of each held-out prompt.
+        answers: each prompt's reference answer.
         sampling: the run's sampling settings (temperature, top_p, max_new_tokens, stop tokens, seed).
         k: samples per problem for pass@k / mean@k.
+        tokenizer: the run's tokenizer (decodes responses up to EOS).
+        reward: the run's reward function (response text, answer) -> reward; correct = reward > 0.5.
     """
     n = len(prompts)
     greedy = rollout.generate(prompts, dataclasses.replace(sampling, temperature=0.0, num_generations=1))

@@ -172,10 +172,14 @@ class TrainStepResult:
     micro_metrics: list[dict[str, float]] = field(default_factory=list)
 
 
-# A loss closure: given π log-probs [n, T] (fp32, with grad) for rows `rows` of the batch,
-# return (loss contribution, metrics). The contribution is already the rows' exact share of the
-# whole batch's loss (normalised by the global valid tokens / sequences, `trainer.loss_closure`):
-# engines sum the micro-batches' and data-parallel ranks' gradients and never reweight them.
+# The loss an engine calls per micro-batch: given π log-probs [n, T] (fp32, with grad) for rows
+# `rows` of the batch, return (loss contribution, metrics). The contribution is already the rows'
+# exact share of the whole batch's loss (normalised by the global valid tokens / sequences):
+# engines sum the micro-batches' and data-parallel ranks' gradients and never reweight them, and
+# hand each micro-batch's metrics back in `TrainStepResult.micro_metrics`. The loop passes
+# `algorithms.BoundLoss` (`PolicyLossFn.bind`: NeMo-RL's loss interface with global normalisers,
+# each metric's denominator declared by `PolicyLossFn.metric_denominators`); any callable with
+# this signature works (tests pass plain functions).
 LossFn = Callable[[torch.Tensor, slice], tuple[torch.Tensor, dict[str, float]]]
 
 

@@ -205,8 +205,10 @@ def router_topk_flip_rate(train_experts: Any, rollout_experts: Any, mask: Any) -
 
 
 def router_topk_flip_rate_by_layer(train_experts: Any, rollout_experts: Any, mask: Any) -> list[float]:
-    """:func:`router_topk_flip_rate` of each MoE layer: flips / masked tokens, one float per layer
-    (0.0 with no masked token). Same arguments and errors."""
+    """:func:`router_topk_flip_rate` of each MoE layer.
+
+    Flips / masked tokens, one float per layer (0.0 with no masked token). Same arguments and errors.
+    """
     a, b, m = (_as_tensor(x) for x in (train_experts, rollout_experts, mask))
     router_topk_flip_rate(a, b, m)  # shape checks
     m = m != 0

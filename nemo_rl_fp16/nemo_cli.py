@@ -61,17 +61,17 @@ def _command(fn):
 
 @_command
 def rl(*args: str) -> int:
-    """RL fine-tuning (GRPO and relatives) in FP16 end to end: recipe=NAME key=value ... [dry_run=true]"""
+    """RL fine-tuning (GRPO and relatives) in FP16 end to end: recipe=NAME key=value ... [dry_run=true]."""
     return _main("rl", args)
 
 
 @_command
 def mismatch(*args: str) -> int:
-    """Offline training-inference mismatch check across precisions: recipe=NAME key=value ..."""
+    """Offline training-inference mismatch check across precisions: recipe=NAME key=value ...."""
     return _main("mismatch", args)
 
 
 @_command
 def demo(*args: str) -> int:
-    """CPU sanity demo, fp16 vs bf16 side by side: [key=value ...]"""
+    """CPU sanity demo, fp16 vs bf16 side by side: [key=value ...]."""
     return _main("demo", args)

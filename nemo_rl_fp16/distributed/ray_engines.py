@@ -1,22 +1,23 @@
 """Trainer ranks and rollout engines as Ray actors, behind the same two protocols as in-process engines.
 
-`RayEngines` (built by `build.build_run` when `cluster.ray.enabled=true`) places actors as
+`RayEngines` (built by `assembly.build_run` when `cluster.ray.enabled=true`) places actors as
 `placement.plan_placement` says, in one Ray placement group:
 
 - `PolicyWorker` x `trainer_workers`: one torch.distributed rank each (gloo on CPU, NCCL on GPU),
-  running the recipe's trainer (`build.build_policy_trainer`: FSDP2 data parallel for the torch
+  running the recipe's trainer (`policy.build_policy`: FSDP2 data parallel for the torch
   backend, megatron-core for `policy.backend=megatron`), plus the frozen reference policy on the
   same ranks when `algorithm.kl_coef > 0`. `RayPolicyGroup` is the loop's
   `PolicyEngine`: every call goes to every rank (the collectives need all of them) and rank 0's
   answer comes back.
-- `RolloutWorker` x `rollout_workers`: one rollout engine each (`build.build_rollout_engine`).
+- `RolloutWorker` x `rollout_workers`: one rollout engine each (`rollout.build_rollout_engine`).
   `RayRolloutGroup` is the loop's `RolloutEngine`: it splits a step's prompts between the engines
   (whole prompt groups), stacks their batches, and refits all of them from one object-store copy
   of the weights. Colocated, it puts engines to sleep after generating and wakes them for the refit
   when the engine has `sleep`/`wake_up`.
 
-The loop's loss closure travels to the workers by Ray's cloudpickle (code of this package, not a
-network service: vLLM's insecure serialization is not involved). Results come back on the CPU.
+The loop's loss (`algorithms.BoundLoss`, a dataclass of tensors) travels to the workers by Ray's
+pickle (code of this package, not a network service: vLLM's insecure serialization is not
+involved). Results come back on the CPU.
 """
 
 from __future__ import annotations
@@ -51,10 +52,14 @@ def _cpu(obj: Any) -> Any:
 
 
 class PolicyWorker:
-    """One trainer rank (wrapped with `ray.remote` by `RayEngines`): the policy, and with
-    `algorithm.kl_coef > 0` the frozen reference policy, sharded the same way on the same ranks."""
+    """One trainer rank (wrapped with `ray.remote` by `RayEngines`).
+
+    Holds the policy and, with `algorithm.kl_coef > 0`, the frozen reference policy, sharded the
+    same way on the same ranks.
+    """
 
     def __init__(self, threads: int):
+        """Limit torch to `threads` intra-op threads (the actor's CPUs)."""
         torch.set_num_threads(max(1, threads))
         self.engines: dict[str, Any] = {}
 
@@ -69,22 +74,42 @@ class PolicyWorker:
 
     def setup(self, rank: int, world: int, addr: str, port: int, backend: str, rc: RecipeConfig, model_cfg: dict,
               train_pol: PrecisionPolicy, device: str, init: dict | None, reference: bool = False) -> str:
+        """Join the process group as `rank` of `world`, then build the policy (and reference) engine.
+
+        Args:
+            rank (int): this worker's rank.
+            world (int): the number of trainer ranks.
+            addr (str): rank 0's IP (`rendezvous`).
+            port (int): rank 0's free port.
+            backend (str): `gloo` (CPU) or `nccl` (GPU).
+            rc (RecipeConfig): the typed recipe.
+            model_cfg (dict): the recipe's `model:` block.
+            train_pol (PrecisionPolicy): the trainer side's dtypes.
+            device (str): `cpu` or `cuda`.
+            init (dict | None): fp32 starting weights (None = `model.name_or_path`).
+            reference (bool): also build the frozen reference policy.
+
+        Returns:
+            str: the engine's class name (for the driver's log line).
+        """
         import torch.distributed as dist
 
-        from nemo_rl_fp16.build import build_policy_trainer
+        from nemo_rl_fp16.policy import build_policy
 
         os.environ.setdefault("LOCAL_RANK", "0")  # Ray shows each actor only its own GPU
         dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(minutes=30))
-        self.engines["policy"] = build_policy_trainer(rc, model_cfg, train_pol, device, init)
+        self.engines["policy"] = build_policy(rc, model_cfg, train_pol, device, init)
         if reference:
-            self.engines["reference"] = build_policy_trainer(rc, model_cfg, train_pol, device, init)
+            self.engines["reference"] = build_policy(rc, model_cfg, train_pol, device, init)
         return type(self.engines["policy"]).__name__
 
     def call(self, target: str, method: str, *args: Any) -> Any:
+        """`engines[target].method(*args)`, tensors of the answer moved to the CPU."""
         return _cpu(getattr(self.engines[target], method)(*args))
 
     def close(self) -> None:
+        """Leave the process group."""
         import torch.distributed as dist
 
         if dist.is_initialized():
@@ -95,18 +120,21 @@ class RolloutWorker:
     """One rollout engine (wrapped with `ray.remote` by `RayEngines`)."""
 
     def __init__(self, threads: int):
+        """Limit torch to `threads` intra-op threads (the actor's CPUs)."""
         torch.set_num_threads(max(1, threads))
         self.engine = None
 
     def setup(self, rc: RecipeConfig, rollout_pol: PrecisionPolicy, model_cfg: dict, tokenizer: Any, device: str,
               init: dict | None, model_dir: str) -> str:
-        from nemo_rl_fp16.build import build_rollout_engine
+        """Build this worker's rollout engine (`rollout.build_rollout_engine`); returns its class name."""
+        from nemo_rl_fp16.rollout import build_rollout_engine
 
         self.engine = build_rollout_engine(rc, rollout_pol, model_cfg, tokenizer, device, initial_state_dict=init,
                                            model_dir=Path(model_dir))
         return type(self.engine).__name__
 
     def call(self, method: str, *args: Any) -> Any:
+        """`engine.method(*args)`, tensors of the answer moved to the CPU."""
         return _cpu(getattr(self.engine, method)(*args))
 
     def sleep(self) -> bool:
@@ -114,15 +142,20 @@ class RolloutWorker:
         return bool(self.engine.sleep()) if hasattr(self.engine, "sleep") else False
 
     def wake_up(self) -> None:
+        """Reload what `sleep` freed (no-op for an engine that cannot sleep)."""
         if hasattr(self.engine, "wake_up"):
             self.engine.wake_up()
 
 
 class RayPolicyGroup:
     """`PolicyEngine` over the trainer ranks: each call runs on every rank, rank 0 answers.
-    `target` picks the ranks' policy or their reference copy."""
+
+    Every protocol method (`interfaces.PolicyEngine`) is forwarded to all ranks, since the
+    collectives need all of them; `audit` unions the ranks' findings.
+    """
 
     def __init__(self, workers: list, precision: PrecisionPolicy, target: str = "policy"):
+        """Wrap `workers` (`PolicyWorker` handles); `target` picks their `policy` or `reference` engine."""
         self.workers = workers
         self.precision = precision
         self.target = target
@@ -134,30 +167,39 @@ class RayPolicyGroup:
         return ray.get([w.call.remote(self.target, method, *refs) for w in self.workers])
 
     def logprobs(self, batch: RolloutBatch, temperature: float) -> torch.Tensor:
+        """`[N, T]` fp32 log π of the batch's response tokens (rank 0's answer)."""
         return self._all("logprobs", batch, temperature)[0]
 
     def train_step(self, batch: RolloutBatch, loss_fn: LossFn, temperature: float) -> TrainStepResult:
+        """One optimizer step on every rank (each its data-parallel share); rank 0's result."""
         return self._all("train_step", batch, loss_fn, temperature)[0]
 
     def selected_experts(self, batch: RolloutBatch) -> torch.Tensor:
+        """`[N, T, moe layers, k]` expert ids π's routers pick (rank 0's answer)."""
         return self._all("selected_experts", batch)[0]
 
     def back_off_loss_scale(self, used_scale: float) -> bool:
+        """Lower every rank's loss scale below `used_scale`; False when it cannot go lower."""
         return self._all("back_off_loss_scale", used_scale)[0]
 
     def rollout_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full weights in the rollout dtype, HF names (rank 0's answer)."""
         return self._all("rollout_state_dict")[0]
 
     def activation_headroom(self, batch: RolloutBatch) -> dict[str, float]:
+        """fp16 activation headroom metrics of the batch (rank 0's answer)."""
         return self._all("activation_headroom", batch)[0]
 
     def audit(self) -> list[str]:
+        """Precision findings of all ranks, de-duplicated and sorted (empty = clean)."""
         return sorted({line for lines in self._all("audit") for line in lines})
 
     def state_dict(self) -> dict:
+        """Checkpoint state (`model` + optimizer/scaler), gathered to rank 0."""
         return self._all("state_dict")[0]
 
     def load_state_dict(self, state: dict) -> None:
+        """Load checkpoint state on every rank."""
         self._all("load_state_dict", state)
 
 
@@ -165,6 +207,7 @@ class RayRolloutGroup:
     """`RolloutEngine` over the rollout workers: prompts split between them, batches stacked."""
 
     def __init__(self, workers: list, precision: PrecisionPolicy, pad_token_id: int, colocated: bool):
+        """Wrap `workers` (`RolloutWorker` handles); colocated engines sleep between rollouts."""
         self.workers = workers
         self.precision = precision
         self.pad_token_id = pad_token_id
@@ -193,6 +236,7 @@ class RayRolloutGroup:
         return RolloutBatch.concat(batches, self.pad_token_id)
 
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Refit every engine from one object-store copy of `state_dict` (waking them first)."""
         import ray
 
         self._wake()
@@ -200,6 +244,7 @@ class RayRolloutGroup:
         ray.get([w.call.remote("update_weights", ref) for w in self.workers])
 
     def audit(self) -> list[str]:
+        """Precision findings of all engines, de-duplicated and sorted (empty = clean)."""
         import ray
 
         return sorted({line for lines in ray.get([w.call.remote("audit") for w in self.workers]) for line in lines})
@@ -209,7 +254,23 @@ class RayEngines:
     """Starts (or joins) Ray, places the actors, builds both groups; `close()` releases everything."""
 
     def __init__(self, rc: RecipeConfig, model_cfg: dict, train_pol: PrecisionPolicy, rollout_pol: PrecisionPolicy,
-                 tokenizer: Any, init: dict | None, model_dir: Path, console: Console | None = None):
+                 tokenizer: Any, init: dict | None, model_dir: Path, device: str, console: Console | None = None):
+        """Start or join Ray, place the actors, build `policy`, `reference` and `rollout`.
+
+        Args:
+            rc (RecipeConfig): the typed recipe (`cluster.ray.*` sizes the placement).
+            model_cfg (dict): the recipe's `model:` block.
+            train_pol (PrecisionPolicy): the trainer side's dtypes.
+            rollout_pol (PrecisionPolicy): the rollout engines' dtypes.
+            tokenizer: the run's tokenizer.
+            init (dict | None): fp32 starting weights (None = `model.name_or_path`).
+            model_dir (Path): where vLLM engines write config-built models (`r<j>` each).
+            device (str): the run's device (`plan.run_device`).
+            console (Console | None): where the placement is reported.
+
+        Raises:
+            ConfigError: Ray is missing, the placement is invalid, or the cluster cannot place it.
+        """
         try:
             import ray
             from ray.util.placement_group import placement_group, remove_placement_group
@@ -219,9 +280,7 @@ class RayEngines:
         console = console or Console()
         r = rc.cluster.ray
         gpus = rc.cluster.gpus_per_node > 0
-        from nemo_rl_fp16.plan import run_device
-
-        self.device = run_device(rc)  # the plan's rule (auto: cuda iff cluster.gpus_per_node > 0 under Ray)
+        self.device = device  # the plan's rule, `plan.run_device` (auto: cuda iff cluster.gpus_per_node > 0 under Ray)
         try:
             self.placement: Placement = plan_placement(r.layout, r.trainer_workers, r.rollout_workers, gpus=gpus,
                                                        cpus_per_worker=r.cpus_per_worker,
@@ -276,6 +335,7 @@ class RayEngines:
                       f"{r.layout} on {self.device}")
 
     def close(self) -> None:
+        """Kill the actors, remove the placement group, shut down a Ray this run started."""
         import ray
 
         for w in self.workers:

@@ -24,7 +24,7 @@ QUIET = Console(quiet=True)
 
 @pytest.fixture(scope="module")
 def setup():
-    from nemo_rl_fp16.build import build_tokenizer, initial_weights
+    from nemo_rl_fp16.assembly import build_tokenizer, initial_weights
     from nemo_rl_fp16.data import get_dataset
 
     rc = typed(load_recipe("mismatch_tiny", ["rollout.max_new_tokens=24"]))

@@ -6,12 +6,13 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from nemo_rl_fp16.build import build_rollout_engine, build_tokenizer
+from nemo_rl_fp16.assembly import build_tokenizer
 from nemo_rl_fp16.config import load_recipe, typed
 from nemo_rl_fp16.data import get_dataset, get_reward
 from nemo_rl_fp16.evaluation import eval_problems, evaluate
 from nemo_rl_fp16.interfaces import SamplingParams
 from nemo_rl_fp16.precision import PrecisionPolicy
+from nemo_rl_fp16.rollout import build_rollout_engine
 
 
 def test_generated_held_out_split_is_disjoint_and_sized():
@@ -54,7 +55,7 @@ def test_greedy_sampling_makes_pass_and_mean_equal_greedy_accuracy():
 
 @pytest.mark.parametrize("every", [2])
 def test_run_logs_eval_metrics_and_summary(tmp_path, every):
-    from nemo_rl_fp16.trainer import run
+    from nemo_rl_fp16.commands.rl import run
 
     cfg = load_recipe("sanity_tiny", [f"output_dir={tmp_path}/run", "warm_start.enabled=false", "trainer.max_steps=3",
                                       f"trainer.eval_every={every}", "trainer.eval_k=2", "data.eval_num_problems=6",

@@ -236,15 +236,16 @@ def _probe(env, kind, items):
 
 
 def _trainer(rc, cfg):
-    from nemo_rl_fp16.build import build_policy_trainer
+    from nemo_rl_fp16.policy import build_policy
 
     train, _ = resolve_policies(rc.precision.model_dump())
-    return build_policy_trainer(rc, rc.model.model_dump(), train, "cpu", None)
+    return build_policy(rc, rc.model.model_dump(), train, "cpu", None)
 
 
 def _logp(rc, cfg):
-    from nemo_rl_fp16.build import build_rollout_engine, build_tokenizer
+    from nemo_rl_fp16.assembly import build_tokenizer
     from nemo_rl_fp16.interfaces import SamplingParams
+    from nemo_rl_fp16.rollout import build_rollout_engine
 
     tok = build_tokenizer(rc)
     train, roll = resolve_policies(rc.precision.model_dump())
@@ -255,7 +256,7 @@ def _logp(rc, cfg):
 
 
 def _init(rc, cfg):
-    from nemo_rl_fp16.build import build_tokenizer, initial_weights
+    from nemo_rl_fp16.assembly import build_tokenizer, initial_weights
     from nemo_rl_fp16.data import get_dataset
 
     return initial_weights(rc, build_tokenizer(rc), get_dataset(rc.data.model_dump(), seed=rc.seed), QUIET)
@@ -285,7 +286,7 @@ def _loader_kwargs(rc, cfg):
 
 
 def _loop(rc):
-    from nemo_rl_fp16.build import build_tokenizer
+    from nemo_rl_fp16.assembly import build_tokenizer
     from nemo_rl_fp16.data import get_dataset
     from nemo_rl_fp16.trainer import RLTrainer
 
@@ -296,7 +297,7 @@ def _loop(rc):
 
 
 def _run(rc, cfg):
-    from nemo_rl_fp16.trainer import run
+    from nemo_rl_fp16.commands.rl import run
 
     buf = io.StringIO()
     console = Console(file=buf, force_terminal=True, width=200)
@@ -310,7 +311,7 @@ def _run(rc, cfg):
 
 
 def _mismatch(rc, cfg):
-    from nemo_rl_fp16.experiments import run_mismatch
+    from nemo_rl_fp16.commands.mismatch import run_mismatch
 
     cfg = OmegaConf.merge(cfg, {"rollout": {"max_new_tokens": 3}, "mismatch": {"length_buckets": [1, 2, 3]}})
     if cfg.mismatch.num_prompts == 64:
@@ -333,7 +334,7 @@ PROBES = {
     "init": _init,
     "init_files": _init_files,
     "loader_kwargs": _loader_kwargs,
-    "tokenizer": lambda rc, cfg: __import__("nemo_rl_fp16.build", fromlist=["x"]).build_tokenizer(rc),
+    "tokenizer": lambda rc, cfg: __import__("nemo_rl_fp16.assembly", fromlist=["x"]).build_tokenizer(rc),
     "data": lambda rc, cfg: __import__("nemo_rl_fp16.data", fromlist=["x"]).get_dataset(rc.data.model_dump(),
                                                                                         seed=rc.seed),
     "eval_set": lambda rc, cfg: __import__("nemo_rl_fp16.evaluation", fromlist=["x"]).eval_problems(

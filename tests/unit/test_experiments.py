@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from nemo_rl_fp16.commands.mismatch import mismatch_policies
 from nemo_rl_fp16.config import ConfigError, load_recipe, typed
-from nemo_rl_fp16.experiments import mismatch_policies
 
 
 def test_explicit_dtype_keys_reach_both_engines_of_every_precision():

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from nemo_rl_fp16.cli import main
+from nemo_rl_fp16.commands.launch import SlurmJob, launch_slurm, parse_args, render_sbatch
 from nemo_rl_fp16.config import ConfigError
-from nemo_rl_fp16.launch import SlurmJob, launch_slurm, parse_args, render_sbatch
 
 ARGS = ["recipe=grpo_fp16", "time=04:00:00", "account=acct", "partition=batch",
         "image=/images/rl.sqsh", "mounts=/data:/data,/ckpt:/ckpt", "trainer.max_steps=7", "precision=bf16"]

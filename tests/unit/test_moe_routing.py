@@ -217,7 +217,7 @@ def test_plan_refuses_replay(tmp_path, overrides, match):
 def test_rl_run_logs_flip_rate_every_step(tmp_path, replay, capsys):
     from rich.console import Console
 
-    from nemo_rl_fp16.trainer import run
+    from nemo_rl_fp16.commands.rl import run
 
     cfg = _cfg(tmp_path, "precision=bf16", f"policy.router_replay={replay}", "algorithm.updates_per_rollout=2",
                "policy.micro_batch_size=5")

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def tiny():
-    from nemo_rl_fp16.build import build_tokenizer
+    from nemo_rl_fp16.assembly import build_tokenizer
     from nemo_rl_fp16.data import get_dataset
 
     rc = typed(load_recipe("sanity_tiny", ["warm_start.enabled=false"]))

@@ -12,11 +12,12 @@ import pytest
 import torch
 from rich.console import Console
 
-from nemo_rl_fp16.build import build_run
+from nemo_rl_fp16.assembly import build_run
+from nemo_rl_fp16.commands.rl import audit, run
 from nemo_rl_fp16.config import load_recipe, typed
 from nemo_rl_fp16.guards import NonFiniteError
 from nemo_rl_fp16.precision import PrecisionMismatchError
-from nemo_rl_fp16.trainer import RLTrainer, audit, run
+from nemo_rl_fp16.trainer import RLTrainer
 
 QUIET = Console(quiet=True)
 
@@ -172,7 +173,7 @@ def test_bad_dataset_rows_give_one_line_error(tmp_path):
 
 
 def test_mismatch_command_writes_report(tmp_path):
-    from nemo_rl_fp16.experiments import run_mismatch
+    from nemo_rl_fp16.commands.mismatch import run_mismatch
 
     cfg = load_recipe("mismatch_tiny", [f"output_dir={tmp_path}/mm", "mismatch.num_prompts=8",
                                         "rollout.max_new_tokens=16", "logging.progress=false"])
@@ -184,7 +185,7 @@ def test_mismatch_command_writes_report(tmp_path):
 
 
 def test_demo_runs_both_precisions_and_reports(tmp_path):
-    from nemo_rl_fp16.experiments import run_demo
+    from nemo_rl_fp16.commands.demo import run_demo
 
     code = run_demo([f"output_dir={tmp_path}/demo", f"warm_start.cache_dir={tmp_path}/ws", "trainer.max_steps=3",
                      "data.prompts_per_step=4", "logging.progress=false", "logging.tensorboard=false"],

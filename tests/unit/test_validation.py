@@ -110,11 +110,11 @@ def test_loss_scaling_follows_the_real_param_dtype():
 
 def test_bf16_preset_with_fp16_weights_keeps_tiny_gradients():
     """The fault: no scaler, ~1e-6 gradients underflow in fp16 to a grad norm of 0. With the scaler they survive."""
-    from nemo_rl_fp16.build import build_policy_trainer
+    from nemo_rl_fp16.policy import build_policy
 
     rc = typed(load_recipe("sanity_tiny", ["precision=bf16", "precision.param_dtype=float16"]))
     train, _ = resolve_policies(rc.precision.model_dump())
-    trainer = build_policy_trainer(rc, rc.model.model_dump(), train, "cpu", None)
+    trainer = build_policy(rc, rc.model.model_dump(), train, "cpu", None)
     assert trainer.scaler is not None and trainer.scaler.scale == 2.0**16
     from nemo_rl_fp16.interfaces import RolloutBatch
 
@@ -138,7 +138,7 @@ def test_ablation_rollout_side_keeps_explicit_dtype_keys():
 
 
 def test_one_device_rule_for_plan_build_and_ray(monkeypatch):
-    from nemo_rl_fp16.build import resolve_device
+    from nemo_rl_fp16.assembly import resolve_device
 
     cases = [([], "cpu"), (["cluster.gpus_per_node=8", "device=auto"], "cuda"),
              (["cluster.ray.enabled=true", "device=auto"], "cpu")]

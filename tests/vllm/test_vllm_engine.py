@@ -284,7 +284,7 @@ def test_rl_loop_runs_with_vllm_rollouts(tmp_path):
 
     from rich.console import Console
 
-    from nemo_rl_fp16.trainer import run
+    from nemo_rl_fp16.commands.rl import run
 
     cfg = _recipe(tmp_path, "sanity_tiny", "warm_start.enabled=false", "trainer.max_steps=3",
                   "trainer.save_every=0", "data.prompts_per_step=8", "rollout.num_generations=4")
@@ -303,7 +303,7 @@ def test_rl_loop_with_two_vllm_engines_as_ray_actors(tmp_path):
     pytest.importorskip("ray")
     from rich.console import Console
 
-    from nemo_rl_fp16.trainer import run
+    from nemo_rl_fp16.commands.rl import run
 
     cfg = _recipe(tmp_path, "sanity_tiny", "warm_start.enabled=false", "trainer.max_steps=2", "trainer.save_every=0",
                   "data.prompts_per_step=8", "rollout.num_generations=4", "cluster.ray.enabled=true",
@@ -318,7 +318,7 @@ def test_rl_loop_with_two_vllm_engines_as_ray_actors(tmp_path):
 def test_mismatch_command_with_vllm_rollouts(tmp_path):
     from rich.console import Console
 
-    from nemo_rl_fp16.experiments import run_mismatch
+    from nemo_rl_fp16.commands.mismatch import run_mismatch
 
     cfg = _recipe(tmp_path, "mismatch_tiny", "mismatch.num_prompts=16", "rollout.max_new_tokens=24")
     report = run_mismatch(cfg, console=Console(quiet=True))

@@ -4,7 +4,7 @@ import statistics
 
 from rich.console import Console
 
-from nemo_rl_fp16.build import build_tokenizer, initial_weights
+from nemo_rl_fp16.assembly import build_tokenizer, initial_weights
 from nemo_rl_fp16.config import load_recipe, typed
 from nemo_rl_fp16.data import get_dataset
 from nemo_rl_fp16.data.sanity import addition_steps, make_add_steps

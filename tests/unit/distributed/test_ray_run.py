@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from nemo_rl_fp16.commands.rl import run
 from nemo_rl_fp16.config import ConfigError, load_recipe, typed
-from nemo_rl_fp16.trainer import run
 
 ray = pytest.importorskip("ray")
 QUIET = Console(quiet=True)
@@ -68,7 +68,7 @@ def test_split_layout_two_rollout_engines_and_resume(tmp_path, ws_cache):
     (["cluster.ray.layout=ring"], "cluster.ray.layout"),
 ])
 def test_ray_config_errors_before_any_worker_starts(tmp_path, ws_cache, extra, match):
-    from nemo_rl_fp16.build import build_run
+    from nemo_rl_fp16.assembly import build_run
 
     with pytest.raises(ConfigError, match=match):
         build_run(typed(_cfg(tmp_path, ws_cache, "cluster.ray.enabled=true", *extra)), console=QUIET)

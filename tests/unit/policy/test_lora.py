@@ -104,7 +104,7 @@ def test_recipe_lora_block_reaches_the_trainer(tmp_path):
     """`policy.lora.enabled=true` on the command line builds a LoRA trainer (not a full fine-tune)."""
     from rich.console import Console
 
-    from nemo_rl_fp16.build import build_run
+    from nemo_rl_fp16.assembly import build_run
     from nemo_rl_fp16.config import load_recipe, typed
 
     rc = typed(load_recipe("sanity_tiny", [f"output_dir={tmp_path}/o", f"warm_start.cache_dir={tmp_path}/ws",

@@ -1,4 +1,4 @@
-"""The loop's loss closure through a real TorchPolicy (fp32): the step's loss and the fp32
+"""The loop's loss (`PolicyLossFn`) through a real TorchPolicy (fp32): the step's loss and the fp32
 master gradients do not depend on `policy.micro_batch_size`, with the KL-to-reference term on."""
 
 from __future__ import annotations
@@ -7,11 +7,10 @@ import pytest
 import torch
 from conftest import synthetic_batch
 
-from nemo_rl_fp16.algorithms import combine_metrics
+from nemo_rl_fp16.algorithms import LossInputs, PolicyLossFn, combine_metrics
 from nemo_rl_fp16.config import AlgorithmSection
 from nemo_rl_fp16.policy import TorchPolicy
 from nemo_rl_fp16.precision import PrecisionPolicy
-from nemo_rl_fp16.trainer import loss_closure
 
 VOCAB = 48
 CFG = {"config": {"model_type": "qwen2", "vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 1,
@@ -36,7 +35,9 @@ def _step(algo: AlgorithmSection, micro_batch_size: int):
     adv = torch.randn(N, generator=g)
     grads = []
     trainer.grad_hook = lambda gs: grads.append(torch.cat([x.flatten() for x in gs]).clone())
-    result = trainer.train_step(batch, loss_closure(algo, batch, old, ref, adv), 1.0)
+    loss_fn = PolicyLossFn.from_config(algo, with_reference=True).bind(
+        LossInputs(old, batch.rollout_logp, adv, batch.response_mask, ref))
+    result = trainer.train_step(batch, loss_fn, 1.0)
     return result.metrics["loss"], combine_metrics(result.micro_metrics), grads[0]
 
 

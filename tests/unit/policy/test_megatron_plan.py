@@ -84,7 +84,7 @@ def test_memory_estimate_scales_with_parallelism():
 
 
 def test_build_refuses_megatron_without_cuda_or_megatron_core():
-    from nemo_rl_fp16.build import _check_megatron_backend
+    from nemo_rl_fp16.assembly import check_policy_backend
 
     with pytest.raises(ConfigError, match="(policy.backend=megatron needs megatron-core|'policy.backend': megatron on device cpu)"):
-        _check_megatron_backend(typed(load_recipe("sanity_tiny", ["policy.backend=megatron", "device=cpu"])))
+        check_policy_backend(typed(load_recipe("sanity_tiny", ["policy.backend=megatron", "device=cpu"])))

@@ -1,0 +1,37 @@
+"""The `mismatch` command scores with the trainer `policy.backend` names (`policy.build_policy`),
+and a backend that cannot run here is refused by the validation stage in one line, before any work."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from nemo_rl_fp16.cli import EXIT_CONFIG, main
+from nemo_rl_fp16.commands import mismatch as mismatch_cmd
+from nemo_rl_fp16.config import load_recipe
+
+
+def test_mismatch_scores_with_the_recipe_backend(tmp_path, monkeypatch):
+    built = []
+    real = mismatch_cmd.build_policy
+
+    def spy(rc, model_cfg, precision, device, init):
+        engine = real(rc, model_cfg, precision, device, init)
+        built.append((rc.policy.backend, precision.name, type(engine).__name__))
+        return engine
+
+    monkeypatch.setattr(mismatch_cmd, "build_policy", spy)
+    cfg = load_recipe("mismatch_tiny", [f"output_dir={tmp_path}/mm", "mismatch.num_prompts=2",
+                                        "mismatch.precisions=[fp32,fp16]", "rollout.max_new_tokens=3",
+                                        "mismatch.length_buckets=[1,2,3]", "logging.progress=false"])
+    report = mismatch_cmd.run_mismatch(cfg, console=Console(quiet=True))
+    assert built == [("torch", "fp32", "TorchPolicy"), ("torch", "fp16", "TorchPolicy")]
+    assert set(report["runs"]) == {"fp32", "fp16"}
+
+
+def test_megatron_on_cpu_is_refused_before_any_work(tmp_path, capsys):
+    out = tmp_path / "mm"
+    code = main(["mismatch", "recipe=mismatch_tiny", "policy.backend=megatron", "device=cpu", f"output_dir={out}"])
+    assert code == EXIT_CONFIG
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "policy.backend" in lines[0] and "megatron" in lines[0], lines
+    assert not out.exists()
