@@ -15,6 +15,10 @@ Layout of a step directory:
     trainer_state.pt    {"trainer_state", "rng", "data_state"} via torch.save; loads with
                         torch.load(weights_only=True) (tensors, containers, python scalars)
     meta.json           {"format", "step", "files": {name: {"bytes", "sha256"}}, "meta"}
+    dist/               instead of model.safetensors, for a policy with `save_sharded`
+                        (interfaces.ShardedCheckpointing: the megatron backend's megatron-core
+                        distributed checkpoint of model, optimizer, loss scale and RNG); every
+                        file under it is listed in meta.json ("dist/<file>") like the others
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -37,6 +41,7 @@ from nemo_rl_fp16.guards import check_weights
 
 FORMAT = "nemo_rl_fp16.checkpoint/1"
 MODEL_FILE, STATE_FILE, META_FILE = "model.safetensors", "trainer_state.pt", "meta.json"
+SHARDED_DIR = "dist"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _TMP_RE = re.compile(r"^\.tmp_step_(\d+)_\d+$")
 _OLD_RE = re.compile(r"^\.old_step_(\d+)_\d+$")
@@ -170,13 +175,14 @@ def save_checkpoint(
     root: str | os.PathLike,
     step: int,
     *,
-    model_state: Mapping[str, torch.Tensor],
+    model_state: Mapping[str, torch.Tensor] | None,
     trainer_state: dict,
     rng: dict,
     data_state: dict,
     meta: dict | None = None,
     keep_last: int | None = 2,
     weights_dtype: torch.dtype | None = None,
+    sharded: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write `<root>/step_<N:06d>` atomically and prune to the newest `keep_last`.
 
@@ -196,6 +202,9 @@ def save_checkpoint(
             one just written); None or 0 keeps all.
         weights_dtype: the dtype the weights are used in (e.g. float16); values beyond its finite
             range count as non-finite. None: only NaN/inf are refused.
+        sharded: writes a distributed checkpoint into the (empty) folder it is given (the policy's
+            `save_sharded`); it is called on `<tmp>/dist` before meta.json, and `model_state` is
+            then None (no model.safetensors). The writer checks its own weights for NaN/inf.
 
     Returns:
         The final step directory `<root>/step_<N:06d>`.
@@ -208,11 +217,14 @@ def save_checkpoint(
             non-tensor in `model_state`, or a `meta` that is not JSON-serialisable.
     """
     root = Path(root)
-    check_weights(model_state, "checkpoint", step, weights_dtype)
+    if (model_state is None) == (sharded is None):
+        raise CheckpointError("save_checkpoint needs exactly one of model_state and sharded")
+    if model_state is not None:
+        check_weights(model_state, "checkpoint", step, weights_dtype)
     root.mkdir(parents=True, exist_ok=True)
     bundle = {"trainer_state": trainer_state, "rng": rng, "data_state": data_state}
     _check_serialisable(bundle, "checkpoint")
-    tensors = _safetensors_ready(model_state)
+    tensors = None if model_state is None else _safetensors_ready(model_state)
     try:
         meta_json = json.loads(json.dumps(meta or {}))
     except (TypeError, ValueError) as e:
@@ -223,10 +235,18 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "step": str(step)})
+        names = [STATE_FILE]
+        if tensors is not None:
+            save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "step": str(step)})
+            names.append(MODEL_FILE)
+        else:
+            (tmp / SHARDED_DIR).mkdir()
+            sharded(tmp / SHARDED_DIR)
+            names += sorted(str(f.relative_to(tmp)) for f in (tmp / SHARDED_DIR).rglob("*") if f.is_file())
+            fsync_file(tmp / SHARDED_DIR)
         torch.save(bundle, tmp / STATE_FILE)
         files = {}
-        for name in (MODEL_FILE, STATE_FILE):
+        for name in names:
             fsync_file(tmp / name)
             files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
         record = {"format": FORMAT, "step": int(step), "time": time.time(), "files": files, "meta": meta_json}
@@ -262,7 +282,8 @@ def _read_meta(path: Path) -> dict:
         files = record["files"]
         int(record["step"])
         if not all(
-            isinstance(files[n]["bytes"], int) and isinstance(files[n]["sha256"], str) for n in (MODEL_FILE, STATE_FILE)
+            isinstance(files[n]["bytes"], int) and isinstance(files[n]["sha256"], str)
+            for n in ((STATE_FILE,) if any(f.startswith(SHARDED_DIR + "/") for f in files) else (MODEL_FILE, STATE_FILE))
         ):
             raise ValueError("bad file entry")
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -464,9 +485,10 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict:
         verify: also compare every file's sha256 with meta.json (sizes are always checked).
 
     Returns:
-        {"step": int, "model_state": name -> CPU tensor (dtype as saved, fp32 master weights),
-        "trainer_state", "rng", "data_state" (as passed to `save_checkpoint`), "meta": dict,
-        "path": Path}.
+        {"step": int, "model_state": name -> CPU tensor (dtype as saved, fp32 master weights; None
+        for a sharded checkpoint), "trainer_state", "rng", "data_state" (as passed to
+        `save_checkpoint`), "meta": dict, "path": Path, "sharded_dir": the verified `dist/` folder
+        to pass to the policy's `load_sharded`, or None}.
 
     Raises:
         CheckpointError: `path` is missing, is a checkpoint root, or its meta.json / files are
@@ -479,8 +501,9 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict:
         raise CheckpointError(f"{path} is a checkpoint root, not a step dir; pass e.g. {latest_checkpoint(path)}")
     record = _read_meta(path)
     _check_files(path, record, checksums=verify)
+    sharded = any(f.startswith(SHARDED_DIR + "/") for f in record["files"])
     try:
-        model_state = load_file(str(path / MODEL_FILE))
+        model_state = None if sharded else load_file(str(path / MODEL_FILE))
     except Exception as e:
         raise CheckpointError(
             f"cannot read {path / MODEL_FILE} ({type(e).__name__}: {e}); the checkpoint is corrupt; delete it or pass trainer.resume=<older step dir>"
@@ -501,6 +524,7 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict:
         "data_state": parts[2],
         "meta": record.get("meta", {}),
         "path": path,
+        "sharded_dir": path / SHARDED_DIR if sharded else None,
     }
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -397,7 +398,50 @@ class PolicyEngine(Protocol):
         Raises:
             ValueError: the checkpoint and the engine disagree on loss scaling, or the weights'
                 names/shapes differ (nothing copied).
-            NotImplementedError: the megatron engine on CUDA (megatron dist-checkpointing is not
-                wired in): such a run cannot resume.
+            NotImplementedError: the megatron engine on CUDA (its checkpoints are distributed:
+                `ShardedCheckpointing`, which the loop uses when the engine has it).
+        """
+        ...
+
+
+@runtime_checkable
+class ShardedCheckpointing(Protocol):
+    """Optional for a `PolicyEngine`: checkpoints as one distributed (per-rank sharded) folder.
+
+    When the engine has these methods, the loop's save (`trainer.RLTrainer.save`) calls
+    `save_sharded` instead of `state_dict` and the step folder holds `dist/` instead of
+    `model.safetensors` (`checkpoint.save_checkpoint(sharded=...)`: written inside the temp step
+    folder, every file checksummed in meta.json, then renamed in atomically); resume calls
+    `load_sharded` on the verified `dist/`. The loop's own state (step counters, data order,
+    host RNG) and the run fingerprint stay in `trainer_state.pt` / meta.json as for any engine.
+    The megatron engine implements it with megatron-core `dist_checkpointing`
+    (`policy/megatron/checkpointing.py`).
+    """
+
+    def save_sharded(self, directory: Path, step: int | None = None) -> None:
+        """Write model, optimizer (fp32 master / main params), loss scale and RNG into `directory`.
+
+        A collective over all ranks; `directory` exists, is empty and is on a filesystem every rank sees.
+
+        Args:
+            directory: the folder to write into.
+            step: the RL step (for messages).
+
+        Raises:
+            NonFiniteError: a master weight is NaN/inf; nothing is written.
+        """
+        ...
+
+    def load_sharded(self, directory: Path) -> dict:
+        """Restore what `save_sharded` wrote, into this engine's (possibly different) parallel layout.
+
+        Args:
+            directory: a folder `save_sharded` wrote.
+
+        Returns:
+            A record of the writer (e.g. its layout) and what was restored.
+
+        Raises:
+            ValueError: one line naming both layouts when the checkpoint cannot load into this one.
         """
         ...

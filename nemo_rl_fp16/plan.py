@@ -68,10 +68,16 @@ def device_problems(cfg: RecipeConfig, device: str) -> list[str]:
 def unimplemented_problems(cfg: RecipeConfig) -> list[str]:
     """Settings the schema accepts for the plan's sake but this version's engines do not run."""
     p, out = cfg.policy, []
-    for key in ("pipeline_parallel_size", "context_parallel_size"):
+    missing = {
+        "pipeline_parallel_size": "megatron-core's pipeline schedules (get_forward_backward_func) are not wired "
+                                  "into the megatron trainer: last-stage log-probs and refit from every stage are missing",
+        "context_parallel_size": "megatron-core's context parallelism needs Transformer Engine attention "
+                                 "(TEDotProductAttention) and the trainer does not split sequences across CP ranks",
+    }
+    for key, why in missing.items():
         if getattr(p, key) > 1:
-            out.append(f"bad value for 'policy.{key}': {getattr(p, key)}; allowed: 1 (the megatron trainer does "
-                       f"not implement it yet); use tensor/expert/data parallelism")
+            out.append(f"bad value for 'policy.{key}': {getattr(p, key)}; allowed: 1 ({why}); "
+                       "use tensor/expert/data parallelism")
     if p.backend == "megatron" and p.lora.enabled:
         out.append("bad value for 'policy.lora.enabled': true; allowed: false with policy.backend=megatron; "
                    "use policy.backend=torch for LoRA")

@@ -258,10 +258,14 @@ class RLTrainer:
         Returns:
             Path: the new checkpoint's folder (`step_XXXXXX`).
         """
-        state = self.policy.state_dict()
+        step = self.state.step
+        if hasattr(self.policy, "save_sharded"):  # interfaces.ShardedCheckpointing (megatron: dist checkpoint)
+            state, sharded = {"model": None}, (lambda d: self.policy.save_sharded(d, step))
+        else:
+            state, sharded = self.policy.state_dict(), None
         return ckpt.save_checkpoint(
             root, self.state.step,
-            model_state=state.pop("model"),
+            model_state=state.pop("model"), sharded=sharded,
             trainer_state=state,
             rng=ckpt.capture_rng(),
             data_state={"step": self.state.step, "skipped_updates": self.state.skipped_updates},
@@ -282,8 +286,13 @@ class RLTrainer:
         """
         data = ckpt.load_checkpoint(path, verify=verify)
         try:
-            check_weights(data["model_state"], f"resume from {path}", int(data["step"]))
-            self.policy.load_state_dict({"model": data["model_state"], **data["trainer_state"]})
+            if data["sharded_dir"] is not None:
+                if not hasattr(self.policy, "load_sharded"):
+                    raise ValueError("it is a distributed (megatron) checkpoint; resume it with policy.backend=megatron")
+                self.policy.load_sharded(data["sharded_dir"])
+            else:
+                check_weights(data["model_state"], f"resume from {path}", int(data["step"]))
+                self.policy.load_state_dict({"model": data["model_state"], **data["trainer_state"]})
         except Exception as e:
             first = (str(e).splitlines() or [type(e).__name__])[0]
             raise ckpt.CheckpointError(f"checkpoint {path} does not load into this run ({first})") from e

@@ -49,6 +49,10 @@ echo "=== megatron GPU tests"
 timeout 180 "$PY" -m pytest -q -m gpu -s -p no:cacheprovider tests/gpu/test_megatron_gpu.py 2>&1 | tee "$OUT/megatron_gpu_tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+echo "=== megatron fp16 distributed checkpoint: save -> kill -> resume (issue 17)"
+timeout 150 "$PY" -m pytest -q -m gpu -s -p no:cacheprovider tests/gpu/test_megatron_dist_ckpt_gpu.py 2>&1 | tee "$OUT/megatron_dist_ckpt.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
 echo "=== megatron step benchmark"
 timeout 240 "$PY" benchmarks/megatron_step.py --json "$OUT/megatron_bench.json" 2>&1 | tee "$OUT/megatron_bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
@@ -63,5 +67,5 @@ timeout 120 "$PY" -m nemo_rl_fp16.cli demo device=cuda output_dir="$OUT/demo" 2>
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "=== summary"
-grep -h -E "GPU-RESULT|BENCH|passed|failed|error" "$OUT/megatron_gpu_tests.log" "$OUT/megatron_bench.log" || true
+grep -h -E "GPU-RESULT|BENCH|passed|failed|error" "$OUT/megatron_gpu_tests.log" "$OUT/megatron_dist_ckpt.log" "$OUT/megatron_bench.log" || true
 exit $status

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -165,6 +166,7 @@ class MegatronPolicy:
             load_shard_(gpt, shard)  # after the casts: each tensor rounded once, from fp32
             return gpt, cfg
 
+        self.use_distributed_optimizer = bool(use_distributed_optimizer)
         self._world_is_one = not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1)
         self.weights: MasterWeights | None = None
         self.mcore_optimizer = None
@@ -434,6 +436,38 @@ class MegatronPolicy:
         """
         return {"model": self.rollout_state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": None if self.weights is None else self.weights.scaler_state()}
+
+    def save_sharded(self, directory: str | Path, step: int | None = None) -> None:
+        """Write model, optimizer (fp32 master / main params), loss scale and RNG as a distributed checkpoint.
+
+        A collective over all ranks (`checkpointing.save_sharded`: megatron-core `dist_checkpointing`).
+
+        Args:
+            directory: an existing empty folder on a filesystem every rank sees.
+            step: the RL step (for the non-finite message).
+
+        Raises:
+            NonFiniteError: a master weight is NaN/inf; nothing is written.
+        """
+        from nemo_rl_fp16.policy.megatron.checkpointing import save_sharded
+
+        save_sharded(self, directory, step)
+
+    def load_sharded(self, directory: str | Path) -> dict[str, Any]:
+        """Restore a `save_sharded` checkpoint, also into another TP / EP / DP layout (`checkpointing.load_sharded`).
+
+        Args:
+            directory: the folder `save_sharded` wrote.
+
+        Returns:
+            {"saved": the writer's layout record, "rng_restored": bool}.
+
+        Raises:
+            ValueError: one line naming both layouts when megatron-core cannot reshard between them.
+        """
+        from nemo_rl_fp16.policy.megatron.checkpointing import load_sharded
+
+        return load_sharded(self, directory)
 
     def load_state_dict(self, state: dict) -> None:
         """Restore master weights, optimizer state and loss scale (CPU; validated before any copy).

@@ -46,6 +46,7 @@ def cpu_redirects() -> contextlib.ExitStack:
         (torch.cuda, "current_device", lambda: "cpu"),
         (torch.cuda, "get_rng_state", lambda *a, **k: torch.get_rng_state()),
         (torch.cuda, "manual_seed", lambda seed: torch.manual_seed(seed)),
+        (torch.cuda, "synchronize", lambda *a, **k: None),  # dist_checkpointing's save syncs before writing
         (mrandom, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state()),
         (mrandom, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state)),
     ]
