@@ -182,7 +182,7 @@ def build_policy_trainer(rc: RecipeConfig, model_cfg: dict, train_pol: Precision
             tensor_parallel_size=p.tensor_parallel_size, pipeline_parallel_size=p.pipeline_parallel_size,
             expert_parallel_size=p.expert_parallel_size, sequence_parallel=p.sequence_parallel,
             activation_checkpointing=p.activation_checkpointing, attention=p.attention,
-            fused_elementwise=p.fused_elementwise)
+            fused_elementwise=p.fused_elementwise, router_replay=p.router_replay)
     from nemo_rl_fp16.policy import TorchPolicy
 
     return TorchPolicy(model_cfg, train_pol, lr=p.lr, weight_decay=p.weight_decay,

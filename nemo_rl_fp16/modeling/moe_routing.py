@@ -34,6 +34,9 @@ MOE_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "mixtral")
 #: expert-id dtype of `RolloutBatch.rollout_experts` and of the trainer's selected experts
 EXPERT_DTYPE = torch.int16
 PAD_EXPERT = -1
+#: `policy.router_replay`: own routing, the rollout's recorded experts (R3), the trainer's own
+#: old-logprob-pass experts in the update passes (R2)
+ROUTER_REPLAY_CHOICES = ("none", "rollout", "trainer")
 
 
 def _router_classes() -> tuple[type, ...]:

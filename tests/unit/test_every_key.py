@@ -106,7 +106,7 @@ TABLE: dict[str, tuple[list[str], list[str], str, object]] = {
     "policy.activation_checkpointing": ([], ["policy.activation_checkpointing=true"], REFUSED, None),
     "policy.attention": ([], ["policy.attention=sdpa"], REFUSED, None),
     "policy.fused_elementwise": ([], ["policy.fused_elementwise=true"], REFUSED, None),
-    "policy.router_replay": ([], ["policy.router_replay=rollout"], REFUSED, None),  # dense model (MoE: test_moe_routing)
+    "policy.router_replay": ([], ["policy.router_replay=rollout"], REFUSED, None),  # dense model (MoE, rollout|trainer: test_moe_routing, policy/test_megatron_routing)
     "policy.lora.enabled": ([], ["policy.lora.enabled=true"], "trainer",
                             lambda t: sum(p.numel() for p in t.master.parameters() if p.requires_grad)),
     "policy.lora.rank": (LORA, ["policy.lora.rank=2"], "trainer",
