@@ -46,11 +46,11 @@ from nemo_rl_fp16.modeling import (
     load_weights_,
     response_logprobs,
 )
-from nemo_rl_fp16.modeling.moe_routing import RouterHooks
+from nemo_rl_fp16.modeling.moe_routing import RouterHooks, router_compute_audit, run_gates_in_weight_dtype
 from nemo_rl_fp16.policy.expert_routing import ExpertRouting, check_router_replay
 from nemo_rl_fp16.policy.micro_batches import DataParallel, MicroBatchLoop
 from nemo_rl_fp16.policy.mixed_precision import GradHook, MasterWeights, check_master_dtype
-from nemo_rl_fp16.precision import DynamicLossScaler, PrecisionPolicy, audit_model
+from nemo_rl_fp16.precision import DynamicLossScaler, PrecisionMismatchError, PrecisionPolicy, audit_model, dtype_name
 from nemo_rl_fp16.precision.cpu_numerics import cpu_numerics
 
 
@@ -143,7 +143,9 @@ class TorchPolicy:
         if self._fsdp or policy.param_dtype == torch.float32:
             compute = master
         else:
-            compute = cast_params_(copy.deepcopy(master), policy.param_dtype)
+            compute = cast_params_(copy.deepcopy(master), policy.param_dtype, router_dtype=policy.router_dtype)
+        if policy.router_dtype != policy.param_dtype:  # e.g. an fp32 router: gate logits, softmax, top-k in it
+            run_gates_in_weight_dtype(compute)
         routing = RouterHooks(compute)
         #: MoE routing of the compute copy: the trainer's experts, replay (`ExpertRouting`)
         self.experts = ExpertRouting(routing if routing.routers else None, router_replay, self.device)
@@ -225,9 +227,16 @@ class TorchPolicy:
         Returns:
             `[N, T]` fp32, 0 where masked, on the batch's device (like the log-probs `train_step`
             hands to `loss_fn`).
+
+        Raises:
+            PrecisionMismatchError: MoE, the pass computed gate logits in another dtype than `router_dtype`.
         """
         self.weights.sync_compute()
-        return self.experts.logprobs(self.loop, batch, temperature)
+        out = self.experts.logprobs(self.loop, batch, temperature)
+        router = router_compute_audit(self.routing, self.precision.router_dtype)
+        if router:  # MoE: the gate logits this pass computed are not in router_dtype
+            raise PrecisionMismatchError("trainer", router)
+        return out
 
     def selected_experts(self, batch: RolloutBatch, replayed: bool = False) -> torch.Tensor:
         """Expert ids of the trainer's routers for `batch`.
@@ -300,10 +309,11 @@ class TorchPolicy:
         """Dtype findings: the compute copy against the policy, the master and optimizer state against fp32.
 
         Returns:
-            One line per finding (empty: clean); FSDP: master and optimizer state only.
+            One line per finding (empty: clean); FSDP: master and optimizer state only. MoE: also
+            the dtype of the gate logits the forwards so far computed (`<router compute>`).
         """
         lines = [] if self._fsdp else audit_model(self.compute, self.precision)
-        return lines + self.weights.audit()
+        return lines + router_compute_audit(self.routing, self.precision.router_dtype) + self.weights.audit()
 
     def state_dict(self) -> dict:
         """{"model", "optimizer", "scaler"}: live references, like torch's (clone before mutating).
@@ -360,6 +370,10 @@ def _fsdp_wrap(model: torch.nn.Module, policy: PrecisionPolicy) -> bool:
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return False
+    if policy.router_dtype != policy.param_dtype:
+        raise ValueError(f"precision.router_dtype={dtype_name(policy.router_dtype)} with the FSDP torch trainer "
+                         f"(world size {dist.get_world_size()}) is not wired: FSDP's MixedPrecisionPolicy casts every "
+                         "parameter to param_dtype; set precision.router_dtype=null, or policy.backend=megatron")
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=policy.param_dtype, reduce_dtype=policy.grad_reduce_dtype)
