@@ -169,7 +169,7 @@ class PolicySection(_Section):
     activation_checkpointing: bool = False
     attention: Literal["auto", "te", "sdpa", "local"] = "auto"
     fused_elementwise: bool = False
-    router_replay: Literal["none", "rollout"] = "none"
+    router_replay: Literal["none", "rollout", "trainer"] = "none"
     lora: LoraSection = LoraSection()
 
 

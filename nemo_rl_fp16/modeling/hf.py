@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from nemo_rl_fp16.precision.audit import is_router_param
 from nemo_rl_fp16.precision.policy import as_dict
 
 #: HF attention kernel for both engines. Measured on the CI CPUs (tiny Qwen2, 128 x 24 tokens):
@@ -28,6 +29,7 @@ def build_model(
     *,
     seed: int | None = None,
     device: torch.device | str = "cpu",
+    router_dtype: torch.dtype | None = None,
 ) -> PreTrainedModel:
     """An HF causal LM from a recipe's `model:` block, parameters cast to `dtype`, in eval mode.
 
@@ -45,9 +47,10 @@ def build_model(
         dtype: the parameter dtype (the policy's `param_dtype`, or fp32 for a master copy).
         seed: seeds the random init of a `config` model (None: the global torch RNG).
         device: where the model goes.
+        router_dtype: MoE router/gate parameters' dtype (`cast_params_`; None: `dtype`).
 
     Returns:
-        The model in eval mode, parameters in `dtype`, floating buffers fp32.
+        The model in eval mode, parameters in `dtype` (routers in `router_dtype`), floating buffers fp32.
 
     Raises:
         ValueError: not exactly one of `config` / `name_or_path`, or a `config` without `model_type`.
@@ -80,22 +83,24 @@ def build_model(
                 raise FileNotFoundError(
                     f"cannot load model {path!r}: {where} no loadable local checkpoint "
                     f"(local_files_only=True; nothing is downloaded): {e}") from e
-    return cast_params_(model, dtype).to(device).eval()
+    return cast_params_(model, dtype, router_dtype=router_dtype).to(device).eval()
 
 
-def cast_params_(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+def cast_params_(model: PreTrainedModel, dtype: torch.dtype, router_dtype: torch.dtype | None = None) -> PreTrainedModel:
     """Round every parameter to `dtype` in place (tied weights stay tied); buffers keep theirs.
 
     Args:
         model: an HF model.
         dtype: the target parameter dtype.
+        router_dtype: the dtype of MoE router/gate parameters (`precision.is_router_param`), each
+            cast once from its current value (None: `dtype`).
 
     Returns:
         `model` itself, with `config.dtype` set to `dtype`.
     """
     with torch.no_grad():
-        for p in model.parameters():
-            p.data = p.data.to(dtype)
+        for name, p in model.named_parameters():
+            p.data = p.data.to(router_dtype if router_dtype is not None and is_router_param(name) else dtype)
     model.config.dtype = dtype
     return model
 

@@ -28,12 +28,18 @@ from typing import Any
 
 import torch
 
+from nemo_rl_fp16.precision.audit import is_router_param
+from nemo_rl_fp16.precision.policy import dtype_name
+
 #: HF `model_type`s whose MoE routers this module hooks (and whose configs plan/validation accept
 #: for `policy.router_replay`).
 MOE_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "mixtral")
 #: expert-id dtype of `RolloutBatch.rollout_experts` and of the trainer's selected experts
 EXPERT_DTYPE = torch.int16
 PAD_EXPERT = -1
+#: `policy.router_replay`: own routing, the rollout's recorded experts (R3), the trainer's own
+#: old-logprob-pass experts in the update passes (R2)
+ROUTER_REPLAY_CHOICES = ("none", "rollout", "trainer")
 
 
 def _router_classes() -> tuple[type, ...]:
@@ -104,12 +110,15 @@ class RouterHooks:
             all k ids >= 0 are routed to them (weights from the router's own probabilities), rows
             holding -1 keep the router's choice. A forward whose token count differs from the
             replay's raises ValueError from the hook.
+        logits_dtypes: dtypes of the gate logits seen since construction (every forward; for the
+            engines' audit of `router_dtype`).
     """
 
     def __init__(self, model: torch.nn.Module):
         self.routers = hf_routers(model)
         self.recording = False
         self.replay: torch.Tensor | None = None
+        self.logits_dtypes: set[torch.dtype] = set()
         self.own: list[torch.Tensor | None] = [None] * len(self.routers)
         self.used: list[torch.Tensor | None] = [None] * len(self.routers)
         self._handles = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(self.routers)]
@@ -132,6 +141,7 @@ class RouterHooks:
     def _hook(self, i: int):
         def hook(mod, _inp, out):
             logits, scores, ids = out
+            self.logits_dtypes.add(logits.dtype)
             if self.replay is None:
                 if self.recording:
                     self.own[i] = self.used[i] = ids.detach()
@@ -170,6 +180,26 @@ class RouterHooks:
         return torch.stack([r.reshape(batch, seq, -1) for r in recs], dim=2)
 
 
+def router_compute_audit(routing: RouterHooks | None, router_dtype: torch.dtype) -> list[str]:
+    """The audit line for gate logits computed in another dtype than `router_dtype` (live forwards).
+
+    Args:
+        routing: the engine's router hooks (None: dense model, nothing to check).
+        router_dtype: the side's `precision.router_dtype`.
+
+    Returns:
+        `["<router compute>: gate logits found <dtypes>, expected <dtype> (router_dtype)"]`, or []
+        when every forward so far computed them in `router_dtype` (or none ran yet).
+    """
+    if routing is None:
+        return []
+    bad = sorted(dtype_name(d) for d in routing.logits_dtypes if d != router_dtype)
+    if not bad:
+        return []
+    return [f"<router compute>: gate logits found {', '.join(bad)}, expected "
+            f"{dtype_name(router_dtype)} (router_dtype)"]
+
+
 def replay_targets(rollout_experts: torch.Tensor, prompt_width: int, seq_len: int) -> torch.Tensor:
     """`[n * seq_len, layers, k]` long replay ids for a forward over `[n, seq_len]` tokens.
 
@@ -206,3 +236,41 @@ def response_experts(per_position: torch.Tensor, prompt_width: int, response_mas
     t = response_mask.shape[1]
     out = per_position[:, prompt_width - 1: prompt_width - 1 + t].to(EXPERT_DTYPE)
     return out.masked_fill(~response_mask.to(out.device).bool()[:, :, None, None], PAD_EXPERT)
+
+
+
+def _to_weight_dtype(mod: torch.nn.Module, args: tuple) -> tuple:
+    mod._gate_input_dtype = args[0].dtype
+    return (args[0].to(mod.weight.dtype), *args[1:])
+
+
+def _back_to_input_dtype(mod: torch.nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+    return out.to(mod._gate_input_dtype)
+
+
+def run_gates_in_weight_dtype(model: torch.nn.Module) -> list:
+    """Run each MoE gate of an HF model in its weight's dtype (an fp32 router in an fp16/bf16 model).
+
+    For `precision.router_dtype=float32`: the gate parameters are kept fp32 (`cast_params_`) and
+    these hooks cast each gate's input to the weight dtype, so the gate logits, the softmax and the
+    top-k are fp32. The top-k routers (`hf_routers`) return fp32 logits and routing weights (the
+    experts multiply by them and add in the model dtype, as Mixtral's own fp32 weights do); a
+    sigmoid gate whose output joins the hidden states (Qwen2-MoE's `shared_expert_gate`) returns its
+    logits rounded back to the input's dtype, so the residual stream stays in the model dtype.
+    Gates whose weight already has the input's dtype compute as before (the casts are no-ops).
+
+    Args:
+        model: an HF MoE causal LM (a dense model gets no hooks).
+
+    Returns:
+        The hook handles (`.remove()` takes them off).
+    """
+    routers = set(hf_routers(model))
+    handles = []
+    for name, mod in model.named_modules():
+        if not isinstance(getattr(mod, "weight", None), torch.nn.Parameter) or not is_router_param(f"{name}.weight"):
+            continue
+        handles.append(mod.register_forward_pre_hook(_to_weight_dtype))
+        if mod not in routers:  # a plain linear gate: its output rounded back to the input's dtype
+            handles.append(mod.register_forward_hook(_back_to_input_dtype))
+    return handles

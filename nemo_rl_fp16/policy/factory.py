@@ -36,7 +36,7 @@ def build_policy(rc: RecipeConfig, model_cfg: dict, precision: PrecisionPolicy, 
             tensor_parallel_size=p.tensor_parallel_size, pipeline_parallel_size=p.pipeline_parallel_size,
             expert_parallel_size=p.expert_parallel_size, sequence_parallel=p.sequence_parallel,
             activation_checkpointing=p.activation_checkpointing, attention=p.attention,
-            fused_elementwise=p.fused_elementwise)
+            fused_elementwise=p.fused_elementwise, router_replay=p.router_replay)
     from nemo_rl_fp16.policy.torch_policy import TorchPolicy
 
     return TorchPolicy(model_cfg, precision, lr=p.lr, weight_decay=p.weight_decay,

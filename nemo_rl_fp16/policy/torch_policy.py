@@ -22,20 +22,18 @@ get gradients (in the policy precision, unscaled into fp32 master adapters) and 
 holds the adapters only. `rollout_state_dict()` returns the merged fp32 weights (W + scale*B@A)
 under the base model's HF names, which is what the rollout engine loads. Single process only.
 
-MoE models (HF Qwen2-MoE, Qwen3-MoE, Mixtral; `moe_routing`): `logprobs` records the experts the
-trainer's own routers pick for each response token (`selected_experts`, compared with the rollout's
-for `mismatch/router_topk_flip_rate`). With `router_replay="rollout"` (R3) every scoring forward —
-the log-probs the loss uses and each training micro-batch — routes the response tokens to
-`batch.rollout_experts` (sliced with the rows, so micro-batching, the data-parallel split, overflow
-retries and repeated updates all see the same indices) with routing weights from the trainer's own
-gate probabilities, so the gate still gets gradients.
+MoE models (HF Qwen2-MoE, Qwen3-MoE, Mixtral; `modeling.moe_routing` hooks their routers):
+`logprobs` records the experts the trainer's own routers pick for each response token
+(`selected_experts`, compared with the rollout's for `mismatch/router_topk_flip_rate`), and
+`router_replay` = `rollout` (R3) / `trainer` (R2) routes the scoring forwards to recorded experts
+with weights from the trainer's own gate; the shared logic is `expert_routing.ExpertRouting`.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -48,10 +46,11 @@ from nemo_rl_fp16.modeling import (
     load_weights_,
     response_logprobs,
 )
-from nemo_rl_fp16.modeling.moe_routing import RouterHooks, replay_targets, response_experts
+from nemo_rl_fp16.modeling.moe_routing import RouterHooks, router_compute_audit, run_gates_in_weight_dtype
+from nemo_rl_fp16.policy.expert_routing import ExpertRouting, check_router_replay
 from nemo_rl_fp16.policy.micro_batches import DataParallel, MicroBatchLoop
 from nemo_rl_fp16.policy.mixed_precision import GradHook, MasterWeights, check_master_dtype
-from nemo_rl_fp16.precision import DynamicLossScaler, PrecisionPolicy, audit_model
+from nemo_rl_fp16.precision import DynamicLossScaler, PrecisionMismatchError, PrecisionPolicy, audit_model, dtype_name
 from nemo_rl_fp16.precision.cpu_numerics import cpu_numerics
 
 
@@ -62,38 +61,27 @@ class HFModelAdapter:
         compute: the compute model (the FSDP-wrapped master under FSDP).
         precision: the policy-side precision (`param_dtype` picks the numerics, `logits_dtype` the log-softmax).
         device: where the model runs.
-        routing: MoE router hooks on `compute` (None: dense model).
-        router_replay: `"rollout"` routes response tokens to `batch.rollout_experts` (R3), else `"none"`.
+        experts: the MoE routing of `compute` (`expert_routing.ExpertRouting`; replay, recording).
         fsdp: the master is FSDP-sharded over the default process group (data parallel = world).
     """
 
     def __init__(self, compute: torch.nn.Module, precision: PrecisionPolicy, device: torch.device, *,
-                 routing: RouterHooks | None, router_replay: str, fsdp: bool):
+                 experts: ExpertRouting, fsdp: bool):
         self.compute = compute
         self.precision = precision
         self.device = device
-        self.routing = routing
-        self.router_replay = router_replay
+        self.experts = experts
         self.fsdp = fsdp
 
     def score(self, mb: RolloutBatch, temperature: float) -> torch.Tensor:
-        """`[n, T]` fp32 log π of the response tokens (`ModelAdapter.score`); R3-routed under replay.
+        """`[n, T]` fp32 log π of the response tokens (`ModelAdapter.score`), routed as `experts` says.
 
         Raises:
-            ValueError: `router_replay="rollout"` and the batch carries no `rollout_experts`.
+            ValueError: replay is on and the batch carries no recorded experts (`ExpertRouting.replay_experts`).
         """
-        routing = self.routing
-        if routing is not None and self.router_replay == "rollout":
-            if mb.rollout_experts is None:
-                raise ValueError("policy.router_replay=rollout: the batch carries no rollout_experts (the rollout "
-                                 "engine did not record its experts); use rollout.backend=torch or router_replay=none")
-            routing.replay = replay_targets(mb.rollout_experts.to(self.device), mb.prompt_width, mb.input_ids.shape[1])
-        try:
+        with self.experts.replaying(mb):
             return response_logprobs(self.compute, mb.input_ids.to(self.device), mb.attention_mask.to(self.device),
                                      mb.prompt_width, temperature, self.precision.logits_dtype)
-        finally:
-            if routing is not None:
-                routing.replay = None
 
     def numerics(self) -> AbstractContextManager:
         """`precision.cpu_numerics` for `param_dtype` on this device (a no-op on GPUs and for fp32)."""
@@ -120,7 +108,7 @@ class TorchPolicy:
         device: torch device of both copies.
         initial_state_dict: fp32 HF state dict to start from (e.g. after a warm start).
         lora: the recipe's `policy.lora` block; when `enabled`, train LoRA adapters only (module doc).
-        router_replay: `"none"` or `"rollout"` (R3, module doc; needs an HF MoE model).
+        router_replay: `"none"`, `"rollout"` (R3) or `"trainer"` (R2); `expert_routing`; needs an HF MoE model.
 
     Attributes:
         weights: the fp32 master step (`MasterWeights`: master, compute copy, optimizer, scaler).
@@ -137,8 +125,7 @@ class TorchPolicy:
                  seed: int = 0, device: torch.device | str = "cpu",
                  initial_state_dict: Mapping[str, torch.Tensor] | None = None,
                  lora: Mapping[str, Any] | None = None, router_replay: str = "none"):
-        if router_replay not in ("none", "rollout"):
-            raise ValueError(f"bad value for 'policy.router_replay': {router_replay!r}; allowed: none, rollout")
+        check_router_replay(router_replay)
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         check_master_dtype(policy)
@@ -156,19 +143,16 @@ class TorchPolicy:
         if self._fsdp or policy.param_dtype == torch.float32:
             compute = master
         else:
-            compute = cast_params_(copy.deepcopy(master), policy.param_dtype)
+            compute = cast_params_(copy.deepcopy(master), policy.param_dtype, router_dtype=policy.router_dtype)
+        if policy.router_dtype != policy.param_dtype:  # e.g. an fp32 router: gate logits, softmax, top-k in it
+            run_gates_in_weight_dtype(compute)
         routing = RouterHooks(compute)
-        #: MoE router hooks on the compute copy (None: dense model)
-        self.routing: RouterHooks | None = routing if routing.routers else None
-        if router_replay == "rollout" and self.routing is None:
-            raise ValueError("policy.router_replay=rollout needs an MoE model (HF qwen2_moe, qwen3_moe or mixtral "
-                             "routers); this model is dense: set policy.router_replay=none")
-        self._last_experts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        #: MoE routing of the compute copy: the trainer's experts, replay (`ExpertRouting`)
+        self.experts = ExpertRouting(routing if routing.routers else None, router_replay, self.device)
         trainable = [p for p in master.parameters() if p.requires_grad]  # LoRA: the adapters only
         optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
         self.weights = MasterWeights(master, compute, optimizer, policy, max_grad_norm=max_grad_norm)
-        self.adapter = HFModelAdapter(compute, policy, self.device, routing=self.routing,
-                                      router_replay=router_replay, fsdp=self._fsdp)
+        self.adapter = HFModelAdapter(compute, policy, self.device, experts=self.experts, fsdp=self._fsdp)
         self.loop = MicroBatchLoop(self.adapter, micro_batch_size)
 
     @property
@@ -192,13 +176,19 @@ class TorchPolicy:
         return self.weights.scaler
 
     @property
+    def routing(self) -> RouterHooks | None:
+        """The MoE router hooks on the compute copy (None: dense model)."""
+        return self.experts.taps
+
+    @property
     def router_replay(self) -> str:
-        """`"rollout"` (R3: score response tokens with the rollout's experts) or `"none"` (settable)."""
-        return self.adapter.router_replay
+        """`"none"`, `"rollout"` (R3) or `"trainer"` (R2) (settable; `expert_routing`)."""
+        return self.experts.mode
 
     @router_replay.setter
     def router_replay(self, value: str) -> None:
-        self.adapter.router_replay = value
+        check_router_replay(value)
+        self.experts.mode = value
 
     @property
     def max_grad_norm(self) -> float:
@@ -237,29 +227,15 @@ class TorchPolicy:
         Returns:
             `[N, T]` fp32, 0 where masked, on the batch's device (like the log-probs `train_step`
             hands to `loss_fn`).
+
+        Raises:
+            PrecisionMismatchError: MoE, the pass computed gate logits in another dtype than `router_dtype`.
         """
         self.weights.sync_compute()
-        routing = self.routing
-        if routing is None:
-            return self.loop.logprobs(batch, temperature)
-        own: list[torch.Tensor] = []
-        used: list[torch.Tensor] = []
-
-        @contextmanager
-        def recording(mb: RolloutBatch):
-            routing.recording = True
-            try:
-                yield
-            finally:
-                routing.recording = False
-            n, s = mb.input_ids.shape
-            for dst, which in ((own, "own"), (used, "used")):
-                dst.append(response_experts(routing.collect(which, n, s), mb.prompt_width, mb.response_mask))
-
-        out = self.loop.logprobs(batch, temperature, around=recording)
-        # int32 through the gather (gloo), int16 at rest
-        own_all, used_all = (self.loop.gather_rows(torch.cat(x).int()).short().cpu() for x in (own, used))
-        self._last_experts = (batch.input_ids.detach().cpu(), own_all, used_all)
+        out = self.experts.logprobs(self.loop, batch, temperature)
+        router = router_compute_audit(self.routing, self.precision.router_dtype)
+        if router:  # MoE: the gate logits this pass computed are not in router_dtype
+            raise PrecisionMismatchError("trainer", router)
         return out
 
     def selected_experts(self, batch: RolloutBatch, replayed: bool = False) -> torch.Tensor:
@@ -279,13 +255,7 @@ class TorchPolicy:
         Raises:
             ValueError: a dense model.
         """
-        if self.routing is None:
-            raise ValueError("selected_experts needs an MoE model")
-        cached = self._last_experts
-        if cached is None or not torch.equal(cached[0], batch.input_ids.detach().cpu()):
-            self.logprobs(batch, 1.0)
-            cached = self._last_experts
-        return cached[2] if replayed else cached[1]
+        return self.experts.selected_experts(batch, replayed, lambda b: self.logprobs(b, 1.0))
 
     def train_step(self, batch: RolloutBatch, loss_fn: LossFn, temperature: float) -> TrainStepResult:
         """One optimizer step over `batch` (micro-batched; skip rules: `mixed_precision` module doc).
@@ -297,7 +267,11 @@ class TorchPolicy:
 
         Returns:
             The step's `TrainStepResult` (`skipped` on an fp16 overflow: weights untouched).
+
+        Raises:
+            ValueError: `router_replay="trainer"` (R2) without a `logprobs` pass over `batch` first.
         """
+        batch = self.experts.prepare_update(batch)  # R2: replay the old-logprob pass's routing
         return self.weights.train_step(self.loop, batch, loss_fn, temperature, self.grad_hook)
 
     def back_off_loss_scale(self, used_scale: float) -> bool:
@@ -335,10 +309,11 @@ class TorchPolicy:
         """Dtype findings: the compute copy against the policy, the master and optimizer state against fp32.
 
         Returns:
-            One line per finding (empty: clean); FSDP: master and optimizer state only.
+            One line per finding (empty: clean); FSDP: master and optimizer state only. MoE: also
+            the dtype of the gate logits the forwards so far computed (`<router compute>`).
         """
         lines = [] if self._fsdp else audit_model(self.compute, self.precision)
-        return lines + self.weights.audit()
+        return lines + router_compute_audit(self.routing, self.precision.router_dtype) + self.weights.audit()
 
     def state_dict(self) -> dict:
         """{"model", "optimizer", "scaler"}: live references, like torch's (clone before mutating).
@@ -395,6 +370,10 @@ def _fsdp_wrap(model: torch.nn.Module, policy: PrecisionPolicy) -> bool:
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return False
+    if policy.router_dtype != policy.param_dtype:
+        raise ValueError(f"precision.router_dtype={dtype_name(policy.router_dtype)} with the FSDP torch trainer "
+                         f"(world size {dist.get_world_size()}) is not wired: FSDP's MixedPrecisionPolicy casts every "
+                         "parameter to param_dtype; set precision.router_dtype=null, or policy.backend=megatron")
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=policy.param_dtype, reduce_dtype=policy.grad_reduce_dtype)

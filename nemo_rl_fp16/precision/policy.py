@@ -313,8 +313,10 @@ def precision_problems(cfg: Mapping[str, Any], trainer: str = "torch", rollout: 
     """Dtype settings of a `precision:` block that an engine would not honour, one refusal line each.
 
     What each engine does: activations run in the weight dtype (no autocast), so `compute_dtype`
-    must equal `param_dtype`; master weights and optimizer state are fp32; the HF / vLLM MoE gates
-    run in the weight dtype, so `router_dtype` must equal `param_dtype` on each side; the KV cache
+    must equal `param_dtype`; master weights and optimizer state are fp32; MoE gates run in the
+    weight dtype, or in fp32 for `router_dtype=float32` (gate weights kept fp32, gate logits, softmax
+    and top-k fp32: both torch engines, megatron's `moe_router_dtype='fp32'`; not the vLLM engine,
+    whose build has no router-logits dtype setting), so `router_dtype` is `param_dtype` or float32; the KV cache
     is stored in the model dtype (HF DynamicCache, vLLM `kv_cache_dtype=auto`); vLLM's log-probs
     are fp32; megatron-core reduces gradients in fp32 or the weight dtype and its optimizer builds a
     loss scaler (`DynamicGradScaler`) for fp16 weights only, with growth 2.0 and backoff 0.5.
@@ -352,12 +354,18 @@ def precision_problems(cfg: Mapping[str, Any], trainer: str = "torch", rollout: 
             " or ".join(sorted(dtype_name(x) for x in grad_ok)),
             "megatron reduces gradients in fp32 or in the weight dtype")
     roll = train.rollout_side(d.get("rollout"), d)
-    for side, pol in (("trainer", train), ("rollout", roll)):
-        if (side == "trainer" or pol is not train) and pol.router_dtype != pol.param_dtype:
-            bad("router_dtype", dtype_name(pol.router_dtype), f"null or = the {side}'s param_dtype "
-                f"({dtype_name(pol.param_dtype)})", "the HF and vLLM MoE gates run in the weight dtype; "
-                "set router_dtype=null")
-            break
+    for side, pol, engine in (("trainer", train, trainer), ("rollout", roll, rollout)):
+        if pol.router_dtype == pol.param_dtype or (pol.router_dtype == torch.float32 and engine != "vllm"):
+            continue
+        if pol.router_dtype == torch.float32:  # the vLLM engine
+            bad("router_dtype", "float32", f"null or = the rollout's param_dtype ({dtype_name(pol.param_dtype)}) "
+                "with rollout.backend=vllm", "this vLLM build (CPU 0.32) has no router-logits dtype setting: its "
+                "MoE gates run in the weight dtype; set router_dtype=null or rollout.backend=torch")
+        else:
+            bad("router_dtype", dtype_name(pol.router_dtype), f"null, float32 or = the {side}'s param_dtype "
+                f"({dtype_name(pol.param_dtype)})", "MoE gates run in the weight dtype or, for float32, in fp32; "
+                "set router_dtype=null or float32")
+        break
     if roll.kv_cache_dtype != roll.param_dtype:
         bad("kv_cache_dtype", dtype_name(roll.kv_cache_dtype), f"null or = the rollout's param_dtype "
             f"({dtype_name(roll.param_dtype)})", "both rollout engines keep the KV cache in the model dtype; "

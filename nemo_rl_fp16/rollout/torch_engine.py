@@ -30,7 +30,13 @@ from transformers import DynamicCache
 from nemo_rl_fp16.guards import NonFiniteError
 from nemo_rl_fp16.interfaces import RolloutBatch, SamplingParams
 from nemo_rl_fp16.modeling import build_model, cache_kwarg, load_weights_, logprob_table, position_ids_from_mask
-from nemo_rl_fp16.modeling.moe_routing import EXPERT_DTYPE, PAD_EXPERT, RouterHooks
+from nemo_rl_fp16.modeling.moe_routing import (
+    EXPERT_DTYPE,
+    PAD_EXPERT,
+    RouterHooks,
+    router_compute_audit,
+    run_gates_in_weight_dtype,
+)
 from nemo_rl_fp16.precision import PrecisionMismatchError, PrecisionPolicy, audit_model, dtype_name
 from nemo_rl_fp16.precision.cpu_numerics import cpu_numerics, kernel_profile
 
@@ -72,7 +78,10 @@ class TorchRolloutEngine:
         eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         self.eos_token_ids = tuple(int(e) for e in eos)
         self.max_batch_size = int(max_batch_size)
-        self.model = build_model(model_cfg, policy.param_dtype, seed=seed, device=self.device)
+        self.model = build_model(model_cfg, policy.param_dtype, seed=seed, device=self.device,
+                                 router_dtype=policy.router_dtype)
+        if policy.router_dtype != policy.param_dtype:  # e.g. an fp32 router: gate logits, softmax, top-k in it
+            run_gates_in_weight_dtype(self.model)
         self._cache_kw = cache_kwarg(self.model)
         #: dtypes of the KV cache observed at the last prefill (for `audit`)
         self.last_kv_cache_dtypes: set[torch.dtype] = set()
@@ -100,7 +109,7 @@ class TorchRolloutEngine:
         Returns:
             One line per finding; empty when the engine matches `precision`.
         """
-        lines = audit_model(self.model, self.precision)
+        lines = audit_model(self.model, self.precision) + router_compute_audit(self.routing, self.precision.router_dtype)
         bad = sorted(dtype_name(d) for d in self.last_kv_cache_dtypes if d != self.precision.kv_cache_dtype)
         if bad:
             lines.append(f"<kv cache>: found {', '.join(bad)}, expected "
@@ -124,7 +133,8 @@ class TorchRolloutEngine:
         Raises:
             ValueError: bad prompts or `params`.
             guards.NonFiniteError: NaN/inf logits.
-            PrecisionMismatchError: the KV cache is not in `precision.kv_cache_dtype`.
+            PrecisionMismatchError: the KV cache is not in `precision.kv_cache_dtype`, or (MoE) the
+                prefill's gate logits are not in `precision.router_dtype`.
         """
         _check_params(prompts, params)
         g = params.num_generations
@@ -188,7 +198,8 @@ class TorchRolloutEngine:
         logits = self._forward(prompt_ids.to(dev), attn, position_ids_from_mask(attn), cache)
         routed = [self._last_experts(b, width)]  # routed[t]: the routing that scored response token t
         self.last_kv_cache_dtypes = _cache_dtypes(cache)
-        if self.last_kv_cache_dtypes - {self.precision.kv_cache_dtype}:
+        if (self.last_kv_cache_dtypes - {self.precision.kv_cache_dtype}
+                or router_compute_audit(self.routing, self.precision.router_dtype)):
             raise PrecisionMismatchError("torch rollout engine", self.audit())
 
         alive = torch.ones(b, dtype=torch.bool, device=dev)

@@ -33,6 +33,8 @@ RAY = ["cluster.ray.enabled=true"]
 JSONL = ["data.dataset=jsonl", "data.path={jsonl}", "data.template=plain"]
 WARM = ["warm_start.enabled=true"]  # rewards > 0 so that advantages (and updates) are not all zero
 LORA = ["policy.lora.enabled=true"]
+MOE = ["model.config.model_type=qwen3_moe", "model.config.num_experts=4", "model.config.num_experts_per_tok=2",
+       "model.config.moe_intermediate_size=32"]
 
 
 def _leaf_keys() -> list[str]:
@@ -68,7 +70,12 @@ TABLE: dict[str, tuple[list[str], list[str], str, object]] = {
                                     lambda t: t.precision.grad_reduce_dtype),
     "precision.master_dtype": ([], ["precision.master_dtype=float16"], REFUSED, None),
     "precision.logits_dtype": ([], ["precision.logits_dtype=bfloat16"], "logp", lambda lp: lp.tolist()),
-    "precision.router_dtype": ([], ["precision.router_dtype=float32"], REFUSED, None),
+    # fp32 router on an MoE trainer: the gate weights stay fp32 and its logits come out fp32 (vLLM: refused,
+    # test_moe_routing; megatron's moe_router_dtype: policy/test_megatron_policy)
+    "precision.router_dtype": (MOE, ["precision.router_dtype=float32"], "trainer",
+                               lambda t: (t.compute.model.layers[0].mlp.gate.weight.dtype,
+                                          t.compute.model.layers[0].mlp.gate(
+                                              torch.ones(1, 128, dtype=torch.float16))[0].dtype)),
     "precision.kv_cache_dtype": ([], ["precision.kv_cache_dtype=float32"], REFUSED, None),
     "precision.loss_scale.enabled": ([], ["precision.loss_scale.enabled=false"], "trainer", lambda t: t.scaler is None),
     "precision.loss_scale.initial_scale": ([], ["precision.loss_scale.initial_scale=1024"], "trainer",
@@ -106,7 +113,7 @@ TABLE: dict[str, tuple[list[str], list[str], str, object]] = {
     "policy.activation_checkpointing": ([], ["policy.activation_checkpointing=true"], REFUSED, None),
     "policy.attention": ([], ["policy.attention=sdpa"], REFUSED, None),
     "policy.fused_elementwise": ([], ["policy.fused_elementwise=true"], REFUSED, None),
-    "policy.router_replay": ([], ["policy.router_replay=rollout"], REFUSED, None),  # dense model (MoE: test_moe_routing)
+    "policy.router_replay": ([], ["policy.router_replay=rollout"], REFUSED, None),  # dense model (MoE, rollout|trainer: test_moe_routing, policy/test_megatron_routing)
     "policy.lora.enabled": ([], ["policy.lora.enabled=true"], "trainer",
                             lambda t: sum(p.numel() for p in t.master.parameters() if p.requires_grad)),
     "policy.lora.rank": (LORA, ["policy.lora.rank=2"], "trainer",

@@ -85,8 +85,10 @@ def test_dense_model_has_no_experts_and_refuses_replay():
     assert _batch(engine, n_gen=1, tokens=3).rollout_experts is None
     with pytest.raises(ValueError, match="router_replay=rollout needs an MoE model"):
         TorchPolicy({"config": DENSE}, pol, lr=1e-3, router_replay="rollout")
-    with pytest.raises(ValueError, match="router_replay"):
-        TorchPolicy({"config": QWEN3}, pol, lr=1e-3, router_replay="trainer")
+    with pytest.raises(ValueError, match="allowed: none, rollout, trainer"):
+        TorchPolicy({"config": QWEN3}, pol, lr=1e-3, router_replay="r3")
+    with pytest.raises(ValueError, match="router_replay=trainer needs an MoE model"):
+        TorchPolicy({"config": DENSE}, pol, lr=1e-3, router_replay="trainer")
 
 
 def test_replay_without_recorded_experts_is_refused():
@@ -175,6 +177,100 @@ def test_gate_gets_gradients_with_replay():
     assert all(not torch.equal(p.detach(), before[n]) for n, p in trainer.master.named_parameters() if n in before)
 
 
+def test_r2_replays_the_old_logprob_pass_in_every_update():
+    """R2 (`policy.router_replay=trainer`): the old-logprob pass routes by the trainer's own gate and records
+    it; every update forward (each micro-batch, an overflowed attempt and its retry, a second update) routes
+    the response tokens the same way, so the first attempt's log-probs equal the old ones bit for bit."""
+    engine, trainer = _pair(QWEN3, "fp16", replay="trainer", mbs=5)
+    batch = _batch(engine)
+    m = batch.response_mask.bool()
+    with pytest.raises(ValueError, match="no old-logprob pass recorded"):
+        trainer.train_step(batch, lambda logp, rows: (logp.sum(), {}), 1.0)
+    old = trainer.logprobs(batch, 1.0)
+    recorded = trainer.selected_experts(batch, replayed=True)
+    assert torch.equal(recorded, trainer.selected_experts(batch))  # no replay in the old-logprob pass
+    seen, used = [], []
+
+    def loss_fn(logp, rows):
+        s = batch.input_ids.shape[1]
+        used.append(trainer.routing.collect("used", rows.stop - rows.start, s)[:, batch.prompt_width - 1: s - 1])
+        seen.append(logp.detach().clone())
+        return -(logp * batch.response_mask[rows]).sum() / batch.response_mask.sum(), {}
+
+    calls = {"n": 0}
+
+    def overflow_once(grads):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            grads[0].view(-1)[0] = float("inf")
+
+    trainer.grad_hook = overflow_once
+    trainer.routing.recording = True
+    results = [trainer.train_step(batch, loss_fn, 1.0) for _ in range(3)]  # overflow, retry, second update
+    trainer.routing.recording = False
+    assert [r.skipped for r in results] == [True, False, False]
+    n_mb = -(-batch.num_samples // 5)
+    assert len(used) == 3 * n_mb
+    assert torch.equal(torch.cat(seen[:n_mb])[m], old[m]) and torch.equal(torch.cat(seen[n_mb:2 * n_mb])[m], old[m])
+    for i in range(3):
+        assert torch.equal(torch.cat(used[i * n_mb:(i + 1) * n_mb])[m].sort(-1).values, recorded[m].long().sort(-1).values)
+    # the rollout's experts are untouched (the loop's flip rate still compares them with the trainer's own)
+    assert batch.rollout_experts is not None and "router_replay_source" not in batch.extras
+
+
+def _dp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        engine, r3 = _pair(QWEN3, "bf16", replay="rollout", mbs=3)
+        batch = _batch(engine)
+        res = {"r3_logp": r3.logprobs(batch, 1.0), "r3_used": r3.selected_experts(batch, replayed=True),
+               "batch": batch}
+        r2 = TorchPolicy({"config": QWEN3}, r3.precision, lr=1e-2, micro_batch_size=3, router_replay="trainer")
+        old = r2.logprobs(batch, 1.0)
+        seen = []
+        r2.train_step(batch, lambda logp, rows: (seen.append((rows, logp.detach().clone())) or logp.sum() * 0, {}), 1.0)
+        res.update(r2_old=old, r2_seen=seen, r2_used=r2.selected_experts(batch, replayed=True))
+        torch.save(res, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_replay_survives_the_data_parallel_split(tmp_path):
+    """FSDP2 over gloo, 2 ranks, each on half the rows: R3 routes every rank's rows to their own rollout
+    experts (gathered log-probs and used experts equal one process's), R2's update passes on each rank's
+    half replay what the old-logprob pass recorded for those rows."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = str(tmp_path / "rank")
+    mp.start_processes(_dp_worker, args=(2, port, out), nprocs=2, start_method="spawn")
+    got = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
+    batch = got[0]["batch"]
+    m = batch.response_mask.bool()
+    _, single = _pair(QWEN3, "bf16", replay="rollout", mbs=3)
+    ref = single.logprobs(batch, 1.0)
+    for g in got:
+        assert torch.equal(g["r3_used"][m], batch.rollout_experts[m])
+        torch.testing.assert_close(g["r3_logp"], ref, rtol=0, atol=1e-6)
+        assert torch.equal(g["r2_used"], got[0]["r2_used"])  # gathered: the full batch on every rank
+    for rank, g in enumerate(got):
+        rows_seen = [rows for rows, _ in g["r2_seen"]]
+        half = batch.num_samples // 2
+        assert rows_seen[0].start == rank * half and rows_seen[-1].stop == (rank + 1) * half
+        for rows, logp in g["r2_seen"]:  # the first update pass == the old-logprob pass on those rows
+            assert torch.equal(logp[m[rows]], g["r2_old"][rows][m[rows]])
+
+
 def test_flip_rate_by_layer():
     a = torch.tensor([[[[0, 1], [2, 3]], [[0, 1], [2, 3]]]])  # [1, 2 tokens, 2 layers, k=2]
     b = torch.tensor([[[[1, 0], [2, 1]], [[0, 2], [-1, -1]]]])
@@ -202,18 +298,38 @@ def _cfg(tmp_path, *overrides):
                                     "trainer.resume=never", *overrides])
 
 
-@pytest.mark.parametrize("overrides,match", [
-    (["rollout.backend=vllm"], "rollout.backend=vllm"),
-    (["policy.backend=megatron", "device=cuda", "cluster.gpus_per_node=1"], "policy.backend=megatron"),
-    (["model.config.model_type=qwen2"], "dense model"),
+MEGATRON_GPU = ["policy.backend=megatron", "device=cuda", "cluster.gpus_per_node=1"]
+
+
+@pytest.mark.parametrize("replay,overrides,match", [
+    ("rollout", ["rollout.backend=vllm"], "rollout.backend=vllm"),
+    ("rollout", [*MEGATRON_GPU, "cluster.gpus_per_node=2", "policy.tensor_parallel_size=2",
+                 "policy.sequence_parallel=true"], "sequence_parallel"),
+    ("rollout", ["model.config.model_type=qwen2"], "dense model"),
+    ("trainer", ["model.config.model_type=qwen2"], "dense model"),
 ])
-def test_plan_refuses_replay(tmp_path, overrides, match):
-    with pytest.raises(ConfigError, match=match) as e:
-        check_run(typed(_cfg(tmp_path, "policy.router_replay=rollout", *overrides)))
-    assert "policy.router_replay" in str(e.value)
+def test_plan_refuses_replay(tmp_path, replay, overrides, match):
+    from nemo_rl_fp16.plan import router_replay_problems
+
+    problems = router_replay_problems(typed(_cfg(tmp_path, f"policy.router_replay={replay}", *overrides)))
+    assert len(problems) == 1 and match in problems[0] and "policy.router_replay" in problems[0]
+    if "device=cuda" not in overrides:  # the validation stage refuses it before any work (exit 2)
+        with pytest.raises(ConfigError, match=match):
+            check_run(typed(_cfg(tmp_path, f"policy.router_replay={replay}", *overrides)))
 
 
-@pytest.mark.parametrize("replay", ["none", "rollout"])
+@pytest.mark.parametrize("replay,overrides", [
+    ("rollout", MEGATRON_GPU),  # megatron-core's RouterReplay (tests/unit/policy/test_megatron_routing.py)
+    ("trainer", MEGATRON_GPU),
+    ("trainer", ["rollout.backend=vllm"]),  # R2 needs no rollout experts
+])
+def test_plan_accepts_replay(tmp_path, replay, overrides):
+    from nemo_rl_fp16.plan import router_replay_problems
+
+    assert router_replay_problems(typed(_cfg(tmp_path, f"policy.router_replay={replay}", *overrides))) == []
+
+
+@pytest.mark.parametrize("replay", ["none", "rollout", "trainer"])
 def test_rl_run_logs_flip_rate_every_step(tmp_path, replay, capsys):
     from rich.console import Console
 
@@ -229,5 +345,5 @@ def test_rl_run_logs_flip_rate_every_step(tmp_path, replay, capsys):
         assert 0.0 <= r["mismatch/router_topk_flip_rate"] <= 1.0
         assert {"mismatch/router_topk_flip_rate/layer0", "mismatch/router_topk_flip_rate/layer1"} <= set(r)
     text = console.export_text()
-    assert f"router replay {'rollout (R3)' if replay == 'rollout' else 'none'}" in text
+    assert f"router replay {({'rollout': 'rollout (R3)', 'trainer': 'trainer (R2)'}).get(replay, 'none')}" in text
     assert "router_topk_flip_rate logged every step" in text

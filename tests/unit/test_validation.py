@@ -41,7 +41,7 @@ FAULTS = [
     (MEGATRON + " policy.pipeline_parallel_size=2", "'policy.pipeline_parallel_size': 2", "allowed: 1"),
     (MEGATRON + " policy.context_parallel_size=2", "'policy.context_parallel_size': 2", "allowed: 1"),
     ("precision.kv_cache_dtype=float32", "'precision.kv_cache_dtype': float32", "rollout's param_dtype"),
-    ("precision.router_dtype=float32", "'precision.router_dtype': float32", "param_dtype (float16)"),
+    ("precision.router_dtype=bfloat16", "'precision.router_dtype': bfloat16", "float32 or = the trainer's param_dtype (float16)"),
     ("trainer.resume=/no/such/ckpt", "'trainer.resume': '/no/such/ckpt' does not exist", "checkpoint folder"),
 ]
 

@@ -42,7 +42,8 @@ __all__ = ["MegatronCausalLM", "build_gpt_model", "layer_spec", "transformer_con
 
 def transformer_config(lay: ModelLayout, *, params_dtype: torch.dtype, router_dtype: torch.dtype | None = None,
                        tp: int = 1, pp: int = 1, ep: int = 1, sequence_parallel: bool = False,
-                       activation_checkpointing: bool = False, cpu: bool = False, fused_elementwise: bool = False):
+                       activation_checkpointing: bool = False, cpu: bool = False, fused_elementwise: bool = False,
+                       routing_replay: bool = False):
     """The megatron `TransformerConfig` of an HF layout in one dtype (`fp16`/`bf16` flags from it).
 
     `fused_elementwise` turns on megatron's own `torch.compile`d SwiGLU and bias-dropout-add fusions
@@ -61,6 +62,8 @@ def transformer_config(lay: ModelLayout, *, params_dtype: torch.dtype, router_dt
         activation_checkpointing: full, uniform recomputation of every layer.
         cpu: build on CPU (`use_cpu_initialization`; allgather MoE token dispatcher).
         fused_elementwise: megatron's compiled SwiGLU and bias-dropout-add fusions.
+        routing_replay: MoE: `moe_enable_routing_replay`, a megatron `RouterReplay` per router
+            (`routing.MegatronRouting` drives them).
 
     Returns:
         `megatron.core.transformer.TransformerConfig` (no dropout, no weight init).
@@ -96,7 +99,7 @@ def transformer_config(lay: ModelLayout, *, params_dtype: torch.dtype, router_dt
                   moe_router_score_function="softmax",
                   # softmax -> top-k -> renormalise == top-k on logits -> softmax (HF norm_topk_prob)
                   moe_router_pre_softmax=not lay.norm_topk_prob,
-                  moe_router_dtype="fp32" if upcast else None)
+                  moe_router_dtype="fp32" if upcast else None, moe_enable_routing_replay=routing_replay)
     return TransformerConfig(**kw)
 
 
@@ -226,17 +229,16 @@ class MegatronCausalLM(torch.nn.Module):
         lay: its layout.
 
     Returns full-vocabulary logits (TP shards all-gathered) for the last `logits_to_keep`
-    positions, in the model's dtype; see the module doc for the row rotation. With
-    `record_experts=True` the MoE routers' top-k choices of the last forward are kept in
-    `self.last_experts` (`[b, s, layers, k]`, unrotated, sorted expert ids).
+    positions, in the model's dtype; see the module doc for the row rotation. MoE: `routing`
+    (a `routing.MegatronRouting`, set by the policy) arms each forward's replay / record and keeps
+    its experts.
     """
 
     def __init__(self, gpt: torch.nn.Module, lay: ModelLayout):
         super().__init__()
         self.module = gpt
         self.layout = lay
-        self.record_experts = False
-        self.last_experts: torch.Tensor | None = None
+        self.routing = None  # routing.MegatronRouting on MoE models (set by the policy)
         self._routing: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(unwrap(gpt).decoder.layers):
             router = getattr(layer.mlp, "router", None)
@@ -245,7 +247,7 @@ class MegatronCausalLM(torch.nn.Module):
 
     def _router_hook(self, i: int):
         def hook(_mod, _inp, out):
-            if self.record_experts:
+            if self.routing is not None and self.routing.recording:
                 self._routing[i] = out[1].detach()  # routing_map [tokens (s-major), E] bool
         return hook
 
@@ -319,17 +321,13 @@ class MegatronCausalLM(torch.nn.Module):
             causal |= torch.ones_like(causal).tril_(-self.layout.sliding_window)
         causal = causal[None, None]
         self._routing = {}
+        if self.routing is not None:
+            self.routing.arm(src)
         logits = self.module(input_ids=ids, position_ids=pos, attention_mask=causal)  # [b, s, v/TP]
+        if self.routing is not None:
+            self.routing.after_forward(self._routing, self.layout.moe_top_k)
         keep = s if not logits_to_keep else int(logits_to_keep)
         back = (ar[s - keep:][None, :] - shift[:, None]) % s  # original j sits at rotated (j - shift_i)
         out = logits.gather(1, back[..., None].expand(b, keep, logits.shape[-1]))
-        if self.record_experts and self._routing:
-            k = self.layout.moe_top_k
-            per_layer = []
-            for i in sorted(self._routing):
-                rm = self._routing[i].reshape(s, b, -1).transpose(0, 1)  # [b, s(rotated), E]
-                idx = rm.int().topk(k, dim=-1).indices.sort(-1).values  # the k selected ids, sorted
-                per_layer.append(idx.gather(1, ((ar[None, :] - shift[:, None]) % s)[..., None].expand(b, s, k)))
-            self.last_experts = torch.stack(per_layer, dim=2)
         return out
 

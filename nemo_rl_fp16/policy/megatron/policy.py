@@ -22,6 +22,11 @@ Optimizer, two paths:
   skip. Single process only (TP/EP/DP > 1 on CPU: log-probs only). megatron-core on CPU also
   needs a few CUDA calls redirected; this package does not do that, the test fixtures do
   (`tests/unit/policy/conftest.py`). The CPU path exists for CI.
+
+MoE routing (`routing.py`): MoE models are built with `moe_enable_routing_replay=True`, and
+megatron-core's `RouterReplay` records each router's top-k (the trainer's `selected_experts`, for
+`mismatch/router_topk_flip_rate`) and replays given experts for `policy.router_replay` (R3 / R2),
+through the same backend-neutral logic as the torch backend (`policy.expert_routing.ExpertRouting`).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import torch
 
 from nemo_rl_fp16.interfaces import LossFn, RolloutBatch, TrainStepResult
 from nemo_rl_fp16.modeling.layout import ModelLayout
+from nemo_rl_fp16.policy.expert_routing import ExpertRouting, check_router_replay
 from nemo_rl_fp16.policy.megatron.attention import resolve_attention
 from nemo_rl_fp16.policy.megatron.convert import (
     hf_source,
@@ -45,6 +51,7 @@ from nemo_rl_fp16.policy.megatron.convert import (
 )
 from nemo_rl_fp16.policy.megatron.model import MegatronCausalLM, build_gpt_model, transformer_config, unwrap
 from nemo_rl_fp16.policy.megatron.parallel import data_parallel, init_megatron_parallel
+from nemo_rl_fp16.policy.megatron.routing import MegatronRouting, install_partial_replays
 from nemo_rl_fp16.policy.megatron.sharding import gather_full_state_dict, load_shard_, shard_state_dict
 from nemo_rl_fp16.policy.micro_batches import DataParallel, MicroBatchLoop
 from nemo_rl_fp16.policy.mixed_precision import GradHook, MasterWeights, check_master_dtype
@@ -61,17 +68,25 @@ class MegatronModelAdapter:
         compute: the compute model.
         precision: the policy-side precision (`param_dtype` picks the numerics, `logits_dtype` the log-softmax).
         device: where the model runs.
+        experts: the MoE routing of `compute` (`expert_routing.ExpertRouting`; replay, recording).
     """
 
-    def __init__(self, compute: MegatronCausalLM, precision: PrecisionPolicy, device: torch.device):
+    def __init__(self, compute: MegatronCausalLM, precision: PrecisionPolicy, device: torch.device,
+                 experts: ExpertRouting):
         self.compute = compute
         self.precision = precision
         self.device = device
+        self.experts = experts
 
     def score(self, mb: RolloutBatch, temperature: float) -> torch.Tensor:
-        """`[n, T]` fp32 log π of the response tokens (`MegatronCausalLM.response_logprobs`)."""
-        return self.compute.response_logprobs(mb.input_ids.to(self.device), mb.attention_mask.to(self.device),
-                                              mb.prompt_width, temperature, self.precision.logits_dtype)
+        """`[n, T]` fp32 log π of the response tokens (`MegatronCausalLM.response_logprobs`), routed as `experts` says.
+
+        Raises:
+            ValueError: replay is on and the batch carries no recorded experts (`ExpertRouting.replay_experts`).
+        """
+        with self.experts.replaying(mb):
+            return self.compute.response_logprobs(mb.input_ids.to(self.device), mb.attention_mask.to(self.device),
+                                                  mb.prompt_width, temperature, self.precision.logits_dtype)
 
     def numerics(self) -> AbstractContextManager:
         """`precision.cpu_numerics` for `param_dtype` on this device (a no-op on GPUs and for fp32)."""
@@ -103,17 +118,21 @@ class MegatronPolicy:
         use_distributed_optimizer: megatron's distributed optimizer (CUDA).
         attention: `auto` | `te` | `sdpa` | `local` (`attention.resolve_attention`).
         fused_elementwise: megatron's compiled SwiGLU / bias-dropout-add (`model.transformer_config`).
+        router_replay: `"none"`, `"rollout"` (R3) or `"trainer"` (R2) (`expert_routing`); needs an MoE
+            model and, with TP > 1, no sequence parallelism.
 
     Attributes:
         layout: the model's `ModelLayout`.
         tconfig: the compute model's megatron `TransformerConfig`.
         weights: the shared fp32 master step on CPU (None on CUDA: megatron's optimizer).
         loop: the shared micro-batch loop over `adapter`.
+        experts: the compute model's MoE routing (`expert_routing.ExpertRouting`).
         mcore_optimizer: megatron's optimizer on CUDA (None on CPU).
         grad_hook: test/debug hook on the fp32 grads before the inf check.
 
     Raises:
-        ValueError: bad sizes/dtypes, an unmapped HF feature, or a parallel layout that does not divide.
+        ValueError: bad sizes/dtypes, an unmapped HF feature, a parallel layout that does not divide,
+            an unknown `router_replay`, or replay with a dense model or sequence parallelism.
         NotImplementedError: `pipeline_parallel_size > 1`.
     """
 
@@ -123,10 +142,12 @@ class MegatronPolicy:
                  initial_state_dict: Mapping[str, torch.Tensor] | None = None,
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, expert_parallel_size: int = 1,
                  sequence_parallel: bool = False, activation_checkpointing: bool = False,
-                 use_distributed_optimizer: bool = False, attention: str = "auto", fused_elementwise: bool = False):
+                 use_distributed_optimizer: bool = False, attention: str = "auto", fused_elementwise: bool = False,
+                 router_replay: str = "none"):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         check_master_dtype(policy)
+        check_router_replay(router_replay)
         if pipeline_parallel_size != 1:
             raise NotImplementedError("pipeline_parallel_size > 1 is not implemented in the megatron trainer yet")
         self.precision = policy
@@ -158,8 +179,9 @@ class MegatronPolicy:
             cfg = transformer_config(self.layout, params_dtype=dtype, router_dtype=policy.router_dtype, tp=tp, ep=ep,
                                      sequence_parallel=sequence_parallel,
                                      activation_checkpointing=activation_checkpointing, cpu=self.cpu,
-                                     fused_elementwise=fused_elementwise)
+                                     fused_elementwise=fused_elementwise, routing_replay=self.layout.is_moe)
             gpt = build_gpt_model(self.layout, cfg, use_te=use_te, attention=attention).to(self.device)
+            install_partial_replays(gpt)  # this model's own RouterReplay instances, none in megatron's registry
             for p in gpt.parameters():  # megatron builds norms in fp32 whatever params_dtype (Float16Module casts)
                 p.data = p.data.to(dtype)
             self._router_to_fp32(gpt)
@@ -184,7 +206,13 @@ class MegatronPolicy:
             self._model = compute
         else:
             self._model = self._init_cuda(make, shard, lr, weight_decay, use_distributed_optimizer)
-        self.adapter = MegatronModelAdapter(self._model, policy, self.device)
+        if router_replay != "none" and sequence_parallel and tp > 1:
+            raise ValueError(f"policy.router_replay={router_replay} with policy.sequence_parallel=true is not wired "
+                             "(the routers see a sequence shard); set policy.sequence_parallel=false")
+        if self.layout.is_moe:
+            self._model.routing = MegatronRouting(self._model.module)
+        self.experts = ExpertRouting(self._model.routing, router_replay, self.device)
+        self.adapter = MegatronModelAdapter(self._model, policy, self.device, self.experts)
         self.loop = MicroBatchLoop(self.adapter, micro_batch_size)
 
     # -------------------------------------------------------------------------- CUDA path
@@ -261,6 +289,8 @@ class MegatronPolicy:
     def logprobs(self, batch: RolloutBatch, temperature: float) -> torch.Tensor:
         """Log π of the batch's response tokens, no grad (each data-parallel rank scores its rows).
 
+        MoE: also records the experts the routers picked (`selected_experts`).
+
         Args:
             batch: the rollout batch (`N` rows, responses of width `T`).
             temperature: the sampling temperature the logits are divided by.
@@ -269,38 +299,42 @@ class MegatronPolicy:
             `[N, T]` fp32, 0 where masked, on the batch's device.
         """
         self._sync_compute()
-        return self.loop.logprobs(batch, temperature)
+        return self.experts.logprobs(self.loop, batch, temperature)
 
-    def selected_experts(self, batch: RolloutBatch) -> torch.Tensor:
-        """Expert ids the trainer's routers pick for each response token (one no-grad pass).
+    def selected_experts(self, batch: RolloutBatch, replayed: bool = False) -> torch.Tensor:
+        """Expert ids of the trainer's routers for `batch` (`ExpertRouting.selected_experts`).
 
-        Token t's entry is the routing of position `P + t - 1`, the forward that scores token t
-        (the same position the log-prob comes from). Compare with `batch.rollout_experts` through
+        Entry t is the routing at the position that scores response token t (the position its
+        log-prob comes from); taken from the last `logprobs` call when it scored the same tokens,
+        else one no-grad pass. Compare with `batch.rollout_experts` through
         `mismatch.router_topk_flip_rate`.
 
+        Args:
+            batch: the rollout batch (`N` rows, responses of width `T`).
+            replayed: False: the routers' own top-k (before any replay); True: the experts used.
+
         Returns:
-            `[N, T, moe layers, k]` expert ids on CPU (sorted per token).
+            `[N, T, moe layers, k]` int16 expert ids on CPU (sorted per token), -1 on padding.
 
         Raises:
             ValueError: a dense model.
         """
-        if not self.layout.is_moe:
-            raise ValueError("selected_experts needs an MoE model")
-        self._sync_compute()
-        out = []
-        model = self.compute
-        model.record_experts = True
-        try:
-            with torch.no_grad(), self.adapter.numerics():
-                for rows in self.loop.slices(batch.num_samples):
-                    mb = batch.select(rows)
-                    model(input_ids=mb.input_ids.to(self.device), attention_mask=mb.attention_mask.to(self.device),
-                          logits_to_keep=1)
-                    p = mb.prompt_width
-                    out.append(model.last_experts[:, p - 1: -1].cpu())
-        finally:
-            model.record_experts = False
-        return torch.cat(out)
+        return self.experts.selected_experts(batch, replayed, lambda b: self.logprobs(b, 1.0))
+
+    @property
+    def routing(self) -> MegatronRouting | None:
+        """The compute model's megatron router taps (None: dense model)."""
+        return self.experts.taps
+
+    @property
+    def router_replay(self) -> str:
+        """`"none"`, `"rollout"` (R3) or `"trainer"` (R2) (settable; `expert_routing`)."""
+        return self.experts.mode
+
+    @router_replay.setter
+    def router_replay(self, value: str) -> None:
+        check_router_replay(value)
+        self.experts.mode = value
 
     def train_step(self, batch: RolloutBatch, loss_fn: LossFn, temperature: float) -> TrainStepResult:
         """One optimizer step over `batch` (CPU: `MasterWeights`; CUDA: megatron's optimizer).
@@ -315,7 +349,9 @@ class MegatronPolicy:
 
         Raises:
             NotImplementedError: on CPU with more than one process (no TP/EP/DP gradient sync there).
+            ValueError: `router_replay="trainer"` (R2) without a `logprobs` pass over `batch` first.
         """
+        batch = self.experts.prepare_update(batch)  # R2: replay the old-logprob pass's routing
         if self.weights is not None:
             if not self._world_is_one:
                 raise NotImplementedError("CPU megatron train_step runs single-process only (no TP/EP/DP grads sync)")
