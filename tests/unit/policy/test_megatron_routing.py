@@ -170,9 +170,9 @@ def test_replay_refusals(mcore_cpu):
 def test_rl_loop_logs_the_flip_rate_every_step_with_the_megatron_trainer(mcore_cpu, tmp_path, replay):
     """The loop's step (torch rollout engine, megatron trainer on CPU): flip rate and per-layer values
     every step; with R3 the update forwards use the rollout's experts."""
+    from nemo_rl_fp16.build import build_policy_trainer, build_run
     from rich.console import Console
 
-    from nemo_rl_fp16.build import build_policy_trainer, build_run
     from nemo_rl_fp16.config import load_recipe, typed
     from nemo_rl_fp16.trainer import RLTrainer
 
