@@ -170,10 +170,11 @@ def test_replay_refusals(mcore_cpu):
 def test_rl_loop_logs_the_flip_rate_every_step_with_the_megatron_trainer(mcore_cpu, tmp_path, replay):
     """The loop's step (torch rollout engine, megatron trainer on CPU): flip rate and per-layer values
     every step; with R3 the update forwards use the rollout's experts."""
-    from nemo_rl_fp16.build import build_policy_trainer, build_run
     from rich.console import Console
 
+    from nemo_rl_fp16.assembly import build_run
     from nemo_rl_fp16.config import load_recipe, typed
+    from nemo_rl_fp16.policy import build_policy
     from nemo_rl_fp16.trainer import RLTrainer
 
     rc = typed(load_recipe("moe_tiny", [f"output_dir={tmp_path}/run", "precision=bf16", "data.prompts_per_step=2",
@@ -182,7 +183,7 @@ def test_rl_loop_logs_the_flip_rate_every_step_with_the_megatron_trainer(mcore_c
                                         "policy.micro_batch_size=3"]))
     setup = build_run(rc, Console(quiet=True))
     mrc = rc.model_copy(update={"policy": rc.policy.model_copy(update={"backend": "megatron"})})
-    setup.policy = build_policy_trainer(mrc, setup.model_cfg, setup.train_policy, "cpu",
+    setup.policy = build_policy(mrc, setup.model_cfg, setup.train_policy, "cpu",
                                         setup.policy.rollout_state_dict())
     assert isinstance(setup.policy, MegatronPolicy) and setup.policy.router_replay == replay
     loop = RLTrainer(rc, setup, Console(quiet=True))
