@@ -11,6 +11,7 @@ from nemo_rl_fp16.precision import (
     audit_model,
     check_model,
     get_dtype,
+    is_router_param,
     resolve_policies,
 )
 
@@ -153,8 +154,13 @@ def test_audit_router_dtype():
     for layer in m.layers:
         layer["gate"].to(F32)
     assert audit_model(m, pol) == []
-    # gate_proj is a dense MLP weight, not a router
-    assert "gate_proj" not in " ".join(audit_model(m.to(F32), pol))
+    # gate_proj is a dense MLP weight, not a router: in fp32 it breaks param_dtype (not router_dtype), and the
+    # fp32 router/gate weights beside it stay clean
+    m.layers[0]["gate_proj"].to(F32)
+    assert audit_model(m, pol) == ["layers.0.gate_proj.{weight,bias}: found float32, expected float16 (param_dtype)"]
+    assert not is_router_param("layers.0.gate_proj.weight") and is_router_param("layers.0.gate.weight")
+    assert is_router_param("model.layers.3.mlp.shared_expert_gate.weight")
+    assert not is_router_param("layers.0.gates.weight") and not is_router_param("gate_up_proj.weight")  # by component
 
 
 def test_audit_whole_model_wrong_collapses_and_buffers():
@@ -181,4 +187,15 @@ def test_audit_hf_models(arch):
     if arch in ("qwen2_moe", "qwen3_moe", "mixtral"):
         fp32_router = PrecisionPolicy.from_config({"name": "fp16", "router_dtype": "float32"})
         lines = audit_model(model, fp32_router)
-        assert lines and all("router_dtype" in x for x in lines), lines
+        # exactly the HF routers (Qwen2-MoE also gates its shared expert), not the experts' fused gate_up_proj
+        assert lines == ROUTER_LINES[arch], lines
+        routers = [n for n, _ in model.named_parameters() if is_router_param(n)]
+        assert routers == ["model.layers.0.mlp.gate.weight"] + (
+            ["model.layers.0.mlp.shared_expert_gate.weight"] if arch == "qwen2_moe" else [])
+
+
+ROUTER_LINES = {
+    "qwen2_moe": ["<all 2 router/gate parameters>: found float16, expected float32 (router_dtype)"],
+    "qwen3_moe": ["model.layers.0.mlp.gate.weight: found float16, expected float32 (router_dtype)"],
+    "mixtral": ["model.layers.0.mlp.gate.weight: found float16, expected float32 (router_dtype)"],
+}
