@@ -9,10 +9,13 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from nemo_rl_fp16.config import load_recipe
 from nemo_rl_fp16.trainer import run
+
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 PLACEHOLDERS = {"<lo>-<hi>": r"\d+-\d+", "<i>": r"\d+"}

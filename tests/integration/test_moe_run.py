@@ -9,6 +9,8 @@ import pytest
 
 from nemo_rl_fp16.config import load_recipe
 
+pytestmark = pytest.mark.integration
+
 
 def _cfg(tmp_path, *overrides):
     return load_recipe("moe_tiny", [f"output_dir={tmp_path}/run", "trainer.max_steps=2", "logging.progress=false",

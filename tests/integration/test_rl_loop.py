@@ -19,6 +19,8 @@ from nemo_rl_fp16.guards import NonFiniteError
 from nemo_rl_fp16.precision import PrecisionMismatchError
 from nemo_rl_fp16.trainer import RLTrainer, audit, run
 
+pytestmark = pytest.mark.integration
+
 QUIET = Console(quiet=True)
 
 
