@@ -16,7 +16,6 @@ from nemo_rl_fp16.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from nemo_rl_fp16.hf_export import export_hf
 
 
 def _payload(seed=0):
@@ -129,24 +128,3 @@ def test_rng_capture_restore_reproduces_draws(tmp_path):
     assert draws[:2] == again[:2] and torch.equal(draws[2], again[2])
 
 
-def test_export_hf_is_loadable(tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
-
-    from nemo_rl_fp16.data.tokenizer import build_char_tokenizer
-
-    tok = build_char_tokenizer()
-    cfg = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
-    model = AutoModelForCausalLM.from_config(cfg)
-    out = export_hf(tmp_path / "hf", model, tok)
-    assert (out / "model.safetensors").exists() and not list(tmp_path.glob(".tmp_*"))
-    back = AutoModelForCausalLM.from_pretrained(out)
-    assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
-    assert AutoTokenizer.from_pretrained(out)("1+1=")["input_ids"] == tok("1+1=")["input_ids"]
-    export_hf(tmp_path / "hf", model, tok)  # overwrite in place

@@ -1,17 +1,26 @@
 """Recipes load, compose, override and fail loudly on bad input."""
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from nemo_rl_fp16.config import ConfigError, available_recipes, load_recipe, save_resolved, typed
 from nemo_rl_fp16.plan import make_plan, parallel_layout
+from nemo_rl_fp16.precision import resolve_policies
 
 
 @pytest.mark.parametrize("name", available_recipes())
 def test_every_packaged_recipe_loads_and_plans(name):
     cfg = typed(load_recipe(name))
     assert cfg.recipe == name
-    make_plan(cfg)  # layouts of shipped recipes divide, precision blocks resolve
+    plan = make_plan(cfg)  # layouts of shipped recipes divide, precision blocks resolve
+    # the plan is this recipe's: its name, algorithm, and each engine in the precision the recipe resolves to
+    short = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+    train, rollout = resolve_policies(cfg.precision.model_dump())
+    assert plan["recipe"] == name and plan["algorithm"].startswith(f"{cfg.algorithm.name} + correction ")
+    assert plan["trainer"].startswith(f"{cfg.policy.backend}  dtypes: param={short[train.param_dtype]},")
+    assert plan["rollout"].startswith(f"{cfg.rollout.backend}  dtypes: param={short[rollout.param_dtype]},")
+    assert (plan["loss scaling"] == "off") is (not train.loss_scale.enabled)
 
 
 def test_required_recipes_ship():

@@ -9,7 +9,6 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from nemo_rl_fp16.cli import main
 from nemo_rl_fp16.config import load_recipe, typed
 from nemo_rl_fp16.data import build_char_tokenizer
 
@@ -80,14 +79,3 @@ def test_filter_sanity_keeps_problems_solved_at_least_once(tiny_ckpt, tiny_jsonl
     assert filter_main([*args[:1], str(tmp_path / "missing"), *args[2:]]) == 2
 
 
-def test_model_recipe_runs_one_step_from_local_checkpoint(tiny_ckpt, tiny_jsonl, tmp_path):
-    out = tmp_path / "run"
-    rc = main(
-        ["rl", "recipe=qwen25_math_1p5b_fp16",
-         f"model.name_or_path={tiny_ckpt}", f"data.path={tiny_jsonl}", f"output_dir={out}", "device=cpu",
-         "trainer.max_steps=1", "rollout.max_new_tokens=4", "rollout.num_generations=2", "data.prompts_per_step=2",
-         "policy.micro_batch_size=4", "logging.tensorboard=false", "logging.progress=false",
-         "trainer.headroom_every=0", "cluster.gpus_per_node=0"])
-    assert rc == 0
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert metrics and metrics[-1]["step"] == 1

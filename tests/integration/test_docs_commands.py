@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -24,15 +26,6 @@ def _doc_commands():
 
 def test_docs_show_commands():
     assert len(_doc_commands()) >= 8
-
-
-def test_every_documented_metric_name_is_real():
-    """docs/metrics.md names only metrics the loop logs (checked against the code's strings)."""
-    text = (ROOT / "docs" / "metrics.md").read_text()
-    names = set(re.findall(r"`((?:mismatch|reward|response|loss|train|range|time)/[a-z0-9_]+)", text))
-    src = "".join(p.read_text() for p in (ROOT / "nemo_rl_fp16").rglob("*.py"))
-    missing = [n for n in names if n.split("/", 1)[1] not in src]
-    assert not missing, missing
 
 
 @pytest.mark.parametrize("doc,args", _doc_commands(), ids=lambda x: x if isinstance(x, str) else " ".join(x)[:60])

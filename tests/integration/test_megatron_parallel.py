@@ -1,7 +1,7 @@
 """TP=2 == DP=2 (dense; also TP > kv heads) and EP=2 == DP=2 (MoE) log-probs on CPU: 2 processes, gloo, one torchrun launch.
 
 The worker is this file run as a script (`__main__`); it applies the test-only CUDA redirects
-from conftest.py itself (pytest fixtures do not reach torchrun's processes).
+from tests/unit/policy/conftest.py itself (pytest fixtures do not reach torchrun's processes).
 """
 
 from __future__ import annotations
@@ -13,19 +13,24 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration
+
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+HELPERS = ROOT / "tests" / "unit" / "policy"  # conftest.py: free_port, cpu_redirects
 
 
 def test_tp2_and_ep2_match_single_rank(tmp_path):
     pytest.importorskip("megatron.core")
+    sys.path.insert(0, str(HELPERS))
     from conftest import free_port
 
     # the workers import this checkout's package (torchrun puts the script's folder, not the cwd, on sys.path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": os.pathsep.join([str(HERE.parents[2]), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(Path(__file__).resolve())]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=HERE.parents[2])
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     for check in ("TP2 logprobs OK", "TP2 refit OK", "EP2 logprobs OK", "EP2 experts OK", "EP2 refit OK",
@@ -34,7 +39,7 @@ def test_tp2_and_ep2_match_single_rank(tmp_path):
 
 
 def _worker() -> None:  # pragma: no cover - runs under torchrun
-    sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(HELPERS))
     import torch
     import torch.distributed as dist
     from conftest import cpu_redirects

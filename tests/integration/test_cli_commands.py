@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration
+
 EXE = shutil.which("nemo-rl-fp16", path=str(Path(sys.executable).parent))
 
 

@@ -12,12 +12,15 @@ import pytest
 import torch
 from rich.console import Console
 
+from nemo_rl_fp16.algorithms import policy_loss
 from nemo_rl_fp16.assembly import build_run
 from nemo_rl_fp16.commands.rl import audit, run
 from nemo_rl_fp16.config import load_recipe, typed
 from nemo_rl_fp16.guards import NonFiniteError
 from nemo_rl_fp16.precision import PrecisionMismatchError
 from nemo_rl_fp16.trainer import RLTrainer
+
+pytestmark = pytest.mark.integration
 
 QUIET = Console(quiet=True)
 
@@ -146,19 +149,115 @@ def test_audit_refuses_planted_mismatch(tmp_path):
         audit(setup, rc)
 
 
-@pytest.mark.parametrize("algo", [
-    ["algorithm.name=grpo", "algorithm.correction=tis", "precision=bf16"],
-    ["algorithm.name=grpo", "algorithm.correction=mis", "algorithm.reduction=seq_mean_token_mean"],
-    ["algorithm.name=gspo", "algorithm.clip_low=3e-4", "algorithm.clip_high=4e-4"],
-    ["algorithm.name=pg_seq_is", "algorithm.correction=mis", "algorithm.kl_coef=0.01"],
-    ["precision.rollout=bf16", "precision.allow_mismatch=true", "algorithm.updates_per_rollout=2"],
-])
-def test_algorithm_variants_run(tmp_path, algo):
+# Each variant: its overrides, the `policy_loss` keywords they mean, and the default keywords they replace (None:
+# the variant changes no loss keyword). The loss itself is reference-tested in tests/unit/algorithms/test_losses.py;
+# here the loop must hand the variant's keywords and the whole batch's normalisers to every micro-batch.
+_LOSS_DEFAULTS = dict(correction="none", clip_low=0.2, clip_high=0.2, is_cap=2.0, reduction="token_mean",
+                      kl_coef=0.0, kl_kind="k3")
+VARIANTS = {
+    "grpo_tis_bf16": (["algorithm.name=grpo", "algorithm.correction=tis", "precision=bf16"],
+                      dict(name="grpo", correction="tis"), dict(correction="none")),
+    "grpo_mis_seq_mean": (["algorithm.name=grpo", "algorithm.correction=mis", "algorithm.reduction=seq_mean_token_mean"],
+                          dict(name="grpo", correction="mis", reduction="seq_mean_token_mean"),
+                          dict(correction="none", reduction="token_mean")),
+    # two updates per rollout: the clip only acts once the policy has moved away from the rollout's
+    "gspo_clip": (["algorithm.name=gspo", "algorithm.clip_low=3e-4", "algorithm.clip_high=4e-4",
+                   "algorithm.updates_per_rollout=2"],
+                  dict(name="gspo", clip_low=3e-4, clip_high=4e-4), dict(clip_low=0.2, clip_high=0.2)),
+    "pg_seq_is_mis_kl": (["algorithm.name=pg_seq_is", "algorithm.correction=mis", "algorithm.kl_coef=0.01"],
+                         dict(name="pg_seq_is", correction="mis", kl_coef=0.01), dict(correction="none", kl_coef=0.0)),
+    "bf16_rollout_two_updates": (["precision.rollout=bf16", "precision.allow_mismatch=true",
+                                  "algorithm.updates_per_rollout=2"], dict(name="grpo"), None),
+}
+
+
+def _expected_loss(keywords, upd, logp, rows, global_counts=True):
+    kw = {**_LOSS_DEFAULTS, **keywords}
+    name = kw.pop("name")
+    mask = upd["batch"].response_mask
+    counts = {}
+    if global_counts:  # the whole optimizer batch's normalisers, counted here from the mask
+        counts = dict(global_valid_toks=float(mask.sum()), global_valid_seqs=float((mask.sum(-1) > 0).sum()))
+    ref = upd["ref_logp"][rows] if kw["kl_coef"] > 0 else None
+    loss, _ = policy_loss(name, logp, upd["old_logp"][rows], upd["batch"].rollout_logp[rows], upd["adv"][rows],
+                          mask[rows], ref_logp=ref, **kw, **counts)
+    return loss
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_algorithm_variants_run(tmp_path, variant, monkeypatch):
+    """Each variant runs two steps without NaN, and every micro-batch loss the loop computed is the variant's
+    `policy_loss` (not the default's) with whole-batch normalisers: the micro-batch losses of an update add up
+    to the loss of the whole batch in one call, and the logged `loss/value` is that sum."""
+    algo, keywords, default = VARIANTS[variant]
+    updates, setups = [], []
+    init, update = RLTrainer.__init__, RLTrainer.update
+
+    def spy_init(self, cfg, setup, console=None):
+        setups.append(setup)
+        init(self, cfg, setup, console)
+
+    def spy_update(self, batch, old_logp, ref_logp, adv):
+        upd = {"batch": batch, "old_logp": old_logp, "ref_logp": ref_logp, "adv": adv, "attempts": []}
+        updates.append(upd)
+        train_step = self.policy.train_step
+
+        def recording_train_step(b, loss_fn, temperature):
+            calls = []
+            upd["attempts"].append(calls)
+
+            def recording_loss_fn(logp, rows):
+                loss, metrics = loss_fn(logp, rows)
+                calls.append((logp.detach().clone(), rows, loss.detach().clone()))
+                return loss, metrics
+
+            return train_step(b, recording_loss_fn, temperature)
+
+        self.policy.train_step = recording_train_step
+        try:
+            return update(self, batch, old_logp, ref_logp, adv)
+        finally:
+            self.policy.train_step = train_step
+
+    monkeypatch.setattr(RLTrainer, "__init__", spy_init)
+    monkeypatch.setattr(RLTrainer, "update", spy_update)
     final = run(_cfg(tmp_path, "trainer.max_steps=2", "trainer.save_every=0", "data.prompts_per_step=4",
                      "policy.micro_batch_size=8", *algo), console=QUIET)
     assert all(v == v for v in final.values())  # no NaN anywhere
     # (pg_seq_is sums log-probs over tokens: its first fp16 steps may overflow at 2**16 and back off)
     assert final["train/overflow_retries"] <= 3 and final["loss/value"] == final["loss/value"]
+
+    n_updates = 2 if "algorithm.updates_per_rollout=2" in algo else 1
+    assert len(updates) == 2 * n_updates
+    differs_from_default = False
+    for upd in updates:
+        n = upd["batch"].response_mask.shape[0]
+        for calls in upd["attempts"]:
+            assert [c[1] for c in calls] == [slice(i, min(i + 8, n)) for i in range(0, n, 8)]  # micro_batch_size=8
+            for logp, rows, loss in calls:
+                assert torch.equal(loss, _expected_loss(keywords, upd, logp, rows)), (variant, rows)
+                if default is not None:
+                    other = _expected_loss({**keywords, **default}, upd, logp, rows)
+                    differs_from_default |= not torch.allclose(loss, other, rtol=1e-4, atol=0)
+            whole = _expected_loss(keywords, upd, torch.cat([c[0] for c in calls]), slice(0, n), global_counts=False)
+            assert float(sum(c[2] for c in calls)) == pytest.approx(float(whole), rel=1e-5, abs=1e-7)
+    if default is not None:  # the variant's keywords changed the loss the loop optimised
+        assert differs_from_default, f"{variant}: every loss equals the default's {default}"
+    last = updates[-1]["attempts"][-1]
+    assert final["loss/value"] == pytest.approx(float(sum(c[2] for c in last)), rel=1e-6, abs=1e-9)
+
+    setup = setups[0]
+    if "precision=bf16" in algo:  # bf16 end to end: no loss scaling
+        assert setup.train_policy.param_dtype == setup.rollout_policy.param_dtype == torch.bfloat16
+        assert not setup.train_policy.loss_scale.enabled and final["train/loss_scale"] == 1.0
+    if "precision.rollout=bf16" in algo:  # the declared ablation: fp16 trainer, bf16 rollout engine
+        assert setup.train_policy.param_dtype == torch.float16 and setup.rollout_policy.param_dtype == torch.bfloat16
+    if n_updates == 2:  # the second update of a step starts from the moved policy: off-policy ratios
+        for first, second in zip(updates[0::2], updates[1::2], strict=True):
+            assert first["batch"] is second["batch"] and torch.equal(first["old_logp"], second["old_logp"])
+            logp = torch.cat([c[0] for c in second["attempts"][-1]])
+            m = second["batch"].response_mask.bool()
+            assert (logp.float() - second["old_logp"].float())[m].abs().max() > 0
 
 
 def test_bad_dataset_rows_give_one_line_error(tmp_path):

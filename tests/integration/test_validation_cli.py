@@ -1,0 +1,21 @@
+"""The validation stage through the CLI: a bad CPU kernel switch is one line, exit 2, before any work."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("var,value", [("NEMO_RL_CPU_KERNELS", "fast"), ("NEMO_RL_CPU_ISA", "sse")])
+def test_bad_cpu_kernel_switch_is_one_line_exit_2_before_any_work(tmp_path, var, value):
+    env = {**os.environ, var: value, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    r = subprocess.run([sys.executable, "-m", "nemo_rl_fp16.cli", "rl", "recipe=sanity_tiny",
+                        f"output_dir={tmp_path}/run"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and var in r.stderr and value in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,49 @@
+"""`fsutil.atomic_write`: the target holds the old or the new content, never a half-written file."""
+
+import os
+
+import pytest
+
+from nemo_rl_fp16.fsutil import atomic_write
+
+
+def test_writes_str_bytes_and_callback_creating_parents(tmp_path):
+    p = atomic_write(tmp_path / "a" / "b" / "x.txt", "héllo")
+    assert p == tmp_path / "a" / "b" / "x.txt" and p.read_bytes() == "héllo".encode()
+    atomic_write(p, b"\x00\x01")
+    assert p.read_bytes() == b"\x00\x01"
+    atomic_write(p, lambda f: f.write(b"from callback"))
+    assert p.read_bytes() == b"from callback"
+    assert sorted(os.listdir(p.parent)) == ["x.txt"]  # no temp file left behind
+
+
+def test_failed_write_keeps_the_old_content_and_leaves_no_temp(tmp_path):
+    p = atomic_write(tmp_path / "cfg.yaml", "old: 1\n")
+
+    def half_then_crash(f):
+        f.write(b"new: ")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(p, half_then_crash)
+    assert p.read_text() == "old: 1\n"
+    assert sorted(os.listdir(tmp_path)) == ["cfg.yaml"]
+
+
+def test_interrupt_also_cleans_up(tmp_path):
+    def interrupted(f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "r.json", interrupted)
+    assert os.listdir(tmp_path) == []  # neither a target nor a temp file
+
+
+def test_replaces_a_symlinked_target_itself_not_through_the_link(tmp_path):
+    real = tmp_path / "real.txt"
+    real.write_text("real")
+    link = tmp_path / "link.txt"
+    link.symlink_to(real)
+    atomic_write(link, "new")
+    assert not link.is_symlink() and link.read_text() == "new" and real.read_text() == "real"
