@@ -65,7 +65,7 @@ TABLE: dict[str, tuple[list[str], list[str], str, object]] = {
                               lambda t: t.compute.model.embed_tokens.weight.dtype),
     "precision.compute_dtype": ([], ["precision.compute_dtype=float32"], REFUSED, None),
     "precision.grad_reduce_dtype": ([], ["precision.grad_reduce_dtype=bfloat16"], "trainer",
-                                    lambda t: t.policy.grad_reduce_dtype),
+                                    lambda t: t.precision.grad_reduce_dtype),
     "precision.master_dtype": ([], ["precision.master_dtype=float16"], REFUSED, None),
     "precision.logits_dtype": ([], ["precision.logits_dtype=bfloat16"], "logp", lambda lp: lp.tolist()),
     "precision.router_dtype": ([], ["precision.router_dtype=float32"], REFUSED, None),

@@ -124,7 +124,7 @@ def test_replay_routes_every_token_to_the_rollout_experts():
 
 def test_replay_survives_micro_batching_and_retries():
     _, big, batch = _flipping_batch("rollout", mbs=128)
-    small = TorchPolicy({"config": QWEN3}, big.policy, lr=1e-2, micro_batch_size=3, router_replay="rollout")
+    small = TorchPolicy({"config": QWEN3}, big.precision, lr=1e-2, micro_batch_size=3, router_replay="rollout")
     small.load_state_dict(big.state_dict())  # the same weights (the flipping batch's seed may differ)
     ref = big.logprobs(batch, 1.0)
     assert torch.equal(small.logprobs(batch, 1.0), ref)  # rows are routed alike whatever the micro-batch
