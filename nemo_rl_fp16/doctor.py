@@ -118,6 +118,8 @@ def decode_path(engine: Any, batch: RolloutBatch, temperature: float = 1.0) -> t
     Mirrors `TorchRolloutEngine.generate` with the tokens forced: `forward_step` over the
     left-padded prompts, then step t feeds response token t−1 (attention-mask column = its
     response-mask bit) under `kernel_profile("decode")`; rows go in chunks of `max_batch_size`.
+    Like `generate`, a chunk stops after the last step any of its rows needs; its later positions
+    (all masked) are zeros.
 
     Args:
         engine: a `TorchRolloutEngine` (reads `model`, `device`, `precision`, `max_batch_size`
@@ -128,7 +130,7 @@ def decode_path(engine: Any, batch: RolloutBatch, temperature: float = 1.0) -> t
     Returns:
         ({probe name: `[N, T, width]` output at the positions predicting response tokens 0..T−1},
         `[N, T]` fp32 log µ of the response tokens at `temperature`, computed as the engine's sampler
-        does, inside its numerics scope).
+        does, inside its numerics scope). Positions after a chunk's longest response hold 0.
     """
     p, n_resp = batch.prompt_width, batch.response_mask.shape[1]
     rec = Recorder(engine.model)
@@ -142,17 +144,28 @@ def decode_path(engine: Any, batch: RolloutBatch, temperature: float = 1.0) -> t
             ids, resp = mb.input_ids.to(engine.device), mb.response_mask.to(engine.device)
             attn = mb.attention_mask[:, :p].to(engine.device)
             cache = DynamicCache(config=engine.model.config)
+            live = resp.any(0).nonzero()
+            needed = int(live.max()) + 1 if live.numel() else 1  # steps this chunk's rows use
             steps = [engine.forward_step(ids[:, :p], attn, position_ids_from_mask(attn), cache)]
-            for t in range(1, n_resp):
+            for t in range(1, needed):
                 attn = torch.cat([attn, resp[:, t - 1:t]], 1)
                 with kernel_profile("decode"):
                     steps.append(engine.forward_step(ids[:, p + t - 1:p + t], attn,
-                                                 position_ids_from_mask(attn)[:, -1:], cache))
-            logps.append(token_logprobs(torch.stack(steps, 1), ids[:, p:], temperature,
-                                        engine.precision.logits_dtype).float().cpu())
+                                                     position_ids_from_mask(attn)[:, -1:], cache))
+            logps.append(_pad_positions(token_logprobs(torch.stack(steps, 1), ids[:, p:p + needed], temperature,
+                                                       engine.precision.logits_dtype).float().cpu(), n_resp))
             for name, t in rec.outputs().items():
-                parts.setdefault(name, []).append(t)
+                parts.setdefault(name, []).append(_pad_positions(t, n_resp))
     return {n: torch.cat(v) for n, v in parts.items()}, torch.cat(logps)
+
+
+def _pad_positions(t: torch.Tensor, width: int) -> torch.Tensor:
+    """`[rows, k, ...]` -> `[rows, width, ...]`, zeros after position k."""
+    if t.shape[1] == width:
+        return t
+    out = t.new_zeros((t.shape[0], width, *t.shape[2:]))
+    out[:, :t.shape[1]] = t
+    return out
 
 
 def onepass_path(trainer: Any, batch: RolloutBatch, temperature: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -205,22 +218,37 @@ def divergence(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> dict[str
     Raises:
         ValueError: `a` and `b` differ in shape, or `mask` is not their `[N, T]`.
     """
+    _check_aligned(a, b, mask)
+    m = mask.bool()
+    return _divergence64(a[m].double(), b[m].double())
+
+
+def _check_aligned(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> None:
     if a.shape != b.shape or tuple(a.shape[:2]) != tuple(mask.shape):
         raise ValueError(f"decode and one-pass outputs must align: {tuple(a.shape)} vs {tuple(b.shape)}, "
                          f"mask {tuple(mask.shape)}")
-    m = mask.bool()
-    a64, b64 = a.double()[m], b.double()[m]  # [n, W]
-    finite = bool(torch.isfinite(a64).all() and torch.isfinite(b64).all())
-    if not finite:
+
+
+def _divergence64(a64: torch.Tensor, b64: torch.Tensor, full: bool = True) -> dict[str, Any]:
+    """`divergence` of the masked tokens `a64`, `b64` (`[n, W]` float64, exact casts of the outputs).
+
+    Finite iff ‖a − b‖ and ‖b‖ are (a non-finite value on either side makes one of them inf or
+    NaN; finite outputs of a float16/bfloat16/float32 model cannot overflow a float64 norm), so no
+    elementwise check is needed. `full=False`: `rel_norm` and `finite` only (the rounding
+    reference needs no more).
+    """
+    d = a64 - b64
+    d_norm, b_norm = d.norm(), b64.norm()
+    if not bool(torch.isfinite(d_norm) & torch.isfinite(b_norm)):
         inf = torch.full((a64.shape[0],), math.inf, dtype=torch.float64)
         return {"rel_norm": math.inf, "rel_max": math.inf, "per_token": inf, "finite": False}
-    d = a64 - b64
     tiny = torch.finfo(torch.float64).tiny
-    per_token = d.norm(dim=-1) / b64.norm(dim=-1).clamp_min(tiny)
-    rel_max = d.abs().amax(-1) / b64.abs().amax(-1).clamp_min(tiny)
-    return {"rel_norm": float(d.norm() / b64.norm().clamp_min(tiny)) if d.numel() else 0.0,
-            "rel_max": float(rel_max.max()) if rel_max.numel() else 0.0,
-            "per_token": per_token, "finite": True}
+    out = {"rel_norm": float(d_norm / b_norm.clamp_min(tiny)) if d.numel() else 0.0, "finite": True}
+    if full:
+        rel_max = d.abs().amax(-1) / b64.abs().amax(-1).clamp_min(tiny)
+        out["rel_max"] = float(rel_max.max()) if rel_max.numel() else 0.0
+        out["per_token"] = d.norm(dim=-1) / b64.norm(dim=-1).clamp_min(tiny)
+    return out
 
 
 def _corr(x: torch.Tensor, y: torch.Tensor) -> float | None:
@@ -235,7 +263,8 @@ def _corr(x: torch.Tensor, y: torch.Tensor) -> float | None:
 def compare(decode: dict[str, torch.Tensor], onepass: dict[str, torch.Tensor], mask: torch.Tensor,
             points: Sequence[tuple[str, str, Any]], precision: str, logp_gap: torch.Tensor,
             noise: float = NOISE_U, unseen: dict[str, str] | None = None,
-            noise_ref: dict[str, float] | None = None) -> dict[str, Any]:
+            noise_ref: dict[str, float] | None = None,
+            divergences: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Per-probe divergence table for one precision, plus first flagged / fastest growth.
 
     Args:
@@ -251,6 +280,9 @@ def compare(decode: dict[str, torch.Tensor], onepass: dict[str, torch.Tensor], m
         noise_ref: {name: min(‖a − a₃₂‖ / ‖a₃₂‖, ‖b − b₃₂‖ / ‖b₃₂‖)}, the per-point rounding
             reference (module doc); when given, a point is flagged above `NOISE_RATIO` of it
             instead of above `noise` u.
+        divergences: {name: `divergence(decode[name], onepass[name], mask)`} already computed
+            (`replay` computes them alongside `noise_ref`, casting each output once); missing
+            points are computed here.
 
     Returns:
         {"u", "noise_u", "noise_ratio" (None without reference), "layers": [{name, what, visible,
@@ -278,7 +310,7 @@ def compare(decode: dict[str, torch.Tensor], onepass: dict[str, torch.Tensor], m
                          **dict.fromkeys(("rel_norm", "rel_max", "rel_norm_u", "rel_max_u", "noise_ref_u", "ratio",
                                           "corr_logp_gap"))})
             continue
-        d = divergence(decode[name], onepass[name], mask)
+        d = (divergences or {}).get(name) or divergence(decode[name], onepass[name], mask)
         ref = None if noise_ref is None else noise_ref.get(name)
 
         def above(rel: float, finite: bool, ref=ref) -> bool:
@@ -353,14 +385,9 @@ def replay(engine: Any, trainer: Any, batch: RolloutBatch, precision: str, tempe
         batch = dataclasses.replace(batch, rollout_experts=experts.masked_fill(~mask[:, :, None, None], PAD_EXPERT))
     one, logp_train = onepass_path(trainer, batch, temperature)
     gap = (logp_roll.double() - logp_train.double()).abs().masked_fill(~mask, 0.0)
-    noise_ref = None
-    if reference is not None:
-        ref_dec, ref_one = reference["decode"], reference["onepass"]
-        noise_ref = {n: min(divergence(dec[n], ref_dec[n], mask)["rel_norm"],
-                            divergence(one[n], ref_one[n], mask)["rel_norm"])
-                     for n in one if n in ref_one and n in ref_dec and n in dec and not n.endswith(":topk")}
+    divs, noise_ref = _divergences(dec, one, mask, reference)
     out = compare(dec, one, mask, probe_points(engine.model), precision, gap, noise_u(precision, engine.model),
-                  unseen=probes(trainer.compute)[1], noise_ref=noise_ref)
+                  unseen=probes(trainer.compute)[1], noise_ref=noise_ref, divergences=divs)
     out["logp"] = {"decode": logp_roll.masked_fill(~mask, 0.0), "onepass": logp_train.masked_fill(~mask, 0.0)}
     valid = gap[mask]
     out["logp_gap"] = {"mean": float(valid.mean()) if valid.numel() else 0.0,
@@ -368,6 +395,31 @@ def replay(engine: Any, trainer: Any, batch: RolloutBatch, precision: str, tempe
     out["r3"] = r3
     out["outputs"] = {"decode": dec, "onepass": one}
     return out
+
+
+def _divergences(dec: dict[str, torch.Tensor], one: dict[str, torch.Tensor], mask: torch.Tensor,
+                 reference: dict[str, dict[str, torch.Tensor]] | None,
+                 ) -> tuple[dict[str, dict[str, Any]], dict[str, float] | None]:
+    """`divergence(dec, one)` per point on both paths, and its rounding reference (module doc).
+
+    The reference is min(rel(dec, ref_dec), rel(one, ref_one)) when `reference` is given; each
+    output is cast to float64 once. `mask` is the `[N, T]` bool response mask.
+    """
+    divs: dict[str, dict[str, Any]] = {}
+    noise_ref = None if reference is None else {}
+    for n in one:
+        if n.endswith(":topk") or n not in dec:
+            continue
+        _check_aligned(dec[n], one[n], mask)
+        a64, b64 = dec[n][mask].double(), one[n][mask].double()
+        divs[n] = _divergence64(a64, b64)
+        if reference is not None and n in reference["decode"] and n in reference["onepass"]:
+            ref_a, ref_b = reference["decode"][n], reference["onepass"][n]
+            _check_aligned(dec[n], ref_a, mask)
+            _check_aligned(one[n], ref_b, mask)
+            noise_ref[n] = min(_divergence64(a64, ref_a[mask].double(), full=False)["rel_norm"],
+                               _divergence64(b64, ref_b[mask].double(), full=False)["rel_norm"])
+    return divs, noise_ref
 
 
 @contextmanager
