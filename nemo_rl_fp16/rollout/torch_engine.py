@@ -168,9 +168,23 @@ class TorchRolloutEngine:
         )
 
     # ------------------------------------------------------------------ internals
-    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 position_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-        """Logits of the last position, extending `cache` in place."""
+    def forward_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     position_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+        """One forward of the sampler (prefill or one decode step), extending `cache` in place.
+
+        `generate` calls it for the prefill and, under `kernel_profile("decode")`, per new token;
+        the mismatch doctor replays fixed tokens through it (`doctor.decode_path`). Call it inside
+        the engine's numerics scope (`precision.cpu_numerics`) and `torch.no_grad()`.
+
+        Args:
+            input_ids: `[b, s]` new token ids (the left-padded prompts, or one token per row).
+            attention_mask: `[b, cached + s]` 1 on real tokens, 0 on padding.
+            position_ids: `[b, s]` positions of the new tokens (`modeling.position_ids_from_mask`).
+            cache: the rows' KV cache (`transformers.DynamicCache`).
+
+        Returns:
+            `[b, vocab]` logits of the last position, in the model's output dtype.
+        """
         if self.routing is not None:
             self.routing.recording = True
         try:
@@ -195,7 +209,7 @@ class TorchRolloutEngine:
             prompt_mask[i, width - len(p):] = 1
         attn = prompt_mask.to(dev)
         cache = DynamicCache(config=self.model.config)
-        logits = self._forward(prompt_ids.to(dev), attn, position_ids_from_mask(attn), cache)
+        logits = self.forward_step(prompt_ids.to(dev), attn, position_ids_from_mask(attn), cache)
         routed = [self._last_experts(b, width)]  # routed[t]: the routing that scored response token t
         self.last_kv_cache_dtypes = _cache_dtypes(cache)
         if (self.last_kv_cache_dtypes - {self.precision.kv_cache_dtype}
@@ -215,7 +229,7 @@ class TorchRolloutEngine:
                 break
             attn = torch.cat([attn, masks[-1][:, None]], 1)
             with kernel_profile("decode"):  # one query row per sequence: the decode kernels
-                logits = self._forward(tok[:, None], attn, position_ids_from_mask(attn)[:, -1:], cache)
+                logits = self.forward_step(tok[:, None], attn, position_ids_from_mask(attn)[:, -1:], cache)
             routed.append(self._last_experts(b, 1))
         mask = torch.stack(masks, 1).cpu()
         experts = None

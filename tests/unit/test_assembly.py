@@ -9,10 +9,10 @@ import torch
 from rich.console import Console
 
 from nemo_rl_fp16.assembly import build_run, initial_weights, resolve_device
-from nemo_rl_fp16.modeling.tokenizer import build_tokenizer
 from nemo_rl_fp16.config import ConfigError, load_recipe, typed
 from nemo_rl_fp16.data import build_char_tokenizer, get_dataset
 from nemo_rl_fp16.modeling import build_model
+from nemo_rl_fp16.modeling.tokenizer import build_tokenizer
 from nemo_rl_fp16.policy import TorchPolicy
 from nemo_rl_fp16.rollout import TorchRolloutEngine
 
