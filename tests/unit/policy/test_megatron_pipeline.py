@@ -12,7 +12,8 @@ themselves) build the same model at PP=2 and compare, on every rank:
 - fp16 with dynamic loss scaling: the same step's loss scale and gradients, then an overflow
   planted on the last stage only: both stages skip, weights unchanged, the scale backs off as on PP=1;
 - a distributed checkpoint at PP=2: save -> load into a fresh PP=2 policy -> bitwise the same
-  weights and the same next step.
+  weights and the same next step; its streamed, sharded HF export (in the test process) holds
+  bitwise the refit weights.
 """
 
 from __future__ import annotations
@@ -128,6 +129,18 @@ def test_pp2_matches_pp1(tmp_path, mcore_cpu):
     for check in CHECKS:
         assert f"rank0 {check}" in out and f"rank1 {check}" in out, out[-4000:]
 
+    # HF export (streamed, sharded) from the PP=2 distributed checkpoint: bitwise the refit weights
+    from safetensors.torch import load_file
+
+    from nemo_rl_fp16.policy.megatron.dist_export import export_hf_from_dist
+
+    want = torch.load(tmp_path / "pp2_weights.pt")
+    hf = export_hf_from_dist(tmp_path / "dist", _cfg("dense"), tmp_path / "hf", max_shard_bytes=32 * 1024)
+    got = {}
+    for f in hf.glob("model-*-of-*.safetensors"):
+        got.update(load_file(str(f)))
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
 
 def _worker() -> None:  # pragma: no cover - runs under torchrun
     sys.path.insert(0, str(HERE))
@@ -183,6 +196,8 @@ def _worker() -> None:  # pragma: no cover - runs under torchrun
                 say("fp16 overflow OK")
             if case == "dense":
                 assert got["restored_equal"] and got["next_step_equal"]
+                if rank == 0:  # the weights the checkpoint holds, for the HF export check in the test process
+                    torch.save(got["weights"], os.path.join(ckpt, "..", "pp2_weights.pt"))
                 say("dense checkpoint OK")
     reset_megatron()
 
