@@ -11,6 +11,13 @@ SwiGLU / bias-dropout-add fusions (`sdpa+fused:4`). Run on the device machine by
 scripts/gpu_check.sh; prints one `BENCH` line per (attention, accumulation, precision) and a JSON
 summary.
 
+Pairs: for each run the precisions' policies are built side by side and timed in alternation,
+`--pairs` times (`--steps` steps each), so the fp16/bf16 ratio is the median of that many
+back-to-back pairs in one call (clock and thermal drift hit both halves of a pair alike). The
+step time reported per precision is its median over the pairs. The headline run (`--headline`,
+default the last of `--runs`) also prints one `GPU-RESULT` line: the median ratio, every pair's
+ratio, and both precisions' MFU.
+
 Model FLOPs per step = tokens x (6 N + 6 L s h): N = parameters excluding the input embedding
 (output layer included), the second term the causal attention score/context GEMMs (half of the
 full 12 L s h). Utilization = that / step time / peak (989 TFLOP/s: H100/H200 SXM dense fp16/bf16).
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import time
 
 import torch
@@ -45,7 +53,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3, help="optimizer steps per timing (one half of a pair)")
+    ap.add_argument("--pairs", type=int, default=5, help="alternating fp16/bf16 timings per run (median reported)")
+    ap.add_argument("--headline", default=None, help="the run spec of the GPU-RESULT line (default: the last run)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--runs", nargs="+", default=["local:1", "sdpa:1", "sdpa:4", "sdpa+fused:4"],
                     help="ATTENTION[+fused]:MICRO_BATCHES_PER_STEP; +fused = megatron's compiled SwiGLU/bias-dropout")
@@ -85,27 +95,38 @@ def main() -> None:
     def loss_fn(logp, rows):
         return -(logp * adv[rows, None].to(logp.device)).mean(), {}
 
-    results = []
+    results, pair_ratios = [], {}
     for attn, fused, acc in runs:
         batch = full.select(slice(0, a.batch * acc))
         tokens = a.batch * acc * a.seq
         flops = model_flops(cfg, n_params, tokens, a.seq)
-        for name in a.precisions:
-            tr = MegatronPolicy(model_cfg, PrecisionPolicy.from_name(name), lr=1e-5, micro_batch_size=a.batch,
-                                       device=a.device, seed=0, initial_state_dict=sd, attention=attn,
-                                       fused_elementwise=fused)
+        policies = {name: MegatronPolicy(model_cfg, PrecisionPolicy.from_name(name), lr=1e-5, micro_batch_size=a.batch,
+                                         device=a.device, seed=0, initial_state_dict=sd, attention=attn,
+                                         fused_elementwise=fused) for name in a.precisions}
+        for tr in policies.values():
             for _ in range(a.warmup):
                 tr.train_step(batch, loss_fn, 1.0)
-            sync()
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            res = [tr.train_step(batch, loss_fn, 1.0) for _ in range(a.steps)]
-            sync()
-            dt = (time.perf_counter() - t0) / a.steps
-            r = {"attention": attn, "fused": fused, "accum": acc, "tokens": tokens, "precision": name, "step_ms": 1e3 * dt, "tokens_per_s": tokens / dt,
+        sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        times: dict[str, list[float]] = {name: [] for name in a.precisions}
+        last = {}
+        for _ in range(max(1, a.pairs)):  # alternate the precisions: each pair is back to back
+            for name, tr in policies.items():
+                sync()
+                t0 = time.perf_counter()
+                res = [tr.train_step(batch, loss_fn, 1.0) for _ in range(a.steps)]
+                sync()
+                times[name].append((time.perf_counter() - t0) / a.steps)
+                last[name] = (sum(x.skipped for x in res), res[-1].loss_scale)
+        if "fp16" in times and "bf16" in times:
+            pair_ratios[(attn, fused, acc)] = [f / b for f, b in zip(times["fp16"], times["bf16"], strict=True)]
+        for name, tr in policies.items():
+            dt = statistics.median(times[name])
+            r = {"attention": attn, "fused": fused, "accum": acc, "tokens": tokens, "precision": name,
+                 "step_ms": 1e3 * dt, "step_ms_all": [1e3 * t for t in times[name]], "tokens_per_s": tokens / dt,
                  "model_tflops": flops / dt / 1e12, "mfu": flops / dt / PEAK,
-                 "skipped": sum(x.skipped for x in res), "loss_scale": res[-1].loss_scale,
+                 "skipped": last[name][0], "loss_scale": last[name][1],
                  "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, "params": n_params}
             results.append(r)
             if a.profile:
@@ -117,17 +138,30 @@ def main() -> None:
                     sync()
                 print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=30,
                                                 max_name_column_width=70), flush=True)
-            print(f"BENCH attention={attn}{'+fused' * fused} accum={acc} {name}: step {r['step_ms']:.1f} ms, {r['tokens_per_s']:.0f} tok/s, "
-                  f"{r['model_tflops']:.0f} model TFLOP/s, MFU {100 * r['mfu']:.1f}%, skipped {r['skipped']}, "
-                  f"loss_scale {r['loss_scale']:g}, peak {r['peak_mem_gib']:.1f} GiB", flush=True)
-            del tr, res
-            gc.collect()
-            if cuda:
-                torch.cuda.empty_cache()
+            print(f"BENCH attention={attn}{'+fused' * fused} accum={acc} {name}: step {r['step_ms']:.1f} ms (median of "
+                  f"{len(times[name])}), {r['tokens_per_s']:.0f} tok/s, {r['model_tflops']:.0f} model TFLOP/s, "
+                  f"MFU {100 * r['mfu']:.1f}%, skipped {r['skipped']}, loss_scale {r['loss_scale']:g}, "
+                  f"peak {r['peak_mem_gib']:.1f} GiB (both precisions resident)", flush=True)
+        del policies, tr
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
     for attn, fused, acc in runs:
-        t = {r["precision"]: r["step_ms"] for r in results if (r["attention"], r["fused"], r["accum"]) == (attn, fused, acc)}
-        if "fp16" in t and "bf16" in t:
-            print(f"BENCH attention={attn}{'+fused' * fused} accum={acc} fp16/bf16 step time = {t['fp16'] / t['bf16']:.3f}", flush=True)
+        ratios = pair_ratios.get((attn, fused, acc))
+        if ratios:
+            print(f"BENCH attention={attn}{'+fused' * fused} accum={acc} fp16/bf16 step time = "
+                  f"{statistics.median(ratios):.3f} (median of {len(ratios)} pairs: "
+                  f"{', '.join(f'{x:.3f}' for x in ratios)})", flush=True)
+    head = a.headline or a.runs[-1]
+    h_attn, h_acc = head.split(":")
+    key = (h_attn.removesuffix("+fused"), h_attn.endswith("+fused"), int(h_acc))
+    ratios = pair_ratios.get(key)
+    mfu = {r["precision"]: r["mfu"] for r in results if (r["attention"], r["fused"], r["accum"]) == key}
+    if ratios:
+        print(f"GPU-RESULT megatron step {head} ({n_params / 1e9:.3f}B, {a.batch}x{a.seq} tokens per micro-batch): "
+              f"fp16/bf16 step time {statistics.median(ratios):.3f} (median of {len(ratios)} pairs; "
+              f"{', '.join(f'{x:.3f}' for x in ratios)}; target <= 1.03), fp16 MFU {100 * mfu['fp16']:.1f}% "
+              f"(target >= 40%), bf16 MFU {100 * mfu['bf16']:.1f}%", flush=True)
     per_tok = model_flops(cfg, n_params, 1, a.seq)
     print(f"BENCH params {n_params / 1e9:.3f}B, {a.batch} x {a.seq} tokens per micro-batch, "
           f"{per_tok * a.batch * a.seq / 1e12:.1f} model TFLOP per micro-batch")

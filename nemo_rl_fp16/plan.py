@@ -69,8 +69,6 @@ def unimplemented_problems(cfg: RecipeConfig) -> list[str]:
     """Settings the schema accepts for the plan's sake but this version's engines do not run."""
     p, out = cfg.policy, []
     missing = {
-        "pipeline_parallel_size": "megatron-core's pipeline schedules (get_forward_backward_func) are not wired "
-                                  "into the megatron trainer: last-stage log-probs and refit from every stage are missing",
         "context_parallel_size": "megatron-core's context parallelism needs Transformer Engine attention "
                                  "(TEDotProductAttention) and the trainer does not split sequences across CP ranks",
     }

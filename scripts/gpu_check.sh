@@ -5,13 +5,19 @@
 #      megatron's optimizer (Float16Module + DDP + get_megatron_optimizer, dynamic loss scale),
 #      dense and MoE (4 experts top-2, non-grouped, fp32 router), a planted fp16 overflow, and
 #      fp32 megatron log-probs vs the torch backend;
+#   1b. tests/gpu/test_megatron_dist_ckpt_gpu.py: fp16 distributed checkpoint save -> kill -> resume;
+#   1c. tests/gpu/test_megatron_rope_gpu.py: a rope-scaled (llama3) config's megatron logits vs HF
+#      on CUDA, fp32 without TF32, local and SDPA attention, with an unscaled-rope control;
 #   2. benchmarks/megatron_step.py: fp16 vs bf16 step time, tokens/s and model FLOP utilization of
 #      a ~1B dense config (hidden 2048 x 16 layers, batch 4 x seq 2048), local-spec attention and
-#      torch SDPA (flash) in the local spec;
+#      torch SDPA (flash) in the local spec; fp16 and bf16 timed in alternation, the ratio the
+#      median of 5 back-to-back pairs in one call (GPU-RESULT line: the headline run sdpa+fused:4);
 #   3. `nemo-rl-fp16 mismatch recipe=mismatch_tiny` on CUDA: the rollout engine vs the trainer in
 #      fp32/fp16/bf16 with the GPU's own kernels (report into $OUT/mismatch);
 #   4. `nemo-rl-fp16 demo` on CUDA: the sanity RL task in fp16 and bf16 (report into $OUT/demo).
-# Each section is independent and has its own timeout.
+# Each section is independent and has its own timeout, capped by what is left of an 8-minute
+# budget for the whole script (a section that would start with under 20 s left is skipped).
+# One `GPU-RESULT` line per item (the summary at the end collects them).
 #
 # Before the run, here (repo root): megatron-core needs only torch, numpy, packaging (on the device
 # machine); the package itself also needs omegaconf and pydantic, which the machine lacks (~5 MB):
@@ -31,6 +37,16 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore TOKENIZERS_PARALLELISM=false
 PY="${PYTHON:-python3}"
 status=0
+BUDGET=480  # seconds for the whole script
+# section timeout: the smaller of the section's own and what is left of the budget (0: skip the section)
+cap() { local left=$((BUDGET - SECONDS)); [ "$left" -lt 20 ] && { echo 0; return; }; [ "$1" -lt "$left" ] && echo "$1" || echo "$left"; }
+run_section() {  # run_section NAME TIMEOUT LOG CMD...: one section under its capped timeout, output into LOG
+    local name=$1 t; t=$(cap "$2"); local log=$3; shift 3
+    echo "=== $name"
+    if [ "$t" -eq 0 ]; then echo "GPU-RESULT $name: skipped (8-minute budget spent)" | tee "$log"; status=1; return; fi
+    timeout "$t" "$@" 2>&1 | tee "$log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
@@ -45,27 +61,28 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # the package from this checkout (no install needed)
 "$PY" -c "import megatron.core, nemo_rl_fp16.policy.megatron.attention as m; print('megatron-core', megatron.core.__version__, 'TE', m.te_available())" || exit 2
 
-echo "=== megatron GPU tests"
-timeout 180 "$PY" -m pytest -q -m gpu -s -p no:cacheprovider tests/gpu/test_megatron_gpu.py 2>&1 | tee "$OUT/megatron_gpu_tests.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+run_section "megatron GPU tests" 170 "$OUT/megatron_gpu_tests.log" \
+    "$PY" -m pytest -q -m gpu -s -p no:cacheprovider tests/gpu/test_megatron_gpu.py
 
-echo "=== megatron fp16 distributed checkpoint: save -> kill -> resume (issue 17)"
-timeout 150 "$PY" -m pytest -q -m gpu -s -p no:cacheprovider tests/gpu/test_megatron_dist_ckpt_gpu.py 2>&1 | tee "$OUT/megatron_dist_ckpt.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+run_section "megatron fp16 distributed checkpoint: save -> kill -> resume (issue 17)" 120 "$OUT/megatron_dist_ckpt.log" \
+    "$PY" -m pytest -q -m gpu -s -p no:cacheprovider tests/gpu/test_megatron_dist_ckpt_gpu.py
 
-echo "=== megatron step benchmark"
-timeout 240 "$PY" benchmarks/megatron_step.py --json "$OUT/megatron_bench.json" 2>&1 | tee "$OUT/megatron_bench.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+run_section "megatron rope-scaled logits vs HF on CUDA (issue 17)" 60 "$OUT/megatron_rope.log" \
+    "$PY" -m pytest -q -m gpu -s -p no:cacheprovider tests/gpu/test_megatron_rope_gpu.py
 
-echo "=== rollout-vs-trainer mismatch on CUDA (torch engines)"
-timeout 60 "$PY" -m nemo_rl_fp16.cli mismatch recipe=mismatch_tiny device=cuda output_dir="$OUT/mismatch" 2>&1 \
-    | tee "$OUT/mismatch.log" | tail -25
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+run_section "megatron step benchmark (fp16/bf16: median of 5 pairs, MFU)" 200 "$OUT/megatron_bench.log" \
+    "$PY" benchmarks/megatron_step.py --pairs 5 --json "$OUT/megatron_bench.json"
 
-echo "=== sanity demo on CUDA (fp16 vs bf16)"
-timeout 120 "$PY" -m nemo_rl_fp16.cli demo device=cuda output_dir="$OUT/demo" 2>&1 | tee "$OUT/demo.log" | tail -25
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+run_section "rollout-vs-trainer mismatch on CUDA (torch engines)" 50 "$OUT/mismatch.log" \
+    "$PY" -m nemo_rl_fp16.cli mismatch recipe=mismatch_tiny device=cuda output_dir="$OUT/mismatch"
+tail -25 "$OUT/mismatch.log"
+
+run_section "sanity demo on CUDA (fp16 vs bf16)" 100 "$OUT/demo.log" \
+    "$PY" -m nemo_rl_fp16.cli demo device=cuda output_dir="$OUT/demo"
+tail -25 "$OUT/demo.log"
 
 echo "=== summary"
-grep -h -E "GPU-RESULT|BENCH|passed|failed|error" "$OUT/megatron_gpu_tests.log" "$OUT/megatron_dist_ckpt.log" "$OUT/megatron_bench.log" || true
+grep -h -E "GPU-RESULT|BENCH|passed|failed|error" "$OUT/megatron_gpu_tests.log" "$OUT/megatron_dist_ckpt.log" \
+    "$OUT/megatron_rope.log" "$OUT/megatron_bench.log" || true
+echo "total ${SECONDS}s (budget ${BUDGET}s)"
 exit $status

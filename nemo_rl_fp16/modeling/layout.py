@@ -209,6 +209,10 @@ class ModelLayout:
                        f"padding for TP is not implemented: the padded logits would enter HF's softmax)")
         if self.num_layers % pp:
             out.append(f"layers ({self.num_layers}) not divisible by policy.pipeline_parallel_size={pp}")
+        if pp > 1 and self.is_moe:
+            out.append(f"policy.pipeline_parallel_size={pp} with an MoE model ({self.model_type}) is not implemented "
+                       "(expert routing records and EP through megatron's pipeline schedule are not wired); "
+                       "use policy.pipeline_parallel_size=1 with tensor/expert parallelism")
         if ep > 1 and not self.is_moe:
             out.append(f"policy.expert_parallel_size={ep} needs an MoE model ({self.model_type} is dense)")
         elif self.is_moe and self.num_experts % ep:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from rich.console import Console
@@ -12,6 +15,7 @@ from nemo_rl_fp16.doctor_report import parse_precisions, run_doctor
 from nemo_rl_fp16.interfaces import SamplingParams
 from nemo_rl_fp16.precision import PrecisionPolicy
 
+ROOT = Path(__file__).resolve().parents[2]
 QUIET = Console(quiet=True)
 
 

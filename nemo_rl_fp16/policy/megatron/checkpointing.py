@@ -27,7 +27,9 @@ Resharding: TP, EP and DP may change between save and load (megatron-core re-sli
 tensors; measured on CPU with gloo: TP=2 -> TP=1, EP=2 -> EP=1). Refused in one line: another
 model, another optimizer kind (CPU AdamW, megatron's optimizer, megatron's distributed optimizer:
 different state structures), another layer spec (TE vs local; megatron stores local norms under
-TE names, but loading across specs is not verified here), another PP size.
+TE names, but loading across specs is not verified here), another PP size (megatron's keys carry
+global layer offsets, so the same PP size loads: measured PP=2 -> PP=2 on CPU; across PP sizes is
+not verified).
 
 Storage: megatron's default `torch_dist` strategy (PyTorch distributed checkpoint files
 `__*_*.distcp`, `common.pt`, `metadata.json`); the caller (`checkpoint.save_checkpoint`) makes the
@@ -169,7 +171,7 @@ def _refusal(saved: dict[str, Any], here: dict[str, Any]) -> str | None:
                                                  for k in diff[:4]) + ")"
     for key, what in (("optimizer", "optimizer kind (its state has another structure)"),
                       ("layer_spec", "layer spec (TE vs local: loading across them is not verified in this version)"),
-                      ("pp", "pipeline-parallel size (pipeline parallelism is not implemented)")):
+                      ("pp", "pipeline-parallel size (loading across PP sizes is not verified in this version)")):
         if saved[key] != here[key]:
             return f"the {what} differs"
     return None

@@ -37,7 +37,8 @@ from nemo_rl_fp16.modeling import effective_temperature, response_width
 from nemo_rl_fp16.modeling.layout import ModelLayout
 from nemo_rl_fp16.policy.megatron.attention import SDPAttention
 
-__all__ = ["MegatronCausalLM", "build_gpt_model", "layer_spec", "transformer_config", "unwrap"]
+__all__ = ["MegatronCausalLM", "build_gpt_model", "layer_spec", "logprobs_from_local_logits", "transformer_config",
+           "unwrap"]
 
 
 def transformer_config(lay: ModelLayout, *, params_dtype: torch.dtype, router_dtype: torch.dtype | None = None,
@@ -90,6 +91,10 @@ def transformer_config(lay: ModelLayout, *, params_dtype: torch.dtype, router_dt
     )
     if activation_checkpointing:
         kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if pp > 1:  # hidden states travel between stages in the compute dtype; micro-batches may differ in rows
+        kw.update(pipeline_dtype=params_dtype, variable_seq_lengths=True)
+        if not lay.is_moe:  # megatron checks the (unused) dispatcher against variable lengths; PP + MoE is refused
+            kw.update(moe_token_dispatcher_type="alltoall")
     if lay.is_moe:
         upcast = router_dtype is not None and router_dtype == torch.float32 and params_dtype != torch.float32
         kw.update(num_moe_experts=lay.num_experts, moe_router_topk=lay.moe_top_k,
@@ -192,17 +197,21 @@ def build_gpt_model(lay: ModelLayout, config, *, use_te: bool = False, attention
         attention: `local` or `sdpa` with the local spec (`layer_spec`).
 
     Returns:
-        `megatron.core.models.gpt.GPTModel` with vocab-parallel output; parameters uninitialised
+        `megatron.core.models.gpt.GPTModel` with vocab-parallel output (this pipeline stage's part
+        when `config.pipeline_model_parallel_size > 1`: `pipeline.py`); parameters uninitialised
         (`perform_initialization=False`): load them with `sharding.load_shard_`.
     """
+    from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
     _mcore_compat()
 
+    staged = config.pipeline_model_parallel_size > 1
     theta = lay.rope_theta
     gpt = GPTModel(config=config, transformer_layer_spec=layer_spec(lay, use_te=use_te, attention=attention),
                    vocab_size=lay.vocab_size, max_sequence_length=lay.max_position_embeddings,
-                   pre_process=True, post_process=True, parallel_output=True,
+                   pre_process=ps.is_pipeline_first_stage() if staged else True,
+                   post_process=ps.is_pipeline_last_stage() if staged else True, parallel_output=True,
                    share_embeddings_and_output_weights=lay.tie_word_embeddings,
                    position_embedding_type="rope", rotary_percent=1.0,
                    rotary_base=int(theta) if float(theta).is_integer() else theta)
@@ -212,6 +221,26 @@ def build_gpt_model(lay: ModelLayout, config, *, use_te: bool = False, attention
     rope.inv_freq = lay.rope_inv_freq().to(rope.inv_freq.device)
     return gpt
 
+
+
+def logprobs_from_local_logits(local: torch.Tensor, input_ids: torch.Tensor, prompt_width: int, temperature: float,
+                               logits_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Log π of the response tokens from this TP rank's vocabulary shard of the logits (vocab-parallel).
+
+    Args:
+        local: `[N, T + 1, vocab / TP]` logits of the last `T + 1` positions (HF order), any float dtype.
+        input_ids: `[N, P + T]` prompt and response ids.
+        prompt_width: P.
+        temperature: logits are divided by it (`modeling.effective_temperature`).
+        logits_dtype: the dtype of the log-softmax (float32).
+
+    Returns:
+        `[N, T]` log-probs in `logits_dtype`, with grad; identical on every TP rank.
+    """
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    x = local[:, :-1].to(logits_dtype) / effective_temperature(temperature)
+    return -vocab_parallel_cross_entropy(x.contiguous(), input_ids[:, prompt_width:].contiguous())
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -293,16 +322,25 @@ class MegatronCausalLM(torch.nn.Module):
         Returns:
             `[N, T]` log-probs in `logits_dtype`, with grad; identical on every TP rank.
         """
-        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
         n_resp = response_width(input_ids, prompt_width)
-        local = self._local_logits(input_ids, attention_mask, n_resp + 1)[:, :-1]
-        x = local.to(logits_dtype) / effective_temperature(temperature)
-        return -vocab_parallel_cross_entropy(x.contiguous(), input_ids[:, prompt_width:].contiguous())
+        local = self._local_logits(input_ids, attention_mask, n_resp + 1)
+        return logprobs_from_local_logits(local, input_ids, prompt_width, temperature, logits_dtype)
 
-    def _local_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                      logits_to_keep: int) -> torch.Tensor:
-        """This rank's vocabulary shard of the logits, `[b, keep, vocab / TP]`, in HF positions."""
+    def rotate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows rotated so each one's first real token sits at position 0 (module doc), and the mask.
+
+        Args:
+            input_ids: `[b, s]` token ids.
+            attention_mask: `[b, s]` 1 on real tokens (one contiguous run per row), or None.
+
+        Returns:
+            (rotated ids `[b, s]`, positions `[b, s]`, boolean causal mask `[1, 1, s, s]` (True =
+            masked, with the sliding window), per-row shift `[b]` for `unrotate`).
+
+        Raises:
+            ValueError: a row of `attention_mask` is not one contiguous run of real tokens.
+        """
         b, s = input_ids.shape
         ar = torch.arange(s, device=input_ids.device)
         if attention_mask is None:
@@ -319,15 +357,38 @@ class MegatronCausalLM(torch.nn.Module):
         causal = torch.ones(s, s, dtype=torch.bool, device=input_ids.device).triu_(1)
         if self.layout.sliding_window:  # True = masked: also keys at or before i - window (HF sliding window)
             causal |= torch.ones_like(causal).tril_(-self.layout.sliding_window)
-        causal = causal[None, None]
+        return ids, pos, causal[None, None], shift
+
+    @staticmethod
+    def unrotate(logits: torch.Tensor, shift: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
+        """Inverse of `rotate` on the logits: the last `logits_to_keep` HF positions (0: all).
+
+        Args:
+            logits: `[b, s, v]` in rotated positions.
+            shift: `[b]` from `rotate`.
+            logits_to_keep: positions to keep from the end (0: all).
+
+        Returns:
+            `[b, keep, v]` in HF positions.
+        """
+        b, s, v = logits.shape
+        ar = torch.arange(s, device=logits.device)
+        keep = s if not logits_to_keep else int(logits_to_keep)
+        back = (ar[s - keep:][None, :] - shift[:, None]) % s  # original j sits at rotated (j - shift_i)
+        return logits.gather(1, back[..., None].expand(b, keep, v))
+
+    def _local_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      logits_to_keep: int) -> torch.Tensor:
+        """This rank's vocabulary shard of the logits, `[b, keep, vocab / TP]`, in HF positions."""
+        b, s = input_ids.shape
+        ar = torch.arange(s, device=input_ids.device)
+        ids, pos, causal, shift = self.rotate(input_ids, attention_mask)
         self._routing = {}
-        if self.routing is not None:
-            self.routing.arm(src)
+        if self.routing is not None:  # megatron-core RouterReplay (routing.py), in rotated positions
+            self.routing.arm((ar[None, :] + shift[:, None]) % s)
         logits = self.module(input_ids=ids, position_ids=pos, attention_mask=causal)  # [b, s, v/TP]
         if self.routing is not None:
             self.routing.after_forward(self._routing, self.layout.moe_top_k)
-        keep = s if not logits_to_keep else int(logits_to_keep)
-        back = (ar[s - keep:][None, :] - shift[:, None]) % s  # original j sits at rotated (j - shift_i)
-        out = logits.gather(1, back[..., None].expand(b, keep, logits.shape[-1]))
+        out = self.unrotate(logits, shift, logits_to_keep)
         return out
 

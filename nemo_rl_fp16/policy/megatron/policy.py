@@ -19,7 +19,7 @@ Optimizer, two paths:
 - CPU (megatron's optimizer and `DynamicGradScaler` allocate CUDA tensors): the shared
   `MasterWeights`, as the torch backend uses it: an fp32 master GPTModel with torch AdamW and
   `DynamicLossScaler`, a compute GPTModel in `param_dtype`, fp32 grad accumulation, overflow
-  skip. Single process only (TP/EP/DP > 1 on CPU: log-probs only). megatron-core on CPU also
+  skip. Single process, or pipeline stages only (TP/EP/DP > 1 on CPU: log-probs only). megatron-core on CPU also
   needs a few CUDA calls redirected; this package does not do that, the test fixtures do
   (`tests/unit/policy/conftest.py`). The CPU path exists for CI.
 
@@ -51,6 +51,13 @@ from nemo_rl_fp16.policy.megatron.convert import (
 )
 from nemo_rl_fp16.policy.megatron.model import MegatronCausalLM, build_gpt_model, transformer_config, unwrap
 from nemo_rl_fp16.policy.megatron.parallel import data_parallel, init_megatron_parallel
+from nemo_rl_fp16.policy.megatron.pipeline import (
+    PipelineLoop,
+    PipelineMasterWeights,
+    cuda_pipeline_step,
+    gather_stages,
+    stage_state_dict,
+)
 from nemo_rl_fp16.policy.megatron.routing import MegatronRouting, install_partial_replays
 from nemo_rl_fp16.policy.megatron.sharding import gather_full_state_dict, load_shard_, shard_state_dict
 from nemo_rl_fp16.policy.micro_batches import DataParallel, MicroBatchLoop
@@ -111,7 +118,7 @@ class MegatronPolicy:
         device: `cpu` or a CUDA device.
         initial_state_dict: fp32 HF state dict to start from (e.g. after a warm start).
         tensor_parallel_size: TP.
-        pipeline_parallel_size: PP (1 only in this version).
+        pipeline_parallel_size: PP (dense models; megatron's pipeline schedule: `pipeline.py`).
         expert_parallel_size: EP (MoE).
         sequence_parallel: megatron sequence parallelism (TP > 1).
         activation_checkpointing: full activation recomputation.
@@ -132,8 +139,8 @@ class MegatronPolicy:
 
     Raises:
         ValueError: bad sizes/dtypes, an unmapped HF feature, a parallel layout that does not divide,
-            an unknown `router_replay`, or replay with a dense model or sequence parallelism.
-        NotImplementedError: `pipeline_parallel_size > 1`.
+            an unknown `router_replay`, replay with a dense model or sequence parallelism, or PP with
+            an MoE model (`ModelLayout.parallel_problems`).
     """
 
     def __init__(self, model_cfg: Mapping[str, Any], policy: PrecisionPolicy, *, lr: float,
@@ -148,24 +155,23 @@ class MegatronPolicy:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         check_master_dtype(policy)
         check_router_replay(router_replay)
-        if pipeline_parallel_size != 1:
-            raise NotImplementedError("pipeline_parallel_size > 1 is not implemented in the megatron trainer yet")
         self.precision = policy
         self.device = torch.device(device)
         self.cpu = self.device.type == "cpu"
         self.max_grad_norm = float(max_grad_norm)
         self.grad_hook: GradHook | None = None
-        tp, ep = int(tensor_parallel_size), int(expert_parallel_size)
-        init_megatron_parallel(tp, 1, ep, seed=seed, cpu=self.cpu)
+        tp, pp, ep = int(tensor_parallel_size), int(pipeline_parallel_size), int(expert_parallel_size)
+        self.pp = pp
+        init_megatron_parallel(tp, pp, ep, seed=seed, cpu=self.cpu)
 
         hf_sd, hf_config, self._hf_fused_experts = hf_source(model_cfg, seed, initial_state_dict)
         self.layout = ModelLayout.from_hf_config(hf_config)
-        problems = self.layout.parallel_problems(tp, 1, ep)
+        problems = self.layout.parallel_problems(tp, pp, ep)
         if problems:
             raise ValueError("; ".join(problems))
         shard: dict[str, torch.Tensor] = {}
         for part in hf_to_megatron_parts(hf_sd, self.layout):  # one layer's full tensors at a time
-            shard.update(shard_state_dict(part, self.layout))
+            shard.update(self._stage(shard_state_dict(part, self.layout)))
         del hf_sd
         if attention == "auto" and self.layout.sliding_window and not self.cpu:
             attention = "sdpa"  # TE's sliding window is not mapped (layer_spec)
@@ -176,7 +182,8 @@ class MegatronPolicy:
         self.use_te = use_te
 
         def make(dtype: torch.dtype):
-            cfg = transformer_config(self.layout, params_dtype=dtype, router_dtype=policy.router_dtype, tp=tp, ep=ep,
+            cfg = transformer_config(self.layout, params_dtype=dtype, router_dtype=policy.router_dtype, tp=tp, pp=pp,
+                                     ep=ep,
                                      sequence_parallel=sequence_parallel,
                                      activation_checkpointing=activation_checkpointing, cpu=self.cpu,
                                      fused_elementwise=fused_elementwise, routing_replay=self.layout.is_moe)
@@ -202,7 +209,11 @@ class MegatronPolicy:
                 gptc, self.tconfig = make(policy.param_dtype)
                 compute = MegatronCausalLM(gptc, self.layout).eval()
             optimizer = torch.optim.AdamW(list(master.parameters()), lr=lr, weight_decay=weight_decay)
-            self.weights = MasterWeights(master, compute, optimizer, policy, max_grad_norm=max_grad_norm)
+            if pp > 1:
+                self.weights = PipelineMasterWeights(master, compute, optimizer, policy, max_grad_norm=max_grad_norm,
+                                                     tied=self.layout.tie_word_embeddings)
+            else:
+                self.weights = MasterWeights(master, compute, optimizer, policy, max_grad_norm=max_grad_norm)
             self._model = compute
         else:
             self._model = self._init_cuda(make, shard, lr, weight_decay, use_distributed_optimizer)
@@ -213,7 +224,11 @@ class MegatronPolicy:
             self._model.routing = MegatronRouting(self._model.module)
         self.experts = ExpertRouting(self._model.routing, router_replay, self.device)
         self.adapter = MegatronModelAdapter(self._model, policy, self.device, self.experts)
-        self.loop = MicroBatchLoop(self.adapter, micro_batch_size)
+        self.loop = (PipelineLoop if pp > 1 else MicroBatchLoop)(self.adapter, micro_batch_size)
+
+    def _stage(self, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This pipeline stage's part of a TP/EP-sharded state dict (everything at PP=1)."""
+        return stage_state_dict(sd, self.layout.num_layers, self.layout.tie_word_embeddings) if self.pp > 1 else dict(sd)
 
     # -------------------------------------------------------------------------- CUDA path
     def _init_cuda(self, make, shard: Mapping[str, torch.Tensor], lr: float, weight_decay: float,
@@ -348,14 +363,18 @@ class MegatronPolicy:
             The step's `TrainStepResult` (`skipped` on an fp16 overflow: weights untouched).
 
         Raises:
-            NotImplementedError: on CPU with more than one process (no TP/EP/DP gradient sync there).
+            NotImplementedError: on CPU with TP, EP or DP > 1 (no gradient sync over those groups
+                there; pipeline stages alone need none but the tied embedding's, which is done).
             ValueError: `router_replay="trainer"` (R2) without a `logprobs` pass over `batch` first.
         """
         batch = self.experts.prepare_update(batch)  # R2: replay the old-logprob pass's routing
         if self.weights is not None:
-            if not self._world_is_one:
-                raise NotImplementedError("CPU megatron train_step runs single-process only (no TP/EP/DP grads sync)")
+            if not self._world_is_one and self.pp != torch.distributed.get_world_size():
+                raise NotImplementedError("CPU megatron train_step runs single-process or pipeline-parallel only "
+                                          "(no TP/EP/DP grads sync on CPU)")
             return self.weights.train_step(self.loop, batch, loss_fn, temperature, self.grad_hook)
+        if self.pp > 1:
+            return cuda_pipeline_step(self, batch, loss_fn, temperature)
         return self._train_step_cuda(batch, loss_fn, temperature)
 
     def _train_step_cuda(self, batch: RolloutBatch, loss_fn: LossFn, temperature: float) -> TrainStepResult:
@@ -426,9 +445,9 @@ class MegatronPolicy:
         return {k: main.get(id(p), p) for k, p in unwrap(self.ddp).named_parameters()}
 
     def rollout_state_dict(self) -> dict[str, torch.Tensor]:
-        """fp32 master weights under HF names (TP/EP shards gathered), for the rollout refit.
+        """fp32 master weights under HF names (TP/EP shards and PP stages gathered), for the rollout refit.
 
-        A collective over the TP/EP groups. With the distributed optimizer on CUDA the fp32 shards
+        A collective over the TP/EP/PP groups. With the distributed optimizer on CUDA the fp32 shards
         are not gathered: the values are the model's fp16/bf16 parameters upcast (they equal the
         rounded master values).
 
@@ -441,6 +460,8 @@ class MegatronPolicy:
                       .replace(".mlp.linear_fc1.layer_norm_weight", ".pre_mlp_layernorm.weight"): v
                      for k, v in named.items()}
         full = gather_full_state_dict(named, self.layout)
+        if self.pp > 1:  # every stage's layers, global indices
+            full = gather_stages(full, self.layout.num_layers, self.layout.tie_word_embeddings)
         return megatron_to_hf(full, self.layout, fused_experts=self._hf_fused_experts)
 
     def audit(self) -> list[str]:
@@ -523,6 +544,6 @@ class MegatronPolicy:
                 "start afresh with trainer.resume=never")
         self.weights.check_scaler_state(state)
         full = hf_to_megatron(state["model"], self.layout)
-        load_shard_(self.master.module, shard_state_dict(full, self.layout))
+        load_shard_(self.master.module, self._stage(shard_state_dict(full, self.layout)))
         self.optimizer.load_state_dict(state["optimizer"])
         self.weights.load_scaler_state(state)

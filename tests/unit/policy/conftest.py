@@ -37,8 +37,22 @@ def synthetic_batch(vocab: int, n: int, p: int, t: int, seed: int = 0):
                         prompt_width=p, prompt_index=torch.arange(n) // 2)
 
 
+class _TorchOnCPU:
+    """`torch` for megatron's pipeline schedules module, with `zeros(..., device="cuda")` made on the CPU."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, **kwargs):
+        if str(kwargs.get("device", "")).startswith("cuda"):
+            kwargs["device"] = "cpu"
+        return torch.zeros(*args, **kwargs)
+
+
 def cpu_redirects() -> contextlib.ExitStack:
     """Patch the CUDA calls megatron-core makes on CPU; returns an ExitStack that undoes them."""
+    from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mrandom
 
     stack = contextlib.ExitStack()
@@ -49,6 +63,8 @@ def cpu_redirects() -> contextlib.ExitStack:
         (torch.cuda, "synchronize", lambda *a, **k: None),  # dist_checkpointing's save syncs before writing
         (mrandom, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state()),
         (mrandom, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state)),
+        (torch.Tensor, "cuda", lambda self, *a, **k: self),  # a tied embedding's last-stage copy (PP) is synced on .cuda()
+        (schedules, "torch", _TorchOnCPU()),  # the pipeline schedules count tokens in a device="cuda" tensor
     ]
     for obj, name, fn in patches:
         old = getattr(obj, name)

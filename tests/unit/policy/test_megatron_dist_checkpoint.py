@@ -13,6 +13,7 @@ same values whatever the sharding. The worker is this file run as a script.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -54,6 +55,21 @@ def test_dist_checkpoint_tp2_ep2_resume_and_reshard(tmp_path):
         got = load_file(str(export_hf_from_dist(tmp_path / tag, cfg, tmp_path / f"hf_{tag}") / "model.safetensors"))
         want = megatron_to_hf(load_file(str(tmp_path / f"{tag}_full.safetensors")), ModelLayout.from_hf_config(cfg["config"]))
         assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), tag
+        # streamed into shards of <= 64 KiB: HF's index names every tensor once, the values are bitwise the same
+        small = export_hf_from_dist(tmp_path / tag, cfg, tmp_path / f"hf_{tag}_sharded", max_shard_bytes=64 * 1024)
+        index = json.loads((small / "model.safetensors.index.json").read_text())
+        files = sorted(set(index["weight_map"].values()))
+        assert len(files) > 2 and not (small / "model.safetensors").exists(), files
+        assert files == sorted(f.name for f in small.glob("model-*-of-*.safetensors"))
+        merged = {}
+        for f in files:
+            part = load_file(str(small / f))
+            assert all(index["weight_map"][k] == f for k in part)
+            big = [k for k, v in part.items() if v.numel() * v.element_size() > 64 * 1024]
+            assert len(part) == 1 or not big, (f, big)  # only a single oversize tensor exceeds the shard size
+            merged.update(part)
+        assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in want.values())
+        assert set(merged) == set(want) and all(torch.equal(merged[k], want[k]) for k in want), tag
     with pytest.raises(ValueError, match="holds another model"):
         export_hf_from_dist(tmp_path / "TP2", MOE, tmp_path / "hf_bad")
 
