@@ -57,7 +57,8 @@ from nemo_rl_fp16.modeling import build_model, load_weights_
 from nemo_rl_fp16.modeling.layout import ModelLayout
 
 __all__ = [
-    "LazyHFCheckpoint", "hf_source", "hf_to_megatron", "hf_to_megatron_parts", "megatron_to_hf", "qkv_fuse",
+    "LazyHFCheckpoint", "hf_source", "hf_to_megatron", "hf_to_megatron_parts", "megatron_part_to_hf", "megatron_to_hf",
+    "qkv_fuse",
     "qkv_split", "te_names",
 ]
 
@@ -232,47 +233,70 @@ def megatron_to_hf(sd: Mapping[str, torch.Tensor], lay: ModelLayout, *, fused_ex
     Returns:
         `{HF name: tensor}` in the inputs' dtype (`lm_head.weight` is the embedding when tied).
     """
-    out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"],
-                                    "model.norm.weight": sd["decoder.final_layernorm.weight"]}
-    out["lm_head.weight"] = sd["embedding.word_embeddings.weight"] if lay.tie_word_embeddings else sd[
-        "output_layer.weight"]
+    out = megatron_part_to_hf(sd, lay, None, fused_experts=fused_experts)
     for i in range(lay.num_layers):
-        h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
-        a = h + "self_attn."
-        out[h + "input_layernorm.weight"] = sd[m + "input_layernorm.weight"]
-        out[a + "q_proj.weight"], out[a + "k_proj.weight"], out[a + "v_proj.weight"] = qkv_split(
-            sd[m + "self_attention.linear_qkv.weight"], lay)
-        if lay.qkv_bias:
-            out[a + "q_proj.bias"], out[a + "k_proj.bias"], out[a + "v_proj.bias"] = qkv_split(
-                sd[m + "self_attention.linear_qkv.bias"], lay)
-        if lay.qk_norm:
-            out[a + "q_norm.weight"] = sd[m + "self_attention.q_layernorm.weight"]
-            out[a + "k_norm.weight"] = sd[m + "self_attention.k_layernorm.weight"]
-        out[a + "o_proj.weight"] = sd[m + "self_attention.linear_proj.weight"]
-        if lay.o_bias:
-            out[a + "o_proj.bias"] = sd[m + "self_attention.linear_proj.bias"]
-        out[h + "post_attention_layernorm.weight"] = sd[m + "pre_mlp_layernorm.weight"]
-        if lay.is_moe:
-            out[h + "mlp.gate.weight"] = sd[m + "mlp.router.weight"]
-            fc1 = [sd[m + f"mlp.experts.local_experts.{e}.linear_fc1.weight"] for e in range(lay.num_experts)]
-            fc2 = [sd[m + f"mlp.experts.local_experts.{e}.linear_fc2.weight"] for e in range(lay.num_experts)]
-            if fused_experts:
-                out[h + "mlp.experts.gate_up_proj"] = torch.stack(fc1)
-                out[h + "mlp.experts.down_proj"] = torch.stack(fc2)
-            else:
-                for e in range(lay.num_experts):
-                    g, u = fc1[e].chunk(2)
-                    out[h + f"mlp.experts.{e}.gate_proj.weight"] = g.contiguous()
-                    out[h + f"mlp.experts.{e}.up_proj.weight"] = u.contiguous()
-                    out[h + f"mlp.experts.{e}.down_proj.weight"] = fc2[e]
+        out.update(megatron_part_to_hf(sd, lay, i, fused_experts=fused_experts))
+    return out
+
+
+def megatron_part_to_hf(sd: Mapping[str, torch.Tensor], lay: ModelLayout, layer: int | None, *,
+                        fused_experts: bool = True) -> dict[str, torch.Tensor]:
+    """One piece of `megatron_to_hf`: the top-level tensors (`layer=None`) or one decoder layer.
+
+    For a per-layer stream (`refit_stream.py`): only that piece's full megatron tensors are needed.
+
+    Args:
+        sd: full (unsharded) megatron-named tensors holding at least that piece.
+        lay: the model layout.
+        layer: the decoder layer index, or None for embeddings, final norm and output layer.
+        fused_experts: as `megatron_to_hf`.
+
+    Returns:
+        `{HF name: tensor}` of that piece, in the inputs' dtype.
+    """
+    if layer is None:
+        return {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"],
+                "model.norm.weight": sd["decoder.final_layernorm.weight"],
+                "lm_head.weight": sd["embedding.word_embeddings.weight"] if lay.tie_word_embeddings
+                else sd["output_layer.weight"]}
+    out: dict[str, torch.Tensor] = {}
+    i = layer
+    h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+    a = h + "self_attn."
+    out[h + "input_layernorm.weight"] = sd[m + "input_layernorm.weight"]
+    out[a + "q_proj.weight"], out[a + "k_proj.weight"], out[a + "v_proj.weight"] = qkv_split(
+        sd[m + "self_attention.linear_qkv.weight"], lay)
+    if lay.qkv_bias:
+        out[a + "q_proj.bias"], out[a + "k_proj.bias"], out[a + "v_proj.bias"] = qkv_split(
+            sd[m + "self_attention.linear_qkv.bias"], lay)
+    if lay.qk_norm:
+        out[a + "q_norm.weight"] = sd[m + "self_attention.q_layernorm.weight"]
+        out[a + "k_norm.weight"] = sd[m + "self_attention.k_layernorm.weight"]
+    out[a + "o_proj.weight"] = sd[m + "self_attention.linear_proj.weight"]
+    if lay.o_bias:
+        out[a + "o_proj.bias"] = sd[m + "self_attention.linear_proj.bias"]
+    out[h + "post_attention_layernorm.weight"] = sd[m + "pre_mlp_layernorm.weight"]
+    if lay.is_moe:
+        out[h + "mlp.gate.weight"] = sd[m + "mlp.router.weight"]
+        fc1 = [sd[m + f"mlp.experts.local_experts.{e}.linear_fc1.weight"] for e in range(lay.num_experts)]
+        fc2 = [sd[m + f"mlp.experts.local_experts.{e}.linear_fc2.weight"] for e in range(lay.num_experts)]
+        if fused_experts:
+            out[h + "mlp.experts.gate_up_proj"] = torch.stack(fc1)
+            out[h + "mlp.experts.down_proj"] = torch.stack(fc2)
         else:
-            g, u = sd[m + "mlp.linear_fc1.weight"].chunk(2)
-            out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = g.contiguous(), u.contiguous()
-            out[h + "mlp.down_proj.weight"] = sd[m + "mlp.linear_fc2.weight"]
-            if lay.mlp_bias:
-                g, u = sd[m + "mlp.linear_fc1.bias"].chunk(2)
-                out[h + "mlp.gate_proj.bias"], out[h + "mlp.up_proj.bias"] = g.contiguous(), u.contiguous()
-                out[h + "mlp.down_proj.bias"] = sd[m + "mlp.linear_fc2.bias"]
+            for e in range(lay.num_experts):
+                g, u = fc1[e].chunk(2)
+                out[h + f"mlp.experts.{e}.gate_proj.weight"] = g.contiguous()
+                out[h + f"mlp.experts.{e}.up_proj.weight"] = u.contiguous()
+                out[h + f"mlp.experts.{e}.down_proj.weight"] = fc2[e]
+    else:
+        g, u = sd[m + "mlp.linear_fc1.weight"].chunk(2)
+        out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = g.contiguous(), u.contiguous()
+        out[h + "mlp.down_proj.weight"] = sd[m + "mlp.linear_fc2.weight"]
+        if lay.mlp_bias:
+            g, u = sd[m + "mlp.linear_fc1.bias"].chunk(2)
+            out[h + "mlp.gate_proj.bias"], out[h + "mlp.up_proj.bias"] = g.contiguous(), u.contiguous()
+            out[h + "mlp.down_proj.bias"] = sd[m + "mlp.linear_fc2.bias"]
     return out
 
 
