@@ -74,7 +74,7 @@ class VllmRefit:
         want = set(self._asleep) if tags is None else set(tags) & set(self._asleep)
         if not want:
             return
-        if want == set(self._asleep) and tags is None:
+        if want == {"weights", "kv_cache"}:  # all of it (vLLM would re-map an awake pool if tags named it)
             self.llm.wake_up()
         else:
             self.llm.wake_up(tags=sorted(want))
