@@ -189,13 +189,15 @@ class RolloutWorker:
         """
         return self.engine.load_bucket(*bucket)
 
-    def refit_end(self) -> int:
+    def refit_end(self) -> tuple[int, str]:
         """Finish the refit (every weight must have come).
 
         Returns:
-            The bytes the engine counted since `refit_begin`.
+            The bytes the engine counted since `refit_begin`, and "restart" when the engine
+            restarted to take them (a vLLM engine whose self-check failed), else "ray".
         """
-        return self.engine.end_refit()
+        n = self.engine.end_refit()
+        return n, "restart" if getattr(self.engine, "last_refit_transport", None) == "restart" else "ray"
 
 
 class RayPolicyGroup:

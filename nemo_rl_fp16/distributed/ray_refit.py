@@ -90,7 +90,8 @@ def push_weights(policy: Any, engines: list, dtype: torch.dtype, bucket_bytes: i
         step: the RL step (for the non-finite message).
 
     Returns:
-        `(bytes sent to all engines together, "ray")` on rank 0, `(0, "ray")` elsewhere.
+        `(bytes sent to all engines together, "ray")` on rank 0 ("restart" when an engine restarted
+        to take them), `(0, "ray")` elsewhere.
 
     Raises:
         NonFiniteError: a weight is NaN/inf or beyond `dtype` (`checked_stream`); nothing was sent.
@@ -113,5 +114,5 @@ def push_weights(policy: Any, engines: list, dtype: torch.dtype, bucket_bytes: i
         ray.get([e.refit_bucket.remote(ref) for e in engines])
         sent += bucket.meta.nbytes * len(engines)
         del bucket, ref
-    ray.get([e.refit_end.remote() for e in engines])
-    return sent, "ray"
+    ends = ray.get([e.refit_end.remote() for e in engines])
+    return sent, "restart" if any(mode == "restart" for _, mode in ends) else "ray"

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from nemo_rl_fp16.precision import get_dtype
 from nemo_rl_fp16.rollout.refit import BucketMeta, iter_buckets, refit_transport, send_bucket, tensor_nbytes
 
 _FUSED = re.compile(r"^(.*\.mlp\.experts\.)(gate_up_proj|down_proj)$")
@@ -128,22 +129,28 @@ class VllmRefit:
             RuntimeError: the stream left engine parameters unloaded.
         """
         mode, alloc = refit_transport(self._in_process(), self._device_type())
-        self.begin_refit()
+        self.wake_up(["weights"])
+        self.llm.collective_rpc("nrl_refit_begin")  # always in place (the self-check probes this path)
         sent = 0
         for bucket in iter_buckets(((k, v) for k, v in named if k not in self._tied), self.engine_dtype,
                                    self.refit_bucket_bytes, alloc=alloc):
             self.llm.collective_rpc("nrl_refit_bucket", args=send_bucket(bucket, mode))
             sent += bucket.meta.nbytes
             del bucket  # released: the worker has loaded it
-        self.end_refit()
+        self._finish_in_place()
         self.last_refit_bytes, self.last_refit_transport = sent, mode
         return sent
 
     def begin_refit(self) -> None:
-        """Start a bucket-by-bucket in-place refit (`load_bucket` then `end_refit`), e.g. pushed by a trainer rank."""
+        """Start a bucket-by-bucket refit (`load_bucket` then `end_refit`), e.g. pushed by a trainer rank.
+
+        In restart mode the buckets are collected (one model copy in the engine dtype, what the
+        checkpoint rewrite needs anyway) and `end_refit` rewrites the checkpoint and restarts.
+        """
         self.wake_up(["weights"])
-        self.llm.collective_rpc("nrl_refit_begin")
-        self._pushed = 0
+        self._pushed, self._collected = 0, ({} if self.refit_mode == "restart" else None)
+        if self._collected is None:
+            self.llm.collective_rpc("nrl_refit_begin")
 
     def load_bucket(self, meta: dict, buffer: torch.Tensor) -> int:
         """Load one bucket another process sent (a Ray trainer rank): re-shared to the worker as needed.
@@ -155,15 +162,21 @@ class VllmRefit:
         Returns:
             The bytes loaded.
         """
-        mode, alloc = refit_transport(self._in_process(), self._device_type())
         m = BucketMeta.from_wire(meta)
+        self._pushed = getattr(self, "_pushed", 0) + m.nbytes
+        if getattr(self, "_collected", None) is not None:  # restart mode: the trainer's in-memory names
+            from nemo_rl_fp16.rollout.refit import views
+
+            self._collected.update((k, v.clone()) for k, v in views(m, buffer))
+            return m.nbytes
+        m = checkpoint_meta(m, self._hf_shapes, self._tied)
+        mode, alloc = refit_transport(self._in_process(), self._device_type())
         if mode != "direct":  # one bucket copy into shared (or this GPU's) memory for the worker process
             buf = (alloc or (lambda n, d: torch.empty(n, dtype=torch.uint8, device=d)))(m.nbytes, buffer.device)
             buffer = buf.copy_(buffer[:m.nbytes])
         from nemo_rl_fp16.rollout.refit import Bucket
 
         self.llm.collective_rpc("nrl_refit_bucket", args=send_bucket(Bucket(m, buffer), mode))
-        self._pushed = getattr(self, "_pushed", 0) + m.nbytes
         self.last_refit_transport = mode
         return m.nbytes
 
@@ -176,15 +189,22 @@ class VllmRefit:
         Raises:
             RuntimeError: engine parameters no bucket loaded (the stream did not carry the whole model).
         """
+        collected, self._collected = getattr(self, "_collected", None), None
+        if collected is not None:
+            self.update_weights(collected)  # restart mode: rewrite the checkpoint, new `LLM`
+        else:
+            self._finish_in_place()
+        pushed, self._pushed = getattr(self, "_pushed", 0), 0
+        if pushed:
+            self.last_refit_bytes = pushed
+        return pushed
+
+    def _finish_in_place(self) -> None:
         missing = self.llm.collective_rpc("nrl_refit_end")[0]
         self.llm.reset_prefix_cache()
         if missing:
             raise RuntimeError(f"refit left {len(missing)} engine parameter(s) unloaded, e.g. {missing[:5]}: "
                                "the stream did not carry the whole model")
-        pushed, self._pushed = getattr(self, "_pushed", 0), 0
-        if pushed:
-            self.last_refit_bytes = pushed
-        return pushed
 
     # ------------------------------------------------------------------ restart
     def _own_model_dir(self) -> None:
@@ -267,6 +287,33 @@ def checkpoint_named(named: Iterable[tuple[str, torch.Tensor]], shapes: Mapping[
                 yield f"{pre}{e}.up_proj.weight", u
             else:
                 yield f"{pre}{e}.down_proj.weight", v[e]
+
+
+def checkpoint_meta(meta: BucketMeta, shapes: Mapping[str, tuple[int, ...]], tied: set[str]) -> BucketMeta:
+    """`checkpoint_named` on a bucket's metadata: same buffer, checkpoint names, tied names dropped.
+
+    A fused expert tensor's per-expert pieces are contiguous blocks of it, so each becomes its own
+    entry (offset + shape) in the same buffer: no bytes move.
+
+    Args:
+        meta: the bucket's metadata under the trainer's in-memory names.
+        shapes: the checkpoint's `{name: shape}`.
+        tied: names the checkpoint omits (a tied `lm_head.weight`).
+
+    Returns:
+        The metadata the worker loads (checkpoint names).
+    """
+    out = BucketMeta(dtype=meta.dtype, nbytes=meta.nbytes)
+    item = torch.empty((), dtype=get_dtype(meta.dtype)).element_size()
+    for name, shape, off in zip(meta.names, meta.shapes, meta.offsets, strict=True):
+        if name in tied:
+            continue
+        fake = torch.empty(shape, dtype=torch.uint8, device="meta")  # shapes only
+        for k, v in checkpoint_named([(name, fake)], shapes):
+            out.names.append(k)
+            out.shapes.append(list(v.shape))
+            out.offsets.append(off + v.storage_offset() * item)
+    return out
 
 
 def check_names(state_dict: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> None:

@@ -143,6 +143,17 @@ def test_refit_tied_embeddings(tmp_path, tok, prompts):
         e.update_weights(trainer.rollout_state_dict())  # has lm_head.weight; the checkpoint does not
         b = e.generate(prompts, SamplingParams(max_new_tokens=12, temperature=1.0, num_generations=2))
         assert _masked_max_abs(trainer.logprobs(b, 1.0), b.rollout_logp, b.response_mask.float()) < 1e-5
+        # the same refit pushed bucket by bucket (what a Ray trainer rank does): collected, then a restart
+        from nemo_rl_fp16.rollout.refit import iter_buckets
+
+        with torch.no_grad():
+            trainer.master.get_input_embeddings().weight.mul_(0.5)
+        e.begin_refit()
+        for bucket in iter_buckets(trainer.rollout_state_dict().items(), torch.float32, 4096):
+            e.load_bucket(bucket.meta.to_wire(), bucket.buffer)
+        assert e.end_refit() > 0 and e.last_refit_transport == "restart"
+        b = e.generate(prompts, SamplingParams(max_new_tokens=12, temperature=1.0, num_generations=2))
+        assert _masked_max_abs(trainer.logprobs(b, 1.0), b.rollout_logp, b.response_mask.float()) < 1e-5
     finally:
         e.shutdown()
 
