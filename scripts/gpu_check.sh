@@ -57,6 +57,10 @@ echo "=== megatron step benchmark"
 timeout 240 "$PY" benchmarks/megatron_step.py --json "$OUT/megatron_bench.json" 2>&1 | tee "$OUT/megatron_bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+echo "=== refit: CUDA IPC transport, ~2 GB fp16 buckets to a stand-in consumer process (GB/s; issue 19)"
+timeout 180 "$PY" -m pytest -q -m gpu -s -p no:cacheprovider tests/gpu/test_refit_cuda_ipc.py 2>&1 | tee "$OUT/refit_ipc.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
 echo "=== rollout-vs-trainer mismatch on CUDA (torch engines)"
 timeout 60 "$PY" -m nemo_rl_fp16.cli mismatch recipe=mismatch_tiny device=cuda output_dir="$OUT/mismatch" 2>&1 \
     | tee "$OUT/mismatch.log" | tail -25
@@ -67,5 +71,5 @@ timeout 120 "$PY" -m nemo_rl_fp16.cli demo device=cuda output_dir="$OUT/demo" 2>
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "=== summary"
-grep -h -E "GPU-RESULT|BENCH|passed|failed|error" "$OUT/megatron_gpu_tests.log" "$OUT/megatron_dist_ckpt.log" "$OUT/megatron_bench.log" || true
+grep -h -E "GPU-RESULT|BENCH|passed|failed|error" "$OUT/megatron_gpu_tests.log" "$OUT/megatron_dist_ckpt.log" "$OUT/megatron_bench.log" "$OUT/refit_ipc.log" || true
 exit $status
