@@ -184,6 +184,7 @@ class RolloutSection(_Section):
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.6, gt=0, le=1)
     enforce_eager: bool = False
+    refit_bucket_mb: float = Field(256.0, gt=0)
 
 
 class AlgorithmSection(_Section):
@@ -369,7 +370,8 @@ class RecipeConfig(_Section):
         groups = (
             ("policy", self.policy, ("sequence_parallel", "activation_checkpointing", "attention", "fused_elementwise"),
              self.policy.backend != "megatron", "policy.backend=megatron"),
-            ("rollout", self.rollout, ("tensor_parallel_size", "gpu_memory_utilization", "enforce_eager"),
+            ("rollout", self.rollout, ("tensor_parallel_size", "gpu_memory_utilization", "enforce_eager",
+                                        "refit_bucket_mb"),
              self.rollout.backend != "vllm", "rollout.backend=vllm"),
             ("data", self.data, ("path", "prompt_key", "answer_key", "template"),
              self.data.dataset != "jsonl", "data.dataset=jsonl"),

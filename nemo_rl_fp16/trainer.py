@@ -150,7 +150,7 @@ class RLTrainer:
         t_train = time.perf_counter() - t1
 
         t2 = time.perf_counter()
-        self.refit(step)
+        refit_stats = self.refit(step)
         t_refit = time.perf_counter() - t2
 
         last = results[-1]
@@ -167,6 +167,7 @@ class RLTrainer:
             "time/rollout_s": t_rollout,
             "time/train_s": t_train,
             "time/refit_s": t_refit,
+            **refit_stats,
             "time/step_s": time.perf_counter() - t0,
         })
         metrics.update({k: v for k, v in last.metrics.items() if k.startswith("loss/")})
@@ -243,11 +244,33 @@ class RLTrainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def refit(self, step: int) -> None:
-        """Send the policy's weights to the rollout engine; never a NaN/inf (or fp16-overflowing) one."""
+    def refit(self, step: int) -> dict[str, float]:
+        """Send the policy's weights to the rollout engine; never a NaN/inf (or fp16-overflowing) one.
+
+        A rollout group that can stream from the trainer ranks (`RayRolloutGroup.refit_from`) gets
+        the weights as buckets straight from the ranks that own them (checked there, shard by
+        shard, before anything is sent); otherwise the full state dict is checked and handed over.
+
+        Args:
+            step (int): the RL step (for the non-finite message).
+
+        Returns:
+            dict[str, float]: `refit/bytes` (bytes moved, rollout dtype) and `refit/mode` (the
+            transport, `rollout.refit.MODE_CODES`: 0 direct, 1 shm, 2 cuda_ipc, 3 broadcast,
+            4 restart, 5 ray).
+
+        Raises:
+            NonFiniteError: a weight is NaN/inf or beyond the rollout dtype's range; nothing was sent.
+        """
+        from nemo_rl_fp16.rollout.refit import refit_metrics
+
+        if hasattr(self.rollout, "refit_from"):
+            self.rollout.refit_from(self.policy, step)
+            return refit_metrics(self.rollout, None)
         state = self.policy.rollout_state_dict()
         check_weights(state, "refit", step, self.param_dtype)
         self.rollout.update_weights(state)
+        return refit_metrics(self.rollout, state)
 
     def save(self, root: Path) -> Path:
         """Checkpoint the engines, the RNG and the loop state under `root` (`checkpoint.save_checkpoint`).

@@ -73,6 +73,9 @@ run_section "megatron rope-scaled logits vs HF on CUDA (issue 17)" 60 "$OUT/mega
 run_section "megatron step benchmark (fp16/bf16: median of 5 pairs, MFU)" 200 "$OUT/megatron_bench.log" \
     "$PY" benchmarks/megatron_step.py --pairs 5 --json "$OUT/megatron_bench.json"
 
+run_section "refit: CUDA IPC transport, ~2 GB fp16 buckets to a stand-in consumer process (GB/s; issue 19)" 90 \
+    "$OUT/refit_ipc.log" "$PY" -m pytest -q -m gpu -s -p no:cacheprovider tests/gpu/test_refit_cuda_ipc.py
+
 run_section "rollout-vs-trainer mismatch on CUDA (torch engines)" 50 "$OUT/mismatch.log" \
     "$PY" -m nemo_rl_fp16.cli mismatch recipe=mismatch_tiny device=cuda output_dir="$OUT/mismatch"
 tail -25 "$OUT/mismatch.log"
@@ -83,6 +86,6 @@ tail -25 "$OUT/demo.log"
 
 echo "=== summary"
 grep -h -E "GPU-RESULT|BENCH|passed|failed|error" "$OUT/megatron_gpu_tests.log" "$OUT/megatron_dist_ckpt.log" \
-    "$OUT/megatron_rope.log" "$OUT/megatron_bench.log" || true
+    "$OUT/megatron_rope.log" "$OUT/megatron_bench.log" "$OUT/refit_ipc.log" || true
 echo "total ${SECONDS}s (budget ${BUDGET}s)"
 exit $status

@@ -11,9 +11,11 @@
   answer comes back.
 - `RolloutWorker` x `rollout_workers`: one rollout engine each (`rollout.build_rollout_engine`).
   `RayRolloutGroup` is the loop's `RolloutEngine`: it splits a step's prompts between the engines
-  (whole prompt groups), stacks their batches, and refits all of them from one object-store copy
-  of the weights. Colocated, it puts engines to sleep after generating and wakes them for the refit
-  when the engine has `sleep`/`wake_up`.
+  (whole prompt groups), stacks their batches, and refits them from the trainer ranks directly
+  (`refit_from`, `ray_refit.py`: trainer rank 0 pushes buckets to every engine; the driver never
+  holds the weights). Colocated, it puts engines to sleep after generating; a refit first has the
+  trainer ranks free their cached memory, then wakes the engines' weights only, and `generate`
+  wakes the KV cache.
 
 The loop's loss (`algorithms.BoundLoss`, a dataclass of tensors) travels to the workers by Ray's
 pickle (code of this package, not a network service: vLLM's insecure serialization is not
@@ -108,6 +110,28 @@ class PolicyWorker:
         """`engines[target].method(*args)`, tensors of the answer moved to the CPU."""
         return _cpu(getattr(self.engines[target], method)(*args))
 
+    def free_cache(self) -> None:
+        """Free cached accelerator memory before a colocated engine wakes (`ray_refit.free_cache`)."""
+        from nemo_rl_fp16.distributed.ray_refit import free_cache
+
+        free_cache()
+
+    def push_weights(self, engines: list, dtype: torch.dtype, bucket_bytes: int, step: int) -> tuple[int, str]:
+        """This rank's part of a refit (`ray_refit.push_weights`: rank 0 sends buckets to `engines`).
+
+        Args:
+            engines: the `RolloutWorker` handles.
+            dtype: the rollout dtype.
+            bucket_bytes: the bucket size in bytes.
+            step: the RL step.
+
+        Returns:
+            `(bytes sent, "ray")` on rank 0, `(0, "ray")` elsewhere.
+        """
+        from nemo_rl_fp16.distributed.ray_refit import push_weights
+
+        return push_weights(self.engines["policy"], engines, dtype, bucket_bytes, step)
+
     def close(self) -> None:
         """Leave the process group."""
         import torch.distributed as dist
@@ -141,10 +165,39 @@ class RolloutWorker:
         """Free the engine's accelerator memory while trainers run (False: the engine cannot)."""
         return bool(self.engine.sleep()) if hasattr(self.engine, "sleep") else False
 
-    def wake_up(self) -> None:
-        """Reload what `sleep` freed (no-op for an engine that cannot sleep)."""
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Reload what `sleep` freed; a no-op for an engine that cannot sleep.
+
+        Args:
+            tags: only these (vLLM's `["weights"]` before a refit); None = everything.
+        """
         if hasattr(self.engine, "wake_up"):
-            self.engine.wake_up()
+            self.engine.wake_up(tags) if tags is not None else self.engine.wake_up()
+
+    def refit_begin(self) -> None:
+        """Start a bucketed refit pushed by trainer rank 0 (`engine.begin_refit`)."""
+        self.engine.begin_refit()
+
+    def refit_bucket(self, bucket: tuple[dict, torch.Tensor]) -> int:
+        """Load one bucket pushed by trainer rank 0 (`engine.load_bucket`).
+
+        Args:
+            bucket: `(BucketMeta.to_wire(), flat uint8 buffer)`.
+
+        Returns:
+            The bucket's bytes.
+        """
+        return self.engine.load_bucket(*bucket)
+
+    def refit_end(self) -> tuple[int, str]:
+        """Finish the refit (every weight must have come).
+
+        Returns:
+            The bytes the engine counted since `refit_begin`, and "restart" when the engine
+            restarted to take them (a vLLM engine whose self-check failed), else "ray".
+        """
+        n = self.engine.end_refit()
+        return n, "restart" if getattr(self.engine, "last_refit_transport", None) == "restart" else "ray"
 
 
 class RayPolicyGroup:
@@ -206,20 +259,25 @@ class RayPolicyGroup:
 class RayRolloutGroup:
     """`RolloutEngine` over the rollout workers: prompts split between them, batches stacked."""
 
-    def __init__(self, workers: list, precision: PrecisionPolicy, pad_token_id: int, colocated: bool):
-        """Wrap `workers` (`RolloutWorker` handles); colocated engines sleep between rollouts."""
+    def __init__(self, workers: list, precision: PrecisionPolicy, pad_token_id: int, colocated: bool,
+                 bucket_bytes: int = 256 * 2**20):
+        """Wrap `workers` (`RolloutWorker` handles); colocated engines sleep between rollouts; refit buckets of `bucket_bytes`."""
         self.workers = workers
         self.precision = precision
         self.pad_token_id = pad_token_id
         self.colocated = colocated
+        self.bucket_bytes = int(bucket_bytes)
         self._asleep = False
+        #: bytes all engines received in the last refit and its transport (metrics `refit/bytes`, `refit/mode`)
+        self.last_refit_bytes: int | None = None
+        self.last_refit_transport: str | None = None
 
-    def _wake(self) -> None:
+    def _wake(self, tags: list[str] | None = None) -> None:
         import ray
 
         if self._asleep:
-            ray.get([w.wake_up.remote() for w in self.workers])
-            self._asleep = False
+            ray.get([w.wake_up.remote(tags) for w in self.workers])
+            self._asleep = tags is not None  # woken partly: the KV cache comes back before generating
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> RolloutBatch:
         """Engine i samples prompts `chunk_i` (contiguous) with seed `params.seed + i`."""
@@ -236,12 +294,34 @@ class RayRolloutGroup:
         return RolloutBatch.concat(batches, self.pad_token_id)
 
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Refit every engine from one object-store copy of `state_dict` (waking them first)."""
+        """Refit every engine from one object-store copy of `state_dict` (the loop uses `refit_from`)."""
         import ray
 
-        self._wake()
+        self._wake(["weights"])
         ref = ray.put(state_dict)
         ray.get([w.call.remote("update_weights", ref) for w in self.workers])
+        self.last_refit_bytes, self.last_refit_transport = None, None
+
+    def refit_from(self, policy: RayPolicyGroup, step: int) -> None:
+        """Refit every engine straight from the trainer ranks (`ray_refit.py`); the driver holds no weights.
+
+        Order: trainer ranks free their cache, engines wake their weights only, every rank runs
+        `push_weights` (rank 0 sends buckets to the engines), the engines finish.
+
+        Args:
+            policy: the trainer ranks.
+            step: the RL step (for the non-finite message).
+
+        Raises:
+            NonFiniteError: a weight is NaN/inf or beyond the rollout dtype; nothing was sent.
+        """
+        import ray
+
+        ray.get([w.free_cache.remote() for w in policy.workers])
+        self._wake(["weights"])
+        stats = ray.get([w.push_weights.remote(self.workers, self.precision.param_dtype, self.bucket_bytes, step)
+                         for w in policy.workers])
+        self.last_refit_bytes, self.last_refit_transport = stats[0]
 
     def audit(self) -> list[str]:
         """Precision findings of all engines, de-duplicated and sorted (empty = clean)."""
@@ -322,12 +402,13 @@ class RayEngines:
                                             self.device, init_ref, with_ref) for rank, w in enumerate(trainers)])
             self.policy = RayPolicyGroup(trainers, train_pol)
             self.reference = RayPolicyGroup(trainers, train_pol, target="reference") if with_ref else None
-            start = ray.put(self.policy.rollout_state_dict())
             rollouts = [actor(RolloutWorker, s) for s in self.placement.role("rollout")]
-            ray.get([w.setup.remote(rc, rollout_pol, model_cfg, tokenizer, self.device, start, str(model_dir / f"r{j}"))
-                     for j, w in enumerate(rollouts)])
+            ray.get([w.setup.remote(rc, rollout_pol, model_cfg, tokenizer, self.device, init_ref,
+                                    str(model_dir / f"r{j}")) for j, w in enumerate(rollouts)])
             self.rollout = RayRolloutGroup(rollouts, rollout_pol, tokenizer.pad_token_id,
-                                           colocated=r.layout == "colocated")
+                                           colocated=r.layout == "colocated",
+                                           bucket_bytes=int(rc.rollout.refit_bucket_mb * 2**20))
+            self.rollout.refit_from(self.policy, 0)  # the engines start from the trainers' own weights
         except BaseException:
             self.close()
             raise

@@ -56,5 +56,6 @@ def build_rollout_engine(rc: RecipeConfig, policy: PrecisionPolicy, model_cfg: d
                                  gpu_memory_utilization=r.gpu_memory_utilization,
                                  tensor_parallel_size=r.tensor_parallel_size,
                                  trust_remote_code=rc.model.trust_remote_code,
-                                 sleep_mode=rc.cluster.ray.enabled and rc.cluster.ray.layout == "colocated")
+                                 sleep_mode=rc.cluster.ray.enabled and rc.cluster.ray.layout == "colocated",
+                                 refit_bucket_mb=r.refit_bucket_mb)
     raise ConfigError(f"rollout.backend={rc.rollout.backend} is not available; use rollout.backend=torch|vllm")

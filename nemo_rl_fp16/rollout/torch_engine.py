@@ -21,7 +21,7 @@ temperature 1.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -102,6 +102,69 @@ class TorchRolloutEngine:
             ValueError: unknown / missing names or shape mismatches (`modeling.load_weights_`).
         """
         load_weights_(self.model, state_dict)
+
+    def load_stream(self, named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int = 256 * 2**20) -> int:
+        """Refit from streamed `(HF name, tensor)` pairs in buckets (`rollout.refit`, direct transport).
+
+        Bitwise the same weights as `update_weights`; peak extra memory one bucket.
+
+        Args:
+            named: the weights, consumed lazily.
+            bucket_bytes: the bucket size in bytes.
+
+        Returns:
+            The bytes moved (rollout dtype).
+
+        Raises:
+            ValueError: an unknown name, a shape mismatch, or weights the stream missed.
+        """
+        from nemo_rl_fp16.rollout.refit import iter_buckets
+
+        self.begin_refit()
+        for bucket in iter_buckets(named, self.precision.param_dtype, bucket_bytes):
+            self.load_bucket(bucket.meta.to_wire(), bucket.buffer)
+            del bucket  # released before the next bucket is allocated
+        return self.end_refit()
+
+    def begin_refit(self) -> None:
+        """Start a bucket-by-bucket refit (`load_bucket` per bucket, then `end_refit`)."""
+        self._refit = (self.model.state_dict(), set(), [0])
+
+    def load_bucket(self, meta: dict, buffer: torch.Tensor) -> int:
+        """Copy one bucket (`refit.BucketMeta.to_wire()` + its flat uint8 buffer) into the model.
+
+        Args:
+            meta: the bucket's metadata as plain data.
+            buffer: the bucket's buffer (any device; copied into the model's device and dtype).
+
+        Returns:
+            The bucket's bytes.
+
+        Raises:
+            ValueError: an unknown name, a shape mismatch or a name sent twice (nothing of the bucket copied).
+        """
+        from nemo_rl_fp16.rollout.refit import BucketMeta, load_bucket_into
+
+        own, seen, sent = self._refit
+        m = BucketMeta.from_wire(meta)
+        load_bucket_into(own, m, buffer, seen)
+        sent[0] += m.nbytes
+        return m.nbytes
+
+    def end_refit(self) -> int:
+        """Finish a bucketed refit: every weight must have come.
+
+        Returns:
+            The bytes loaded since `begin_refit`.
+
+        Raises:
+            ValueError: weights no bucket carried (named, up to 5).
+        """
+        own, seen, sent = self._refit
+        self._refit = None
+        if set(own) - seen:
+            raise ValueError(f"refit stream missed {len(set(own) - seen)} weight(s), e.g. {sorted(set(own) - seen)[:5]}")
+        return sent[0]
 
     def audit(self) -> list[str]:
         """Parameter dtypes against the policy, plus the KV cache dtypes seen at the last prefill.

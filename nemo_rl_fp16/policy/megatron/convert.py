@@ -57,7 +57,7 @@ from nemo_rl_fp16.modeling import build_model, load_weights_
 from nemo_rl_fp16.modeling.layout import ModelLayout
 
 __all__ = [
-    "LazyHFCheckpoint", "hf_source", "hf_to_megatron", "hf_to_megatron_parts", "megatron_layer_to_hf", "megatron_to_hf",
+    "LazyHFCheckpoint", "hf_source", "hf_to_megatron", "hf_to_megatron_parts", "megatron_part_to_hf", "megatron_to_hf",
     "qkv_fuse",
     "qkv_split", "te_names",
 ]
@@ -233,29 +233,34 @@ def megatron_to_hf(sd: Mapping[str, torch.Tensor], lay: ModelLayout, *, fused_ex
     Returns:
         `{HF name: tensor}` in the inputs' dtype (`lm_head.weight` is the embedding when tied).
     """
-    out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"],
-                                    "model.norm.weight": sd["decoder.final_layernorm.weight"]}
-    out["lm_head.weight"] = sd["embedding.word_embeddings.weight"] if lay.tie_word_embeddings else sd[
-        "output_layer.weight"]
+    out = megatron_part_to_hf(sd, lay, None, fused_experts=fused_experts)
     for i in range(lay.num_layers):
-        out.update(megatron_layer_to_hf(sd, i, lay, fused_experts=fused_experts))
+        out.update(megatron_part_to_hf(sd, lay, i, fused_experts=fused_experts))
     return out
 
 
-def megatron_layer_to_hf(sd: Mapping[str, torch.Tensor], i: int, lay: ModelLayout, *, fused_experts: bool = True
-                         ) -> dict[str, torch.Tensor]:
-    """Decoder layer `i` of `megatron_to_hf` alone (a streamed export converts one layer at a time).
+def megatron_part_to_hf(sd: Mapping[str, torch.Tensor], lay: ModelLayout, layer: int | None, *,
+                        fused_experts: bool = True) -> dict[str, torch.Tensor]:
+    """One piece of `megatron_to_hf`: the top-level tensors (`layer=None`) or one decoder layer.
+
+    For a per-layer stream (`refit_stream.py`): only that piece's full megatron tensors are needed.
 
     Args:
-        sd: megatron-named tensors holding at least layer `i`'s (full, local-spec names).
-        i: the global layer index.
+        sd: full (unsharded) megatron-named tensors holding at least that piece.
         lay: the model layout.
+        layer: the decoder layer index, or None for embeddings, final norm and output layer.
         fused_experts: as `megatron_to_hf`.
 
     Returns:
-        `{HF name: tensor}` of `model.layers.{i}.*`.
+        `{HF name: tensor}` of that piece, in the inputs' dtype.
     """
+    if layer is None:
+        return {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"],
+                "model.norm.weight": sd["decoder.final_layernorm.weight"],
+                "lm_head.weight": sd["embedding.word_embeddings.weight"] if lay.tie_word_embeddings
+                else sd["output_layer.weight"]}
     out: dict[str, torch.Tensor] = {}
+    i = layer
     h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
     a = h + "self_attn."
     out[h + "input_layernorm.weight"] = sd[m + "input_layernorm.weight"]

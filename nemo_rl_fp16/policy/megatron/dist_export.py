@@ -10,7 +10,7 @@ sibling, fsync, rename).
 Streamed: the export reads the embedding / final norm / output layer, then one decoder layer at a
 time (megatron stores layers stacked on a leading axis; each read loads only that layer's slice,
 `ShardedTensor.from_rank_offsets(..., (0, i, L))`), converts it to HF names
-(`convert.megatron_layer_to_hf`), checks it is finite and appends it to the current safetensors
+(`convert.megatron_part_to_hf`), checks it is finite and appends it to the current safetensors
 shard; a shard is written and freed once it holds `max_shard_bytes`. The folder gets HF's sharded
 layout (`model-0000i-of-0000N.safetensors` + `model.safetensors.index.json`; one
 `model.safetensors` when everything fits in one shard). Peak memory: one shard plus one layer.
@@ -200,7 +200,7 @@ def export_hf_from_dist(directory: str | os.PathLike, model_cfg: Mapping[str, An
     from nemo_rl_fp16.guards import check_weights
     from nemo_rl_fp16.modeling.layout import ModelLayout
     from nemo_rl_fp16.policy.megatron.checkpointing import RECORD_KEY, describe_layout
-    from nemo_rl_fp16.policy.megatron.convert import megatron_layer_to_hf
+    from nemo_rl_fp16.policy.megatron.convert import megatron_part_to_hf
 
     if "config" in model_cfg:
         hf_config = dict(model_cfg["config"])
@@ -230,7 +230,7 @@ def export_hf_from_dist(directory: str | os.PathLike, model_cfg: Mapping[str, An
                       "lm_head.weight": part["embedding.word_embeddings.weight" if lay.tie_word_embeddings
                                              else "output_layer.weight"]}
             else:
-                hf = megatron_layer_to_hf(part, layer, lay, fused_experts=fused_experts)
+                hf = megatron_part_to_hf(part, lay, layer, fused_experts=fused_experts)
             check_weights(hf, "HF export", None)
             writer.add(hf)
             del part, hf

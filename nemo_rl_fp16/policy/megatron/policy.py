@@ -31,7 +31,7 @@ through the same backend-neutral logic as the torch backend (`policy.expert_rout
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,7 @@ from nemo_rl_fp16.policy.megatron.pipeline import (
     gather_stages,
     stage_state_dict,
 )
+from nemo_rl_fp16.policy.megatron.refit_stream import local_spec_names, stream_hf_weights
 from nemo_rl_fp16.policy.megatron.routing import MegatronRouting, install_partial_replays
 from nemo_rl_fp16.policy.megatron.sharding import gather_full_state_dict, load_shard_, shard_state_dict
 from nemo_rl_fp16.policy.micro_batches import DataParallel, MicroBatchLoop
@@ -454,15 +455,27 @@ class MegatronPolicy:
         Returns:
             `{HF name: float32 CPU tensor}`, on every rank.
         """
-        named = self._fp32_named_params()
-        if self.use_te:
-            named = {k.replace(".self_attention.linear_qkv.layer_norm_weight", ".input_layernorm.weight")
-                      .replace(".mlp.linear_fc1.layer_norm_weight", ".pre_mlp_layernorm.weight"): v
-                     for k, v in named.items()}
-        full = gather_full_state_dict(named, self.layout)
+        full = gather_full_state_dict(local_spec_names(self._fp32_named_params()), self.layout)
         if self.pp > 1:  # every stage's layers, global indices
             full = gather_stages(full, self.layout.num_layers, self.layout.tie_word_embeddings)
         return megatron_to_hf(full, self.layout, fused_experts=self._hf_fused_experts)
+
+    def rollout_stream(self, dst: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+        """The rollout refit's weights streamed piece by piece to rank `dst` only (`refit_stream.py`).
+
+        A collective: every rank iterates it to the end; only `dst` gets tensors.
+
+        Args:
+            dst: the global rank that sends to the rollout engines.
+
+        Returns:
+            An iterator of `(HF name, fp32 tensor)` (empty on the other ranks).
+        """
+        if self.pp > 1:  # stages hold different layers: gathered whole (`refit_stream` streams one stage's shards)
+            full = self.rollout_state_dict()
+            return iter(full.items()) if torch.distributed.get_rank() == dst else iter(())
+        return stream_hf_weights(local_spec_names(self._fp32_named_params()), self.layout,
+                                 fused_experts=self._hf_fused_experts, dst=dst)
 
     def audit(self) -> list[str]:
         """Dtype findings on the megatron module.

@@ -14,8 +14,8 @@ class FakeLLM:
     def sleep(self, level):
         self.calls.append(f"sleep{level}")
 
-    def wake_up(self):
-        self.calls.append("wake")
+    def wake_up(self, tags=None):
+        self.calls.append("wake" if tags is None else f"wake:{','.join(tags)}")
 
 
 def _engine(sleep_mode: bool) -> VllmRolloutEngine:
@@ -37,3 +37,15 @@ def test_without_sleep_mode_nothing_happens():
     assert e.sleep() is False
     e.wake_up()
     assert e.llm.calls == []
+
+
+def test_refit_wakes_weights_only_and_generate_the_kv_cache():
+    """Colocated order (issue 19): the refit needs the weights, not the KV cache; the cache comes
+    back only when the engine generates, and nothing already awake is woken twice."""
+    e = _engine(True)
+    e.sleep()
+    e.wake_up(["weights"])  # what update_weights / begin_refit do
+    e.wake_up(["weights"])
+    e.wake_up()  # what generate does
+    e.wake_up()
+    assert e.llm.calls == ["sleep1", "wake:weights", "wake:kv_cache"]
