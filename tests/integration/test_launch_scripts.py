@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from nemo_rl_fp16.config import ConfigError
 from nemo_rl_fp16.commands.launch import SlurmJob, launch_slurm, parse_args, render_sbatch
+from nemo_rl_fp16.config import ConfigError
 
 pytestmark = pytest.mark.integration
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from nemo_rl_fp16.config import load_recipe
 from nemo_rl_fp16.commands.rl import run
+from nemo_rl_fp16.config import load_recipe
 
 pytestmark = pytest.mark.integration
 

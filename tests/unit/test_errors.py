@@ -8,7 +8,6 @@ import pytest
 import torch
 from rich.console import Console
 
-from nemo_rl_fp16 import checkpoint as ckpt
 from nemo_rl_fp16.assembly import build_run
 from nemo_rl_fp16.cli import EXIT_CODES
 from nemo_rl_fp16.config import load_recipe, typed

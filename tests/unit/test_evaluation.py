@@ -2,9 +2,6 @@
 
 from pathlib import Path
 
-import pytest
-from rich.console import Console
-
 from nemo_rl_fp16.assembly import build_tokenizer
 from nemo_rl_fp16.config import load_recipe, typed
 from nemo_rl_fp16.data import get_dataset, get_reward

@@ -16,8 +16,6 @@ What counts as an edge (decided here, on purpose):
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 PKG = "nemo_rl_fp16"
 

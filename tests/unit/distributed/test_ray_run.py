@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from nemo_rl_fp16.commands.rl import run
 from nemo_rl_fp16.config import ConfigError, load_recipe, typed
 
 ray = pytest.importorskip("ray")

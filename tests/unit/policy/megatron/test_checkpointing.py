@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_megatron_policy import DENSE, _batch, _loss_fn, _weights
+from test_policy import DENSE, _batch, _loss_fn, _weights
 
 from nemo_rl_fp16 import checkpoint as ckpt
 from nemo_rl_fp16.precision import PrecisionPolicy

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from nemo_rl_fp16.cli import main
-from nemo_rl_fp16.commands.launch import SlurmJob, launch_slurm, parse_args, render_sbatch
+from nemo_rl_fp16.commands.launch import SlurmJob, parse_args, render_sbatch
 from nemo_rl_fp16.config import ConfigError
 
 ARGS = ["recipe=grpo_fp16", "time=04:00:00", "account=acct", "partition=batch",
