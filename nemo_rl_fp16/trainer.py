@@ -94,6 +94,12 @@ class RLTrainer:
         """Problem indices of a step: epoch-wise shuffles derived from (seed, epoch) alone.
 
         Deriving the order from the step number (instead of iterator state) makes resume exact.
+
+        Args:
+            step (int): the 0-based RL step.
+
+        Returns:
+            list[int]: `data.prompts_per_step` indices into the run's problems (epochs wrap within a step).
         """
         n, k = len(self.run.problems), self.cfg.data.prompts_per_step
         out: list[int] = []
@@ -244,7 +250,11 @@ class RLTrainer:
     # ------------------------------------------------------------------ checkpoints
 
     def refit(self, step: int) -> None:
-        """Send the policy's weights to the rollout engine; never a NaN/inf (or fp16-overflowing) one."""
+        """Send the policy's weights to the rollout engine; never a NaN/inf (or fp16-overflowing) one.
+
+        Args:
+            step (int): the step being refit (named in a non-finite refusal).
+        """
         state = self.policy.rollout_state_dict()
         check_weights(state, "refit", step, self.param_dtype)
         self.rollout.update_weights(state)

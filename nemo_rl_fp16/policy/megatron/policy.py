@@ -81,6 +81,13 @@ class MegatronModelAdapter:
     def score(self, mb: RolloutBatch, temperature: float) -> torch.Tensor:
         """`[n, T]` fp32 log π of the response tokens (`MegatronCausalLM.response_logprobs`), routed as `experts` says.
 
+        Args:
+            mb (RolloutBatch): `n` rows of `[P + T]` tokens.
+            temperature (float): the sampling temperature T° (log-probs of `logits / T°`).
+
+        Returns:
+            torch.Tensor: `[n, T]` fp32 log π, gathered over TP (vocab-parallel log-softmax), 0 where masked.
+
         Raises:
             ValueError: replay is on and the batch carries no recorded experts (`ExpertRouting.replay_experts`).
         """
@@ -89,11 +96,19 @@ class MegatronModelAdapter:
                                                   mb.prompt_width, temperature, self.precision.logits_dtype)
 
     def numerics(self) -> AbstractContextManager:
-        """`precision.cpu_numerics` for `param_dtype` on this device (a no-op on GPUs and for fp32)."""
+        """`precision.cpu_numerics` for `param_dtype` on this device (a no-op on GPUs and for fp32).
+
+        Returns:
+            AbstractContextManager: the numerics scope of every forward/backward.
+        """
         return cpu_numerics(self.device, self.precision.param_dtype)
 
     def data_parallel(self) -> DataParallel:
-        """The data-parallel rank, size and group in megatron's parallel state (`parallel.data_parallel`)."""
+        """The data-parallel rank, size and group in megatron's parallel state (`parallel.data_parallel`).
+
+        Returns:
+            DataParallel: rank, size and process group of megatron's data-parallel group.
+        """
         return data_parallel()
 
 
@@ -382,6 +397,9 @@ class MegatronPolicy:
 
         CPU: `DynamicLossScaler.back_off_below`; CUDA: the same rule on megatron's `DynamicGradScaler`s.
 
+        Args:
+            used_scale (float): the loss scale of the overflowing step.
+
         Returns:
             False without a dynamic scaler (bf16/fp32, constant scale) or at `min_scale`.
         """
@@ -405,6 +423,9 @@ class MegatronPolicy:
 
     def activation_headroom(self, batch: RolloutBatch) -> dict[str, float]:
         """fp16 range monitor over megatron's decoder layers (`MicroBatchLoop.activation_headroom`).
+
+        Args:
+            batch (RolloutBatch): the rows of a no-grad forward.
 
         Returns:
             `range/act_absmax[/layer{i}]`, `range/fp16_headroom` (65504 / max), `range/act_nonfinite`.
@@ -469,6 +490,9 @@ class MegatronPolicy:
         `model` holds the fp32 master weights under HF names (`rollout_state_dict`, a collective);
         `optimizer` is the optimizer's own state dict (torch AdamW on CPU, megatron's on CUDA);
         `scaler` the CPU loss scaler's state (None on CUDA and without loss scaling).
+
+        Returns:
+            dict: the three entries above.
         """
         return {"model": self.rollout_state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": None if self.weights is None else self.weights.scaler_state()}
