@@ -1,7 +1,7 @@
 """The validation stage and the run plan: every check a run needs, before any work.
 
 `check_run` is the one validation stage shared by the dry run and the real run (every command
-calls it: `commands.validate`, and `commands.rl.run` first thing): the schema (`config.py`,
+calls it: `commands.validate`, and `commands.rl.run` first thing): the schema (`config/schema.py`,
 pydantic) has already checked keys, types, ranges and dtype combinations; here come the layout
 (`parallel_layout`), the device (`run_device`, the one rule the plan, `assembly` and the Ray
 driver use), what this version does not implement, and the environment a run needs
