@@ -9,13 +9,12 @@ import torch
 
 from nemo_rl_fp16.checkpoint import (
     CheckpointError,
-    capture_rng,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    restore_rng,
     save_checkpoint,
 )
+from nemo_rl_fp16.runtime import capture_rng, restore_rng
 
 
 def _payload(seed=0):

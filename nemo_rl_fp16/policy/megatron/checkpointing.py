@@ -105,7 +105,7 @@ def _rng_object(policy: MegatronPolicy):
     from megatron.core import tensor_parallel
     from megatron.core.dist_checkpointing import ShardedObject
 
-    from nemo_rl_fp16.checkpoint import capture_rng
+    from nemo_rl_fp16.runtime import capture_rng
 
     state = {"host": capture_rng(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
@@ -242,7 +242,7 @@ def load_sharded(policy: MegatronPolicy, directory: str | Path) -> dict[str, Any
     if rng_restored:
         from megatron.core import tensor_parallel
 
-        from nemo_rl_fp16.checkpoint import restore_rng
+        from nemo_rl_fp16.runtime import restore_rng
 
         restore_rng(loaded["rng"]["host"])
         tensor_parallel.get_cuda_rng_tracker().set_states(loaded["rng"]["tracker"])
