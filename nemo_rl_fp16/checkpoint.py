@@ -5,7 +5,7 @@ checkpoint is either complete or invisible: files are written into `<root>/.tmp_
 `meta.json` (sizes + sha256 of every file) is written last as the completeness marker, and the
 directory is renamed to `<root>/step_<N:06d>` in one step. Loading re-verifies the checksums and
 never returns partial data; resuming must reproduce the run, so the RNG states travel too
-(`runtime.capture_rng`). Durable-write primitives (fsync, folder swap, disk-full detection): `fsutil.py`.
+(`runtime.capture_rng`). Disk-full detection and file checksums: `fsutil.py`.
 Re-saving an existing step swaps the old folder out (`.old_step_*`) before the new one is renamed
 in; `clean_stale` (run at start, under the run lock) finishes such a swap if a kill interrupted
 it and removes stale temp folders. A weight that is NaN/inf is never written (`NonFiniteError`),
@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from nemo_rl_fp16.fsutil import StorageError, fsync_file, is_disk_full, mount_point, replace_dir, sha256_file
+from nemo_rl_fp16.fsutil import StorageError, is_disk_full, mount_point, sha256_file
 from nemo_rl_fp16.guards import check_weights
 
 FORMAT = "nemo_rl_fp16.checkpoint/1"
@@ -81,6 +81,49 @@ def _safetensors_ready(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
         seen.add(ptr)
         out[k] = t
     return out
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file or directory to disk so a crash after rename cannot expose empty files.
+
+    Best effort: a path that cannot be opened, or a filesystem that refuses fsync (some do on
+    directories), is skipped silently.
+
+    Args:
+        path: the file or directory to fsync.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Rename `src` onto `dst`; an existing `dst` is swapped out first, then deleted.
+
+    A kill between the two renames leaves `.old_<dst>_<pid>` and the complete `src`; `clean_stale`
+    finishes the swap at the next start, so the step is never lost. Both must be on one filesystem
+    (`os.replace`); its `OSError` propagates.
+
+    Args:
+        src: the complete new folder (a `.tmp_step_*` folder).
+        dst: the final name (`step_NNNNNN`); replaced if it exists.
+    """
+    if dst.exists():
+        old = dst.parent / f".old_{dst.name}_{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+    fsync_file(dst.parent)
 
 
 def save_checkpoint(

@@ -2,8 +2,8 @@
 
 Write to a temp file in the target's folder, fsync, then `os.replace` (atomic on POSIX within a
 filesystem). Checkpoints and HF exports, which are folders of several files, do the same at folder
-level with `fsync_file` and `replace_dir`; a write that fails on a full disk is told apart
-(`is_disk_full`, `StorageError`, `mount_point` for the message).
+level (`checkpoint.fsync_file`, `checkpoint.replace_dir`). A write that fails on a full disk is told
+apart (`is_disk_full`, `StorageError`, `mount_point` for the message); `sha256_file` checksums a file.
 """
 
 from __future__ import annotations
@@ -107,46 +107,3 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def fsync_file(path: Path) -> None:
-    """Flush a file or directory to disk so a crash after rename cannot expose empty files.
-
-    Best effort: a path that cannot be opened, or a filesystem that refuses fsync (some do on
-    directories), is skipped silently.
-
-    Args:
-        path: the file or directory to fsync.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Rename `src` onto `dst`; an existing `dst` is swapped out first, then deleted.
-
-    A kill between the two renames leaves `.old_<dst>_<pid>` and the complete `src`; for step folders
-    `checkpoint.clean_stale` finishes the swap at the next start, so the step is never lost. Both must be on one filesystem
-    (`os.replace`); its `OSError` propagates.
-
-    Args:
-        src: the complete new folder (a `.tmp_step_*` folder).
-        dst: the final name (`step_NNNNNN`); replaced if it exists.
-    """
-    if dst.exists():
-        old = dst.parent / f".old_{dst.name}_{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
-    fsync_file(dst.parent)

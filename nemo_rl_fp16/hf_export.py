@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from nemo_rl_fp16.fsutil import fsync_file, replace_dir
+from nemo_rl_fp16.checkpoint import fsync_file, replace_dir
 from nemo_rl_fp16.guards import check_weights
 from nemo_rl_fp16.modeling.hf import build_model, load_weights_
 
@@ -25,7 +25,7 @@ def export_hf(path: str | os.PathLike, model, tokenizer=None, step: int | None =
     """`save_pretrained` (safetensors) of model (+ tokenizer) into `path`, swapped in atomically.
 
     Written to `.tmp_<name>_<pid>` beside `path`, fsynced, then renamed over `path` (an existing
-    folder is replaced, `fsutil.replace_dir`); on error the temp folder is removed.
+    folder is replaced, `checkpoint.replace_dir`); on error the temp folder is removed.
 
     Args:
         model: an HF `PreTrainedModel`, saved in its own parameter dtype.

@@ -49,23 +49,6 @@ def test_replaces_a_symlinked_target_itself_not_through_the_link(tmp_path):
     assert not link.is_symlink() and link.read_text() == "new" and real.read_text() == "real"
 
 
-def test_replace_dir_swaps_a_folder_in_whole(tmp_path):
-    from nemo_rl_fp16.fsutil import replace_dir
-
-    old, new = tmp_path / "step_000001", tmp_path / ".tmp_step_1_9"
-    old.mkdir()
-    (old / "a").write_text("old")
-    new.mkdir()
-    (new / "b").write_text("new")
-    replace_dir(new, old)
-    assert sorted(os.listdir(tmp_path)) == ["step_000001"]  # no .old_* or temp folder left
-    assert sorted(os.listdir(old)) == ["b"] and (old / "b").read_text() == "new"
-    fresh = tmp_path / ".tmp_step_2_9"
-    fresh.mkdir()
-    replace_dir(fresh, tmp_path / "step_000002")
-    assert (tmp_path / "step_000002").is_dir() and not fresh.exists()
-
-
 def test_sha256_disk_full_and_mount_point(tmp_path):
     import errno
     import hashlib

@@ -115,7 +115,7 @@ def export_hf_from_dist(directory: str | os.PathLike, model_cfg: Mapping[str, An
     from megatron.core import dist_checkpointing
     from safetensors.torch import save_file
 
-    from nemo_rl_fp16.fsutil import fsync_file, replace_dir
+    from nemo_rl_fp16.checkpoint import fsync_file, replace_dir
     from nemo_rl_fp16.guards import check_weights
     from nemo_rl_fp16.modeling.layout import ModelLayout
     from nemo_rl_fp16.policy.megatron.checkpointing import RECORD_KEY, describe_layout
