@@ -4,7 +4,8 @@ A multi-day RL run is killed at arbitrary moments (preemption, OOM, Slurm time l
 checkpoint is either complete or invisible: files are written into `<root>/.tmp_step_<N>_<pid>`,
 `meta.json` (sizes + sha256 of every file) is written last as the completeness marker, and the
 directory is renamed to `<root>/step_<N:06d>` in one step. Loading re-verifies the checksums and
-never returns partial data; resuming must reproduce the run, so the RNG states travel too.
+never returns partial data; resuming must reproduce the run, so the RNG states travel too
+(`runtime.capture_rng`). Disk-full detection and file checksums: `fsutil.py`.
 Re-saving an existing step swaps the old folder out (`.old_step_*`) before the new one is renamed
 in; `clean_stale` (run at start, under the run lock) finishes such a swap if a kill interrupted
 it and removes stale temp folders. A weight that is NaN/inf is never written (`NonFiniteError`),
@@ -24,10 +25,8 @@ Layout of a step directory:
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import time
@@ -37,6 +36,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from nemo_rl_fp16.fsutil import StorageError, is_disk_full, mount_point, sha256_file
 from nemo_rl_fp16.guards import check_weights
 
 FORMAT = "nemo_rl_fp16.checkpoint/1"
@@ -51,72 +51,6 @@ _LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.Tensor, torc
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupt; the message names the file and the fix."""
-
-
-class StorageError(OSError):
-    """The disk filled up (or went read-only) while writing; nothing partial was kept."""
-
-
-def mount_point(path: str | os.PathLike) -> Path:
-    """The mount point of the filesystem that holds `path`, for "no space left on ..." messages.
-
-    Args:
-        path: a file or folder; it need not exist yet (its nearest existing parent is used).
-
-    Returns:
-        The absolute path of the mount point (`os.path.ismount`) at or above `path`.
-    """
-    p = Path(path).absolute()
-    while not p.exists():
-        p = p.parent
-    while not os.path.ismount(p):
-        p = p.parent
-    return p
-
-
-def _disk_full(exc: BaseException, where: Path) -> bool:
-    """Did `exc` come from a full disk?
-
-    torch.save reports it as an `inline_container.cc` enforce fail ("unexpected pos"), so a write
-    failure with under 64 MiB left counts as one.
-    """
-    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    if "No space left" in str(exc) or "os error 28" in str(exc):
-        return True
-    try:
-        return shutil.disk_usage(where).free < (64 << 20)
-    except OSError:
-        return False
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def fsync_file(path: Path) -> None:
-    """Flush a file or directory to disk so a crash after rename cannot expose empty files.
-
-    Best effort: a path that cannot be opened, or a filesystem that refuses fsync (some do on
-    directories), is skipped silently.
-
-    Args:
-        path: the file or directory to fsync.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
 
 
 def _check_serialisable(obj, where: str) -> None:
@@ -147,6 +81,27 @@ def _safetensors_ready(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
         seen.add(ptr)
         out[k] = t
     return out
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file or directory to disk so a crash after rename cannot expose empty files.
+
+    Best effort: a path that cannot be opened, or a filesystem that refuses fsync (some do on
+    directories), is skipped silently.
+
+    Args:
+        path: the file or directory to fsync.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
 
 
 def replace_dir(src: Path, dst: Path) -> None:
@@ -248,7 +203,7 @@ def save_checkpoint(
         files = {}
         for name in names:
             fsync_file(tmp / name)
-            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
         record = {"format": FORMAT, "step": int(step), "time": time.time(), "files": files, "meta": meta_json}
         (tmp / META_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
         fsync_file(tmp / META_FILE)
@@ -257,7 +212,7 @@ def save_checkpoint(
         replace_dir(tmp, final)
     except BaseException as e:
         # judged before the partial folder is removed (that frees the space again)
-        full = isinstance(e, (OSError, RuntimeError)) and not isinstance(e, CheckpointError) and _disk_full(e, root)
+        full = isinstance(e, (OSError, RuntimeError)) and not isinstance(e, CheckpointError) and is_disk_full(e, root)
         shutil.rmtree(tmp, ignore_errors=True)
         if full:
             raise StorageError(errno.ENOSPC, f"no space left on {mount_point(root)} while writing checkpoint "
@@ -305,7 +260,7 @@ def _check_files(path: Path, record: dict, checksums: bool) -> None:
             raise CheckpointError(
                 f"size mismatch in {f} ({size} bytes, meta.json says {info['bytes']}): the checkpoint is corrupt; delete it or pass trainer.resume=<older step dir>"
             )
-        if checksums and _sha256(f) != info["sha256"]:
+        if checksums and sha256_file(f) != info["sha256"]:
             raise CheckpointError(
                 f"checksum mismatch in {f}: the checkpoint is corrupt; delete it or pass trainer.resume=<older step dir>"
             )
@@ -526,51 +481,3 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict:
         "path": path,
         "sharded_dir": path / SHARDED_DIR if sharded else None,
     }
-
-
-def capture_rng() -> dict:
-    """Python, numpy, torch CPU (and CUDA, when initialised) RNG states, weights_only-safe.
-
-    Returns:
-        {"python": [version, state list, gauss], "numpy": {"name", "keys" (int64 tensor), "pos",
-        "has_gauss", "cached_gaussian"}, "torch": uint8 tensor, "cuda": [uint8 tensor per device]
-        (only when CUDA is initialised)}; pass it to `restore_rng`.
-    """
-    import numpy as np
-
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    state = {
-        "python": [version, list(internal), gauss],
-        "numpy": {
-            "name": name,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def restore_rng(state: dict) -> None:
-    """Inverse of `capture_rng`; CUDA states are restored only when the device count matches.
-
-    Args:
-        state: a dict from `capture_rng` (as loaded back by `load_checkpoint`).
-    """
-    import numpy as np
-
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state(
-        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
-    )
-    torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda")
-    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
-        torch.cuda.set_rng_state_all(cuda)

@@ -79,7 +79,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def split_args(command: str, args: Sequence[str]) -> tuple[str, list[str], bool]:
-    """(recipe, overrides, dry_run) from `recipe=...`, `dry_run=...` and the other key=values."""
+    """(recipe, overrides, dry_run) from `recipe=...`, `dry_run=...` and the other key=values.
+
+    Args:
+        command (str): the command name (a key of `COMMANDS`; gives the default recipe).
+        args (Sequence[str]): the command line's `key=value` words.
+
+    Returns:
+        tuple[str, list[str], bool]: the recipe name or path, the other `key=value` words in order
+            (OmegaConf dotlist overrides), and whether `dry_run` (or `+dry_run`) is true.
+
+    Raises:
+        ConfigError: a word without `=`.
+    """
     recipe, dry_run, overrides = COMMANDS[command][0], False, []
     for a in args:
         key, sep, value = a.partition("=")
@@ -104,7 +116,19 @@ def _one_line(e: BaseException) -> str:
 def run_command(command: str, args: Sequence[str], show_traceback: bool | None = None) -> int:
     """Run one command with its key=value arguments; returns the exit code (`EXIT_CODES`).
 
-    `show_traceback` (default: env NEMO_RL_TRACEBACK) re-raises instead of printing one line.
+    An error becomes one `error: ...` line on stderr and its exit code; an exception of no known
+    kind is a bug (exit 1).
+
+    Args:
+        command (str): `rl`, `mismatch`, `demo`, `doctor`, `preflight` or `launch`.
+        args (Sequence[str]): its `key=value` arguments.
+        show_traceback (bool | None): print the traceback before the one-line error; None reads the
+            `NEMO_RL_TRACEBACK` environment variable.
+
+    Returns:
+        int: the exit code: 0, `EXIT_CONFIG` (2) for a bad recipe or argument, `EXIT_PRECISION` (3),
+            `EXIT_INPUT` (4: data or checkpoint), `EXIT_NONFINITE` (5), `EXIT_STORAGE` (6), or
+            `EXIT_BUG` (1) for an unexpected exception (`EXIT_CODES`).
     """
     from nemo_rl_fp16.checkpoint import CheckpointError, StorageError
     from nemo_rl_fp16.data.jsonl import DataError
@@ -163,7 +187,14 @@ def _run_command(command: str, args: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The console script: parse `argv` (default `sys.argv[1:]`), run the command, return its exit code."""
+    """The console script: parse `argv` (default `sys.argv[1:]`), run the command, return its exit code.
+
+    Args:
+        argv (Sequence[str] | None): the arguments after the program name; None reads `sys.argv[1:]`.
+
+    Returns:
+        int: the exit code (`run_command`).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = _parser().parse_args(argv)
     return run_command(ns.command, getattr(ns, "overrides", []), show_traceback=ns.traceback or None)  # launch: target is always slurm

@@ -44,7 +44,20 @@ def _pooled(rows: list[dict], value: str, weight: str) -> float | None:
 
 
 def run_summary(rows: list[dict]) -> dict[str, Any]:
-    """The per-precision figures of the module doc from one run's metric rows."""
+    """The per-precision figures of the module doc from one run's metric rows.
+
+    Args:
+        rows (list[dict]): the run's metrics.jsonl rows, one per step, in step order.
+
+    Returns:
+        dict[str, Any]: steps, pooled and median per-step `mismatch/kl_k3`, the fraction of steps
+            with KL 0, IS-ratio and log-ratio spreads, MIS-masked fraction, mean response length, final
+            (last 5 steps) and peak accuracy, overflow skips, wall time (s), KL pooled per response-length
+            bucket, and the last `eval/*` row when the run evaluated.
+
+    Raises:
+        ValueError: `rows` is empty.
+    """
     if not rows:
         raise ValueError("run_summary: the run logged no step (empty metrics.jsonl)")
     kl = _col(rows, KL)
@@ -94,6 +107,9 @@ def write_demo_report(root: Path, run_dirs: Mapping[str, Path], numerics: Mappin
         run_dirs: run label (e.g. "fp16", "bf16", "pg_seq_is fp16") -> run folder with metrics.jsonl.
         numerics: `cpu_numerics.numerics_record` of the host the runs used.
         extra: more top-level JSON fields (e.g. wall time).
+
+    Returns:
+        dict: the report's JSON (`runs`, `numerics`, the bf16/fp16 KL ratios when both ran, `extra`).
 
     Raises:
         ValueError: a run folder without metric rows.

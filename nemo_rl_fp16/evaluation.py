@@ -32,6 +32,14 @@ _EVAL_SEED_SALT = 1_000_003  # the held-out draw's seed: seed + salt (any value 
 def eval_problems(rc: RecipeConfig, train: list[Problem]) -> list[Problem]:
     """The held-out problems of a run (see module doc); empty when `trainer.eval_every` is 0.
 
+    Args:
+        rc (RecipeConfig): the typed recipe (`trainer.eval_every`, `data.*`, `seed`).
+        train (list[Problem]): the run's training problems (never part of the held-out set).
+
+    Returns:
+        list[Problem]: `data.eval_path`'s problems, else up to `data.eval_num_problems` generated
+            problems not in `train`; empty when `trainer.eval_every` is 0.
+
     Raises:
         ValueError: the generator cannot supply `eval_num_problems` problems besides the training ones.
         DataError: `data.eval_path` is unreadable or malformed (from `load_jsonl`).
@@ -49,7 +57,18 @@ def eval_problems(rc: RecipeConfig, train: list[Problem]) -> list[Problem]:
 
 def correct(engine_batch: RolloutBatch, answers: list[str], group: int, tokenizer,
             reward: Callable[[str, str], float]) -> torch.Tensor:
-    """`[N]` bool: sample i's decoded response (up to EOS) earns reward > 0.5 against answer i // group."""
+    """`[N]` bool: sample i's decoded response (up to EOS) earns reward > 0.5 against answer i // group.
+
+    Args:
+        engine_batch (RolloutBatch): `N` sampled rows (`responses`, `response_mask`).
+        answers (list[str]): one reference answer per prompt.
+        group (int): samples per prompt (row i answers prompt `i // group`).
+        tokenizer: decodes the response tokens (EOS dropped, special tokens skipped).
+        reward (Callable[[str, str], float]): (response text, answer) -> reward.
+
+    Returns:
+        torch.Tensor: `[N]` bool, True where the reward is above 0.5.
+    """
     out = []
     rows = zip(engine_batch.responses.tolist(), engine_batch.response_mask.tolist(), strict=True)
     for i, (ids, m) in enumerate(rows):
@@ -70,6 +89,10 @@ def evaluate(rollout: RolloutEngine, prompts: list[list[int]], answers: list[str
         k: samples per problem for pass@k / mean@k.
         tokenizer: the run's tokenizer (decodes responses up to EOS).
         reward: the run's reward function (response text, answer) -> reward; correct = reward > 0.5.
+
+    Returns:
+        dict[str, float]: `eval/accuracy_greedy`, `eval/pass@k`, `eval/mean@k` (fractions in
+            [0, 1]), `eval/k` and `eval/num_problems`.
     """
     n = len(prompts)
     greedy = rollout.generate(prompts, dataclasses.replace(sampling, temperature=0.0, num_generations=1))

@@ -1,13 +1,17 @@
 """Atomic file writes: a crash never leaves a half-written config, report or cache file.
 
 Write to a temp file in the target's folder, fsync, then `os.replace` (atomic on POSIX within a
-filesystem). Checkpoints, which are folders of several files, do the same at folder level in
-`checkpoint.py`.
+filesystem). Checkpoints and HF exports, which are folders of several files, do the same at folder
+level (`checkpoint.fsync_file`, `checkpoint.replace_dir`). A write that fails on a full disk is told
+apart (`is_disk_full`, `StorageError`, `mount_point` for the message); `sha256_file` checksums a file.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -43,3 +47,63 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any] | by
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+class StorageError(OSError):
+    """The disk filled up (or went read-only) while writing; nothing partial was kept."""
+
+
+def mount_point(path: str | os.PathLike) -> Path:
+    """The mount point of the filesystem that holds `path`, for "no space left on ..." messages.
+
+    Args:
+        path: a file or folder; it need not exist yet (its nearest existing parent is used).
+
+    Returns:
+        The absolute path of the mount point (`os.path.ismount`) at or above `path`.
+    """
+    p = Path(path).absolute()
+    while not p.exists():
+        p = p.parent
+    while not os.path.ismount(p):
+        p = p.parent
+    return p
+
+
+def is_disk_full(exc: BaseException, where: Path) -> bool:
+    """Did `exc` come from a full disk?
+
+    torch.save reports it as an `inline_container.cc` enforce fail ("unexpected pos"), so a write
+    failure with under 64 MiB left counts as one.
+
+    Args:
+        exc: the exception a write raised.
+        where: a folder on the filesystem written to (its free space is read).
+
+    Returns:
+        True for ENOSPC / EDQUOT, a "No space left" message, or under 64 MiB free at `where`.
+    """
+    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left" in str(exc) or "os error 28" in str(exc):
+        return True
+    try:
+        return shutil.disk_usage(where).free < (64 << 20)
+    except OSError:
+        return False
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in 4 MiB chunks.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The hex digest (64 characters).
+    """
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()

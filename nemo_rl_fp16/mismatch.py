@@ -80,7 +80,16 @@ def bucket_edges(length_buckets: Sequence[int]) -> list[tuple[int, float, str]]:
 
 
 def sequence_logratios(train_logp: Any, rollout_logp: Any, mask: Any) -> Tensor:
-    """Σ_t m·(train_logp − rollout_logp) for each non-empty sequence (float64, ``[n_nonempty]``)."""
+    """Σ_t m·(train_logp − rollout_logp) for each non-empty sequence (float64, ``[n_nonempty]``).
+
+    Args:
+        train_logp (Any): `[n, T]` log π (tensor or array-like).
+        rollout_logp (Any): `[n, T]` log µ of the same tokens.
+        mask (Any): `[n, T]` response mask (nonzero = valid token).
+
+    Returns:
+        Tensor: `[n_nonempty]` float64 sums of the masked per-token log-ratios.
+    """
     train, roll, m = _prepare(train_logp, rollout_logp, mask)
     return (train - roll).sum(-1)[m.any(-1)]
 
@@ -208,6 +217,14 @@ def router_topk_flip_rate_by_layer(train_experts: Any, rollout_experts: Any, mas
     """:func:`router_topk_flip_rate` of each MoE layer.
 
     Flips / masked tokens, one float per layer (0.0 with no masked token). Same arguments and errors.
+
+    Args:
+        train_experts (Any): `[n, T, layers, k]` expert ids π's routers picked.
+        rollout_experts (Any): `[n, T, layers, k]` expert ids µ's routers picked.
+        mask (Any): `[n, T]` response mask (nonzero = valid token).
+
+    Returns:
+        list[float]: per MoE layer, the fraction of masked tokens whose top-k expert sets differ.
     """
     a, b, m = (_as_tensor(x) for x in (train_experts, rollout_experts, mask))
     router_topk_flip_rate(a, b, m)  # shape checks

@@ -61,17 +61,38 @@ def _command(fn):
 
 @_command
 def rl(*args: str) -> int:
-    """RL fine-tuning (GRPO and relatives) in FP16 end to end: recipe=NAME key=value ... [dry_run=true]."""
+    """RL fine-tuning (GRPO and relatives) in FP16 end to end: recipe=NAME key=value ... [dry_run=true].
+
+    Args:
+        *args (str): `key=value` words, as `nemo-rl-fp16 rl`.
+
+    Returns:
+        int: the exit code (`cli.run_command`).
+    """
     return _main("rl", args)
 
 
 @_command
 def mismatch(*args: str) -> int:
-    """Offline training-inference mismatch check across precisions: recipe=NAME key=value ...."""
+    """Offline training-inference mismatch check across precisions: recipe=NAME key=value ....
+
+    Args:
+        *args (str): `key=value` words, as `nemo-rl-fp16 mismatch`.
+
+    Returns:
+        int: the exit code (`cli.run_command`).
+    """
     return _main("mismatch", args)
 
 
 @_command
 def demo(*args: str) -> int:
-    """CPU sanity demo, fp16 vs bf16 side by side: [key=value ...]."""
+    """CPU sanity demo, fp16 vs bf16 side by side: [key=value ...].
+
+    Args:
+        *args (str): `key=value` words, as `nemo-rl-fp16 demo`.
+
+    Returns:
+        int: the exit code (`cli.run_command`).
+    """
     return _main("demo", args)

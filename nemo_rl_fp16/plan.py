@@ -1,7 +1,7 @@
 """The validation stage and the run plan: every check a run needs, before any work.
 
 `check_run` is the one validation stage shared by the dry run and the real run (every command
-calls it: `commands.validate`, and `commands.rl.run` first thing): the schema (`config.py`,
+calls it: `commands.validate`, and `commands.rl.run` first thing): the schema (`config/schema.py`,
 pydantic) has already checked keys, types, ranges and dtype combinations; here come the layout
 (`parallel_layout`), the device (`run_device`, the one rule the plan, `assembly` and the Ray
 driver use), what this version does not implement, and the environment a run needs
@@ -41,6 +41,12 @@ def run_device(cfg: RecipeConfig) -> str:
     `device=cpu|cuda` is taken as is. `auto` is `cuda` when the recipe declares GPUs
     (`cluster.gpus_per_node > 0`); without declared GPUs it is `cpu` under Ray (Ray gives actors
     no GPU then) and, in a single process, `cuda` when torch sees one.
+
+    Args:
+        cfg (RecipeConfig): the typed recipe (`device`, `cluster.*`).
+
+    Returns:
+        str: `cpu` or `cuda`.
     """
     if cfg.device != "auto":
         return cfg.device
@@ -54,7 +60,15 @@ def run_device(cfg: RecipeConfig) -> str:
 
 
 def device_problems(cfg: RecipeConfig, device: str) -> list[str]:
-    """Device refusals that hold wherever the check runs (config only)."""
+    """Device refusals that hold wherever the check runs (config only).
+
+    Args:
+        cfg (RecipeConfig): the typed recipe.
+        device (str): the run's device (`run_device`).
+
+    Returns:
+        list[str]: one refusal line each (cuda under Ray without declared GPUs; megatron off CUDA).
+    """
     out = []
     if device == "cuda" and cfg.cluster.ray.enabled and cfg.cluster.gpus_per_node == 0:
         out.append("bad value for 'device': cuda; allowed: cpu or auto with cluster.gpus_per_node=0 under Ray "
@@ -66,7 +80,15 @@ def device_problems(cfg: RecipeConfig, device: str) -> list[str]:
 
 
 def unimplemented_problems(cfg: RecipeConfig) -> list[str]:
-    """Settings the schema accepts for the plan's sake but this version's engines do not run."""
+    """Settings the schema accepts for the plan's sake but this version's engines do not run.
+
+    Args:
+        cfg (RecipeConfig): the typed recipe.
+
+    Returns:
+        list[str]: one refusal line each: pipeline or context parallelism > 1, LoRA with megatron,
+            and the router-replay combinations the engines cannot honour (`router_replay_problems`).
+    """
     p, out = cfg.policy, []
     missing = {
         "context_parallel_size": "megatron-core's context parallelism needs Transformer Engine attention "
@@ -116,7 +138,19 @@ def router_replay_problems(cfg: RecipeConfig) -> list[str]:
 
 
 def parallel_layout(cfg: RecipeConfig) -> Layout:
-    """Derive DP from world size and TP/PP/CP; refuse layouts that do not divide."""
+    """Derive DP from world size and TP/PP/CP; refuse layouts that do not divide.
+
+    Args:
+        cfg (RecipeConfig): the typed recipe (`policy.*` parallel sizes, `cluster.*`, batch sizes).
+
+    Returns:
+        Layout: world size, TP, PP, CP, EP and the derived DP.
+
+    Raises:
+        ConfigError: one line per problem: sizes that do not divide the world, a torch-backend
+            batch that does not split over DP, a Ray placement that does not fit the cluster, EP not
+            dividing DP x CP, megatron model-shape problems, unimplemented settings, device refusals.
+    """
     p = cfg.policy
     ray = cfg.cluster.ray
     # the trainer's world: its Ray ranks, or every GPU of the allocation (torchrun / Slurm tasks)
@@ -170,7 +204,15 @@ def parallel_layout(cfg: RecipeConfig) -> Layout:
 
 
 def megatron_layout_problems(cfg: RecipeConfig) -> list[str]:
-    """Model-shape checks for megatron parallelism (one line each; empty when the layout is unknown)."""
+    """Model-shape checks for megatron parallelism (one line each; empty when the layout is unknown).
+
+    Args:
+        cfg (RecipeConfig): the typed recipe (`model:` and the policy's TP/PP/EP).
+
+    Returns:
+        list[str]: `ModelLayout.parallel_problems` lines, or one `model layout: ...` line when the
+            model's config cannot be read; empty when the layout is unknown.
+    """
     from nemo_rl_fp16.policy.memory import model_layout
 
     try:
@@ -212,7 +254,16 @@ def _megatron_plan_lines(cfg: RecipeConfig, layout: Layout, param_dtype) -> dict
 
 
 def make_plan(cfg: RecipeConfig) -> dict[str, object]:
-    """What the run will do, as an ordered dict of printable facts."""
+    """What the run will do, as an ordered dict of printable facts.
+
+    Args:
+        cfg (RecipeConfig): the typed recipe.
+
+    Returns:
+        dict[str, object]: label -> printable fact (recipe, model, device, both engines' dtypes,
+            the precision contract, loss scaling, layout, placement, router replay, algorithm, data,
+            batch, steps, warm start, eval; megatron memory lines for `policy.backend=megatron`).
+    """
     train_pol, rollout_pol = resolve_policies(cfg.precision.model_dump())
     layout = parallel_layout(cfg)
     device = run_device(cfg) + (" (auto)" if cfg.device == "auto" else "")
@@ -283,7 +334,14 @@ def _dtypes(d: dict[str, str]) -> str:
 
 
 def format_plan(plan: dict[str, object]) -> str:
-    """The plan (`make_plan`) as aligned `key  value` lines for the dry run."""
+    """The plan (`make_plan`) as aligned `key  value` lines for the dry run.
+
+    Args:
+        plan (dict[str, object]): as `make_plan` returns.
+
+    Returns:
+        str: one indented `key  value` line per entry, keys padded to one width.
+    """
     width = max(len(k) for k in plan)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in plan.items())
 
@@ -325,6 +383,12 @@ def environment_problems(cfg: RecipeConfig) -> list[str]:
 
     The data checks read the dataset (and the held-out set) with the run's tokenizer: unreadable
     rows, unknown templates and a prompt that does not fit the model's context are refused here.
+
+    Args:
+        cfg (RecipeConfig): the typed recipe.
+
+    Returns:
+        list[str]: one refusal line each (empty: this machine can run the recipe).
     """
     out: list[str] = []
     device = run_device(cfg)
@@ -384,7 +448,15 @@ def _context_length(cfg: RecipeConfig) -> int | None:
 
 
 def data_problems(cfg: RecipeConfig) -> list[str]:
-    """Dataset rows, held-out split, vocabulary and prompt length vs context (needs the tokenizer)."""
+    """Dataset rows, held-out split, vocabulary and prompt length vs context (needs the tokenizer).
+
+    Args:
+        cfg (RecipeConfig): the typed recipe (`data.*`, `model.*`, `trainer.eval_every`).
+
+    Returns:
+        list[str]: one refusal line each: an unreadable dataset, no held-out problems, a vocabulary
+            smaller than the tokenizer's, a prompt longer than the model's context.
+    """
     from nemo_rl_fp16.data import DataError, get_dataset
     from nemo_rl_fp16.evaluation import eval_problems
     from nemo_rl_fp16.modeling.tokenizer import build_tokenizer
@@ -420,6 +492,16 @@ def check_run(cfg: RecipeConfig) -> dict[str, object]:
 
     Returns the plan (`make_plan`). Raises `ConfigError` with one line per problem (exit 2) or
     `PrecisionMismatchError` for an undeclared trainer/rollout ablation (exit 3).
+
+    Args:
+        cfg (RecipeConfig): the typed recipe.
+
+    Returns:
+        dict[str, object]: the plan (`make_plan`).
+
+    Raises:
+        ConfigError: one line per problem (exit 2), from the layout or this machine.
+        PrecisionMismatchError: an undeclared trainer/rollout ablation (exit 3).
     """
     plan = make_plan(cfg)
     problems = environment_problems(cfg)

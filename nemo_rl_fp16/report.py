@@ -175,7 +175,14 @@ def _split_run(name: str, run: Mapping[str, Any]) -> tuple[dict[str, np.ndarray]
 
 
 def json_safe(x: Any) -> Any:
-    """`x` with non-finite floats replaced by None (strict JSON), recursively through dicts and lists."""
+    """`x` with non-finite floats replaced by None (strict JSON), recursively through dicts and lists.
+
+    Args:
+        x (Any): a JSON-bound value (dicts, lists, floats, ...).
+
+    Returns:
+        Any: a copy of the dict/list structure with NaN and ±inf floats as None; other values as given.
+    """
     if isinstance(x, dict):
         return {k: json_safe(v) for k, v in x.items()}
     if isinstance(x, list):
@@ -231,6 +238,13 @@ def ratio_text(value: float | None, other: str) -> str:
     """A KL ratio `other / fp16` as words a reader cannot misread.
 
     E.g. "**62.5x** fp16's", "fp16's is 1.2e+05x larger", "0 (bitwise equal π and µ)", never "0.00x".
+
+    Args:
+        value (float | None): the ratio `other KL / fp16 KL`; None when fp16's KL is 0.
+        other (str): the other precision's label (e.g. `bf16`).
+
+    Returns:
+        str: Markdown text for the report.
     """
     if value is None:
         return "n/a (fp16 KL is 0)"
@@ -245,6 +259,12 @@ def symlog_floor(values: Sequence[float]) -> float:
     """Linear threshold for a symlog axis: a decade below the smallest positive value.
 
     Exact zeros then sit visibly on the axis instead of vanishing from a log scale.
+
+    Args:
+        values (Sequence[float]): the plotted values (None and non-finite ones are skipped).
+
+    Returns:
+        float: the smallest positive finite value / 10, or 1e-12 when there is none.
     """
     pos = [v for v in values if v is not None and v > 0 and math.isfinite(v)]
     return min(pos) / 10 if pos else 1e-12

@@ -1,4 +1,4 @@
-"""Process-wide run settings: seeding (one seed mixer) and the torch CPU thread count."""
+"""Process-wide run settings: seeding (one seed mixer), RNG state capture/restore, the torch CPU thread count."""
 
 from __future__ import annotations
 
@@ -64,3 +64,48 @@ def torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+
+def capture_rng() -> dict:
+    """Python, numpy, torch CPU (and CUDA, when initialised) RNG states, weights_only-safe.
+
+    Returns:
+        {"python": [version, state list, gauss], "numpy": {"name", "keys" (int64 tensor), "pos",
+        "has_gauss", "cached_gaussian"}, "torch": uint8 tensor, "cuda": [uint8 tensor per device]
+        (only when CUDA is initialised)}; pass it to `restore_rng`.
+    """
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    """Inverse of `capture_rng`; CUDA states are restored only when the device count matches.
+
+    Args:
+        state: a dict from `capture_rng` (as loaded back by `load_checkpoint`).
+    """
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all(cuda)

@@ -26,7 +26,7 @@ from nemo_rl_fp16.config import RecipeConfig
 from nemo_rl_fp16.guards import NonFiniteError, check_reward, check_update, check_weights
 from nemo_rl_fp16.interfaces import PolicyEngine, RolloutBatch, RolloutEngine, SamplingParams, TrainStepResult
 from nemo_rl_fp16.mismatch import mismatch_metrics
-from nemo_rl_fp16.runtime import mix_seed
+from nemo_rl_fp16.runtime import capture_rng, mix_seed, restore_rng
 
 
 @dataclass
@@ -94,6 +94,12 @@ class RLTrainer:
         """Problem indices of a step: epoch-wise shuffles derived from (seed, epoch) alone.
 
         Deriving the order from the step number (instead of iterator state) makes resume exact.
+
+        Args:
+            step (int): the 0-based RL step.
+
+        Returns:
+            list[int]: `data.prompts_per_step` indices into the run's problems (epochs wrap within a step).
         """
         n, k = len(self.run.problems), self.cfg.data.prompts_per_step
         out: list[int] = []
@@ -290,7 +296,7 @@ class RLTrainer:
             root, self.state.step,
             model_state=state.pop("model"), sharded=sharded,
             trainer_state=state,
-            rng=ckpt.capture_rng(),
+            rng=capture_rng(),
             data_state={"step": self.state.step, "skipped_updates": self.state.skipped_updates},
             meta={"recipe": self.cfg.recipe, "run": self.identity},
             keep_last=self.cfg.trainer.keep_last,
@@ -319,7 +325,7 @@ class RLTrainer:
         except Exception as e:
             first = (str(e).splitlines() or [type(e).__name__])[0]
             raise ckpt.CheckpointError(f"checkpoint {path} does not load into this run ({first})") from e
-        ckpt.restore_rng(data["rng"])
+        restore_rng(data["rng"])
         self.state.step = int(data["data_state"]["step"])
         self.state.skipped_updates = int(data["data_state"]["skipped_updates"])
         self.refit(self.state.step)

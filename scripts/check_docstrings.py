@@ -12,12 +12,9 @@ docstring, as ruff's D107 ignore in pyproject.toml expects):
   only raises NotImplementedError): a ``Raises:`` section.
 
 ruff's D417 (on under the Google convention) then checks that an ``Args:`` section names every
-parameter. Files owned by other issue-15 helpers (H2: ``policy/``; H3: run assembly) are reported
-separately and do not fail the check. ``--list`` prints every gap; the exit status is 1 when a
-file outside that set has a gap.
+parameter. ``--list`` prints every gap; the exit status is 1 when any public function has one.
 
-Usage: ``python scripts/check_docstrings.py [--list] [--all]`` (``--all`` also fails on the
-other helpers' files).
+Usage: ``python scripts/check_docstrings.py [--list]``.
 """
 
 from __future__ import annotations
@@ -30,24 +27,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "nemo_rl_fp16"
-
-# Issue 15: files other helpers rewrite and document (see pyproject.toml's per-file ignores).
-OTHER_OWNERS = (
-    "policy/",
-    "build.py",
-    "trainer.py",
-    "experiments.py",
-    "cli.py",
-    "nemo_cli.py",
-    "launch.py",
-    "evaluation.py",
-    "plan.py",
-    "distributed/",
-    "rollout/__init__.py",
-    "demo_report.py",
-    "report.py",
-    "mismatch.py",
-)
 
 _SECTION = re.compile(r"^\s*(Args|Arguments|Returns|Yields|Raises):\s*$", re.MULTILINE)
 
@@ -147,10 +126,6 @@ def _top_level(body):
             yield node
 
 
-def _other_owner(rel: str) -> bool:
-    return any(rel == o or (o.endswith("/") and rel.startswith(o)) for o in OTHER_OWNERS)
-
-
 def _public(name: str) -> bool:
     return not name.startswith("_") or name in ("__init__", "__call__")
 
@@ -176,22 +151,16 @@ def check_file(path: Path, root: Path = PACKAGE) -> list[tuple[str, int, str, li
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the check; return the exit status (1 when a file in the failing set has a gap)."""
+    """Run the check; return the exit status (1 when a public function has a gap)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--list", action="store_true", help="print every gap, not only the counts")
-    ap.add_argument("--all", action="store_true", help="also fail on files other helpers own")
+    ap.add_argument("--list", action="store_true", help="print every gap, not only the count")
     args = ap.parse_args(argv)
-    mine, others = [], []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        for gap in check_file(path):
-            (others if _other_owner(gap[0]) else mine).append(gap)
-    for title, gaps in (("checked files", mine), ("other owners' files (H2/H3, not failing)", others)):
-        print(f"{title}: {len(gaps)} public functions with undocumented Args/Returns/Raises")
-        if args.list:
-            for rel, line, name, missing in gaps:
-                print(f"  nemo_rl_fp16/{rel}:{line} {name}: missing {', '.join(missing)}")
-    failing = mine + (others if args.all else [])
-    return 1 if failing else 0
+    gaps = [gap for path in sorted(PACKAGE.rglob("*.py")) for gap in check_file(path)]
+    print(f"{len(gaps)} public functions with undocumented Args/Returns/Raises")
+    if args.list:
+        for rel, line, name, missing in gaps:
+            print(f"  nemo_rl_fp16/{rel}:{line} {name}: missing {', '.join(missing)}")
+    return 1 if gaps else 0
 
 
 if __name__ == "__main__":

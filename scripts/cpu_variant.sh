@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run a command as if on another CPU variant of this project's machines (docs/precision.md):
 #   scripts/cpu_variant.sh avx2 nemo-rl-fp16 mismatch recipe=mismatch_tiny
-#   scripts/cpu_variant.sh host python -m pytest -q tests/unit/test_cpu_numerics.py
+#   scripts/cpu_variant.sh host python -m pytest -q tests/unit/precision/test_cpu_kernels.py tests/unit/precision/test_cpu_numerics.py
 # avx2: caps MKL, oneDNN and ATen's kernels to AVX2 and overrides the package's own detection
 # (torch's _is_avx512_bf16_supported() ignores the caps). host: removes every such setting.
 set -euo pipefail

@@ -46,16 +46,31 @@ class LossInputs:
     ref_logp: torch.Tensor | None = None
 
     def rows(self, rows: slice) -> LossInputs:
-        """The same inputs restricted to `rows` (views, no copy)."""
+        """The same inputs restricted to `rows` (views, no copy).
+
+        Args:
+            rows (slice): the rows of the batch to keep (a micro-batch or a data-parallel share).
+
+        Returns:
+            LossInputs: each tensor sliced to `[rows, T]` (`ref_logp` stays None when absent).
+        """
         return LossInputs(self.old_logp[rows], self.rollout_logp[rows], self.advantages[rows], self.mask[rows],
                           None if self.ref_logp is None else self.ref_logp[rows])
 
     def global_valid_toks(self) -> float:
-        """N_tok: the batch's masked (valid) response tokens."""
+        """N_tok: the batch's masked (valid) response tokens.
+
+        Returns:
+            float: the count of nonzero `mask` entries over all `[N, T]` positions.
+        """
         return float(self.mask.sum())
 
     def global_valid_seqs(self) -> float:
-        """N_seq: the batch's rows with at least one valid token."""
+        """N_seq: the batch's rows with at least one valid token.
+
+        Returns:
+            float: the number of rows whose `mask` has a nonzero entry.
+        """
         return float((self.mask.sum(-1) > 0).sum())
 
 
@@ -140,7 +155,14 @@ class PolicyLossFn:
         )
 
     def bind(self, data: LossInputs) -> BoundLoss:
-        """The `interfaces.LossFn` of one update: this loss on `data` with its global counts."""
+        """The `interfaces.LossFn` of one update: this loss on `data` with its global counts.
+
+        Args:
+            data (LossInputs): the whole optimizer batch's constants (`[N, T]` tensors).
+
+        Returns:
+            BoundLoss: callable as `loss_fn(logp, rows)`; normalises by `data`'s N_tok / N_seq.
+        """
         return BoundLoss(self, data, data.global_valid_toks(), data.global_valid_seqs())
 
 

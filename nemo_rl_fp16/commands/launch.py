@@ -92,7 +92,12 @@ class SlurmJob:
     setup: str | None = None
 
     def rl_command(self) -> list[str]:
-        """The run's argv on the head node (recipe + cluster size + overrides)."""
+        """The run's argv on the head node (recipe + cluster size + overrides).
+
+        Returns:
+            list[str]: `nemo-rl-fp16 rl` (or `nemo llm rl`), `recipe=...`, `cluster.nodes`,
+                `cluster.gpus_per_node`, `cluster.ray.enabled=true`, then the user's overrides.
+        """
         head = ["nemo", "llm", "rl"] if self.launcher == "nemo" else ["nemo-rl-fp16", "rl"]
         # the Ray cluster this script starts is where the recipe's trainer ranks and rollout engines go
         cluster = [f"cluster.nodes={self.nodes}", f"cluster.gpus_per_node={self.gpus_per_node}",
@@ -111,7 +116,17 @@ def _exec_line(setup: str | None, argv: Sequence[str]) -> str:
 
 
 def render_sbatch(job: SlurmJob) -> str:
-    """The sbatch script for `job` (pure function: golden-tested)."""
+    """The sbatch script for `job` (pure function: golden-tested).
+
+    Args:
+        job (SlurmJob): the validated job (`parse_args`).
+
+    Returns:
+        str: the whole bash script: `#SBATCH` lines, Ray head and workers via srun, the run on the head.
+
+    Raises:
+        ConfigError: a job name, time, account, partition or log folder that cannot go on an `#SBATCH` line.
+    """
     sb = [f"#SBATCH --job-name={job.job_name}", f"#SBATCH --nodes={job.nodes}", "#SBATCH --ntasks-per-node=1"]
     if job.gpus_per_node > 0:
         sb.append(f"#SBATCH --gpus-per-node={job.gpus_per_node}")
@@ -221,7 +236,21 @@ exit $rc
 
 
 def parse_args(args: Sequence[str]) -> tuple[SlurmJob, str | None, bool]:
-    """(job, script path or None, submit) from `key=value` arguments; validates the recipe."""
+    """(job, script path or None, submit) from `key=value` arguments; validates the recipe.
+
+    Args:
+        args (Sequence[str]): `key=value` words: launcher keys (`LAUNCH_KEYS`: nodes, gpus_per_node,
+            time, account, partition, image, mounts, script, submit, ...) and recipe overrides.
+
+    Returns:
+        tuple[SlurmJob, str | None, bool]: the job, the script path (default
+            `<output_dir>/launch/<job_name>.sbatch`), and whether to submit it.
+
+    Raises:
+        ConfigError: a word without `=`, `dry_run`, a bad recipe or override, a non-integer or too
+            small count, an unsafe `#SBATCH` value, a multi-line value, `mounts` without `image`, or a
+            parallel layout that does not fit the job (`plan.parallel_layout`); all before writing.
+    """
     from nemo_rl_fp16.config import load_recipe, typed
 
     kv: dict[str, str] = {}
@@ -297,7 +326,17 @@ def _derived_log_dir(kv: dict[str, str], out_dir: Path) -> str:
 
 
 def launch_slurm(args: Sequence[str]) -> int:
-    """`nemo-rl-fp16 launch slurm ...`: write the script, print (and optionally run) sbatch."""
+    """`nemo-rl-fp16 launch slurm ...`: write the script, print (and optionally run) sbatch.
+
+    Args:
+        args (Sequence[str]): as `parse_args`.
+
+    Returns:
+        int: 0 when only written, else sbatch's exit status.
+
+    Raises:
+        ConfigError: as `parse_args`, or `submit=true` without `sbatch` on PATH.
+    """
     job, script, submit = parse_args(args)
     path = Path(script)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,14 @@ class Placement:
     slots: list[ActorSlot]
 
     def role(self, role: str) -> list[ActorSlot]:
-        """The slots of one role (`trainer` or `rollout`), in rank order."""
+        """The slots of one role (`trainer` or `rollout`), in rank order.
+
+        Args:
+            role (str): `trainer` or `rollout`.
+
+        Returns:
+            list[ActorSlot]: that role's slots, in rank order.
+        """
         return [s for s in self.slots if s.role == role]
 
     @property
@@ -61,7 +68,23 @@ class Placement:
 
 def plan_placement(layout: str, trainer_workers: int, rollout_workers: int, *, gpus: bool,
                    cpus_per_worker: float = 1.0, rollout_tp: int = 1) -> Placement:
-    """Bundles and actor slots for `layout` (raises ValueError with the fix on an impossible layout)."""
+    """Bundles and actor slots for `layout` (raises ValueError with the fix on an impossible layout).
+
+    Args:
+        layout (str): `colocated` (each rollout engine shares a trainer rank's bundle) or `split`.
+        trainer_workers (int): trainer ranks (>= 1).
+        rollout_workers (int): rollout engines (>= 1).
+        gpus (bool): whether the cluster has GPUs (bundles then ask for them).
+        cpus_per_worker (float): CPUs per bundle.
+        rollout_tp (int): GPUs per rollout engine (`rollout.tensor_parallel_size`; split layout only).
+
+    Returns:
+        Placement: the placement-group bundles and each actor's bundle index and CPU/GPU share.
+
+    Raises:
+        ValueError: an unknown layout, a worker count below 1, or a colocated layout with more
+            rollout engines than trainer ranks or rollout TP > 1 on GPUs (the message names the fix).
+    """
     if layout not in LAYOUTS:
         raise ValueError(f"cluster.ray.layout must be one of {LAYOUTS}, got {layout!r}")
     if trainer_workers < 1 or rollout_workers < 1:

@@ -61,12 +61,20 @@ class PolicyWorker:
     """
 
     def __init__(self, threads: int):
-        """Limit torch to `threads` intra-op threads (the actor's CPUs)."""
+        """Limit torch to `threads` intra-op threads (the actor's CPUs).
+
+        Args:
+            threads (int): torch intra-op threads (at least 1).
+        """
         torch.set_num_threads(max(1, threads))
         self.engines: dict[str, Any] = {}
 
     def rendezvous(self) -> tuple[str, int]:
-        """This node's IP and a free port: rank 0's address for torch.distributed's TCP store."""
+        """This node's IP and a free port: rank 0's address for torch.distributed's TCP store.
+
+        Returns:
+            tuple[str, int]: the node's IP address and a port that was free when asked.
+        """
         import ray
 
         with socket.socket() as s:
@@ -107,7 +115,16 @@ class PolicyWorker:
         return type(self.engines["policy"]).__name__
 
     def call(self, target: str, method: str, *args: Any) -> Any:
-        """`engines[target].method(*args)`, tensors of the answer moved to the CPU."""
+        """`engines[target].method(*args)`, tensors of the answer moved to the CPU.
+
+        Args:
+            target (str): `policy` or `reference`: which engine of this rank.
+            method (str): the engine method's name.
+            *args (Any): its arguments.
+
+        Returns:
+            Any: the method's answer with every tensor in it on the CPU.
+        """
         return _cpu(getattr(self.engines[target], method)(*args))
 
     def free_cache(self) -> None:
@@ -144,13 +161,30 @@ class RolloutWorker:
     """One rollout engine (wrapped with `ray.remote` by `RayEngines`)."""
 
     def __init__(self, threads: int):
-        """Limit torch to `threads` intra-op threads (the actor's CPUs)."""
+        """Limit torch to `threads` intra-op threads (the actor's CPUs).
+
+        Args:
+            threads (int): torch intra-op threads (at least 1).
+        """
         torch.set_num_threads(max(1, threads))
         self.engine = None
 
     def setup(self, rc: RecipeConfig, rollout_pol: PrecisionPolicy, model_cfg: dict, tokenizer: Any, device: str,
               init: dict | None, model_dir: str) -> str:
-        """Build this worker's rollout engine (`rollout.build_rollout_engine`); returns its class name."""
+        """Build this worker's rollout engine (`rollout.build_rollout_engine`); returns its class name.
+
+        Args:
+            rc (RecipeConfig): the typed recipe.
+            rollout_pol (PrecisionPolicy): the rollout side's dtypes.
+            model_cfg (dict): the recipe's `model:` block.
+            tokenizer (Any): the run's tokenizer.
+            device (str): `cpu` or `cuda`.
+            init (dict | None): fp32 starting weights (HF names); None = `model.name_or_path`.
+            model_dir (str): where vLLM's HF folder of a config-built model is written.
+
+        Returns:
+            str: the engine's class name (e.g. `TorchRolloutEngine`).
+        """
         from nemo_rl_fp16.rollout import build_rollout_engine
 
         self.engine = build_rollout_engine(rc, rollout_pol, model_cfg, tokenizer, device, initial_state_dict=init,
@@ -158,11 +192,23 @@ class RolloutWorker:
         return type(self.engine).__name__
 
     def call(self, method: str, *args: Any) -> Any:
-        """`engine.method(*args)`, tensors of the answer moved to the CPU."""
+        """`engine.method(*args)`, tensors of the answer moved to the CPU.
+
+        Args:
+            method (str): the engine method's name.
+            *args (Any): its arguments.
+
+        Returns:
+            Any: the method's answer with every tensor in it on the CPU.
+        """
         return _cpu(getattr(self.engine, method)(*args))
 
     def sleep(self) -> bool:
-        """Free the engine's accelerator memory while trainers run (False: the engine cannot)."""
+        """Free the engine's accelerator memory while trainers run (False: the engine cannot).
+
+        Returns:
+            bool: True when the engine released its memory (it wakes on the next call).
+        """
         return bool(self.engine.sleep()) if hasattr(self.engine, "sleep") else False
 
     def wake_up(self, tags: list[str] | None = None) -> None:
@@ -208,7 +254,13 @@ class RayPolicyGroup:
     """
 
     def __init__(self, workers: list, precision: PrecisionPolicy, target: str = "policy"):
-        """Wrap `workers` (`PolicyWorker` handles); `target` picks their `policy` or `reference` engine."""
+        """Wrap `workers` (`PolicyWorker` handles); `target` picks their `policy` or `reference` engine.
+
+        Args:
+            workers (list): the `PolicyWorker` actor handles, in rank order.
+            precision (PrecisionPolicy): the trainer side's dtypes (the protocol's `precision`).
+            target (str): `policy` or `reference`.
+        """
         self.workers = workers
         self.precision = precision
         self.target = target
@@ -220,39 +272,93 @@ class RayPolicyGroup:
         return ray.get([w.call.remote(self.target, method, *refs) for w in self.workers])
 
     def logprobs(self, batch: RolloutBatch, temperature: float) -> torch.Tensor:
-        """`[N, T]` fp32 log π of the batch's response tokens (rank 0's answer)."""
+        """`[N, T]` fp32 log π of the batch's response tokens (rank 0's answer).
+
+        Args:
+            batch (RolloutBatch): `N` rows of `[P + T]` tokens.
+            temperature (float): the sampling temperature T° (log-probs of `logits / T°`).
+
+        Returns:
+            torch.Tensor: `[N, T]` fp32 log π, 0 where `response_mask` is 0.
+        """
         return self._all("logprobs", batch, temperature)[0]
 
     def train_step(self, batch: RolloutBatch, loss_fn: LossFn, temperature: float) -> TrainStepResult:
-        """One optimizer step on every rank (each its data-parallel share); rank 0's result."""
+        """One optimizer step on every rank (each its data-parallel share); rank 0's result.
+
+        Args:
+            batch (RolloutBatch): the whole optimizer batch (every rank receives it and takes its share).
+            loss_fn (LossFn): the update's loss (`algorithms.PolicyLossFn.bind`).
+            temperature (float): the sampling temperature T°.
+
+        Returns:
+            TrainStepResult: rank 0's loss, grad norm, loss scale, skip flag and metrics.
+        """
         return self._all("train_step", batch, loss_fn, temperature)[0]
 
     def selected_experts(self, batch: RolloutBatch) -> torch.Tensor:
-        """`[N, T, moe layers, k]` expert ids π's routers pick (rank 0's answer)."""
+        """`[N, T, moe layers, k]` expert ids π's routers pick (rank 0's answer).
+
+        Args:
+            batch (RolloutBatch): `N` rows with responses of width `T`.
+
+        Returns:
+            torch.Tensor: `[N, T, moe layers, k]` int16 expert ids, -1 on padding.
+        """
         return self._all("selected_experts", batch)[0]
 
     def back_off_loss_scale(self, used_scale: float) -> bool:
-        """Lower every rank's loss scale below `used_scale`; False when it cannot go lower."""
+        """Lower every rank's loss scale below `used_scale`; False when it cannot go lower.
+
+        Args:
+            used_scale (float): the loss scale of the overflowing step.
+
+        Returns:
+            bool: rank 0's answer: True when the scale was lowered, False at its floor or without loss scaling.
+        """
         return self._all("back_off_loss_scale", used_scale)[0]
 
     def rollout_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full weights in the rollout dtype, HF names (rank 0's answer)."""
+        """The full weights in the rollout dtype, HF names (rank 0's answer).
+
+        Returns:
+            dict[str, torch.Tensor]: HF name -> full tensor in the rollout's `param_dtype`, on the CPU.
+        """
         return self._all("rollout_state_dict")[0]
 
     def activation_headroom(self, batch: RolloutBatch) -> dict[str, float]:
-        """fp16 activation headroom metrics of the batch (rank 0's answer)."""
+        """fp16 activation headroom metrics of the batch (rank 0's answer).
+
+        Args:
+            batch (RolloutBatch): the rows to run a no-grad forward over.
+
+        Returns:
+            dict[str, float]: the `precision/*` headroom metrics (`ActivationMonitor`).
+        """
         return self._all("activation_headroom", batch)[0]
 
     def audit(self) -> list[str]:
-        """Precision findings of all ranks, de-duplicated and sorted (empty = clean)."""
+        """Precision findings of all ranks, de-duplicated and sorted (empty = clean).
+
+        Returns:
+            list[str]: one line per precision finding, sorted; empty when every rank is clean.
+        """
         return sorted({line for lines in self._all("audit") for line in lines})
 
     def state_dict(self) -> dict:
-        """Checkpoint state (`model` + optimizer/scaler), gathered to rank 0."""
+        """Checkpoint state (`model` + optimizer/scaler), gathered to rank 0.
+
+        Returns:
+            dict: `{"model", "optimizer", "scaler"}` as `PolicyEngine.state_dict` (full on rank 0).
+        """
         return self._all("state_dict")[0]
 
     def load_state_dict(self, state: dict) -> None:
-        """Load checkpoint state on every rank."""
+        """Load checkpoint state on every rank.
+
+        Args:
+            state (dict): a `state_dict()` (every rank receives the full state).
+        """
         self._all("load_state_dict", state)
 
 
@@ -261,7 +367,15 @@ class RayRolloutGroup:
 
     def __init__(self, workers: list, precision: PrecisionPolicy, pad_token_id: int, colocated: bool,
                  bucket_bytes: int = 256 * 2**20):
-        """Wrap `workers` (`RolloutWorker` handles); colocated engines sleep between rollouts; refit buckets of `bucket_bytes`."""
+        """Wrap `workers` (`RolloutWorker` handles); colocated engines sleep between rollouts; refit buckets of `bucket_bytes`.
+
+        Args:
+            workers (list): the `RolloutWorker` actor handles.
+            precision (PrecisionPolicy): the rollout side's dtypes (the protocol's `precision`).
+            pad_token_id (int): pads the engines' batches to one width in `generate`.
+            colocated (bool): the engines share GPUs with trainer ranks (they sleep after each rollout).
+            bucket_bytes (int): the refit bucket size (`rollout.refit_bucket_mb`).
+        """
         self.workers = workers
         self.precision = precision
         self.pad_token_id = pad_token_id
@@ -280,7 +394,15 @@ class RayRolloutGroup:
             self._asleep = tags is not None  # woken partly: the KV cache comes back before generating
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> RolloutBatch:
-        """Engine i samples prompts `chunk_i` (contiguous) with seed `params.seed + i`."""
+        """Engine i samples prompts `chunk_i` (contiguous) with seed `params.seed + i`.
+
+        Args:
+            prompts (list[list[int]]): the prompts' token ids.
+            params (SamplingParams): the sampling settings (engine i uses seed `params.seed + i`).
+
+        Returns:
+            RolloutBatch: the engines' batches concatenated in prompt order, padded with `pad_token_id`.
+        """
         import ray
 
         self._wake()
@@ -294,7 +416,11 @@ class RayRolloutGroup:
         return RolloutBatch.concat(batches, self.pad_token_id)
 
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Refit every engine from one object-store copy of `state_dict` (the loop uses `refit_from`)."""
+        """Refit every engine from one object-store copy of `state_dict` (waking them first; the loop uses `refit_from`).
+
+        Args:
+            state_dict (dict[str, torch.Tensor]): HF name -> tensor in the rollout dtype (`rollout_state_dict`).
+        """
         import ray
 
         self._wake(["weights"])
@@ -324,7 +450,11 @@ class RayRolloutGroup:
         self.last_refit_bytes, self.last_refit_transport = stats[0]
 
     def audit(self) -> list[str]:
-        """Precision findings of all engines, de-duplicated and sorted (empty = clean)."""
+        """Precision findings of all engines, de-duplicated and sorted (empty = clean).
+
+        Returns:
+            list[str]: one line per precision finding, sorted; empty when every engine is clean.
+        """
         import ray
 
         return sorted({line for lines in ray.get([w.call.remote("audit") for w in self.workers]) for line in lines})

@@ -56,12 +56,25 @@ class RouterTaps(Protocol):
     replay: torch.Tensor | None
 
     def collect(self, which: str, batch: int, seq: int) -> torch.Tensor:
-        """`[batch, seq, layers, k]` ids of the last recorded forward (`which`: "own" or "used")."""
+        """`[batch, seq, layers, k]` ids of the last recorded forward (`which`: "own" or "used").
+
+        Args:
+            which (str): `own` (the routers' own top-k, before any replay) or `used` (the experts the
+                forward routed to).
+            batch (int): rows of that forward.
+            seq (int): its sequence length.
+
+        Returns:
+            torch.Tensor: `[batch, seq, layers, k]` integer expert ids.
+        """
         ...
 
 
 def check_router_replay(mode: str) -> None:
     """Refuse an unknown `policy.router_replay` value.
+
+    Args:
+        mode (str): the `policy.router_replay` value.
 
     Raises:
         ValueError: `mode` is not one of `ROUTER_REPLAY_CHOICES` (names the allowed values).
@@ -123,6 +136,12 @@ class ExpertRouting:
     def replaying(self, mb: RolloutBatch) -> Iterator[None]:
         """Scope of one scoring forward over `mb` (`[n, P + T]` rows): arms the replay it needs, if any.
 
+        Args:
+            mb (RolloutBatch): the rows about to be scored (`prompt_width` P, responses of width T).
+
+        Yields:
+            None: the taps' `replay` is set for the scope (cleared on exit, also on an error).
+
         Raises:
             ValueError: from `replay_experts`.
         """
@@ -171,7 +190,15 @@ class ExpertRouting:
         return out
 
     def recorded(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(own, used) `[N, T, layers, k]` int16 ids of the last `logprobs` call if it scored `batch`'s tokens."""
+        """(own, used) `[N, T, layers, k]` int16 ids of the last `logprobs` call if it scored `batch`'s tokens.
+
+        Args:
+            batch (RolloutBatch): the batch whose `input_ids` must equal the last scored ones.
+
+        Returns:
+            tuple[torch.Tensor, torch.Tensor] | None: (own, used) ids on the CPU, or None when the
+                last pass scored other tokens (or none ran).
+        """
         last = self._last
         if last is None or not torch.equal(last[0], batch.input_ids.detach().cpu()):
             return None
@@ -210,6 +237,12 @@ class ExpertRouting:
         R2: a copy carrying the experts the last `logprobs` pass used on it (gathered over the
         data-parallel ranks) in place of the rollout's, marked for replay (`batch` itself is not
         changed: the loop's flip rate still compares the rollout's experts). Other modes: `batch`.
+
+        Args:
+            batch (RolloutBatch): the rollout batch of this update.
+
+        Returns:
+            RolloutBatch: R2: the marked copy; otherwise `batch` itself.
 
         Raises:
             ValueError: R2 and the last `logprobs` call scored other tokens (no recorded routing).

@@ -151,10 +151,24 @@ def estimate_memory(lay: ModelLayout, *, tp: int, pp: int, ep: int, dp: int, par
 
 
 def fmt_params(n: float) -> str:
-    """A parameter count as `1.54B` / `494.0M`."""
+    """A parameter count as `1.54B` / `494.0M`.
+
+    Args:
+        n (float): a parameter count.
+
+    Returns:
+        str: billions with two decimals at or above 1e9, else millions with one.
+    """
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
 def fmt_gib(x: float) -> str:
-    """Bytes as GiB with one decimal, e.g. `12.3 GiB`."""
+    """Bytes as GiB with one decimal, e.g. `12.3 GiB`.
+
+    Args:
+        x (float): a size in bytes.
+
+    Returns:
+        str: the size in GiB (2**30 bytes), one decimal.
+    """
     return f"{x / GIB:.1f} GiB"

@@ -69,11 +69,19 @@ class ModelAdapter(Protocol):
         ...
 
     def numerics(self) -> contextlib.AbstractContextManager:
-        """The numerics scope every forward/backward runs in (`precision.cpu_numerics`; a no-op on GPUs)."""
+        """The numerics scope every forward/backward runs in (`precision.cpu_numerics`; a no-op on GPUs).
+
+        Returns:
+            contextlib.AbstractContextManager: entered around each forward/backward.
+        """
         ...
 
     def data_parallel(self) -> DataParallel:
-        """This process's data-parallel rank, size and group (read at each call)."""
+        """This process's data-parallel rank, size and group (read at each call).
+
+        Returns:
+            DataParallel: rank, size and process group (None for one process).
+        """
         ...
 
 

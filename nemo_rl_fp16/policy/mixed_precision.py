@@ -124,6 +124,9 @@ class MasterWeights:
     def back_off_loss_scale(self, used_scale: float) -> bool:
         """Lower the scale strictly below `used_scale` for a retry (`DynamicLossScaler.back_off_below`).
 
+        Args:
+            used_scale (float): the loss scale of the overflowing step.
+
         Returns:
             False without a scaler or at `min_scale` (a retry would run at the same scale).
         """
@@ -147,11 +150,18 @@ class MasterWeights:
         return lines
 
     def scaler_state(self) -> dict | None:
-        """The loss scaler's state dict (None when loss scaling is off)."""
+        """The loss scaler's state dict (None when loss scaling is off).
+
+        Returns:
+            dict | None: `DynamicLossScaler.state_dict()`, or None without loss scaling.
+        """
         return None if self.scaler is None else self.scaler.state_dict()
 
     def check_scaler_state(self, state: dict) -> None:
         """Validate a checkpoint's `"scaler"` entry against this step's loss scaling, before any copy.
+
+        Args:
+            state (dict): a policy checkpoint state (`{"model", "optimizer", "scaler"}`).
 
         Raises:
             ValueError: the checkpoint has a scaler and this run does not, or the reverse.
@@ -160,7 +170,11 @@ class MasterWeights:
             raise ValueError("checkpoint and trainer disagree on loss scaling (precision.loss_scale.enabled)")
 
     def load_scaler_state(self, state: dict) -> None:
-        """Restore the loss scale from a checkpoint's `"scaler"` entry and recast the compute copy."""
+        """Restore the loss scale from a checkpoint's `"scaler"` entry and recast the compute copy.
+
+        Args:
+            state (dict): a policy checkpoint state, checked by `check_scaler_state` first.
+        """
         if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
         self._stale = True
@@ -192,6 +206,9 @@ class MasterWeights:
 
 def check_master_dtype(precision: PrecisionPolicy) -> None:
     """Refuse a policy whose master weights are not fp32.
+
+    Args:
+        precision (PrecisionPolicy): the trainer side's policy.
 
     Raises:
         ValueError: `precision.master_dtype` is not float32 (names the dtype found).

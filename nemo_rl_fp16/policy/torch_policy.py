@@ -76,6 +76,13 @@ class HFModelAdapter:
     def score(self, mb: RolloutBatch, temperature: float) -> torch.Tensor:
         """`[n, T]` fp32 log π of the response tokens (`ModelAdapter.score`), routed as `experts` says.
 
+        Args:
+            mb (RolloutBatch): `n` rows of `[P + T]` tokens.
+            temperature (float): the sampling temperature T° (log-probs of `logits / T°`).
+
+        Returns:
+            torch.Tensor: `[n, T]` fp32 log π, 0 where `response_mask` is 0.
+
         Raises:
             ValueError: replay is on and the batch carries no recorded experts (`ExpertRouting.replay_experts`).
         """
@@ -84,11 +91,19 @@ class HFModelAdapter:
                                      mb.prompt_width, temperature, self.precision.logits_dtype)
 
     def numerics(self) -> AbstractContextManager:
-        """`precision.cpu_numerics` for `param_dtype` on this device (a no-op on GPUs and for fp32)."""
+        """`precision.cpu_numerics` for `param_dtype` on this device (a no-op on GPUs and for fp32).
+
+        Returns:
+            AbstractContextManager: the numerics scope of every forward/backward.
+        """
         return cpu_numerics(self.device, self.precision.param_dtype)
 
     def data_parallel(self) -> DataParallel:
-        """(rank, world size, default group) under FSDP, else (0, 1, None)."""
+        """(rank, world size, default group) under FSDP, else (0, 1, None).
+
+        Returns:
+            DataParallel: the FSDP rank and world size with the default group, or (0, 1, None).
+        """
         if not self.fsdp:
             return DataParallel()
         return DataParallel(torch.distributed.get_rank(), torch.distributed.get_world_size(), None)
@@ -277,6 +292,9 @@ class TorchPolicy:
     def back_off_loss_scale(self, used_scale: float) -> bool:
         """Scale strictly below `used_scale` for a retry on the same batch (`DynamicLossScaler.back_off_below`).
 
+        Args:
+            used_scale (float): the loss scale of the overflowing step.
+
         Returns:
             False without a scaler or at `min_scale`.
         """
@@ -284,6 +302,9 @@ class TorchPolicy:
 
     def activation_headroom(self, batch: RolloutBatch) -> dict[str, float]:
         """fp16 range monitor over a no-grad forward of `batch` (`MicroBatchLoop.activation_headroom`).
+
+        Args:
+            batch (RolloutBatch): the rows of a no-grad forward.
 
         Returns:
             `range/act_absmax[/layer{i}]`, `range/fp16_headroom` (65504 / max), `range/act_nonfinite`.
@@ -320,6 +341,9 @@ class TorchPolicy:
 
         `model` holds HF names (LoRA: peft names, base_layer + lora_A/B). FSDP: full (unsharded,
         CPU) model and optimizer state on rank 0, empty dicts elsewhere (a collective).
+
+        Returns:
+            dict: `model` (fp32 master, HF or peft names), `optimizer`, `scaler` (None without loss scaling).
         """
         model = {k: v.detach() for k, v in self.master.state_dict().items()} if self._lora else self.rollout_state_dict()
         if self._fsdp:

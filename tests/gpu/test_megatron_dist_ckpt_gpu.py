@@ -48,6 +48,7 @@ def _main(mode: str, root: Path) -> None:  # pragma: no cover - subprocess on a 
     from test_megatron_gpu import DENSE, _batch  # noqa: I001
 
     from nemo_rl_fp16 import checkpoint as ckpt
+    from nemo_rl_fp16.runtime import capture_rng
     from nemo_rl_fp16.policy.megatron.policy import MegatronPolicy
     from nemo_rl_fp16.precision import PrecisionPolicy
 
@@ -68,7 +69,7 @@ def _main(mode: str, root: Path) -> None:  # pragma: no cover - subprocess on a 
         for _ in range(2):
             tr.train_step(b, loss_fn, 1.0)
         ckpt.save_checkpoint(root / "ckpt", 2, model_state=None, sharded=lambda d: tr.save_sharded(d, 2),
-                             trainer_state={}, rng=ckpt.capture_rng(), data_state={"step": 2})
+                             trainer_state={}, rng=capture_rng(), data_state={"step": 2})
         r = tr.train_step(b, loss_fn, 1.0)
         torch.save({"scale": r.loss_scale, "grad_norm": r.grad_norm, "lp": tr.logprobs(b, 1.0).cpu()},
                    root / "after.tmp")

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.integration
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 HELPERS = ROOT / "tests" / "unit" / "policy"  # conftest.py: free_port, cpu_redirects
+MEGATRON = HELPERS / "megatron"  # test_policy.py: DENSE, MOE, _batch, _weights
 
 
 def test_tp2_and_ep2_match_single_rank(tmp_path):
@@ -39,12 +40,12 @@ def test_tp2_and_ep2_match_single_rank(tmp_path):
 
 
 def _worker() -> None:  # pragma: no cover - runs under torchrun
-    sys.path.insert(0, str(HELPERS))
+    sys.path[:0] = [str(HELPERS), str(MEGATRON)]
     import torch
     import torch.distributed as dist
     from conftest import cpu_redirects
     from megatron.core import parallel_state
-    from test_megatron_policy import DENSE, MOE, _batch, _weights
+    from test_policy import DENSE, MOE, _batch, _weights
 
     from nemo_rl_fp16.policy.megatron.policy import MegatronPolicy
     from nemo_rl_fp16.precision import PrecisionPolicy

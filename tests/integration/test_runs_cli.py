@@ -124,17 +124,40 @@ def test_second_run_on_a_locked_folder_refuses_naming_holder(tmp_path):
     assert not (out / ".lock").exists()  # released
 
 
+def _lock_holder(out: Path) -> int | None:
+    try:
+        return json.loads((out / ".lock").read_text()).get("pid")
+    except (OSError, ValueError):  # not there yet, or being written
+        return None
+
+
 def test_concurrent_runs_one_refuses(tmp_path):
+    """The second run refuses while the first holds the folder; the first finishes untouched.
+
+    Deterministic on a loaded machine: once the first holds the lock (its pid in `.lock`) it is
+    paused (SIGSTOP: alive, flock held) until the second has exited, so the second cannot arrive
+    after the first released the lock, however slowly it starts.
+    """
+    import signal
+
     out = tmp_path / "run"
     args = [sys.executable, "-m", "nemo_rl_fp16.cli", "rl", "recipe=sanity_tiny", f"output_dir={out}",
             *_tiny(tmp_path / "ws"), "trainer.max_steps=4"]
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    deadline = time.time() + 120
-    while not (out / "run.json").exists():
-        assert first.poll() is None and time.time() < deadline
-        time.sleep(0.02)
-    second = cli(*args[3:])
-    assert first.wait(timeout=300) == 0
+    try:
+        deadline = time.time() + 120
+        while _lock_holder(out) != first.pid:
+            assert first.poll() is None and time.time() < deadline, first.communicate()
+            time.sleep(0.02)
+        first.send_signal(signal.SIGSTOP)
+        try:
+            second = cli(*args[3:])
+        finally:
+            first.send_signal(signal.SIGCONT)
+        assert first.wait(timeout=300) == 0, first.stderr.read()
+    finally:
+        if first.poll() is None:
+            first.kill()
     assert second.returncode == 2 and f"(pid {first.pid} on host" in second.stderr, second.stderr
     assert _steps(out / "metrics.jsonl") == [1, 2, 3, 4]  # never interleaved
 

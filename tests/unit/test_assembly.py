@@ -10,9 +10,8 @@ from rich.console import Console
 
 from nemo_rl_fp16.assembly import build_run, initial_weights, resolve_device
 from nemo_rl_fp16.config import ConfigError, load_recipe, typed
-from nemo_rl_fp16.data import build_char_tokenizer, get_dataset
+from nemo_rl_fp16.data import get_dataset
 from nemo_rl_fp16.modeling import build_model
-from nemo_rl_fp16.modeling.tokenizer import build_tokenizer
 from nemo_rl_fp16.policy import TorchPolicy
 from nemo_rl_fp16.rollout import TorchRolloutEngine
 
@@ -34,18 +33,6 @@ def test_resolve_device_cpu_auto_and_cuda_refused_here(tmp_path):
         resolve_device("cuda")
     msg = str(e.value)
     assert "bad value for 'device': cuda" in msg and "set device=cpu" in msg and len(msg.splitlines()) == 1
-
-
-def test_build_tokenizer_char_for_config_models_local_folder_otherwise(tmp_path):
-    tok = build_tokenizer(_rc(tmp_path))
-    assert tok.get_vocab() == build_char_tokenizer().get_vocab() and tok.decode([5, 6]) == "12"
-    with pytest.raises(ConfigError, match=r"tokenizer/model path '.*nowhere' does not exist"):
-        build_tokenizer(_rc(tmp_path, f"model.tokenizer={tmp_path}/nowhere"))
-    saved = build_char_tokenizer()
-    saved.pad_token = None  # a tokenizer without a pad token (most base models): padding uses EOS
-    saved.save_pretrained(tmp_path / "tok")
-    loaded = build_tokenizer(_rc(tmp_path, f"model.tokenizer={tmp_path}/tok"))
-    assert loaded.pad_token_id == loaded.eos_token_id == saved.eos_token_id
 
 
 def test_initial_weights_are_the_seeded_init_or_none_for_a_checkpoint(tmp_path):

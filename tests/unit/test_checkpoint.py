@@ -1,6 +1,7 @@
 """Atomic checkpoints: bitwise round trip, corruption detection, completeness, pruning, RNG."""
 
 import json
+import os
 import random
 
 import numpy as np
@@ -9,13 +10,12 @@ import torch
 
 from nemo_rl_fp16.checkpoint import (
     CheckpointError,
-    capture_rng,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    restore_rng,
     save_checkpoint,
 )
+from nemo_rl_fp16.runtime import capture_rng, restore_rng
 
 
 def _payload(seed=0):
@@ -128,3 +128,19 @@ def test_rng_capture_restore_reproduces_draws(tmp_path):
     assert draws[:2] == again[:2] and torch.equal(draws[2], again[2])
 
 
+
+def test_replace_dir_swaps_a_folder_in_whole(tmp_path):
+    from nemo_rl_fp16.checkpoint import replace_dir
+
+    old, new = tmp_path / "step_000001", tmp_path / ".tmp_step_1_9"
+    old.mkdir()
+    (old / "a").write_text("old")
+    new.mkdir()
+    (new / "b").write_text("new")
+    replace_dir(new, old)
+    assert sorted(os.listdir(tmp_path)) == ["step_000001"]  # no .old_* or temp folder left
+    assert sorted(os.listdir(old)) == ["b"] and (old / "b").read_text() == "new"
+    fresh = tmp_path / ".tmp_step_2_9"
+    fresh.mkdir()
+    replace_dir(fresh, tmp_path / "step_000002")
+    assert (tmp_path / "step_000002").is_dir() and not fresh.exists()

@@ -15,7 +15,6 @@ def _checker():
 
 
 def test_package_public_functions_document_their_interface(capsys):
-    # files other issue-15 helpers own are reported, not failed (until the lead's merge)
     assert _checker().main([]) == 0, capsys.readouterr().out
 
 

@@ -71,7 +71,7 @@ TABLE: dict[str, tuple[list[str], list[str], str, object]] = {
     "precision.master_dtype": ([], ["precision.master_dtype=float16"], REFUSED, None),
     "precision.logits_dtype": ([], ["precision.logits_dtype=bfloat16"], "logp", lambda lp: lp.tolist()),
     # fp32 router on an MoE trainer: the gate weights stay fp32 and its logits come out fp32 (vLLM: refused,
-    # test_moe_routing; megatron's moe_router_dtype: policy/test_megatron_policy)
+    # test_moe_routing; megatron's moe_router_dtype: policy/megatron/test_policy)
     "precision.router_dtype": (MOE, ["precision.router_dtype=float32"], "trainer",
                                lambda t: (t.compute.model.layers[0].mlp.gate.weight.dtype,
                                           t.compute.model.layers[0].mlp.gate(
@@ -113,7 +113,7 @@ TABLE: dict[str, tuple[list[str], list[str], str, object]] = {
     "policy.activation_checkpointing": ([], ["policy.activation_checkpointing=true"], REFUSED, None),
     "policy.attention": ([], ["policy.attention=sdpa"], REFUSED, None),
     "policy.fused_elementwise": ([], ["policy.fused_elementwise=true"], REFUSED, None),
-    "policy.router_replay": ([], ["policy.router_replay=rollout"], REFUSED, None),  # dense model (MoE, rollout|trainer: test_moe_routing, policy/test_megatron_routing)
+    "policy.router_replay": ([], ["policy.router_replay=rollout"], REFUSED, None),  # dense model (MoE, rollout|trainer: test_moe_routing, policy/megatron/test_routing)
     "policy.lora.enabled": ([], ["policy.lora.enabled=true"], "trainer",
                             lambda t: sum(p.numel() for p in t.master.parameters() if p.requires_grad)),
     "policy.lora.rank": (LORA, ["policy.lora.rank=2"], "trainer",

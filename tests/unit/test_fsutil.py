@@ -47,3 +47,21 @@ def test_replaces_a_symlinked_target_itself_not_through_the_link(tmp_path):
     link.symlink_to(real)
     atomic_write(link, "new")
     assert not link.is_symlink() and link.read_text() == "new" and real.read_text() == "real"
+
+
+def test_sha256_disk_full_and_mount_point(tmp_path):
+    import errno
+    import hashlib
+
+    from nemo_rl_fp16.fsutil import is_disk_full, mount_point, sha256_file
+
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"\x01" * (5 << 20))  # more than one 4 MiB chunk
+    assert sha256_file(f) == hashlib.sha256(b"\x01" * (5 << 20)).hexdigest()
+    assert is_disk_full(OSError(errno.ENOSPC, "x"), tmp_path) and is_disk_full(OSError(errno.EDQUOT, "x"), tmp_path)
+    assert is_disk_full(RuntimeError("write failed: No space left on device"), tmp_path)
+    st = os.statvfs(tmp_path)
+    if st.f_bavail * st.f_frsize >= (64 << 20):  # with under 64 MiB free every write failure counts as a full disk
+        assert not is_disk_full(OSError(errno.EACCES, "denied"), tmp_path)
+    mp = mount_point(tmp_path / "not" / "yet")
+    assert os.path.ismount(mp) and (tmp_path == mp or mp in tmp_path.parents)

@@ -22,11 +22,20 @@ UNIT, INTEGRATION = ROOT / "tests" / "unit", ROOT / "tests" / "integration"
 # module (path under nemo_rl_fp16/) -> the test file(s) that cover it, where the mirror file does not exist
 TESTED_ELSEWHERE = {
     "cli.py": ["tests/integration/test_cli_commands.py"],  # the CLI is its subprocess behaviour
+    # thin commands (argument to function, exit code): their behaviour is the subprocess run
+    "commands/doctor.py": ["tests/integration/test_doctor_command.py"],
+    "commands/preflight.py": ["tests/integration/test_preflight_cli.py"],
+    "commands/validate.py": ["tests/integration/test_validation_cli.py", "tests/unit/test_validation.py"],
     "data/problem.py": ["tests/unit/data/test_datasets.py"],  # a frozen dataclass
     "distributed/ray_engines.py": ["tests/unit/distributed/test_ray_run.py", "tests/integration/test_ray_runs.py"],
     "doctor_report.py": ["tests/unit/test_doctor.py"],
     "plan.py": ["tests/unit/test_validation.py"],  # the validation stage (plan.check_run)
     "policy/memory.py": ["tests/unit/policy/test_megatron_plan.py"],
+    # megatron-core parallel state (init + the DP view): every megatron test runs through it, TP/EP in torchrun
+    "policy/megatron/parallel.py": ["tests/integration/test_megatron_parallel.py",
+                                    "tests/unit/policy/megatron/test_policy.py"],
+    # HF export from a distributed checkpoint needs one written by 2 ranks (torchrun)
+    "policy/megatron/dist_export.py": ["tests/integration/test_megatron_dist_checkpoint.py"],
     "rollout/vllm_engine.py": ["tests/vllm/test_vllm_engine.py"],  # needs vLLM: the separate job
     "rollout/vllm_worker.py": ["tests/vllm/test_vllm_engine.py"],
     "trainer.py": ["tests/integration/test_rl_loop.py", "tests/unit/test_errors.py"],  # the loop needs a run

@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from test_moe_routing import EOS, MIXTRAL, PROMPTS, QWEN2, QWEN3
+from modeling.test_moe_routing import EOS, MIXTRAL, PROMPTS, QWEN2, QWEN3
 
 from nemo_rl_fp16.config import load_recipe, typed
 from nemo_rl_fp16.interfaces import SamplingParams

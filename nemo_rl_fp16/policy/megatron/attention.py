@@ -42,7 +42,11 @@ def resolve_attention(attention: str, *, cuda: bool) -> str:
 
 
 def te_available() -> bool:
-    """Whether `transformer_engine` imports (any import error counts as unavailable)."""
+    """Whether `transformer_engine` imports (any import error counts as unavailable).
+
+    Returns:
+        bool: True when `import transformer_engine` succeeds.
+    """
     try:
         import transformer_engine  # noqa: F401
     except Exception:
@@ -67,6 +71,18 @@ class SDPAttention(torch.nn.Module):
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
                  cp_comm_type: str | None = None, pg_collection=None):
+        """Take megatron-core's core-attention arguments (`build_module` passes them all).
+
+        Args:
+            config: megatron-core's `TransformerConfig` (`attention_dropout`).
+            layer_number (int): the layer (megatron-core's signature; unused).
+            attn_mask_type: megatron-core's mask type (unused: the mask is causal, or banded by `window`).
+            attention_type (str): `self` (megatron-core's signature; unused).
+            attention_dropout (float | None): dropout probability; None takes the config's.
+            softmax_scale (float | None): the scale of q·k; None = 1/sqrt(d).
+            cp_comm_type (str | None): context-parallel communication (unused: CP is refused).
+            pg_collection: process groups (megatron-core's signature; unused).
+        """
         super().__init__()
         self.config = config
         self.softmax_scale = softmax_scale
@@ -78,6 +94,15 @@ class SDPAttention(torch.nn.Module):
 
         `attention_mask` is ignored (the mask is causal, or banded with `window`); dropout applies
         in training mode only.
+
+        Args:
+            query (torch.Tensor): `[s, b, heads, d]`.
+            key (torch.Tensor): `[s, b, groups, d]` (GQA: heads is a multiple of groups).
+            value (torch.Tensor): `[s, b, groups, d]`.
+            attention_mask: ignored.
+            attn_mask_type: ignored.
+            attention_bias: ignored (megatron-core's signature).
+            packed_seq_params: ignored (no packed sequences).
 
         Returns:
             `[s, b, heads * d]` in the inputs' dtype.

@@ -91,7 +91,14 @@ def layout_record(policy: MegatronPolicy) -> dict[str, Any]:
 
 
 def describe_layout(rec: dict[str, Any]) -> str:
-    """One phrase for a layout record, e.g. `TP=2 PP=1 EP=1 DP=1 (optimizer cpu-adamw, local layer spec)`."""
+    """One phrase for a layout record, e.g. `TP=2 PP=1 EP=1 DP=1 (optimizer cpu-adamw, local layer spec)`.
+
+    Args:
+        rec (dict[str, Any]): a layout record (`layout_record`: tp, pp, ep, dp, optimizer, spec).
+
+    Returns:
+        str: the phrase that refusals and logs print.
+    """
     return (f"TP={rec['tp']} PP={rec['pp']} EP={rec['ep']} DP={rec['dp']} "
             f"(optimizer {rec['optimizer']}, {rec['layer_spec']} layer spec)")
 
@@ -100,7 +107,7 @@ def _rng_object(policy: MegatronPolicy):
     from megatron.core import tensor_parallel
     from megatron.core.dist_checkpointing import ShardedObject
 
-    from nemo_rl_fp16.checkpoint import capture_rng
+    from nemo_rl_fp16.runtime import capture_rng
 
     state = {"host": capture_rng(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
@@ -108,7 +115,7 @@ def _rng_object(policy: MegatronPolicy):
 
 
 def _cpu_optimizer_state(policy: MegatronPolicy, model_sd: dict, is_loading: bool) -> dict:
-    """torch AdamW's state sharded like the master parameters (megatron `FP32Optimizer` recipe)."""
+    """The torch AdamW state, sharded like the master parameters (megatron `FP32Optimizer` recipe)."""
     from megatron.core.dist_checkpointing.optimizer import (
         get_param_id_to_sharded_param_map,
         optim_state_to_sharding_state,
@@ -237,7 +244,7 @@ def load_sharded(policy: MegatronPolicy, directory: str | Path) -> dict[str, Any
     if rng_restored:
         from megatron.core import tensor_parallel
 
-        from nemo_rl_fp16.checkpoint import restore_rng
+        from nemo_rl_fp16.runtime import restore_rng
 
         restore_rng(loaded["rng"]["host"])
         tensor_parallel.get_cuda_rng_tracker().set_states(loaded["rng"]["tracker"])

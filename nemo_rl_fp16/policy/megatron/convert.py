@@ -85,7 +85,17 @@ def qkv_fuse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: ModelLayout
 
 
 def qkv_split(qkv: torch.Tensor, lay: ModelLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inverse of `qkv_fuse`: megatron's `linear_qkv` weight or bias -> HF (q, k, v), contiguous."""
+    """Inverse of `qkv_fuse`: megatron's `linear_qkv` weight or bias -> HF (q, k, v), contiguous.
+
+    Args:
+        qkv (torch.Tensor): `[(heads + 2 * groups) * head_dim, ...]` fused weight (`[..., hidden]`) or bias,
+            grouped interleaved: per KV group its query heads, then its K head, then its V head.
+        lay (ModelLayout): heads, KV groups and head_dim of the model.
+
+    Returns:
+        tuple[torch.Tensor, torch.Tensor, torch.Tensor]: q `[heads * head_dim, ...]`, k and v
+            `[groups * head_dim, ...]`, in `qkv`'s dtype.
+    """
     g, hd, per = lay.num_kv_heads, lay.head_dim, lay.num_heads // lay.num_kv_heads
     tail = qkv.shape[1:]
     x = qkv.reshape(g, (per + 2) * hd, *tail)

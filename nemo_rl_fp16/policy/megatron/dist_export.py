@@ -74,7 +74,7 @@ _TE_NORMS = ((".self_attention.linear_qkv.layer_norm_weight", ".input_layernorm.
 
 
 def unstack_layers(sd: Mapping[str, torch.Tensor], first_layer: int = 0) -> dict[str, torch.Tensor]:
-    """megatron's checkpoint keys -> the per-layer parameter names of a local-spec `GPTModel`.
+    """Megatron's checkpoint keys -> the per-layer parameter names of a local-spec `GPTModel`.
 
     `TransformerBlock.sharded_state_dict` stacks layers on a leading axis (`decoder.layers.X`,
     `[L, ...]`) and `SequentialMLP` stacks experts on the next (`mlp.experts.experts.X`,

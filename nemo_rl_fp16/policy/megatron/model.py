@@ -244,7 +244,14 @@ def logprobs_from_local_logits(local: torch.Tensor, input_ids: torch.Tensor, pro
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The innermost module under `.module` wrappers (`MegatronCausalLM`, DDP, `Float16Module`)."""
+    """The innermost module under `.module` wrappers (`MegatronCausalLM`, DDP, `Float16Module`).
+
+    Args:
+        model (torch.nn.Module): a module, possibly wrapped.
+
+    Returns:
+        torch.nn.Module: the first module without a `.module` attribute (the `GPTModel`).
+    """
     while hasattr(model, "module"):
         model = model.module
     return model
@@ -281,7 +288,11 @@ class MegatronCausalLM(torch.nn.Module):
         return hook
 
     def get_decoder(self) -> torch.nn.Module:
-        """The `TransformerBlock` (HF's `get_decoder`; the activation monitor finds its layers there)."""
+        """The `TransformerBlock` (HF's `get_decoder`; the activation monitor finds its layers there).
+
+        Returns:
+            torch.nn.Module: the `GPTModel`'s `decoder` (its `layers` are the decoder layers).
+        """
         return unwrap(self.module).decoder
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -14,7 +14,7 @@ Optimizer, two paths:
 - CUDA: megatron's `Float16Module` + megatron `DistributedDataParallel` (fp32 grad buffers) +
   `get_megatron_optimizer(OptimizerConfig(fp16/bf16, loss_scale=None, initial_loss_scale,
   min_loss_scale, loss_scale_window, hysteresis, clip_grad))`: fp32 main params, megatron's
-  `DynamicGradScaler`, optional distributed optimizer. Resume is not implemented on this path
+  `DynamicGradScaler`, optional distributed optimizer (`optimizer.py`). Resume is not implemented on this path
   (`load_state_dict` refuses: it needs megatron dist-checkpointing).
 - CPU (megatron's optimizer and `DynamicGradScaler` allocate CUDA tensors): the shared
   `MasterWeights`, as the torch backend uses it: an fp32 master GPTModel with torch AdamW and
@@ -50,6 +50,7 @@ from nemo_rl_fp16.policy.megatron.convert import (
     te_names,
 )
 from nemo_rl_fp16.policy.megatron.model import MegatronCausalLM, build_gpt_model, transformer_config, unwrap
+from nemo_rl_fp16.policy.megatron.optimizer import back_off_grad_scalers, build_megatron_optimizer, megatron_train_step
 from nemo_rl_fp16.policy.megatron.parallel import data_parallel, init_megatron_parallel
 from nemo_rl_fp16.policy.megatron.pipeline import (
     PipelineLoop,
@@ -89,6 +90,13 @@ class MegatronModelAdapter:
     def score(self, mb: RolloutBatch, temperature: float) -> torch.Tensor:
         """`[n, T]` fp32 log π of the response tokens (`MegatronCausalLM.response_logprobs`), routed as `experts` says.
 
+        Args:
+            mb (RolloutBatch): `n` rows of `[P + T]` tokens.
+            temperature (float): the sampling temperature T° (log-probs of `logits / T°`).
+
+        Returns:
+            torch.Tensor: `[n, T]` fp32 log π, gathered over TP (vocab-parallel log-softmax), 0 where masked.
+
         Raises:
             ValueError: replay is on and the batch carries no recorded experts (`ExpertRouting.replay_experts`).
         """
@@ -97,11 +105,19 @@ class MegatronModelAdapter:
                                                   mb.prompt_width, temperature, self.precision.logits_dtype)
 
     def numerics(self) -> AbstractContextManager:
-        """`precision.cpu_numerics` for `param_dtype` on this device (a no-op on GPUs and for fp32)."""
+        """`precision.cpu_numerics` for `param_dtype` on this device (a no-op on GPUs and for fp32).
+
+        Returns:
+            AbstractContextManager: the numerics scope of every forward/backward.
+        """
         return cpu_numerics(self.device, self.precision.param_dtype)
 
     def data_parallel(self) -> DataParallel:
-        """The data-parallel rank, size and group in megatron's parallel state (`parallel.data_parallel`)."""
+        """The data-parallel rank, size and group in megatron's parallel state (`parallel.data_parallel`).
+
+        Returns:
+            DataParallel: rank, size and process group of megatron's data-parallel group.
+        """
         return data_parallel()
 
 
@@ -234,8 +250,6 @@ class MegatronPolicy:
     # -------------------------------------------------------------------------- CUDA path
     def _init_cuda(self, make, shard: Mapping[str, torch.Tensor], lr: float, weight_decay: float,
                    use_distributed_optimizer: bool) -> MegatronCausalLM:
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.transformer.module import Float16Module
 
         pol = self.precision
@@ -246,21 +260,9 @@ class MegatronPolicy:
             gpt = Float16Module(self.tconfig, gpt)  # casts params to fp16/bf16, logits back to fp32
             self._router_to_fp32(gpt)
             load_shard_(gpt, shard)  # fp32 router values exact (not fp16-rounded), others rounded once
-        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=pol.grad_reduce_dtype == torch.float32,
-                                                overlap_grad_reduce=False,
-                                                use_distributed_optimizer=use_distributed_optimizer)
-        self.ddp = DistributedDataParallel(self.tconfig, ddp_cfg, gpt)
-        ls = pol.loss_scale
-        fp16 = pol.param_dtype == torch.float16
-        opt_cfg = OptimizerConfig(
-            optimizer="adam", lr=lr, weight_decay=weight_decay, fp16=fp16, bf16=pol.param_dtype == torch.bfloat16,
-            params_dtype=pol.param_dtype, clip_grad=self.max_grad_norm,
-            # fp16: None = megatron's DynamicGradScaler; 1.0 = constant (scaling disabled). bf16/fp32: no scaler.
-            loss_scale=1.0 if (fp16 and not ls.enabled) else None,
-            initial_loss_scale=ls.initial_scale, min_loss_scale=ls.min_scale,
-            loss_scale_window=ls.growth_interval, hysteresis=ls.hysteresis,
+        self.ddp, self.mcore_optimizer = build_megatron_optimizer(
+            self.tconfig, gpt, pol, lr=lr, weight_decay=weight_decay, max_grad_norm=self.max_grad_norm,
             use_distributed_optimizer=use_distributed_optimizer)
-        self.mcore_optimizer = get_megatron_optimizer(opt_cfg, [self.ddp])
         return MegatronCausalLM(self.ddp, self.layout).eval()
 
     def _router_to_fp32(self, model: torch.nn.Module) -> None:
@@ -376,55 +378,29 @@ class MegatronPolicy:
             return self.weights.train_step(self.loop, batch, loss_fn, temperature, self.grad_hook)
         if self.pp > 1:
             return cuda_pipeline_step(self, batch, loss_fn, temperature)
-        return self._train_step_cuda(batch, loss_fn, temperature)
-
-    def _train_step_cuda(self, batch: RolloutBatch, loss_fn: LossFn, temperature: float) -> TrainStepResult:
-        opt = self.mcore_optimizer
-        self.ddp.zero_grad_buffer()
-        opt.zero_grad()
-        scale = float(opt.get_loss_scale())
-        self.compute.train()
-        loss_sum, metric_sums, micro = self.loop.forward_backward(
-            batch, loss_fn, temperature, lambda loss: opt.scale_loss(loss.to(self.device)).backward())
-        self.ddp.finish_grad_sync()
-        if self.grad_hook is not None:  # test/debug hook on the fp32 main grads (e.g. plant an inf)
-            self.grad_hook([p.main_grad for p in self.ddp.parameters() if getattr(p, "main_grad", None) is not None])
-        ok, grad_norm, _ = opt.step()
-        self.compute.eval()
-        skipped = not ok
-        grad_norm = float("nan") if skipped or grad_norm is None else float(grad_norm)
-        metrics = {"loss": loss_sum, **metric_sums, "loss_scale": scale, "skipped": float(skipped)}
-        return TrainStepResult(skipped=skipped, grad_norm=grad_norm, loss_scale=scale, metrics=metrics,
-                               micro_metrics=micro)
+        return megatron_train_step(self.ddp, self.mcore_optimizer, self.loop, self.compute, batch, loss_fn,
+                                   temperature, self.device, self.grad_hook)
 
     def back_off_loss_scale(self, used_scale: float) -> bool:
         """Lower the loss scale strictly below `used_scale` for a retry on the same batch.
 
         CPU: `DynamicLossScaler.back_off_below`; CUDA: the same rule on megatron's `DynamicGradScaler`s.
 
+        Args:
+            used_scale (float): the loss scale of the overflowing step.
+
         Returns:
             False without a dynamic scaler (bf16/fp32, constant scale) or at `min_scale`.
         """
         if self.weights is not None:
             return self.weights.back_off_loss_scale(used_scale)
-        from megatron.core.optimizer.grad_scaler import DynamicGradScaler
-
-        opts = getattr(self.mcore_optimizer, "chained_optimizers", [self.mcore_optimizer])
-        scalers = {id(o.grad_scaler): o.grad_scaler for o in opts if getattr(o, "grad_scaler", None) is not None}
-        if not scalers or not all(isinstance(gs, DynamicGradScaler) for gs in scalers.values()):
-            return False  # bf16/fp32 or a constant scale: a retry would run at the same scale
-        for gs in scalers.values():  # the same rule as DynamicLossScaler.back_off_below
-            if float(gs.scale) < used_scale:
-                continue
-            lower = max(float(used_scale) * float(gs.backoff_factor), float(gs.min_scale))
-            if not lower < used_scale:
-                return False
-            gs._scale = torch.full_like(gs._scale, lower)
-            gs._hysteresis_tracker = 0
-        return True
+        return back_off_grad_scalers(self.mcore_optimizer, used_scale)
 
     def activation_headroom(self, batch: RolloutBatch) -> dict[str, float]:
         """fp16 range monitor over megatron's decoder layers (`MicroBatchLoop.activation_headroom`).
+
+        Args:
+            batch (RolloutBatch): the rows of a no-grad forward.
 
         Returns:
             `range/act_absmax[/layer{i}]`, `range/fp16_headroom` (65504 / max), `range/act_nonfinite`.
@@ -503,6 +479,9 @@ class MegatronPolicy:
         `model` holds the fp32 master weights under HF names (`rollout_state_dict`, a collective);
         `optimizer` is the optimizer's own state dict (torch AdamW on CPU, megatron's on CUDA);
         `scaler` the CPU loss scaler's state (None on CUDA and without loss scaling).
+
+        Returns:
+            dict: the three entries above.
         """
         return {"model": self.rollout_state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": None if self.weights is None else self.weights.scaler_state()}

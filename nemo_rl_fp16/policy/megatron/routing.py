@@ -44,6 +44,9 @@ def partial_router_replay_class() -> type:
     """The `RouterReplay` subclass whose `REPLAY_FORWARD` targets may hold -1 rows (own routing).
 
     It also records the router's own top-k ids in that pass (module doc). One class per process.
+
+    Returns:
+        type: the `PartialRouterReplay` class (a subclass of megatron-core's `RouterReplay`).
     """
     RouterReplay, Action = _replay_types()
 
@@ -191,7 +194,19 @@ class MegatronRouting:
                                   for i in sorted(routing_maps)], dim=2)
 
     def collect(self, which: str, batch: int, seq: int) -> torch.Tensor:
-        """`[batch, seq, layers, k]` ids of the last recorded forward (`which`: "own" or "used")."""
+        """`[batch, seq, layers, k]` ids of the last recorded forward (`which`: "own" or "used").
+
+        Args:
+            which (str): `own` (the routers' own top-k) or `used` (the experts the forward routed to).
+            batch (int): rows of that forward.
+            seq (int): its sequence length.
+
+        Returns:
+            torch.Tensor: `[batch, seq, layers, k]` int64 expert ids, in token order (sequence-parallel rotation undone), sorted within k.
+
+        Raises:
+            RuntimeError: no forward of that shape was recorded (recording was off).
+        """
         out = self._own if which == "own" else self._used
         if out is None or tuple(out.shape[:2]) != (batch, seq):
             raise RuntimeError("megatron routing: no recorded forward of that shape (recording was off)")

@@ -316,7 +316,7 @@ def test_plan_refuses_replay(tmp_path, replay, overrides, match):
 
 
 @pytest.mark.parametrize("replay,overrides", [
-    ("rollout", MEGATRON_GPU),  # megatron-core's RouterReplay (tests/unit/policy/test_megatron_routing.py)
+    ("rollout", MEGATRON_GPU),  # megatron-core's RouterReplay (tests/unit/policy/megatron/test_routing.py)
     ("trainer", MEGATRON_GPU),
     ("trainer", ["rollout.backend=vllm"]),  # R2 needs no rollout experts
 ])

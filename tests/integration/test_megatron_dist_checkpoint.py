@@ -21,20 +21,25 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+HELPERS = ROOT / "tests" / "unit" / "policy"  # conftest.py: free_port, cpu_redirects, reset_megatron
+MEGATRON = HELPERS / "megatron"  # test_policy.py: DENSE, MOE, _batch, _weights
 CHECKS = ("TP2 same-layout OK", "TP2 next-step OK", "TP2 resharded-TP1 OK", "TP2 refusal OK",
           "EP2 same-layout OK", "EP2 next-step OK", "EP2 resharded-EP1 OK", "EP2 refusal OK")
 
 
 def test_dist_checkpoint_tp2_ep2_resume_and_reshard(tmp_path):
     pytest.importorskip("megatron.core")
+    sys.path[:0] = [str(HELPERS), str(MEGATRON)]
     from conftest import free_port
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "CKPT_ROOT": str(tmp_path),
-           "PYTHONPATH": os.pathsep.join([str(HERE.parents[2]), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(Path(__file__).resolve())]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=HERE.parents[2])
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     for check in CHECKS:
@@ -44,7 +49,7 @@ def test_dist_checkpoint_tp2_ep2_resume_and_reshard(tmp_path):
     import torch
     from conftest import reset_megatron
     from safetensors.torch import load_file
-    from test_megatron_policy import DENSE, MOE
+    from test_policy import DENSE, MOE
 
     from nemo_rl_fp16.modeling.layout import ModelLayout
     from nemo_rl_fp16.policy.megatron.convert import megatron_to_hf
@@ -75,12 +80,12 @@ def test_dist_checkpoint_tp2_ep2_resume_and_reshard(tmp_path):
 
 
 def _worker() -> None:  # pragma: no cover - runs under torchrun
-    sys.path.insert(0, str(HERE))
+    sys.path[:0] = [str(HELPERS), str(MEGATRON)]
     import torch
     import torch.distributed as dist
     from conftest import cpu_redirects
     from megatron.core import parallel_state
-    from test_megatron_policy import DENSE, MOE, _batch, _weights
+    from test_policy import DENSE, MOE, _batch, _weights
 
     from nemo_rl_fp16.policy.megatron.checkpointing import describe_layout, layout_record
     from nemo_rl_fp16.policy.megatron.model import unwrap

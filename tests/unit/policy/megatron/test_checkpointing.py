@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_megatron_policy import DENSE, _batch, _loss_fn, _weights
+from test_policy import DENSE, _batch, _loss_fn, _weights
 
 from nemo_rl_fp16 import checkpoint as ckpt
 from nemo_rl_fp16.precision import PrecisionPolicy
+from nemo_rl_fp16.runtime import capture_rng
 
 mp = pytest.importorskip("nemo_rl_fp16.policy.megatron.policy")
 
@@ -29,7 +30,7 @@ def test_sharded_step_checkpoint_resumes_bitwise(mcore_cpu, tmp_path):
     for _ in range(2):
         assert not a.train_step(b, _loss_fn(b), 1.0).skipped
     path = ckpt.save_checkpoint(tmp_path, 2, model_state=None, sharded=lambda d: a.save_sharded(d, 2),
-                                trainer_state={}, rng=ckpt.capture_rng(), data_state={"step": 2})
+                                trainer_state={}, rng=capture_rng(), data_state={"step": 2})
     assert not (path / ckpt.MODEL_FILE).exists() and (path / ckpt.SHARDED_DIR / "common.pt").is_file()
     files = ckpt.verify_checkpoint(path)["files"]
     assert any(f.endswith(".distcp") for f in files), files

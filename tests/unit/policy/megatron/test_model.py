@@ -16,7 +16,7 @@ from nemo_rl_fp16.modeling.layout import ModelLayout
 
 pytest.importorskip("megatron.core")
 
-from test_megatron_policy import _mtrainer, _weights  # noqa: E402
+from test_policy import _mtrainer, _weights  # noqa: E402
 
 VOCAB = 64
 BASE = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,

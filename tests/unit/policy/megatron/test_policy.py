@@ -1,5 +1,6 @@
 """MegatronPolicy on CPU (one process): logits == HF, log-probs == the torch backend,
-train steps (CPU fallback optimizer), MoE routing, audit. TP=2/EP=2: test_megatron_parallel.py."""
+train steps (CPU fallback optimizer), MoE routing, audit. TP=2/EP=2: test_megatron_parallel.py;
+attention choice and SDPA: test_attention.py."""
 
 from __future__ import annotations
 
@@ -91,13 +92,6 @@ def test_megatron_logprobs_equal_torch_backend(mcore_cpu):
         assert torch.equal(a == 0, b.response_mask == 0)
 
 
-def test_sdpa_attention_matches_local_spec(mcore_cpu):
-    _, sd = _weights(DENSE)
-    b = _batch()
-    ref = _mtrainer(DENSE, init=sd).logprobs(b, 1.0)
-    torch.testing.assert_close(_mtrainer(DENSE, init=sd, attention="sdpa").logprobs(b, 1.0), ref, rtol=0, atol=1e-5)
-
-
 @pytest.mark.parametrize("cfg", [DENSE, MOE], ids=["qwen2", "qwen3_moe"])
 def test_local_checkpoint_streams_one_tensor_at_a_time(mcore_cpu, cfg, tmp_path, monkeypatch):
     """A safetensors folder is read lazily (each tensor once, converted and sharded layer by layer)
@@ -154,22 +148,6 @@ def test_fused_elementwise_matches_unfused(mcore_cpu):
     fused = _mtrainer(DENSE, init=sd, fused_elementwise=True)
     assert fused.tconfig.bias_activation_fusion
     torch.testing.assert_close(fused.logprobs(b, 1.0), ref, rtol=0, atol=1e-5)
-
-
-def test_attention_choice_is_resolved_and_checked(monkeypatch):
-    from nemo_rl_fp16.policy.megatron import attention as mp
-
-    monkeypatch.setattr(mp, "te_available", lambda: False)
-    assert mp.resolve_attention("auto", cuda=False) == "local"
-    assert mp.resolve_attention("auto", cuda=True) == "sdpa"
-    assert mp.resolve_attention("sdpa", cuda=False) == "sdpa"
-    with pytest.raises(ValueError, match="needs CUDA and transformer_engine"):
-        mp.resolve_attention("te", cuda=True)
-    with pytest.raises(ValueError, match="must be one of"):
-        mp.resolve_attention("flash", cuda=True)
-    monkeypatch.setattr(mp, "te_available", lambda: True)
-    assert mp.resolve_attention("auto", cuda=True) == "te"
-    assert mp.resolve_attention("auto", cuda=False) == "local"
 
 
 @pytest.mark.parametrize("name", ["fp32", "fp16"])

@@ -8,7 +8,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from nemo_rl_fp16.modeling.layout import ModelLayout
 from nemo_rl_fp16.policy.megatron.convert import hf_to_megatron, megatron_to_hf, qkv_fuse, qkv_split
-from nemo_rl_fp16.policy.megatron.sharding import ep_global_name, ep_local_experts, tp_merge, tp_shard
 
 DENSE = dict(model_type="qwen2", vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rope_theta=5000.0,
@@ -52,47 +51,3 @@ def test_hf_megatron_hf_round_trip_is_bitwise(cfg):
     assert set(back) == set(sd)
     for k, v in sd.items():
         assert torch.equal(back[k], v), k
-
-
-def test_layout_from_config_and_parameter_count():
-    hf = _hf(MOE)
-    lay = ModelLayout.from_hf_config(MOE)
-    assert lay == ModelLayout.from_hf_config(hf.config)
-    assert (lay.num_experts, lay.moe_top_k, lay.qk_norm, lay.qkv_bias) == (4, 2, True, False)
-    n = lay.num_parameters()
-    assert n["total"] == sum(p.numel() for p in hf.parameters())
-    dense = _hf(DENSE)
-    assert ModelLayout.from_hf_config(DENSE).num_parameters()["total"] == sum(p.numel() for p in dense.parameters())
-    assert ModelLayout.from_hf_config(DENSE).qkv_bias
-
-
-@pytest.mark.parametrize("tp", [2, 4])
-def test_tp_shard_merge_round_trip(tp):
-    lay = ModelLayout.from_hf_config({**DENSE, "num_key_value_heads": 4})
-    full = hf_to_megatron(_hf({**DENSE, "num_key_value_heads": 4}).state_dict(), lay)
-    for name, t in full.items():
-        shards = [tp_shard(name, t, r, tp) for r in range(tp)]
-        assert torch.equal(tp_merge(name, shards), t), name
-    fc1 = full["decoder.layers.0.mlp.linear_fc1.weight"]
-    s0 = tp_shard("decoder.layers.0.mlp.linear_fc1.weight", fc1, 0, tp)
-    gate, up = fc1.chunk(2)  # each rank holds its slice of gate AND of up
-    assert torch.equal(s0, torch.cat([gate[: 128 // tp], up[: 128 // tp]]))
-    assert tp_shard("decoder.layers.0.input_layernorm.weight", full["decoder.layers.0.input_layernorm.weight"], 1,
-                    tp) is full["decoder.layers.0.input_layernorm.weight"]
-
-
-def test_ep_local_experts_renumbers():
-    lay = ModelLayout.from_hf_config(MOE)
-    full = hf_to_megatron(_hf(MOE).state_dict(), lay)
-    r1 = ep_local_experts(full, 1, 2, 4)
-    name = "decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight"
-    assert torch.equal(r1[name], full[name.replace("experts.0.", "experts.2.")])
-    assert "decoder.layers.0.mlp.experts.local_experts.2.linear_fc1.weight" not in r1
-    assert ep_global_name(name, 1, 2, 4).endswith("local_experts.2.linear_fc1.weight")
-    with pytest.raises(ValueError, match="EP=3"):
-        ep_local_experts(full, 0, 3, 4)
-
-
-def test_unsupported_model_type_is_refused():
-    with pytest.raises(ValueError, match="no megatron mapping"):
-        ModelLayout.from_hf_config({**DENSE, "model_type": "gpt2"})

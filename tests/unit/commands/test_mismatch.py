@@ -1,13 +1,17 @@
 """The `mismatch` command scores with the trainer `policy.backend` names (`policy.build_policy`),
-and a backend that cannot run here is refused by the validation stage in one line, before any work."""
+and a backend that cannot run here is refused by the validation stage in one line, before any work;
+it honours explicit precision keys on both engines, or refuses them."""
 
 from __future__ import annotations
 
+import pytest
+import torch
 from rich.console import Console
 
 from nemo_rl_fp16.cli import EXIT_CONFIG, main
 from nemo_rl_fp16.commands import mismatch as mismatch_cmd
-from nemo_rl_fp16.config import load_recipe
+from nemo_rl_fp16.commands.mismatch import mismatch_policies
+from nemo_rl_fp16.config import ConfigError, load_recipe, typed
 
 
 def test_mismatch_scores_with_the_recipe_backend(tmp_path, monkeypatch):
@@ -35,3 +39,20 @@ def test_megatron_on_cpu_is_refused_before_any_work(tmp_path, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "policy.backend" in lines[0] and "megatron" in lines[0], lines
     assert not out.exists()
+
+
+def test_explicit_dtype_keys_reach_both_engines_of_every_precision():
+    rc = typed(load_recipe("mismatch_tiny", ["precision.logits_dtype=float16", "mismatch.precisions=[fp16,bf16]"]))
+    pols = mismatch_policies(rc)
+    assert set(pols) == {"fp16", "bf16"}
+    for name, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        train, rollout = pols[name]
+        assert train.param_dtype == rollout.param_dtype == dt
+        assert train.logits_dtype == rollout.logits_dtype == torch.float16
+
+
+@pytest.mark.parametrize("override", ["precision.param_dtype=float16", "precision.rollout=bf16"])
+def test_keys_the_sweep_sets_are_refused(override):
+    rc = typed(load_recipe("mismatch_tiny", [override, "precision.allow_mismatch=true"]))
+    with pytest.raises(ConfigError, match="mismatch.precisions"):
+        mismatch_policies(rc)
