@@ -38,6 +38,13 @@ TESTED_ELSEWHERE = {
     "policy/megatron/dist_export.py": ["tests/integration/test_megatron_dist_checkpoint.py"],
     "rollout/vllm_engine.py": ["tests/vllm/test_vllm_engine.py"],  # needs vLLM: the separate job
     "rollout/vllm_worker.py": ["tests/vllm/test_vllm_engine.py"],
+    "distributed/workers.py": ["tests/unit/distributed/test_ray_run.py", "tests/integration/test_ray_runs.py"],
+    "distributed/ray_refit.py": ["tests/integration/test_ray_runs.py", "tests/unit/distributed/test_ray_run.py"],
+    "doctor_probes.py": ["tests/unit/test_doctor.py", "tests/unit/policy/test_megatron_doctor.py"],
+    "policy/megatron/pipeline.py": ["tests/integration/test_megatron_pipeline.py"],  # PP=2 needs 2 ranks (torchrun)
+    "policy/megatron/refit_stream.py": ["tests/integration/test_megatron_refit_memory.py"],  # TP/EP=2 (torchrun)
+    "rollout/refit_check.py": ["tests/vllm/test_vllm_engine.py"],  # the self-check runs on a live vLLM engine
+    "rollout/vllm_refit.py": ["tests/vllm/test_vllm_engine.py", "tests/unit/rollout/test_vllm_sleep.py"],
     "trainer.py": ["tests/integration/test_rl_loop.py", "tests/unit/test_errors.py"],  # the loop needs a run
 }
 # unit test files that may start a subprocess, and why (nothing of the package runs in it)

@@ -23,7 +23,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = ROOT / "tests" / "unit" / "policy"  # conftest.py: free_port, cpu_redirects (pytest fixtures do not reach torchrun)
 CASES = ("dense", "tied", "fp16")
 CHECKS = [f"{c} {what} OK" for c in CASES for what in ("logprobs", "headroom", "step")] + [
     "fp16 overflow OK", "dense checkpoint OK"]
@@ -109,6 +114,7 @@ def _run(case: str, pp: int, ckpt_dir: str | None = None) -> dict:
 
 def test_pp2_matches_pp1(tmp_path, mcore_cpu):
     import torch
+    sys.path.insert(0, str(HERE))
     from conftest import free_port, reset_megatron
 
     ref = {}
@@ -119,10 +125,10 @@ def test_pp2_matches_pp1(tmp_path, mcore_cpu):
     reset_megatron()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PP_REF": str(tmp_path / "ref.pt"),
            "CKPT_DIR": str(tmp_path / "dist"),
-           "PYTHONPATH": os.pathsep.join([str(HERE.parents[2]), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(Path(__file__).resolve())]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=HERE.parents[2])
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     print("\n".join(line for line in out.splitlines() if " OK" in line))
@@ -146,6 +152,7 @@ def _worker() -> None:  # pragma: no cover - runs under torchrun
     sys.path.insert(0, str(HERE))
     import torch
     import torch.distributed as dist
+    sys.path.insert(0, str(HERE))
     from conftest import cpu_redirects, reset_megatron
 
     torch.set_num_threads(1)

@@ -22,19 +22,23 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = ROOT / "tests" / "unit" / "policy"  # conftest.py: free_port, cpu_redirects (pytest fixtures do not reach torchrun)
 MIB = 2**20
 
 
 def test_refit_stream_memory_tp2_and_ep2(tmp_path):
     pytest.importorskip("megatron.core")
+    sys.path.insert(0, str(HERE))
     from conftest import free_port
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MALLOC_MMAP_THRESHOLD_": "65536",
-           "PYTHONPATH": os.pathsep.join([str(HERE.parents[2]), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(Path(__file__).resolve())]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=HERE.parents[2])
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     for check in ("TP2 stream bound OK", "TP2 stream bitwise OK", "EP2 stream bound OK", "EP2 stream bitwise OK"):
@@ -107,6 +111,7 @@ def _worker() -> None:  # pragma: no cover - runs under torchrun
 
     import torch
     import torch.distributed as dist
+    sys.path.insert(0, str(HERE))
     from conftest import cpu_redirects
     from megatron.core import parallel_state
 
