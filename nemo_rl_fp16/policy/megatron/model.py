@@ -207,12 +207,43 @@ def build_gpt_model(lay: ModelLayout, config, *, use_te: bool = False, attention
     # factors 1/4; HF's inverse frequencies (any MAPPED_ROPE_TYPES, config values) are exact
     rope = gpt.rotary_pos_emb
     rope.inv_freq = lay.rope_inv_freq().to(rope.inv_freq.device)
+    _mark_tensor_parallel(gpt)
     return gpt
+
+
+def _mark_tensor_parallel(gpt: torch.nn.Module) -> None:
+    """Tag TP-sharded weights with megatron's `tensor_model_parallel` attributes.
+
+    megatron-core sets them only inside its weight init, which `perform_initialization=False`
+    skips; without them `param_is_not_tensor_parallel_duplicate` takes every TP rank's shard for a
+    duplicate, so the gradient norm (clipping) counts TP rank 0's shards only.
+    """
+    from megatron.core.tensor_parallel import layers
+
+    for mod in gpt.modules():
+        if isinstance(mod, (layers.ColumnParallelLinear, layers.VocabParallelEmbedding)):
+            dim = 0
+        elif isinstance(mod, layers.RowParallelLinear):
+            dim = 1
+        else:
+            dim = {"column": 0, "row": 1}.get(getattr(mod, "parallel_mode", None))  # TE linears
+            if dim is None:
+                continue
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.nn.Parameter) and not getattr(w, "tensor_model_parallel", False):
+            layers.set_tensor_model_parallel_attributes(w, True, dim, getattr(mod, "stride", 1))
 
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The innermost module under `.module` wrappers (`MegatronCausalLM`, DDP, `Float16Module`)."""
+    """The innermost module under `.module` wrappers (`MegatronCausalLM`, DDP, `Float16Module`).
+
+    Args:
+        model: a module, possibly wrapped.
+
+    Returns:
+        The first module without a `.module` attribute (the `GPTModel`).
+    """
     while hasattr(model, "module"):
         model = model.module
     return model
@@ -250,7 +281,11 @@ class MegatronCausalLM(torch.nn.Module):
         return hook
 
     def get_decoder(self) -> torch.nn.Module:
-        """The `TransformerBlock` (HF's `get_decoder`; the activation monitor finds its layers there)."""
+        """The decoder, as HF's `get_decoder` (the activation monitor finds its layers there).
+
+        Returns:
+            The `GPTModel`'s `TransformerBlock`.
+        """
         return unwrap(self.module).decoder
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -19,7 +19,8 @@ Optimizer, two paths:
 - CPU (megatron's optimizer and `DynamicGradScaler` allocate CUDA tensors): the shared
   `MasterWeights`, as the torch backend uses it: an fp32 master GPTModel with torch AdamW and
   `DynamicLossScaler`, a compute GPTModel in `param_dtype`, fp32 grad accumulation, overflow
-  skip. Single process only (TP/EP/DP > 1 on CPU: log-probs only). megatron-core on CPU also
+  skip. With more than one process (TP/EP/DP on gloo) the grads go through megatron-core's
+  `finalize_model_grads` (`grad_sync.CpuGradSync`) and are clipped by the model-parallel norm. megatron-core on CPU also
   needs a few CUDA calls redirected; this package does not do that, the test fixtures do
   (`tests/unit/policy/conftest.py`). The CPU path exists for CI.
 """
@@ -43,6 +44,7 @@ from nemo_rl_fp16.policy.megatron.convert import (
     megatron_to_hf,
     te_names,
 )
+from nemo_rl_fp16.policy.megatron.grad_sync import CpuGradSync
 from nemo_rl_fp16.policy.megatron.model import MegatronCausalLM, build_gpt_model, transformer_config, unwrap
 from nemo_rl_fp16.policy.megatron.parallel import data_parallel, init_megatron_parallel
 from nemo_rl_fp16.policy.megatron.sharding import gather_full_state_dict, load_shard_, shard_state_dict
@@ -69,16 +71,32 @@ class MegatronModelAdapter:
         self.device = device
 
     def score(self, mb: RolloutBatch, temperature: float) -> torch.Tensor:
-        """`[n, T]` fp32 log π of the response tokens (`MegatronCausalLM.response_logprobs`)."""
+        """Log π of a micro-batch's response tokens (`MegatronCausalLM.response_logprobs`).
+
+        Args:
+            mb: the micro-batch (`n` rows, responses of width `T`).
+            temperature: the sampling temperature the logits are divided by.
+
+        Returns:
+            `[n, T]` fp32 log-probs with grad, on `device`.
+        """
         return self.compute.response_logprobs(mb.input_ids.to(self.device), mb.attention_mask.to(self.device),
                                               mb.prompt_width, temperature, self.precision.logits_dtype)
 
     def numerics(self) -> AbstractContextManager:
-        """`precision.cpu_numerics` for `param_dtype` on this device (a no-op on GPUs and for fp32)."""
+        """The rollout-matching CPU kernels for this device and dtype.
+
+        Returns:
+            `precision.cpu_numerics` for `param_dtype` on this device (a no-op on GPUs and for fp32).
+        """
         return cpu_numerics(self.device, self.precision.param_dtype)
 
     def data_parallel(self) -> DataParallel:
-        """The data-parallel rank, size and group in megatron's parallel state (`parallel.data_parallel`)."""
+        """This rank's place among the data-parallel ranks.
+
+        Returns:
+            `DataParallel(rank, size, group)` in megatron's parallel state (`parallel.data_parallel`).
+        """
         return data_parallel()
 
 
@@ -180,7 +198,10 @@ class MegatronPolicy:
                 gptc, self.tconfig = make(policy.param_dtype)
                 compute = MegatronCausalLM(gptc, self.layout).eval()
             optimizer = torch.optim.AdamW(list(master.parameters()), lr=lr, weight_decay=weight_decay)
-            self.weights = MasterWeights(master, compute, optimizer, policy, max_grad_norm=max_grad_norm)
+            # more than one process: megatron's finalize_model_grads sums DP and the partial TP grads
+            sync = None if self._world_is_one else CpuGradSync(unwrap(compute.module), self.tconfig)
+            self.weights = MasterWeights(master, compute, optimizer, policy, max_grad_norm=max_grad_norm,
+                                         grad_sync=sync)
             self._model = compute
         else:
             self._model = self._init_cuda(make, shard, lr, weight_decay, use_distributed_optimizer)
@@ -278,6 +299,9 @@ class MegatronPolicy:
         (the same position the log-prob comes from). Compare with `batch.rollout_experts` through
         `mismatch.router_topk_flip_rate`.
 
+        Args:
+            batch: the rollout batch (`N` rows, responses of width `T`).
+
         Returns:
             `[N, T, moe layers, k]` expert ids on CPU (sorted per token).
 
@@ -313,16 +337,17 @@ class MegatronPolicy:
         Returns:
             The step's `TrainStepResult` (`skipped` on an fp16 overflow: weights untouched).
 
-        Raises:
-            NotImplementedError: on CPU with more than one process (no TP/EP/DP gradient sync there).
+        Gradients: megatron-core's `finalize_model_grads` sums them over DP and, where each TP rank
+        holds only part of a replicated parameter's gradient (sequence-parallel norms and router,
+        q/k norms), over TP; on CPU through `grad_sync.CpuGradSync` (more than one process).
         """
         if self.weights is not None:
-            if not self._world_is_one:
-                raise NotImplementedError("CPU megatron train_step runs single-process only (no TP/EP/DP grads sync)")
             return self.weights.train_step(self.loop, batch, loss_fn, temperature, self.grad_hook)
         return self._train_step_cuda(batch, loss_fn, temperature)
 
     def _train_step_cuda(self, batch: RolloutBatch, loss_fn: LossFn, temperature: float) -> TrainStepResult:
+        from megatron.core.distributed import finalize_model_grads
+
         opt = self.mcore_optimizer
         self.ddp.zero_grad_buffer()
         opt.zero_grad()
@@ -330,7 +355,9 @@ class MegatronPolicy:
         self.compute.train()
         loss_sum, metric_sums, micro = self.loop.forward_backward(
             batch, loss_fn, temperature, lambda loss: opt.scale_loss(loss.to(self.device)).backward())
-        self.ddp.finish_grad_sync()
+        # DP reduction and the TP sums of sequence-parallel / q-k norm / router grads (finish_grad_sync alone
+        # leaves those partial: replicated weights would drift apart across TP ranks)
+        finalize_model_grads([self.ddp])
         if self.grad_hook is not None:  # test/debug hook on the fp32 main grads (e.g. plant an inf)
             self.grad_hook([p.main_grad for p in self.ddp.parameters() if getattr(p, "main_grad", None) is not None])
         ok, grad_norm, _ = opt.step()
@@ -345,6 +372,9 @@ class MegatronPolicy:
         """Lower the loss scale strictly below `used_scale` for a retry on the same batch.
 
         CPU: `DynamicLossScaler.back_off_below`; CUDA: the same rule on megatron's `DynamicGradScaler`s.
+
+        Args:
+            used_scale: the loss scale the failed step ran at.
 
         Returns:
             False without a dynamic scaler (bf16/fp32, constant scale) or at `min_scale`.
@@ -369,6 +399,9 @@ class MegatronPolicy:
 
     def activation_headroom(self, batch: RolloutBatch) -> dict[str, float]:
         """fp16 range monitor over megatron's decoder layers (`MicroBatchLoop.activation_headroom`).
+
+        Args:
+            batch: the rollout batch whose forward is measured.
 
         Returns:
             `range/act_absmax[/layer{i}]`, `range/fp16_headroom` (65504 / max), `range/act_nonfinite`.
@@ -433,6 +466,9 @@ class MegatronPolicy:
         `model` holds the fp32 master weights under HF names (`rollout_state_dict`, a collective);
         `optimizer` is the optimizer's own state dict (torch AdamW on CPU, megatron's on CUDA);
         `scaler` the CPU loss scaler's state (None on CUDA and without loss scaling).
+
+        Returns:
+            `{"model": {HF name: fp32 tensor}, "optimizer": dict, "scaler": dict | None}`.
         """
         return {"model": self.rollout_state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": None if self.weights is None else self.weights.scaler_state()}
