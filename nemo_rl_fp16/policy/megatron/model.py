@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from nemo_rl_fp16.modeling import effective_temperature, response_width
 from nemo_rl_fp16.modeling.layout import ModelLayout
 from nemo_rl_fp16.policy.megatron.attention import SDPAttention
+from nemo_rl_fp16.policy.megatron.sequence_parallel import padded_width
 
 __all__ = ["MegatronCausalLM", "build_gpt_model", "layer_spec", "transformer_config", "unwrap"]
 
@@ -269,6 +270,9 @@ class MegatronCausalLM(torch.nn.Module):
         self.record_experts = False
         self.last_experts: torch.Tensor | None = None
         self._routing: dict[int, torch.Tensor] = {}
+        cfg = unwrap(gpt).config
+        #: forward widths are padded to a multiple of this (TP under sequence parallelism, else 1)
+        self.pad_multiple = cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1
         for i, layer in enumerate(unwrap(gpt).decoder.layers):
             router = getattr(layer.mlp, "router", None)
             if router is not None:
@@ -346,6 +350,11 @@ class MegatronCausalLM(torch.nn.Module):
             runs = (m[:, 1:] > m[:, :-1]).sum(-1)  # 0 -> 1 transitions
             if bool((runs > (shift > 0).long()).any()):
                 raise ValueError("attention_mask rows must be one contiguous run of real tokens")
+        width = s
+        s = padded_width(s, self.pad_multiple)  # sequence parallel: a multiple of TP (masked tokens on the right)
+        if s != width:
+            input_ids = F.pad(input_ids, (0, s - width))
+            ar = torch.arange(s, device=input_ids.device)
         src = (ar[None, :] + shift[:, None]) % s  # rotated[i, j] = original[i, (j + shift_i) % s]
         ids = input_ids.gather(1, src)
         pos = ar[None, :].expand(b, s)
@@ -355,8 +364,8 @@ class MegatronCausalLM(torch.nn.Module):
         causal = causal[None, None]
         self._routing = {}
         logits = self.module(input_ids=ids, position_ids=pos, attention_mask=causal)  # [b, s, v/TP]
-        keep = s if not logits_to_keep else int(logits_to_keep)
-        back = (ar[s - keep:][None, :] - shift[:, None]) % s  # original j sits at rotated (j - shift_i)
+        keep = width if not logits_to_keep else int(logits_to_keep)
+        back = (ar[width - keep:width][None, :] - shift[:, None]) % s  # original j sits at rotated (j - shift_i)
         out = logits.gather(1, back[..., None].expand(b, keep, logits.shape[-1]))
         if self.record_experts and self._routing:
             k = self.layout.moe_top_k
@@ -364,7 +373,8 @@ class MegatronCausalLM(torch.nn.Module):
             for i in sorted(self._routing):
                 rm = self._routing[i].reshape(s, b, -1).transpose(0, 1)  # [b, s(rotated), E]
                 idx = rm.int().topk(k, dim=-1).indices.sort(-1).values  # the k selected ids, sorted
-                per_layer.append(idx.gather(1, ((ar[None, :] - shift[:, None]) % s)[..., None].expand(b, s, k)))
+                rows = ((ar[None, :width] - shift[:, None]) % s)[..., None].expand(b, width, k)
+                per_layer.append(idx.gather(1, rows))
             self.last_experts = torch.stack(per_layer, dim=2)
         return out
 

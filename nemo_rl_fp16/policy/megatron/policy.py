@@ -36,7 +36,6 @@ import torch
 
 from nemo_rl_fp16.interfaces import LossFn, RolloutBatch, TrainStepResult
 from nemo_rl_fp16.modeling.layout import ModelLayout
-from nemo_rl_fp16.policy.megatron.attention import resolve_attention
 from nemo_rl_fp16.policy.megatron.convert import (
     hf_source,
     hf_to_megatron,
@@ -47,6 +46,7 @@ from nemo_rl_fp16.policy.megatron.convert import (
 from nemo_rl_fp16.policy.megatron.grad_sync import CpuGradSync
 from nemo_rl_fp16.policy.megatron.model import MegatronCausalLM, build_gpt_model, transformer_config, unwrap
 from nemo_rl_fp16.policy.megatron.parallel import data_parallel, init_megatron_parallel
+from nemo_rl_fp16.policy.megatron.sequence_parallel import sequence_parallel_problem, spec_attention
 from nemo_rl_fp16.policy.megatron.sharding import gather_full_state_dict, load_shard_, shard_state_dict
 from nemo_rl_fp16.policy.micro_batches import DataParallel, MicroBatchLoop
 from nemo_rl_fp16.policy.mixed_precision import GradHook, MasterWeights, check_master_dtype
@@ -131,7 +131,8 @@ class MegatronPolicy:
         grad_hook: test/debug hook on the fp32 grads before the inf check.
 
     Raises:
-        ValueError: bad sizes/dtypes, an unmapped HF feature, or a parallel layout that does not divide.
+        ValueError: bad sizes/dtypes, an unmapped HF feature, a parallel layout that does not divide, or
+            sequence parallelism the layer spec cannot run (`sequence_parallel.sequence_parallel_problem`).
         NotImplementedError: `pipeline_parallel_size > 1`.
     """
 
@@ -153,20 +154,21 @@ class MegatronPolicy:
         self.max_grad_norm = float(max_grad_norm)
         self.grad_hook: GradHook | None = None
         tp, ep = int(tensor_parallel_size), int(expert_parallel_size)
-        init_megatron_parallel(tp, 1, ep, seed=seed, cpu=self.cpu)
-
         hf_sd, hf_config, self._hf_fused_experts = hf_source(model_cfg, seed, initial_state_dict)
         self.layout = ModelLayout.from_hf_config(hf_config)
         problems = self.layout.parallel_problems(tp, 1, ep)
         if problems:
             raise ValueError("; ".join(problems))
+        # TE's sliding window is not mapped (layer_spec): auto takes sdpa there
+        self.attention = attention = spec_attention(attention, cuda=not self.cpu, sliding_window=self.layout.sliding_window)
+        sp_problem = sequence_parallel_problem(sequence_parallel=sequence_parallel, tp=tp, attention=attention)
+        if sp_problem:  # the validation stage applies the same rule (plan.megatron_layout_problems)
+            raise ValueError(sp_problem)
+        init_megatron_parallel(tp, 1, ep, seed=seed, cpu=self.cpu)
         shard: dict[str, torch.Tensor] = {}
         for part in hf_to_megatron_parts(hf_sd, self.layout):  # one layer's full tensors at a time
             shard.update(shard_state_dict(part, self.layout))
         del hf_sd
-        if attention == "auto" and self.layout.sliding_window and not self.cpu:
-            attention = "sdpa"  # TE's sliding window is not mapped (layer_spec)
-        self.attention = attention = resolve_attention(attention, cuda=not self.cpu)
         use_te = attention == "te"
         if use_te:
             shard = te_names(shard)

@@ -12,8 +12,28 @@ from nemo_rl_fp16.plan import make_plan, parallel_layout
 from nemo_rl_fp16.policy.memory import KNOWN_LAYOUTS, ModelLayout, estimate_memory
 
 
+@pytest.fixture(autouse=True)
+def _te_present(monkeypatch):
+    """The big recipes run sequence parallelism, which needs Transformer Engine (their GPU machines have it)."""
+    from nemo_rl_fp16.policy.megatron import attention
+
+    monkeypatch.setattr(attention, "te_available", lambda: True)
+
+
 def _plan(recipe, *over):
     return make_plan(typed(load_recipe(recipe, list(over))))
+
+
+@pytest.mark.parametrize("recipe", ["dense_14b_fp16", "moe_30b_a3b_fp16"])
+def test_big_recipes_refused_without_te(recipe, monkeypatch):
+    from nemo_rl_fp16.policy.megatron import attention
+
+    monkeypatch.setattr(attention, "te_available", lambda: False)
+    with pytest.raises(ConfigError) as e:
+        _plan(recipe)
+    assert str(e.value).count("\n") == 0 and "'policy.sequence_parallel': true" in str(e.value)
+    assert "WrappedTorchNorm" in str(e.value)
+    _plan(recipe, "policy.sequence_parallel=false")  # the fix the line names plans
 
 
 def test_dense_14b_plan():
