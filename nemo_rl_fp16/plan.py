@@ -244,6 +244,9 @@ def _megatron_plan_lines(cfg: RecipeConfig, layout: Layout, param_dtype) -> dict
     seq = min(cfg.rollout.max_new_tokens + 1024, lay.max_position_embeddings)
     import torch
 
+    from nemo_rl_fp16.policy.factory import distributed_optimizer
+
+    dist = distributed_optimizer(cfg.policy.use_distributed_optimizer, run_device(cfg))
     m = estimate_memory(lay, tp=layout.tp, pp=layout.pp, ep=layout.ep, dp=layout.dp,
                         param_bytes=torch.tensor([], dtype=param_dtype).element_size(),
                         micro_batch=cfg.policy.micro_batch_size, seq=seq,
@@ -251,10 +254,13 @@ def _megatron_plan_lines(cfg: RecipeConfig, layout: Layout, param_dtype) -> dict
     return {
         "parameters": f"{params}; {fmt_params(m.params_local)} per GPU (layout from {source})",
         "memory/GPU": (f"weights {fmt_gib(m.weights)} + grads {fmt_gib(m.grads)} (fp32) + optimizer "
-                       f"{fmt_gib(m.optimizer)} (fp32 master+Adam; {fmt_gib(m.optimizer_distributed)} distributed) + "
+                       f"{fmt_gib(m.optimizer_distributed if dist else m.optimizer)} (fp32 master+Adam"
+                       f"{', sharded over DP: distributed optimizer' if dist else ''}) + "
                        f"activations {fmt_gib(m.activations)} (micro-batch {cfg.policy.micro_batch_size} x seq {seq}"
-                       f"{', recompute' if cfg.policy.activation_checkpointing else ''}) = {fmt_gib(m.total)} "
-                       f"({fmt_gib(m.total_distributed)} with the distributed optimizer)"),
+                       f"{', recompute' if cfg.policy.activation_checkpointing else ''}) = "
+                       f"{fmt_gib(m.total_distributed if dist else m.total)} "
+                       f"(policy.use_distributed_optimizer={str(dist).lower()}; "
+                       f"{fmt_gib(m.total if dist else m.total_distributed)} with it {'off' if dist else 'on'})"),
     }
 
 

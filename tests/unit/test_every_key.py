@@ -106,6 +106,7 @@ TABLE: dict[str, tuple[list[str], list[str], str, object]] = {
     "policy.activation_checkpointing": ([], ["policy.activation_checkpointing=true"], REFUSED, None),
     "policy.attention": ([], ["policy.attention=sdpa"], REFUSED, None),
     "policy.fused_elementwise": ([], ["policy.fused_elementwise=true"], REFUSED, None),
+    "policy.use_distributed_optimizer": (MEGATRON, ["policy.use_distributed_optimizer=false"], "plan", plan("memory/GPU")),
     "policy.router_replay": ([], ["policy.router_replay=rollout"], REFUSED, None),  # dense model (MoE: test_moe_routing)
     "policy.lora.enabled": ([], ["policy.lora.enabled=true"], "trainer",
                             lambda t: sum(p.numel() for p in t.master.parameters() if p.requires_grad)),

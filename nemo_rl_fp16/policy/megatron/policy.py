@@ -118,7 +118,7 @@ class MegatronPolicy:
         expert_parallel_size: EP (MoE).
         sequence_parallel: megatron sequence parallelism (TP > 1).
         activation_checkpointing: full activation recomputation.
-        use_distributed_optimizer: megatron's distributed optimizer (CUDA).
+        use_distributed_optimizer: megatron's distributed optimizer (CUDA; refused on CPU).
         attention: `auto` | `te` | `sdpa` | `local` (`attention.resolve_attention`).
         fused_elementwise: megatron's compiled SwiGLU / bias-dropout-add (`model.transformer_config`).
 
@@ -164,6 +164,10 @@ class MegatronPolicy:
         sp_problem = sequence_parallel_problem(sequence_parallel=sequence_parallel, tp=tp, attention=attention)
         if sp_problem:  # the validation stage applies the same rule (plan.megatron_layout_problems)
             raise ValueError(sp_problem)
+        if use_distributed_optimizer and self.cpu:
+            raise ValueError("bad value for 'policy.use_distributed_optimizer': true on CPU; allowed: false or null "
+                             "(megatron's distributed optimizer keeps its buffers and grad scaler on CUDA; the CPU path "
+                             "steps torch AdamW over fp32 master weights); set policy.use_distributed_optimizer=null")
         init_megatron_parallel(tp, 1, ep, seed=seed, cpu=self.cpu)
         shard: dict[str, torch.Tensor] = {}
         for part in hf_to_megatron_parts(hf_sd, self.layout):  # one layer's full tensors at a time
