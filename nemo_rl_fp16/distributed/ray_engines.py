@@ -101,7 +101,9 @@ class PolicyWorker:
                                 timeout=datetime.timedelta(minutes=30))
         self.engines["policy"] = build_policy(rc, model_cfg, train_pol, device, init)
         if reference:
-            self.engines["reference"] = build_policy(rc, model_cfg, train_pol, device, init)
+            from nemo_rl_fp16.policy.reference import build_reference
+
+            self.engines["reference"] = build_reference(rc, model_cfg, train_pol, device, init)
         return type(self.engines["policy"]).__name__
 
     def call(self, target: str, method: str, *args: Any) -> Any:

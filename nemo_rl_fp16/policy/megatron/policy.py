@@ -121,6 +121,8 @@ class MegatronPolicy:
         use_distributed_optimizer: megatron's distributed optimizer (CUDA; refused on CPU).
         attention: `auto` | `te` | `sdpa` | `local` (`attention.resolve_attention`).
         fused_elementwise: megatron's compiled SwiGLU / bias-dropout-add (`model.transformer_config`).
+        forward_only: build only the scoring model in `param_dtype` (no fp32 master, optimizer or
+            gradient buffers): the KL reference (`policy.reference.ReferencePolicy`); `train_step` refuses.
 
     Attributes:
         layout: the model's `ModelLayout`.
@@ -142,7 +144,8 @@ class MegatronPolicy:
                  initial_state_dict: Mapping[str, torch.Tensor] | None = None,
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, expert_parallel_size: int = 1,
                  sequence_parallel: bool = False, activation_checkpointing: bool = False,
-                 use_distributed_optimizer: bool = False, attention: str = "auto", fused_elementwise: bool = False):
+                 use_distributed_optimizer: bool = False, attention: str = "auto", fused_elementwise: bool = False,
+                 forward_only: bool = False):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         check_master_dtype(policy)
@@ -194,7 +197,17 @@ class MegatronPolicy:
         self._world_is_one = not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1)
         self.weights: MasterWeights | None = None
         self.mcore_optimizer = None
-        if self.cpu:
+        self.forward_only = bool(forward_only)
+        if forward_only:  # the same param_dtype values the full engine's compute copy holds, nothing else
+            gpt, self.tconfig = make(policy.param_dtype)
+            if not self.cpu and policy.param_dtype != torch.float32:
+                from megatron.core.transformer.module import Float16Module
+
+                gpt = Float16Module(self.tconfig, gpt)  # as _init_cuda: casts params, fp32 logits
+                self._router_to_fp32(gpt)
+                load_shard_(gpt, shard)
+            self._model = MegatronCausalLM(gpt, self.layout).eval()
+        elif self.cpu:
             # CPU: the shared fp32 master step (MasterWeights), as the torch backend uses it
             gpt32, self.tconfig = make(torch.float32)
             master = MegatronCausalLM(gpt32, self.layout).eval()
@@ -220,7 +233,6 @@ class MegatronPolicy:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.transformer.module import Float16Module
-
         pol = self.precision
         # params_dtype/fp16/bf16 of the policy (Float16Module reads config.fp16/bf16); megatron's
         # optimizer then creates the fp32 main params from these (HF fp32 values rounded once).
@@ -343,10 +355,15 @@ class MegatronPolicy:
         Returns:
             The step's `TrainStepResult` (`skipped` on an fp16 overflow: weights untouched).
 
+        Raises:
+            RuntimeError: a `forward_only` policy.
+
         Gradients: megatron-core's `finalize_model_grads` sums them over DP and, where each TP rank
         holds only part of a replicated parameter's gradient (sequence-parallel norms and router,
         q/k norms), over TP; on CPU through `grad_sync.CpuGradSync` (more than one process).
         """
+        if self.forward_only:
+            raise RuntimeError("this MegatronPolicy is forward-only (the KL reference): it has no optimizer")
         if self.weights is not None:
             return self.weights.train_step(self.loop, batch, loss_fn, temperature, self.grad_hook)
         return self._train_step_cuda(batch, loss_fn, temperature)
