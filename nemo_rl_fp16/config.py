@@ -368,7 +368,7 @@ class RecipeConfig(_Section):
     def _inapplicable(self) -> list[str]:
         """Keys documented as "X only" set to a non-default value where X is off: refused, not ignored."""
         groups = (
-            ("policy", self.policy, ("sequence_parallel", "activation_checkpointing", "attention", "fused_elementwise",
+            ("policy", self.policy, ("sequence_parallel", "attention", "fused_elementwise",
                                      "use_distributed_optimizer"),
              self.policy.backend != "megatron", "policy.backend=megatron"),
             ("rollout", self.rollout, ("tensor_parallel_size", "gpu_memory_utilization", "enforce_eager"),

@@ -43,7 +43,8 @@ def build_policy(rc: RecipeConfig, model_cfg: dict, precision: PrecisionPolicy, 
     return TorchPolicy(model_cfg, precision, lr=p.lr, weight_decay=p.weight_decay,
                        max_grad_norm=p.max_grad_norm, micro_batch_size=p.micro_batch_size,
                        seed=rc.seed, device=device, initial_state_dict=init,
-                       lora=p.lora.model_dump() if p.lora.enabled else None, router_replay=p.router_replay)
+                       lora=p.lora.model_dump() if p.lora.enabled else None, router_replay=p.router_replay,
+                       activation_checkpointing=p.activation_checkpointing)
 
 
 def distributed_optimizer(value: bool | None, device: str) -> bool:

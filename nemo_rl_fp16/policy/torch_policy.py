@@ -77,7 +77,14 @@ class HFModelAdapter:
         self.fsdp = fsdp
 
     def score(self, mb: RolloutBatch, temperature: float) -> torch.Tensor:
-        """`[n, T]` fp32 log π of the response tokens (`ModelAdapter.score`); R3-routed under replay.
+        """Log π of a micro-batch's response tokens (`ModelAdapter.score`); R3-routed under replay.
+
+        Args:
+            mb: the micro-batch (`n` rows, responses of width `T`).
+            temperature: the sampling temperature the logits are divided by.
+
+        Returns:
+            `[n, T]` fp32 log-probs with grad, on `device`.
 
         Raises:
             ValueError: `router_replay="rollout"` and the batch carries no `rollout_experts`.
@@ -96,11 +103,19 @@ class HFModelAdapter:
                 routing.replay = None
 
     def numerics(self) -> AbstractContextManager:
-        """`precision.cpu_numerics` for `param_dtype` on this device (a no-op on GPUs and for fp32)."""
+        """The rollout-matching CPU kernels for this device and dtype.
+
+        Returns:
+            `precision.cpu_numerics` for `param_dtype` on this device (a no-op on GPUs and for fp32).
+        """
         return cpu_numerics(self.device, self.precision.param_dtype)
 
     def data_parallel(self) -> DataParallel:
-        """(rank, world size, default group) under FSDP, else (0, 1, None)."""
+        """This rank's place among the data-parallel ranks.
+
+        Returns:
+            `DataParallel(rank, world size, default group)` under FSDP, else `(0, 1, None)`.
+        """
         if not self.fsdp:
             return DataParallel()
         return DataParallel(torch.distributed.get_rank(), torch.distributed.get_world_size(), None)
@@ -121,6 +136,8 @@ class TorchPolicy:
         initial_state_dict: fp32 HF state dict to start from (e.g. after a warm start).
         lora: the recipe's `policy.lora` block; when `enabled`, train LoRA adapters only (module doc).
         router_replay: `"none"` or `"rollout"` (R3, module doc; needs an HF MoE model).
+        activation_checkpointing: recompute each decoder layer in backward (HF gradient checkpointing,
+            `use_reentrant=False`; `enable_layer_recompute`): the same values, less activation memory.
 
     Attributes:
         weights: the fp32 master step (`MasterWeights`: master, compute copy, optimizer, scaler).
@@ -136,7 +153,8 @@ class TorchPolicy:
                  weight_decay: float = 0.0, max_grad_norm: float = 1.0, micro_batch_size: int = 8,
                  seed: int = 0, device: torch.device | str = "cpu",
                  initial_state_dict: Mapping[str, torch.Tensor] | None = None,
-                 lora: Mapping[str, Any] | None = None, router_replay: str = "none"):
+                 lora: Mapping[str, Any] | None = None, router_replay: str = "none",
+                 activation_checkpointing: bool = False):
         if router_replay not in ("none", "rollout"):
             raise ValueError(f"bad value for 'policy.router_replay': {router_replay!r}; allowed: none, rollout")
         if micro_batch_size < 1:
@@ -157,6 +175,8 @@ class TorchPolicy:
             compute = master
         else:
             compute = cast_params_(copy.deepcopy(master), policy.param_dtype)
+        if activation_checkpointing:
+            enable_layer_recompute(compute)
         routing = RouterHooks(compute)
         #: MoE router hooks on the compute copy (None: dense model)
         self.routing: RouterHooks | None = routing if routing.routers else None
@@ -303,6 +323,9 @@ class TorchPolicy:
     def back_off_loss_scale(self, used_scale: float) -> bool:
         """Scale strictly below `used_scale` for a retry on the same batch (`DynamicLossScaler.back_off_below`).
 
+        Args:
+            used_scale: the loss scale the failed step ran at.
+
         Returns:
             False without a scaler or at `min_scale`.
         """
@@ -310,6 +333,9 @@ class TorchPolicy:
 
     def activation_headroom(self, batch: RolloutBatch) -> dict[str, float]:
         """fp16 range monitor over a no-grad forward of `batch` (`MicroBatchLoop.activation_headroom`).
+
+        Args:
+            batch: the rollout batch whose forward is measured.
 
         Returns:
             `range/act_absmax[/layer{i}]`, `range/fp16_headroom` (65504 / max), `range/act_nonfinite`.
@@ -345,6 +371,9 @@ class TorchPolicy:
 
         `model` holds HF names (LoRA: peft names, base_layer + lora_A/B). FSDP: full (unsharded,
         CPU) model and optimizer state on rank 0, empty dicts elsewhere (a collective).
+
+        Returns:
+            `{"model": dict, "optimizer": dict, "scaler": dict | None}`.
         """
         model = {k: v.detach() for k, v in self.master.state_dict().items()} if self._lora else self.rollout_state_dict()
         if self._fsdp:
@@ -402,6 +431,40 @@ def _fsdp_wrap(model: torch.nn.Module, policy: PrecisionPolicy) -> bool:
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     return True
+
+
+def enable_layer_recompute(model: torch.nn.Module) -> int:
+    """Turn on HF gradient checkpointing of every decoder layer, in eval mode (no dropout).
+
+    The recompute runs under the forward's CPU numerics (`logprobs.same_function_modes`), so it is
+    the same computation. HF recomputes a `GradientCheckpointingLayer` only when that layer's own `training` flag is set
+    (and grad is on); the policy's models stay in eval mode, so the flag is set on those layers
+    alone (their submodules keep eval behaviour: the forward is the same computation). No-grad
+    scoring never recomputes.
+
+    Args:
+        model: an HF causal LM (or a peft wrapper of one).
+
+    Returns:
+        The number of decoder layers that recompute.
+
+    Raises:
+        ValueError: the model has no HF gradient-checkpointing layers.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    from nemo_rl_fp16.modeling.logprobs import same_function_modes
+
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False,
+                                                                          "context_fn": same_function_modes})
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    if not layers:
+        raise ValueError(f"policy.activation_checkpointing=true: {type(model).__name__} has no HF gradient "
+                         "checkpointing layers; set policy.activation_checkpointing=false")
+    for m in layers:
+        m.training = True  # the layer's own flag only (HF's condition); submodules stay in eval mode
+    return len(layers)
 
 
 def _lora_wrap(model: torch.nn.Module, lora: Mapping[str, Any]) -> torch.nn.Module:

@@ -103,7 +103,9 @@ TABLE: dict[str, tuple[list[str], list[str], str, object]] = {
     "policy.expert_parallel_size": (MEGATRON, ["policy.expert_parallel_size=2"], REFUSED, None),  # dense model
     "policy.context_parallel_size": (MEGATRON, ["policy.context_parallel_size=2"], REFUSED, None),
     "policy.sequence_parallel": ([], ["policy.sequence_parallel=true"], REFUSED, None),  # torch backend
-    "policy.activation_checkpointing": ([], ["policy.activation_checkpointing=true"], REFUSED, None),
+    "policy.activation_checkpointing": ([], ["policy.activation_checkpointing=true"], "trainer",
+                                        lambda t: sum(getattr(m, "gradient_checkpointing", False)
+                                                      for m in t.compute.modules())),
     "policy.attention": ([], ["policy.attention=sdpa"], REFUSED, None),
     "policy.fused_elementwise": ([], ["policy.fused_elementwise=true"], REFUSED, None),
     "policy.use_distributed_optimizer": (MEGATRON, ["policy.use_distributed_optimizer=false"], "plan", plan("memory/GPU")),
