@@ -30,6 +30,25 @@ def mix_seed(seed: int, k: int, modulus: int = 2**63 - 1) -> int:
     return (seed * SEED_MULTIPLIER + k) % modulus
 
 
+def engine_seed(step_seed: int, engine: int) -> int:
+    """The sampling seed of rollout engine `engine` at a step: `mix_seed(step_seed, engine)`.
+
+    `step_seed` is the step's `mix_seed(seed, step)` (the trainer's), so the engine's seed is
+    `(seed * M + step) * M + engine` (M = `SEED_MULTIPLIER`): distinct for every (step, engine) of a
+    run with fewer than M steps and engines. (Adding the engine index to the step seed, as before,
+    gave engine 1 at step s the seed of engine 0 at step s + 1.) A single in-process engine samples
+    with the step seed itself.
+
+    Args:
+        step_seed: the step's sampling seed (`SamplingParams.seed`).
+        engine: the engine's index among the run's rollout engines.
+
+    Returns:
+        The engine's seed, in `[0, 2**63 - 1)`.
+    """
+    return mix_seed(step_seed, engine)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's `random`, numpy's legacy global RNG and torch (CPU and CUDA) with `seed`.
 

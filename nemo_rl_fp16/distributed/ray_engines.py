@@ -224,13 +224,15 @@ class RayRolloutGroup:
             self._asleep = False
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> RolloutBatch:
-        """Engine i samples prompts `chunk_i` (contiguous) with seed `params.seed + i`."""
+        """Engine i samples prompts `chunk_i` (contiguous) with seed `runtime.engine_seed(params.seed, i)`."""
         import ray
 
         self._wake()
         n = len(self.workers)
         bounds = [len(prompts) * i // n for i in range(n + 1)]
-        jobs = [(w, prompts[lo:hi], dataclasses.replace(params, seed=params.seed + i))
+        from nemo_rl_fp16.runtime import engine_seed
+
+        jobs = [(w, prompts[lo:hi], dataclasses.replace(params, seed=engine_seed(params.seed, i)))
                 for i, (w, lo, hi) in enumerate(zip(self.workers, bounds, bounds[1:], strict=False)) if hi > lo]
         batches = ray.get([w.call.remote("generate", chunk, p) for w, chunk, p in jobs])
         if self.colocated:
