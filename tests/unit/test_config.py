@@ -8,6 +8,13 @@ from nemo_rl_fp16.plan import make_plan, parallel_layout
 
 
 @pytest.mark.parametrize("name", available_recipes())
+def test_gpu_recipes_roll_out_with_vllm(name):
+    """A recipe that declares GPUs samples with vLLM, not the CPU reference sampler (a host sync per token)."""
+    cfg = typed(load_recipe(name))
+    assert cfg.cluster.gpus_per_node == 0 or cfg.rollout.backend == "vllm", name
+
+
+@pytest.mark.parametrize("name", available_recipes())
 def test_every_packaged_recipe_loads_and_plans(name, monkeypatch):
     from nemo_rl_fp16.policy.megatron import attention
 
