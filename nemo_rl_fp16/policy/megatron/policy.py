@@ -225,7 +225,7 @@ class MegatronPolicy:
         else:
             self._model = self._init_cuda(make, shard, lr, weight_decay, use_distributed_optimizer)
         self.adapter = MegatronModelAdapter(self._model, policy, self.device)
-        self.loop = MicroBatchLoop(self.adapter, micro_batch_size)
+        self.loop = MicroBatchLoop(self.adapter, micro_batch_size, trim=True)  # own-length micro-batches
 
     # -------------------------------------------------------------------------- CUDA path
     def _init_cuda(self, make, shard: Mapping[str, torch.Tensor], lr: float, weight_decay: float,
