@@ -1,6 +1,7 @@
 """One sampling seed per rollout engine and step, derived from (seed, step, engine) by `runtime.mix_seed`:
 no two engines or steps of a run share a seed (engine i used to take step_seed + i, the seed of engine 0
-one step later), and the Ray rollout group hands each engine its own."""
+one step later), also modulo 2**31 (vLLM's range); engine 0 keeps the step seed; the Ray rollout group
+hands each engine its own."""
 
 from __future__ import annotations
 
@@ -12,17 +13,20 @@ import torch
 
 from nemo_rl_fp16.distributed.ray_engines import RayRolloutGroup
 from nemo_rl_fp16.interfaces import RolloutBatch, SamplingParams
-from nemo_rl_fp16.runtime import engine_seed, mix_seed
+from nemo_rl_fp16.runtime import ENGINE_SEED_STRIDE, engine_seed, mix_seed
 
 
 @pytest.mark.parametrize("seed", [0, 1, 7, 12345, 2**40 + 3])
 def test_engines_and_steps_never_share_a_seed(seed):
-    seen = {}
+    seen, seen31 = {}, set()
     for step in range(200):
         for engine in range(8):
             s = engine_seed(mix_seed(seed, step), engine)  # the trainer's step seed, then the engine's
-            assert s not in seen, (seed, (step, engine), seen.get(s))
+            assert s == mix_seed(seed, step + engine * ENGINE_SEED_STRIDE)
+            assert s not in seen and s % 2**31 not in seen31, (seed, (step, engine), seen.get(s))
             seen[s] = (step, engine)
+            seen31.add(s % 2**31)
+    assert engine_seed(mix_seed(seed, 5), 0) == mix_seed(seed, 5)
     # the old rule collided: engine 1 at step 0 == engine 0 at step 1
     assert mix_seed(seed, 0) + 1 == mix_seed(seed, 1)
 
