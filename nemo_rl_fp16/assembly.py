@@ -25,6 +25,7 @@ from nemo_rl_fp16.interfaces import PolicyEngine, RolloutEngine, SamplingParams
 from nemo_rl_fp16.modeling.tokenizer import build_tokenizer
 from nemo_rl_fp16.plan import device_problems, run_device, unimplemented_problems
 from nemo_rl_fp16.policy import build_policy
+from nemo_rl_fp16.policy.reference import ReferencePolicy, build_reference
 from nemo_rl_fp16.precision import PrecisionPolicy, resolve_policies
 from nemo_rl_fp16.rollout import build_rollout_engine
 
@@ -46,7 +47,8 @@ class RunSetup:
         rollout_policy (PrecisionPolicy): the rollout engine's dtypes.
         policy (PolicyEngine): π.
         rollout (RolloutEngine): µ.
-        reference (PolicyEngine | None): frozen π_ref (`algorithm.kl_coef > 0`), else None.
+        reference (ReferencePolicy | PolicyEngine | None): frozen π_ref (`algorithm.kl_coef > 0`; forward-only,
+            `policy.reference`; a `RayPolicyGroup` over the ranks' references under Ray), else None.
         device (str): `cpu` or `cuda`.
         close (Callable[[], None] | None): releases remote workers (Ray); None for in-process engines.
     """
@@ -60,7 +62,7 @@ class RunSetup:
     rollout_policy: PrecisionPolicy
     policy: PolicyEngine
     rollout: RolloutEngine
-    reference: PolicyEngine | None
+    reference: ReferencePolicy | PolicyEngine | None
     device: str
     close: Callable[[], None] | None = None
 
@@ -179,7 +181,8 @@ def build_run(rc: RecipeConfig, console: Console | None = None) -> RunSetup:
                         rollout_pol, ray_engines.policy, ray_engines.rollout, ray_engines.reference,
                         ray_engines.device, close=ray_engines.close)
     policy = build_policy(rc, model_cfg, train_pol, device, init)
-    reference = build_policy(rc, model_cfg, train_pol, device, init) if rc.algorithm.kl_coef > 0 else None
+    # π_ref: forward-only (weights in param_dtype; no fp32 master, optimizer or gradients)
+    reference = build_reference(rc, model_cfg, train_pol, device, init) if rc.algorithm.kl_coef > 0 else None
     rollout = build_rollout_engine(rc, rollout_pol, model_cfg, tokenizer, device,
                                    initial_state_dict=policy.rollout_state_dict(), model_dir=model_dir)
     return RunSetup(tokenizer, problems, prompt_ids, get_reward(rc.reward.name), model_cfg, train_pol,

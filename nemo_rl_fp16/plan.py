@@ -207,11 +207,13 @@ def megatron_layout_problems(cfg: RecipeConfig) -> list[str]:
     """Model-shape checks for megatron parallelism (one line each; empty when the layout is unknown).
 
     Args:
-        cfg (RecipeConfig): the typed recipe (`model:` and the policy's TP/PP/EP).
+        cfg (RecipeConfig): the typed recipe (`model:` and the policy's TP/PP/EP, `policy.sequence_parallel`).
 
     Returns:
-        list[str]: `ModelLayout.parallel_problems` lines, or one `model layout: ...` line when the
-            model's config cannot be read; empty when the layout is unknown.
+        list[str]: `ModelLayout.parallel_problems` lines (heads/layers/experts vs TP/PP/EP), or one
+            `model layout: ...` line when the model's config cannot be read, and sequence parallelism
+            the layer spec cannot run (`policy.megatron.sequence_parallel`, the rule the policy's
+            constructor applies); empty when the layout is unknown and SP is possible.
     """
     from nemo_rl_fp16.policy.memory import model_layout
 
@@ -221,8 +223,17 @@ def megatron_layout_problems(cfg: RecipeConfig) -> list[str]:
         return [f"model layout: {e}"]
     if lay is None:
         return []
+    from nemo_rl_fp16.policy.megatron.sequence_parallel import sequence_parallel_problem, spec_attention
+
     p = cfg.policy
-    return lay.parallel_problems(p.tensor_parallel_size, p.pipeline_parallel_size, p.expert_parallel_size)
+    out = lay.parallel_problems(p.tensor_parallel_size, p.pipeline_parallel_size, p.expert_parallel_size)
+    try:  # the rule the policy's constructor applies (megatron runs on CUDA only: device_problems)
+        attention = spec_attention(p.attention, cuda=True, sliding_window=lay.sliding_window)
+    except ValueError as e:
+        return [*out, f"bad value for 'policy.attention': {p.attention}; {e}"]
+    sp = sequence_parallel_problem(sequence_parallel=p.sequence_parallel, tp=p.tensor_parallel_size,
+                                   attention=attention)
+    return out + ([sp] if sp else [])
 
 
 def _megatron_plan_lines(cfg: RecipeConfig, layout: Layout, param_dtype) -> dict[str, str]:
@@ -239,6 +250,9 @@ def _megatron_plan_lines(cfg: RecipeConfig, layout: Layout, param_dtype) -> dict
     seq = min(cfg.rollout.max_new_tokens + 1024, lay.max_position_embeddings)
     import torch
 
+    from nemo_rl_fp16.policy.factory import distributed_optimizer
+
+    dist = distributed_optimizer(cfg.policy.use_distributed_optimizer, run_device(cfg))
     m = estimate_memory(lay, tp=layout.tp, pp=layout.pp, ep=layout.ep, dp=layout.dp,
                         param_bytes=torch.tensor([], dtype=param_dtype).element_size(),
                         micro_batch=cfg.policy.micro_batch_size, seq=seq,
@@ -246,10 +260,13 @@ def _megatron_plan_lines(cfg: RecipeConfig, layout: Layout, param_dtype) -> dict
     return {
         "parameters": f"{params}; {fmt_params(m.params_local)} per GPU (layout from {source})",
         "memory/GPU": (f"weights {fmt_gib(m.weights)} + grads {fmt_gib(m.grads)} (fp32) + optimizer "
-                       f"{fmt_gib(m.optimizer)} (fp32 master+Adam; {fmt_gib(m.optimizer_distributed)} distributed) + "
+                       f"{fmt_gib(m.optimizer_distributed if dist else m.optimizer)} (fp32 master+Adam"
+                       f"{', sharded over DP: distributed optimizer' if dist else ''}) + "
                        f"activations {fmt_gib(m.activations)} (micro-batch {cfg.policy.micro_batch_size} x seq {seq}"
-                       f"{', recompute' if cfg.policy.activation_checkpointing else ''}) = {fmt_gib(m.total)} "
-                       f"({fmt_gib(m.total_distributed)} with the distributed optimizer)"),
+                       f"{', recompute' if cfg.policy.activation_checkpointing else ''}) = "
+                       f"{fmt_gib(m.total_distributed if dist else m.total)} "
+                       f"(policy.use_distributed_optimizer={str(dist).lower()}; "
+                       f"{fmt_gib(m.total if dist else m.total_distributed)} with it {'off' if dist else 'on'})"),
     }
 
 

@@ -30,6 +30,32 @@ def mix_seed(seed: int, k: int, modulus: int = 2**63 - 1) -> int:
     return (seed * SEED_MULTIPLIER + k) % modulus
 
 
+#: Stride between rollout engines' seeds (`engine_seed`): above any step count, and modulo 2**31 (vLLM's
+#: seed range) an odd golden-ratio multiple (~0.618 * 2**31), so e * stride stays ~2**31 / e away from the
+#: small step offsets there too.
+ENGINE_SEED_STRIDE = 2**40 + 1_327_217_885
+
+
+def engine_seed(step_seed: int, engine: int) -> int:
+    """The sampling seed of rollout engine `engine` at a step.
+
+    `step_seed` is the step's `mix_seed(seed, step)` (the trainer's); engine e samples with
+    `mix_seed(seed, step + e * ENGINE_SEED_STRIDE)`, computed from the step seed as
+    `step_seed + e * ENGINE_SEED_STRIDE`. Engine 0 keeps the step seed (a one-engine Ray run samples
+    as the in-process engine does); every (step, engine) of a run with fewer than
+    `ENGINE_SEED_STRIDE` steps gets its own seed. (Adding the engine index, as before, gave engine 1
+    at step s the seed of engine 0 at step s + 1.)
+
+    Args:
+        step_seed: the step's sampling seed (`SamplingParams.seed`).
+        engine: the engine's index among the run's rollout engines.
+
+    Returns:
+        The engine's seed, in `[0, 2**63 - 1)`.
+    """
+    return (step_seed + engine * ENGINE_SEED_STRIDE) % (2**63 - 1)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's `random`, numpy's legacy global RNG and torch (CPU and CUDA) with `seed`.
 

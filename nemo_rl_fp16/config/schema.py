@@ -164,6 +164,7 @@ class PolicySection(_Section):
     activation_checkpointing: bool = False
     attention: Literal["auto", "te", "sdpa", "local"] = "auto"
     fused_elementwise: bool = False
+    use_distributed_optimizer: bool | None = None
     router_replay: Literal["none", "rollout", "trainer"] = "none"
     lora: LoraSection = LoraSection()
 
@@ -363,7 +364,8 @@ class RecipeConfig(_Section):
     def _inapplicable(self) -> list[str]:
         """Keys documented as "X only" set to a non-default value where X is off: refused, not ignored."""
         groups = (
-            ("policy", self.policy, ("sequence_parallel", "activation_checkpointing", "attention", "fused_elementwise"),
+            ("policy", self.policy, ("sequence_parallel", "attention", "fused_elementwise",
+                                     "use_distributed_optimizer"),
              self.policy.backend != "megatron", "policy.backend=megatron"),
             ("rollout", self.rollout, ("tensor_parallel_size", "gpu_memory_utilization", "enforce_eager",
                                         "refit_bucket_mb"),

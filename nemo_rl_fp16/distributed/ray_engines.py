@@ -187,11 +187,11 @@ class RayRolloutGroup:
             self._asleep = tags is not None  # woken partly: the KV cache comes back before generating
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> RolloutBatch:
-        """Engine i samples prompts `chunk_i` (contiguous) with seed `params.seed + i`.
+        """Engine i samples prompts `chunk_i` (contiguous) with seed `runtime.engine_seed(params.seed, i)`.
 
         Args:
             prompts (list[list[int]]): the prompts' token ids.
-            params (SamplingParams): the sampling settings (engine i uses seed `params.seed + i`).
+            params (SamplingParams): the sampling settings (engine i uses seed `runtime.engine_seed(params.seed, i)`).
 
         Returns:
             RolloutBatch: the engines' batches concatenated in prompt order, padded with `pad_token_id`.
@@ -201,7 +201,9 @@ class RayRolloutGroup:
         self._wake()
         n = len(self.workers)
         bounds = [len(prompts) * i // n for i in range(n + 1)]
-        jobs = [(w, prompts[lo:hi], dataclasses.replace(params, seed=params.seed + i))
+        from nemo_rl_fp16.runtime import engine_seed
+
+        jobs = [(w, prompts[lo:hi], dataclasses.replace(params, seed=engine_seed(params.seed, i)))
                 for i, (w, lo, hi) in enumerate(zip(self.workers, bounds, bounds[1:], strict=False)) if hi > lo]
         batches = ray.get([w.call.remote("generate", chunk, p) for w, chunk, p in jobs])
         if self.colocated:

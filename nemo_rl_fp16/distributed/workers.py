@@ -77,7 +77,7 @@ class PolicyWorker:
             train_pol (PrecisionPolicy): the trainer side's dtypes.
             device (str): `cpu` or `cuda`.
             init (dict | None): fp32 starting weights (None = `model.name_or_path`).
-            reference (bool): also build the frozen reference policy.
+            reference (bool): also build the frozen, forward-only reference policy (`policy.reference`).
 
         Returns:
             str: the engine's class name (for the driver's log line).
@@ -91,7 +91,9 @@ class PolicyWorker:
                                 timeout=datetime.timedelta(minutes=30))
         self.engines["policy"] = build_policy(rc, model_cfg, train_pol, device, init)
         if reference:
-            self.engines["reference"] = build_policy(rc, model_cfg, train_pol, device, init)
+            from nemo_rl_fp16.policy.reference import build_reference
+
+            self.engines["reference"] = build_reference(rc, model_cfg, train_pol, device, init)
         return type(self.engines["policy"]).__name__
 
     def call(self, target: str, method: str, *args: Any) -> Any:

@@ -6,7 +6,13 @@ Layout (`interfaces.RolloutBatch`): response token `P + t` is predicted by the l
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+from torch.utils.checkpoint import checkpoint
+
+#: fp32 elements of one log-prob chunk (`[rows, positions, vocab]`, 2^26 = 256 MiB): `chunked_token_logprobs`
+LOGPROB_CHUNK_ELEMENTS = 1 << 26
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -72,6 +78,67 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return logprob_table(logits, temperature, logits_dtype).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+def same_function_modes() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """`torch.utils.checkpoint` `context_fn`: recompute under the torch-function modes of the forward.
+
+    The CPU numerics (`precision.cpu_numerics`: `TorchFunctionMode`s) are not active when autograd
+    recomputes a checkpointed region in backward, so the recompute would take other kernels and
+    other values (checkpoint refuses the mismatch). This re-enters the forward's modes that are
+    not already active, so the recompute is the same computation.
+
+    Returns:
+        (the forward's context: a no-op, the recompute's context).
+    """
+    from torch.overrides import _get_current_function_mode_stack
+
+    modes = list(_get_current_function_mode_stack())
+
+    @contextlib.contextmanager
+    def again():
+        active = {id(m) for m in _get_current_function_mode_stack()}
+        with contextlib.ExitStack() as stack:
+            for m in modes:
+                if id(m) not in active:
+                    stack.enter_context(m)
+            yield
+
+    return contextlib.nullcontext(), again()
+
+
+def chunked_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
+                           logits_dtype: torch.dtype = torch.float32, chunk: int | None = None) -> torch.Tensor:
+    """`token_logprobs` over chunks of positions: no `[N, T, V]` fp32 tensor is ever whole.
+
+    The fp32 cast, the division and the log-softmax of `token_logprobs` each make an `[N, T, V]`
+    fp32 tensor (3 at the peak; autograd keeps the log-softmax output). Here they exist for
+    `chunk` positions at a time, and with grad each chunk is recomputed in backward
+    (`torch.utils.checkpoint`), so only the model-dtype logits stay alive. Every row's log-softmax
+    is the same computation as unchunked: results and gradients are bitwise equal.
+
+    Args:
+        logits: `[N, T, V]` logits in the model dtype.
+        tokens: `[N, T]` int64 token ids.
+        temperature: as `logprob_table`.
+        logits_dtype: as `logprob_table`.
+        chunk: positions per chunk (None: as many as fit `LOGPROB_CHUNK_ELEMENTS` fp32 elements).
+
+    Returns:
+        `[N, T]` log-probs in `logits_dtype` (with grad if `logits` has it).
+    """
+    n, t, v = logits.shape
+    if chunk is None:
+        chunk = max(1, LOGPROB_CHUNK_ELEMENTS // max(n * v, 1))
+    if chunk >= t:
+        return token_logprobs(logits, tokens, temperature, logits_dtype)
+    recompute = torch.is_grad_enabled() and logits.requires_grad
+    pieces = []
+    for s in range(0, t, chunk):
+        args = (logits[:, s:s + chunk], tokens[:, s:s + chunk], temperature, logits_dtype)
+        pieces.append(checkpoint(token_logprobs, *args, use_reentrant=False, context_fn=same_function_modes)
+                      if recompute else token_logprobs(*args))
+    return torch.cat(pieces, dim=1)
+
+
 def response_width(input_ids: torch.Tensor, prompt_width: int) -> int:
     """T, the response width of a `[N, P + T]` batch.
 
@@ -98,6 +165,7 @@ def response_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention
 
     Token `P + t` is predicted by the logits at position `P + t - 1`; only those T positions
     reach the lm_head (`logits_to_keep`). Padding is not zeroed: callers honour response_mask.
+    The fp32 log-softmax runs in chunks of positions (`chunked_token_logprobs`, bitwise the same).
 
     Args:
         model: an HF causal LM (or one with the same forward signature and `.logits`).
@@ -117,4 +185,4 @@ def response_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention
     out = model(input_ids=input_ids, attention_mask=attention_mask,
                 position_ids=position_ids_from_mask(attention_mask), use_cache=False,
                 logits_to_keep=n_resp + 1)
-    return token_logprobs(out.logits[:, :-1], input_ids[:, prompt_width:], temperature, logits_dtype)
+    return chunked_token_logprobs(out.logits[:, :-1], input_ids[:, prompt_width:], temperature, logits_dtype)

@@ -36,10 +36,27 @@ def build_policy(rc: RecipeConfig, model_cfg: dict, precision: PrecisionPolicy, 
             tensor_parallel_size=p.tensor_parallel_size, pipeline_parallel_size=p.pipeline_parallel_size,
             expert_parallel_size=p.expert_parallel_size, sequence_parallel=p.sequence_parallel,
             activation_checkpointing=p.activation_checkpointing, attention=p.attention,
-            fused_elementwise=p.fused_elementwise, router_replay=p.router_replay)
+            fused_elementwise=p.fused_elementwise, router_replay=p.router_replay,
+            use_distributed_optimizer=distributed_optimizer(p.use_distributed_optimizer, device))
     from nemo_rl_fp16.policy.torch_policy import TorchPolicy
 
     return TorchPolicy(model_cfg, precision, lr=p.lr, weight_decay=p.weight_decay,
                        max_grad_norm=p.max_grad_norm, micro_batch_size=p.micro_batch_size,
                        seed=rc.seed, device=device, initial_state_dict=init,
-                       lora=p.lora.model_dump() if p.lora.enabled else None, router_replay=p.router_replay)
+                       lora=p.lora.model_dump() if p.lora.enabled else None, router_replay=p.router_replay,
+                       activation_checkpointing=p.activation_checkpointing)
+
+
+def distributed_optimizer(value: bool | None, device: str) -> bool:
+    """`policy.use_distributed_optimizer` resolved: null is on with CUDA, off on CPU (megatron backend).
+
+    The one rule for the policy build and the dry-run plan's memory figure.
+
+    Args:
+        value: the recipe's `policy.use_distributed_optimizer` (None: auto).
+        device: the run's device (`plan.run_device`).
+
+    Returns:
+        Whether megatron's distributed optimizer shards the fp32 main params and Adam state over DP.
+    """
+    return (device == "cuda") if value is None else bool(value)

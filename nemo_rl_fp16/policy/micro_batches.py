@@ -25,6 +25,7 @@ import torch
 
 from nemo_rl_fp16.interfaces import LossFn, RolloutBatch
 from nemo_rl_fp16.modeling import position_ids_from_mask
+from nemo_rl_fp16.policy.trim import trim, untrim
 from nemo_rl_fp16.precision.range_monitor import ActivationMonitor
 
 #: Called around each micro-batch's scoring forward in `MicroBatchLoop.logprobs`, with the micro-batch.
@@ -91,16 +92,21 @@ class MicroBatchLoop:
     Args:
         adapter: the backend's model adapter.
         micro_batch_size: rows per forward/backward (>= 1); gradients accumulate across micro-batches.
+        trim: score each micro-batch at its own length (`trim.trim`: all-padding leading prompt and
+            trailing response columns dropped). The megatron backend turns it on (bitwise on CPU,
+            training included); the torch backend leaves it off: its fp16 log-probs stay bitwise
+            but weight gradients reduce over fewer tokens in another order (~1e-6), `test_trim.py`.
 
     Raises:
         ValueError: `micro_batch_size < 1`.
     """
 
-    def __init__(self, adapter: ModelAdapter, micro_batch_size: int):
+    def __init__(self, adapter: ModelAdapter, micro_batch_size: int, trim: bool = False):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         self.adapter = adapter
         self.micro_batch_size = int(micro_batch_size)
+        self.trim = bool(trim)
 
     def slices(self, n: int, local: bool = False) -> Iterator[slice]:
         """Row slices of at most `micro_batch_size` rows.
@@ -158,9 +164,16 @@ class MicroBatchLoop:
             for rows in self.slices(batch.num_samples, local=True):
                 mb = batch.select(rows)
                 with around(mb) if around is not None else contextlib.nullcontext():
-                    logp = self.adapter.score(mb, temperature)
+                    # expert recording (around) reads the micro-batch's full width: no trimming there
+                    logp = self._score(mb, temperature) if around is None else self.adapter.score(mb, temperature)
                 out.append(torch.where(mb.response_mask.to(device).bool(), logp, 0.0))
         return self.gather_rows(torch.cat(out)).to(batch.input_ids.device)
+
+    def _score(self, mb: RolloutBatch, temperature: float) -> torch.Tensor:
+        """`adapter.score` of the micro-batch trimmed to its own length (`trim.trim`), at the batch's width."""
+        if not self.trim:
+            return self.adapter.score(mb, temperature)
+        return untrim(self.adapter.score(trim(mb), temperature), mb.response_mask.shape[1])
 
     def forward_backward(self, batch: RolloutBatch, loss_fn: LossFn, temperature: float,
                          backward: Callable[[torch.Tensor], None]) -> tuple[float, dict[str, float], list[dict[str, float]]]:
@@ -181,7 +194,7 @@ class MicroBatchLoop:
         with self.adapter.numerics():
             for rows in self.slices(n_rows, local=True):
                 mb = batch.select(rows)
-                logp = self.adapter.score(mb, temperature)
+                logp = self._score(mb, temperature)
                 loss, metrics = loss_fn(logp.to(mb.input_ids.device), rows)
                 backward(loss)
                 loss_sum += float(loss.detach())

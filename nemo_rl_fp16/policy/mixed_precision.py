@@ -18,6 +18,7 @@ the master (fp32 compute, or FSDP, which casts and reduces itself) gradients acc
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -29,6 +30,42 @@ from nemo_rl_fp16.precision import DynamicLossScaler, PrecisionPolicy, dtype_nam
 GradHook = Callable[[list[torch.Tensor]], None]
 
 
+class GradSync(Protocol):
+    """A backend's multi-process gradient reduction (e.g. `policy.megatron.grad_sync.CpuGradSync`)."""
+
+    def reduce(self, params: list[torch.nn.Parameter], grads: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        """Sum the accumulated (still scaled) gradients of the compute parameters over ranks.
+
+        Args:
+            params: the compute copy's trainable parameters.
+            grads: their accumulated gradients in `grad_reduce_dtype` (None: no gradient on this rank).
+
+        Returns:
+            The reduced gradients, one per parameter.
+        """
+
+    def grad_norm(self, params: list[torch.nn.Parameter]) -> float:
+        """The global L2 norm of the master parameters' `.grad`.
+
+        Args:
+            params: the fp32 master parameters.
+
+        Returns:
+            The norm, the same on every rank.
+        """
+
+    def clip(self, params: list[torch.nn.Parameter], max_norm: float) -> float:
+        """Clip the master `.grad`s in place to the global norm `max_norm`.
+
+        Args:
+            params: the fp32 master parameters.
+            max_norm: the largest global L2 norm kept.
+
+        Returns:
+            The global norm before clipping.
+        """
+
+
 class MasterWeights:
     """fp32 master weights, their compute copy, the optimizer and the dynamic loss scaler.
 
@@ -38,14 +75,18 @@ class MasterWeights:
         optimizer: steps the master's trainable parameters (built by the backend: its parameter groups).
         precision: the policy-side precision (its `loss_scale` builds the scaler).
         max_grad_norm: clip the fp32 master grads to this total norm (`<= 0`: no clipping).
+        grad_sync: sums the gradients over ranks and computes the global norm (the megatron
+            backend on CPU with more than one process); None: gradients are local or reduced by
+            FSDP (which averages over data-parallel ranks: the unscale multiplies back).
 
     Raises:
         ValueError: `precision.master_dtype` is not float32.
     """
 
     def __init__(self, master: torch.nn.Module, compute: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 precision: PrecisionPolicy, *, max_grad_norm: float):
+                 precision: PrecisionPolicy, *, max_grad_norm: float, grad_sync: GradSync | None = None):
         check_master_dtype(precision)
+        self.grad_sync = grad_sync
         self.master = master
         self.compute = compute
         self.optimizer = optimizer
@@ -97,14 +138,21 @@ class MasterWeights:
 
         loss_sum, metric_sums, micro = loop.forward_backward(batch, loss_fn, temperature, backward)
 
-        # FSDP averages over the data-parallel ranks (in fp32); the rows are pre-weighted by their share of
-        # the global batch, so the step needs the sum: unscale by scale / world (exact for powers of two)
-        grads = self._unscale_into_master(scale / loop.adapter.data_parallel().size)
+        if self.grad_sync is not None:  # summed over DP (and TP where partial): unscale by scale alone
+            self._reduce_pending()
+            grads = self._unscale_into_master(scale)
+        else:
+            # FSDP averages over the data-parallel ranks (in fp32); the rows are pre-weighted by their share of
+            # the global batch, so the step needs the sum: unscale by scale / world (exact for powers of two)
+            grads = self._unscale_into_master(scale / loop.adapter.data_parallel().size)
         if grad_hook is not None:
             grad_hook(grads)
         found_inf = any_nonfinite(grads)
         if found_inf:
             grad_norm = float("nan")
+        elif self.grad_sync is not None:
+            grad_norm = (self.grad_sync.clip(self._master_params, self.max_grad_norm) if self.max_grad_norm > 0
+                         else self.grad_sync.grad_norm(self._master_params))
         elif self.max_grad_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self._master_params, self.max_grad_norm))
         else:
@@ -188,6 +236,18 @@ class MasterWeights:
                 g = pc.grad.to(self.precision.grad_reduce_dtype, copy=True)
                 self._acc[i] = g if self._acc[i] is None else self._acc[i].add_(g)
                 pc.grad = None
+
+    def _reduce_pending(self) -> None:
+        """Hand the accumulated grads (`.grad` when the compute copy is the master) to `grad_sync`."""
+        params = [p for p in self._compute_params if p.requires_grad]
+        index = [i for i, p in enumerate(self._compute_params) if p.requires_grad]
+        shared = self.compute is self.master
+        pending = [p.grad if shared else self._acc[i] for i, p in zip(index, params, strict=True)]
+        for i, p, g in zip(index, params, self.grad_sync.reduce(params, pending), strict=True):
+            if shared:
+                p.grad = g
+            else:
+                self._acc[i] = g
 
     def _unscale_into_master(self, scale: float) -> list[torch.Tensor]:
         """fp32 master grads = accumulated grads (upcast) / scale, divided in fp32."""

@@ -124,6 +124,8 @@ class TorchPolicy:
         initial_state_dict: fp32 HF state dict to start from (e.g. after a warm start).
         lora: the recipe's `policy.lora` block; when `enabled`, train LoRA adapters only (module doc).
         router_replay: `"none"`, `"rollout"` (R3) or `"trainer"` (R2); `expert_routing`; needs an HF MoE model.
+        activation_checkpointing: recompute each decoder layer in backward (HF gradient checkpointing,
+            `use_reentrant=False`; `enable_layer_recompute`): the same values, less activation memory.
 
     Attributes:
         weights: the fp32 master step (`MasterWeights`: master, compute copy, optimizer, scaler).
@@ -139,7 +141,8 @@ class TorchPolicy:
                  weight_decay: float = 0.0, max_grad_norm: float = 1.0, micro_batch_size: int = 8,
                  seed: int = 0, device: torch.device | str = "cpu",
                  initial_state_dict: Mapping[str, torch.Tensor] | None = None,
-                 lora: Mapping[str, Any] | None = None, router_replay: str = "none"):
+                 lora: Mapping[str, Any] | None = None, router_replay: str = "none",
+                 activation_checkpointing: bool = False):
         check_router_replay(router_replay)
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
@@ -161,6 +164,8 @@ class TorchPolicy:
             compute = cast_params_(copy.deepcopy(master), policy.param_dtype, router_dtype=policy.router_dtype)
         if policy.router_dtype != policy.param_dtype:  # e.g. an fp32 router: gate logits, softmax, top-k in it
             run_gates_in_weight_dtype(compute)
+        if activation_checkpointing:
+            enable_layer_recompute(compute)
         routing = RouterHooks(compute)
         #: MoE routing of the compute copy: the trainer's experts, replay (`ExpertRouting`)
         self.experts = ExpertRouting(routing if routing.routers else None, router_replay, self.device)
@@ -405,6 +410,40 @@ def _fsdp_wrap(model: torch.nn.Module, policy: PrecisionPolicy) -> bool:
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     return True
+
+
+def enable_layer_recompute(model: torch.nn.Module) -> int:
+    """Turn on HF gradient checkpointing of every decoder layer, in eval mode (no dropout).
+
+    The recompute runs under the forward's CPU numerics (`logprobs.same_function_modes`), so it is
+    the same computation. HF recomputes a `GradientCheckpointingLayer` only when that layer's own `training` flag is set
+    (and grad is on); the policy's models stay in eval mode, so the flag is set on those layers
+    alone (their submodules keep eval behaviour: the forward is the same computation). No-grad
+    scoring never recomputes.
+
+    Args:
+        model: an HF causal LM (or a peft wrapper of one).
+
+    Returns:
+        The number of decoder layers that recompute.
+
+    Raises:
+        ValueError: the model has no HF gradient-checkpointing layers.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    from nemo_rl_fp16.modeling.logprobs import same_function_modes
+
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False,
+                                                                          "context_fn": same_function_modes})
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    if not layers:
+        raise ValueError(f"policy.activation_checkpointing=true: {type(model).__name__} has no HF gradient "
+                         "checkpointing layers; set policy.activation_checkpointing=false")
+    for m in layers:
+        m.training = True  # the layer's own flag only (HF's condition); submodules stay in eval mode
+    return len(layers)
 
 
 def _lora_wrap(model: torch.nn.Module, lora: Mapping[str, Any]) -> torch.nn.Module:

@@ -6,9 +6,9 @@ log-probs, and the next optimizer step; load into TP=1 / EP=1 (DP=2, megatron-co
 global tensors) gives bitwise the same gathered weights and moments; a checkpoint that cannot load
 (loss scaling on one side only, another model) is refused in one line naming both layouts.
 
-CPU multi-process `train_step` is refused by the policy (no gradient sync on that path), so the
-optimizer state comes from AdamW steps on elementwise gradients (`grad = sin(7 p)`), which give the
-same values whatever the sharding. The worker is this file run as a script.
+The optimizer state comes from AdamW steps on elementwise gradients (`grad = sin(7 p)`), which
+give the same values whatever the sharding (a real multi-process train step sums gradients in
+another order per layout: test_megatron_grad_sync.py). The worker is this file run as a script.
 """
 
 from __future__ import annotations

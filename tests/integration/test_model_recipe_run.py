@@ -52,7 +52,7 @@ def test_model_recipe_runs_one_step_from_local_checkpoint(tiny_ckpt, tiny_jsonl,
          f"model.name_or_path={tiny_ckpt}", f"data.path={tiny_jsonl}", f"output_dir={out}", "device=cpu",
          "trainer.max_steps=1", "rollout.max_new_tokens=4", "rollout.num_generations=2", "data.prompts_per_step=2",
          "policy.micro_batch_size=4", "logging.tensorboard=false", "logging.progress=false",
-         "trainer.headroom_every=0", "cluster.gpus_per_node=0"])
+         "trainer.headroom_every=0", "cluster.gpus_per_node=0", "rollout.backend=torch"])  # CPU: the torch sampler
     assert rc == 0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics and metrics[-1]["step"] == 1

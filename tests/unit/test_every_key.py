@@ -110,9 +110,12 @@ TABLE: dict[str, tuple[list[str], list[str], str, object]] = {
     "policy.expert_parallel_size": (MEGATRON, ["policy.expert_parallel_size=2"], REFUSED, None),  # dense model
     "policy.context_parallel_size": (MEGATRON, ["policy.context_parallel_size=2"], REFUSED, None),
     "policy.sequence_parallel": ([], ["policy.sequence_parallel=true"], REFUSED, None),  # torch backend
-    "policy.activation_checkpointing": ([], ["policy.activation_checkpointing=true"], REFUSED, None),
+    "policy.activation_checkpointing": ([], ["policy.activation_checkpointing=true"], "trainer",
+                                        lambda t: sum(getattr(m, "gradient_checkpointing", False)
+                                                      for m in t.compute.modules())),
     "policy.attention": ([], ["policy.attention=sdpa"], REFUSED, None),
     "policy.fused_elementwise": ([], ["policy.fused_elementwise=true"], REFUSED, None),
+    "policy.use_distributed_optimizer": (MEGATRON, ["policy.use_distributed_optimizer=false"], "plan", plan("memory/GPU")),
     "policy.router_replay": ([], ["policy.router_replay=rollout"], REFUSED, None),  # dense model (MoE, rollout|trainer: test_moe_routing, policy/megatron/test_routing)
     "policy.lora.enabled": ([], ["policy.lora.enabled=true"], "trainer",
                             lambda t: sum(p.numel() for p in t.master.parameters() if p.requires_grad)),

@@ -42,6 +42,8 @@ TESTED_ELSEWHERE = {
     "distributed/ray_refit.py": ["tests/integration/test_ray_runs.py", "tests/unit/distributed/test_ray_run.py"],
     "doctor_probes.py": ["tests/unit/test_doctor.py", "tests/unit/policy/test_megatron_doctor.py"],
     "policy/megatron/pipeline.py": ["tests/integration/test_megatron_pipeline.py"],  # PP=2 needs 2 ranks (torchrun)
+    # finalize_model_grads over TP/DP: 2 ranks (torchrun)
+    "policy/megatron/grad_sync.py": ["tests/integration/test_megatron_grad_sync.py"],
     "policy/megatron/refit_stream.py": ["tests/integration/test_megatron_refit_memory.py"],  # TP/EP=2 (torchrun)
     "rollout/refit_check.py": ["tests/vllm/test_vllm_engine.py"],  # the self-check runs on a live vLLM engine
     "rollout/vllm_refit.py": ["tests/vllm/test_vllm_engine.py", "tests/unit/rollout/test_vllm_sleep.py"],

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from nemo_rl_fp16.runtime import SEED_MULTIPLIER, mix_seed, seed_everything, torch_threads
+from nemo_rl_fp16.runtime import (
+    ENGINE_SEED_STRIDE,
+    SEED_MULTIPLIER,
+    engine_seed,
+    mix_seed,
+    seed_everything,
+    torch_threads,
+)
 
 
 def test_mix_seed_is_the_documented_formula():
@@ -55,3 +62,20 @@ def test_torch_threads_sets_then_restores():
     assert torch.get_num_threads() == before  # restored after an error too
     with torch_threads(None):
         assert torch.get_num_threads() == before
+
+
+# one sampling seed per rollout engine and step (issue 20): no two engines or steps share one, also
+# modulo 2**31 (vLLM's range); engine 0 keeps the step seed
+@pytest.mark.parametrize("seed", [0, 1, 7, 12345, 2**40 + 3])
+def test_engines_and_steps_never_share_a_seed(seed):
+    seen, seen31 = {}, set()
+    for step in range(200):
+        for engine in range(8):
+            s = engine_seed(mix_seed(seed, step), engine)  # the trainer's step seed, then the engine's
+            assert s == mix_seed(seed, step + engine * ENGINE_SEED_STRIDE)
+            assert s not in seen and s % 2**31 not in seen31, (seed, (step, engine), seen.get(s))
+            seen[s] = (step, engine)
+            seen31.add(s % 2**31)
+    assert engine_seed(mix_seed(seed, 5), 0) == mix_seed(seed, 5)
+    # the old rule collided: engine 1 at step 0 == engine 0 at step 1
+    assert mix_seed(seed, 0) + 1 == mix_seed(seed, 1)

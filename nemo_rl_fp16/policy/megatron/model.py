@@ -16,6 +16,10 @@ batch layout (`interfaces.py`) left-pads prompts and positions rows with `cumsum
 row is therefore rotated so its first real token sits at position 0 (the real tokens are one
 contiguous run: left-padded prompt + right-padded response), run under a plain causal mask
 (trailing padding cannot influence earlier tokens), and rotated back: exactly the HF positions.
+Under sequence parallelism each row is first padded on the right with masked tokens to a multiple
+of TP (`sequence_parallel.padded_width`: megatron splits the sequence evenly over TP); `unrotate`
+returns real positions only, and the MoE routing (`routing.MegatronRouting.arm`) sees the padded
+positions as the router's own choice.
 
 Log-probs stay vocab-parallel: each TP rank casts its vocabulary shard of the logits to
 `policy.logits_dtype` (fp32), divides by T, and megatron's `vocab_parallel_cross_entropy`
@@ -36,6 +40,7 @@ import torch.nn.functional as F
 from nemo_rl_fp16.modeling import effective_temperature, response_width
 from nemo_rl_fp16.modeling.layout import ModelLayout
 from nemo_rl_fp16.policy.megatron.attention import SDPAttention
+from nemo_rl_fp16.policy.megatron.sequence_parallel import padded_width
 
 __all__ = ["MegatronCausalLM", "build_gpt_model", "layer_spec", "logprobs_from_local_logits", "transformer_config",
            "unwrap"]
@@ -219,7 +224,31 @@ def build_gpt_model(lay: ModelLayout, config, *, use_te: bool = False, attention
     # factors 1/4; HF's inverse frequencies (any MAPPED_ROPE_TYPES, config values) are exact
     rope = gpt.rotary_pos_emb
     rope.inv_freq = lay.rope_inv_freq().to(rope.inv_freq.device)
+    _mark_tensor_parallel(gpt)
     return gpt
+
+
+def _mark_tensor_parallel(gpt: torch.nn.Module) -> None:
+    """Tag TP-sharded weights with megatron's `tensor_model_parallel` attributes.
+
+    megatron-core sets them only inside its weight init, which `perform_initialization=False`
+    skips; without them `param_is_not_tensor_parallel_duplicate` takes every TP rank's shard for a
+    duplicate, so the gradient norm (clipping) counts TP rank 0's shards only.
+    """
+    from megatron.core.tensor_parallel import layers
+
+    for mod in gpt.modules():
+        if isinstance(mod, (layers.ColumnParallelLinear, layers.VocabParallelEmbedding)):
+            dim = 0
+        elif isinstance(mod, layers.RowParallelLinear):
+            dim = 1
+        else:
+            dim = {"column": 0, "row": 1}.get(getattr(mod, "parallel_mode", None))  # TE linears
+            if dim is None:
+                continue
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.nn.Parameter) and not getattr(w, "tensor_model_parallel", False):
+            layers.set_tensor_model_parallel_attributes(w, True, dim, getattr(mod, "stride", 1))
 
 
 
@@ -276,6 +305,9 @@ class MegatronCausalLM(torch.nn.Module):
         self.layout = lay
         self.routing = None  # routing.MegatronRouting on MoE models (set by the policy)
         self._routing: dict[int, torch.Tensor] = {}
+        cfg = unwrap(gpt).config
+        #: forward widths are padded to a multiple of this (TP under sequence parallelism, else 1)
+        self.pad_multiple = cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1
         for i, layer in enumerate(unwrap(gpt).decoder.layers):
             router = getattr(layer.mlp, "router", None)
             if router is not None:
@@ -346,8 +378,9 @@ class MegatronCausalLM(torch.nn.Module):
             attention_mask: `[b, s]` 1 on real tokens (one contiguous run per row), or None.
 
         Returns:
-            (rotated ids `[b, s]`, positions `[b, s]`, boolean causal mask `[1, 1, s, s]` (True =
-            masked, with the sliding window), per-row shift `[b]` for `unrotate`).
+            (rotated ids `[b, s']`, positions `[b, s']`, boolean causal mask `[1, 1, s', s']` (True =
+            masked, with the sliding window), per-row shift `[b]` for `unrotate`), where `s'` is `s`
+            padded on the right to a multiple of `pad_multiple` (TP under sequence parallelism, else `s`).
 
         Raises:
             ValueError: a row of `attention_mask` is not one contiguous run of real tokens.
@@ -362,6 +395,11 @@ class MegatronCausalLM(torch.nn.Module):
             runs = (m[:, 1:] > m[:, :-1]).sum(-1)  # 0 -> 1 transitions
             if bool((runs > (shift > 0).long()).any()):
                 raise ValueError("attention_mask rows must be one contiguous run of real tokens")
+        width = s
+        s = padded_width(s, self.pad_multiple)  # sequence parallel: a multiple of TP (masked tokens on the right)
+        if s != width:
+            input_ids = F.pad(input_ids, (0, s - width))
+            ar = torch.arange(s, device=input_ids.device)
         src = (ar[None, :] + shift[:, None]) % s  # rotated[i, j] = original[i, (j + shift_i) % s]
         ids = input_ids.gather(1, src)
         pos = ar[None, :].expand(b, s)
@@ -371,35 +409,40 @@ class MegatronCausalLM(torch.nn.Module):
         return ids, pos, causal[None, None], shift
 
     @staticmethod
-    def unrotate(logits: torch.Tensor, shift: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
-        """Inverse of `rotate` on the logits: the last `logits_to_keep` HF positions (0: all).
+    def unrotate(logits: torch.Tensor, shift: torch.Tensor, logits_to_keep: int, width: int | None = None
+                 ) -> torch.Tensor:
+        """Inverse of `rotate` on the logits: the last `logits_to_keep` real HF positions (0: all).
 
         Args:
-            logits: `[b, s, v]` in rotated positions.
+            logits: `[b, s, v]` in rotated positions (`s`: the padded width `rotate` ran).
             shift: `[b]` from `rotate`.
-            logits_to_keep: positions to keep from the end (0: all).
+            logits_to_keep: positions to keep from the end of the real width (0: all `width`).
+            width: the real (unpadded) width; positions `width .. s - 1` are the sequence-parallel
+                padding `rotate` added and are never returned (None: `s`, no padding).
 
         Returns:
-            `[b, keep, v]` in HF positions.
+            `[b, keep, v]` in HF positions `width - keep .. width - 1`.
         """
         b, s, v = logits.shape
+        width = s if width is None else int(width)
         ar = torch.arange(s, device=logits.device)
-        keep = s if not logits_to_keep else int(logits_to_keep)
-        back = (ar[s - keep:][None, :] - shift[:, None]) % s  # original j sits at rotated (j - shift_i)
+        keep = width if not logits_to_keep else int(logits_to_keep)
+        back = (ar[width - keep:width][None, :] - shift[:, None]) % s  # original j sits at rotated (j - shift_i)
         return logits.gather(1, back[..., None].expand(b, keep, v))
 
     def _local_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                       logits_to_keep: int) -> torch.Tensor:
         """This rank's vocabulary shard of the logits, `[b, keep, vocab / TP]`, in HF positions."""
-        b, s = input_ids.shape
-        ar = torch.arange(s, device=input_ids.device)
+        width = input_ids.shape[1]
         ids, pos, causal, shift = self.rotate(input_ids, attention_mask)
+        s = ids.shape[1]  # the width padded for sequence parallelism (`width` otherwise)
+        ar = torch.arange(s, device=input_ids.device)
         self._routing = {}
         if self.routing is not None:  # megatron-core RouterReplay (routing.py), in rotated positions
-            self.routing.arm((ar[None, :] + shift[:, None]) % s)
+            self.routing.arm((ar[None, :] + shift[:, None]) % s, width)
         logits = self.module(input_ids=ids, position_ids=pos, attention_mask=causal)  # [b, s, v/TP]
         if self.routing is not None:
             self.routing.after_forward(self._routing, self.layout.moe_top_k)
-        out = self.unrotate(logits, shift, logits_to_keep)
+        out = self.unrotate(logits, shift, logits_to_keep, width)
         return out
 

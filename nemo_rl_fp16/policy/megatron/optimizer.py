@@ -67,7 +67,8 @@ def megatron_train_step(ddp: Any, optimizer: Any, loop: MicroBatchLoop, compute:
     """One optimizer step with megatron-core's optimizer: scaled backward per micro-batch, then `step`.
 
     Args:
-        ddp: megatron-core's `DistributedDataParallel` (its grad buffers are zeroed, then synced).
+        ddp: megatron-core's `DistributedDataParallel` (its grad buffers are zeroed, then reduced by
+            megatron-core's `finalize_model_grads`: DP, and over TP the partial grads of replicated weights).
         optimizer: megatron-core's optimizer over `ddp` (loss scale, unscale, clip, skip on inf/nan).
         loop (MicroBatchLoop): the shared micro-batch loop over the model adapter.
         compute (torch.nn.Module): the model `loop` runs (train mode during the step).
@@ -81,13 +82,17 @@ def megatron_train_step(ddp: Any, optimizer: Any, loop: MicroBatchLoop, compute:
         TrainStepResult: loss, grad norm (NaN when skipped), the loss scale used, `skipped` on an
         fp16 overflow (megatron's optimizer leaves the weights untouched and backs its scaler off).
     """
+    from megatron.core.distributed import finalize_model_grads
+
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
     scale = float(optimizer.get_loss_scale())
     compute.train()
     loss_sum, metric_sums, micro = loop.forward_backward(
         batch, loss_fn, temperature, lambda loss: optimizer.scale_loss(loss.to(device)).backward())
-    ddp.finish_grad_sync()
+    # DP reduction and the TP sums of sequence-parallel / q-k norm / router grads (finish_grad_sync alone
+    # leaves those partial: replicated weights would drift apart across TP ranks)
+    finalize_model_grads([ddp])
     if grad_hook is not None:  # test/debug hook on the fp32 main grads (e.g. plant an inf)
         grad_hook([p.main_grad for p in ddp.parameters() if getattr(p, "main_grad", None) is not None])
     ok, grad_norm, _ = optimizer.step()

@@ -39,6 +39,7 @@ import torch
 from nemo_rl_fp16.interfaces import LossFn, RolloutBatch, TrainStepResult
 from nemo_rl_fp16.modeling import response_width
 from nemo_rl_fp16.policy.megatron.model import MegatronCausalLM, logprobs_from_local_logits, unwrap
+from nemo_rl_fp16.policy.megatron.sequence_parallel import padded_width
 from nemo_rl_fp16.policy.micro_batches import MicroBatchLoop, ScoreScope
 from nemo_rl_fp16.policy.mixed_precision import GradHook, MasterWeights, any_nonfinite
 from nemo_rl_fp16.precision.range_monitor import ActivationMonitor
@@ -188,7 +189,7 @@ class PipelineLoop(MicroBatchLoop):
             out = model(input_ids=rot, position_ids=pos, attention_mask=causal)
 
             def loss_func(logits: torch.Tensor):
-                local = wrapper.unrotate(logits, shift, response_width(ids, mb.prompt_width) + 1)
+                local = wrapper.unrotate(logits, shift, response_width(ids, mb.prompt_width) + 1, ids.shape[1])
                 logp = logprobs_from_local_logits(local, ids, mb.prompt_width, temperature, dtype)
                 loss, record = on_logp(r, mb, logp)
                 # 3-tuple + calculate_per_token_loss: megatron neither divides by tokens nor by micro-batches
@@ -196,7 +197,7 @@ class PipelineLoop(MicroBatchLoop):
 
             return out, loss_func
 
-        s = batch.input_ids.shape[1]
+        s = padded_width(batch.input_ids.shape[1], wrapper.pad_multiple)  # as `rotate` pads (sequence parallel)
         return get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=mbs, model=[wrapper.module], num_microbatches=len(rows),
             seq_length=s, micro_batch_size=self.micro_batch_size, forward_only=forward_only)

@@ -19,7 +19,9 @@ Optimizer, two paths:
 - CPU (megatron's optimizer and `DynamicGradScaler` allocate CUDA tensors): the shared
   `MasterWeights`, as the torch backend uses it: an fp32 master GPTModel with torch AdamW and
   `DynamicLossScaler`, a compute GPTModel in `param_dtype`, fp32 grad accumulation, overflow
-  skip. Single process, or pipeline stages only (TP/EP/DP > 1 on CPU: log-probs only). megatron-core on CPU also
+  skip. With more than one process the grads go through megatron-core's `finalize_model_grads`
+  (`grad_sync.CpuGradSync`: TP/EP/DP on gloo) and are clipped by the model-parallel norm; pipeline
+  stages run `pipeline.PipelineMasterWeights` (PP alone on CPU: combined with TP/EP/DP, log-probs only). megatron-core on CPU also
   needs a few CUDA calls redirected; this package does not do that, the test fixtures do
   (`tests/unit/policy/conftest.py`). The CPU path exists for CI.
 
@@ -41,7 +43,6 @@ import torch
 from nemo_rl_fp16.interfaces import LossFn, RolloutBatch, TrainStepResult
 from nemo_rl_fp16.modeling.layout import ModelLayout
 from nemo_rl_fp16.policy.expert_routing import ExpertRouting, check_router_replay
-from nemo_rl_fp16.policy.megatron.attention import resolve_attention
 from nemo_rl_fp16.policy.megatron.convert import (
     hf_source,
     hf_to_megatron,
@@ -49,6 +50,7 @@ from nemo_rl_fp16.policy.megatron.convert import (
     megatron_to_hf,
     te_names,
 )
+from nemo_rl_fp16.policy.megatron.grad_sync import CpuGradSync
 from nemo_rl_fp16.policy.megatron.model import MegatronCausalLM, build_gpt_model, transformer_config, unwrap
 from nemo_rl_fp16.policy.megatron.optimizer import back_off_grad_scalers, build_megatron_optimizer, megatron_train_step
 from nemo_rl_fp16.policy.megatron.parallel import data_parallel, init_megatron_parallel
@@ -61,6 +63,7 @@ from nemo_rl_fp16.policy.megatron.pipeline import (
 )
 from nemo_rl_fp16.policy.megatron.refit_stream import local_spec_names, stream_hf_weights
 from nemo_rl_fp16.policy.megatron.routing import MegatronRouting, install_partial_replays
+from nemo_rl_fp16.policy.megatron.sequence_parallel import sequence_parallel_problem, spec_attention
 from nemo_rl_fp16.policy.megatron.sharding import gather_full_state_dict, load_shard_, shard_state_dict
 from nemo_rl_fp16.policy.micro_batches import DataParallel, MicroBatchLoop
 from nemo_rl_fp16.policy.mixed_precision import GradHook, MasterWeights, check_master_dtype
@@ -139,11 +142,13 @@ class MegatronPolicy:
         expert_parallel_size: EP (MoE).
         sequence_parallel: megatron sequence parallelism (TP > 1).
         activation_checkpointing: full activation recomputation.
-        use_distributed_optimizer: megatron's distributed optimizer (CUDA).
+        use_distributed_optimizer: megatron's distributed optimizer (CUDA; refused on CPU).
         attention: `auto` | `te` | `sdpa` | `local` (`attention.resolve_attention`).
         fused_elementwise: megatron's compiled SwiGLU / bias-dropout-add (`model.transformer_config`).
         router_replay: `"none"`, `"rollout"` (R3) or `"trainer"` (R2) (`expert_routing`); needs an MoE
             model and, with TP > 1, no sequence parallelism.
+        forward_only: build only the scoring model in `param_dtype` (no fp32 master, optimizer or
+            gradient buffers): the KL reference (`policy.reference.ReferencePolicy`); `train_step` refuses.
 
     Attributes:
         layout: the model's `ModelLayout`.
@@ -156,8 +161,10 @@ class MegatronPolicy:
 
     Raises:
         ValueError: bad sizes/dtypes, an unmapped HF feature, a parallel layout that does not divide,
-            an unknown `router_replay`, replay with a dense model or sequence parallelism, or PP with
-            an MoE model (`ModelLayout.parallel_problems`).
+            an unknown `router_replay`, replay with a dense model or sequence parallelism, PP with
+            an MoE model (`ModelLayout.parallel_problems`), sequence parallelism the layer spec
+            cannot run (`sequence_parallel.sequence_parallel_problem`), or
+            `use_distributed_optimizer=True` on CPU.
     """
 
     def __init__(self, model_cfg: Mapping[str, Any], policy: PrecisionPolicy, *, lr: float,
@@ -167,7 +174,7 @@ class MegatronPolicy:
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, expert_parallel_size: int = 1,
                  sequence_parallel: bool = False, activation_checkpointing: bool = False,
                  use_distributed_optimizer: bool = False, attention: str = "auto", fused_elementwise: bool = False,
-                 router_replay: str = "none"):
+                 router_replay: str = "none", forward_only: bool = False):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         check_master_dtype(policy)
@@ -179,20 +186,28 @@ class MegatronPolicy:
         self.grad_hook: GradHook | None = None
         tp, pp, ep = int(tensor_parallel_size), int(pipeline_parallel_size), int(expert_parallel_size)
         self.pp = pp
-        init_megatron_parallel(tp, pp, ep, seed=seed, cpu=self.cpu)
-
         hf_sd, hf_config, self._hf_fused_experts = hf_source(model_cfg, seed, initial_state_dict)
         self.layout = ModelLayout.from_hf_config(hf_config)
         problems = self.layout.parallel_problems(tp, pp, ep)
         if problems:
             raise ValueError("; ".join(problems))
+        # TE's sliding window is not mapped (layer_spec): auto takes sdpa there
+        self.attention = attention = spec_attention(attention, cuda=not self.cpu, sliding_window=self.layout.sliding_window)
+        sp_problem = sequence_parallel_problem(sequence_parallel=sequence_parallel, tp=tp, attention=attention)
+        if sp_problem:  # the validation stage applies the same rule (plan.megatron_layout_problems)
+            raise ValueError(sp_problem)
+        if use_distributed_optimizer and self.cpu:
+            raise ValueError("bad value for 'policy.use_distributed_optimizer': true on CPU; allowed: false or null "
+                             "(megatron's distributed optimizer keeps its buffers and grad scaler on CUDA; the CPU path "
+                             "steps torch AdamW over fp32 master weights); set policy.use_distributed_optimizer=null")
+        if router_replay != "none" and sequence_parallel and tp > 1:
+            raise ValueError(f"policy.router_replay={router_replay} with policy.sequence_parallel=true is not wired "
+                             "(the routers see a sequence shard); set policy.sequence_parallel=false")
+        init_megatron_parallel(tp, pp, ep, seed=seed, cpu=self.cpu)
         shard: dict[str, torch.Tensor] = {}
         for part in hf_to_megatron_parts(hf_sd, self.layout):  # one layer's full tensors at a time
             shard.update(self._stage(shard_state_dict(part, self.layout)))
         del hf_sd
-        if attention == "auto" and self.layout.sliding_window and not self.cpu:
-            attention = "sdpa"  # TE's sliding window is not mapped (layer_spec)
-        self.attention = attention = resolve_attention(attention, cuda=not self.cpu)
         use_te = attention == "te"
         if use_te:
             shard = te_names(shard)
@@ -216,7 +231,17 @@ class MegatronPolicy:
         self._world_is_one = not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1)
         self.weights: MasterWeights | None = None
         self.mcore_optimizer = None
-        if self.cpu:
+        self.forward_only = bool(forward_only)
+        if forward_only:  # the same param_dtype values the full engine's compute copy holds, nothing else
+            gpt, self.tconfig = make(policy.param_dtype)
+            if not self.cpu and policy.param_dtype != torch.float32:
+                from megatron.core.transformer.module import Float16Module
+
+                gpt = Float16Module(self.tconfig, gpt)  # as _init_cuda: casts params, fp32 logits
+                self._router_to_fp32(gpt)
+                load_shard_(gpt, shard)
+            self._model = MegatronCausalLM(gpt, self.layout).eval()
+        elif self.cpu:
             # CPU: the shared fp32 master step (MasterWeights), as the torch backend uses it
             gpt32, self.tconfig = make(torch.float32)
             master = MegatronCausalLM(gpt32, self.layout).eval()
@@ -226,22 +251,24 @@ class MegatronPolicy:
                 gptc, self.tconfig = make(policy.param_dtype)
                 compute = MegatronCausalLM(gptc, self.layout).eval()
             optimizer = torch.optim.AdamW(list(master.parameters()), lr=lr, weight_decay=weight_decay)
-            if pp > 1:
+            if pp > 1:  # PipelineMasterWeights sums the tied embedding over the stages (PP alone on CPU)
                 self.weights = PipelineMasterWeights(master, compute, optimizer, policy, max_grad_norm=max_grad_norm,
                                                      tied=self.layout.tie_word_embeddings)
             else:
-                self.weights = MasterWeights(master, compute, optimizer, policy, max_grad_norm=max_grad_norm)
+                # more than one process: megatron's finalize_model_grads sums DP and the partial TP grads
+                sync = None if self._world_is_one else CpuGradSync(unwrap(compute.module), self.tconfig)
+                self.weights = MasterWeights(master, compute, optimizer, policy, max_grad_norm=max_grad_norm,
+                                             grad_sync=sync)
             self._model = compute
         else:
             self._model = self._init_cuda(make, shard, lr, weight_decay, use_distributed_optimizer)
-        if router_replay != "none" and sequence_parallel and tp > 1:
-            raise ValueError(f"policy.router_replay={router_replay} with policy.sequence_parallel=true is not wired "
-                             "(the routers see a sequence shard); set policy.sequence_parallel=false")
         if self.layout.is_moe:
             self._model.routing = MegatronRouting(self._model.module)
         self.experts = ExpertRouting(self._model.routing, router_replay, self.device)
         self.adapter = MegatronModelAdapter(self._model, policy, self.device, self.experts)
-        self.loop = (PipelineLoop if pp > 1 else MicroBatchLoop)(self.adapter, micro_batch_size)
+        # own-length micro-batches (trim.py); the pipeline schedule runs the batch's width
+        self.loop = (PipelineLoop(self.adapter, micro_batch_size) if pp > 1
+                     else MicroBatchLoop(self.adapter, micro_batch_size, trim=True))
 
     def _stage(self, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This pipeline stage's part of a TP/EP-sharded state dict (everything at PP=1)."""
@@ -251,7 +278,6 @@ class MegatronPolicy:
     def _init_cuda(self, make, shard: Mapping[str, torch.Tensor], lr: float, weight_decay: float,
                    use_distributed_optimizer: bool) -> MegatronCausalLM:
         from megatron.core.transformer.module import Float16Module
-
         pol = self.precision
         # params_dtype/fp16/bf16 of the policy (Float16Module reads config.fp16/bf16); megatron's
         # optimizer then creates the fp32 main params from these (HF fp32 values rounded once).
@@ -366,15 +392,22 @@ class MegatronPolicy:
             The step's `TrainStepResult` (`skipped` on an fp16 overflow: weights untouched).
 
         Raises:
-            NotImplementedError: on CPU with TP, EP or DP > 1 (no gradient sync over those groups
-                there; pipeline stages alone need none but the tied embedding's, which is done).
+            NotImplementedError: on CPU with pipeline stages and TP, EP or DP > 1 as well (the
+                pipeline step syncs the tied embedding only; TP/EP/DP alone go through `CpuGradSync`).
             ValueError: `router_replay="trainer"` (R2) without a `logprobs` pass over `batch` first.
+            RuntimeError: a `forward_only` policy.
+
+        Gradients: megatron-core's `finalize_model_grads` sums them over DP and, where each TP rank
+        holds only part of a replicated parameter's gradient (sequence-parallel norms and router,
+        q/k norms), over TP; on CPU through `grad_sync.CpuGradSync` (more than one process).
         """
+        if self.forward_only:
+            raise RuntimeError("this MegatronPolicy is forward-only (the KL reference): it has no optimizer")
         batch = self.experts.prepare_update(batch)  # R2: replay the old-logprob pass's routing
         if self.weights is not None:
-            if not self._world_is_one and self.pp != torch.distributed.get_world_size():
-                raise NotImplementedError("CPU megatron train_step runs single-process or pipeline-parallel only "
-                                          "(no TP/EP/DP grads sync on CPU)")
+            if self.pp > 1 and self.pp != torch.distributed.get_world_size():
+                raise NotImplementedError("CPU megatron train_step with pipeline parallelism runs pipeline stages "
+                                          "only (no TP/EP/DP grads sync together with PP on CPU)")
             return self.weights.train_step(self.loop, batch, loss_fn, temperature, self.grad_hook)
         if self.pp > 1:
             return cuda_pipeline_step(self, batch, loss_fn, temperature)

@@ -131,13 +131,14 @@ class MegatronRouting:
         self._own: torch.Tensor | None = None
         self._used: torch.Tensor | None = None
         self._src: torch.Tensor | None = None
+        self._width = 0
 
     @property
     def num_layers(self) -> int:
         """MoE layers."""
         return len(self.replays)
 
-    def arm(self, src: torch.Tensor) -> None:
+    def arm(self, src: torch.Tensor, width: int | None = None) -> None:
         """Set each router's action before a forward over the rotated rows `input_ids.gather(1, src)`.
 
         Each layer replays its `[s * b, k]` ids (s-major, rotated like the tokens) when `replay` is
@@ -145,13 +146,18 @@ class MegatronRouting:
         recompute).
 
         Args:
-            src: `[b, s]` long, the rotation `MegatronCausalLM` applies to the rows.
+            src: `[b, s]` long, the rotation `MegatronCausalLM` applies to the (padded) rows.
+            width: the rows' real width before the sequence-parallel padding (None: `s`); the
+                padding positions `width .. s - 1` route by the router's own choice and are not
+                recorded.
 
         Raises:
-            ValueError: `replay` does not hold `b * s` tokens for every MoE layer.
+            ValueError: `replay` does not hold `b * width` tokens for every MoE layer.
         """
         _, Action = _replay_types()
         self._src = src
+        b, s = src.shape
+        self._width = s if width is None else int(width)
         self._own = self._used = None
         for r in self.replays:
             r.clear_indices()
@@ -159,13 +165,14 @@ class MegatronRouting:
             for r in self.replays:
                 r.set_router_replay_action(Action.RECORD)
             return
-        b, s = src.shape
         t = self.replay.to(src.device)
-        if t.shape[0] != b * s or t.shape[1] != len(self.replays):
-            raise ValueError(f"router replay holds {tuple(t.shape)} (tokens, layers, k), the forward runs {b} x {s} "
-                             f"tokens through {len(self.replays)} MoE layers")
+        if t.shape[0] != b * self._width or t.shape[1] != len(self.replays):
+            raise ValueError(f"router replay holds {tuple(t.shape)} (tokens, layers, k), the forward runs {b} x "
+                             f"{self._width} tokens through {len(self.replays)} MoE layers")
         k = t.shape[-1]
-        t = t.reshape(b, s, -1, k)
+        t = t.reshape(b, self._width, -1, k)
+        if s > self._width:  # sequence-parallel padding: the router's own choice (-1)
+            t = torch.nn.functional.pad(t, (0, 0, 0, 0, 0, s - self._width), value=-1)
         rotated = t.gather(1, src[:, :, None, None].expand(b, s, t.shape[2], k))  # [b, s(rotated), L, k]
         per_token = rotated.transpose(0, 1).reshape(s * b, -1, k)  # s-major, as the router flattens
         for i, r in enumerate(self.replays):
@@ -183,11 +190,12 @@ class MegatronRouting:
         if not self.recording or self._src is None:
             return
         b, s = self._src.shape
-        back = torch.argsort(self._src, dim=1)  # HF position j sits at rotated index back[:, j]
+        w = self._width
+        back = torch.argsort(self._src, dim=1)[:, :w]  # HF position j < width sits at rotated index back[:, j]
 
         def unrotate(tok_k: torch.Tensor) -> torch.Tensor:
             rows = tok_k.reshape(s, b, -1).transpose(0, 1)  # [b, s(rotated), k]
-            return rows.gather(1, back[..., None].expand(b, s, rows.shape[-1])).sort(-1).values
+            return rows.gather(1, back[..., None].expand(b, w, rows.shape[-1])).sort(-1).values
 
         self._own = torch.stack([unrotate(r.get_recorded_indices().long()) for r in self.replays], dim=2)
         self._used = torch.stack([unrotate(routing_maps[i].int().topk(top_k, dim=-1).indices)

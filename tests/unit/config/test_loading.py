@@ -9,7 +9,19 @@ from nemo_rl_fp16.precision import resolve_policies
 
 
 @pytest.mark.parametrize("name", available_recipes())
-def test_every_packaged_recipe_loads_and_plans(name):
+def test_gpu_recipes_roll_out_with_vllm(name):
+    """A recipe that declares GPUs samples with vLLM, not the CPU reference sampler (a host sync per token)."""
+    cfg = typed(load_recipe(name))
+    assert cfg.cluster.gpus_per_node == 0 or cfg.rollout.backend == "vllm", name
+
+
+@pytest.mark.parametrize("name", available_recipes())
+def test_every_packaged_recipe_loads_and_plans(name, monkeypatch):
+    from nemo_rl_fp16.policy.megatron import attention
+
+    # the GPU recipes' sequence parallelism needs Transformer Engine, which their machines have
+    # (without it the plan refuses them: test_megatron_plan.py::test_big_recipes_refused_without_te)
+    monkeypatch.setattr(attention, "te_available", lambda: True)
     cfg = typed(load_recipe(name))
     assert cfg.recipe == name
     plan = make_plan(cfg)  # layouts of shipped recipes divide, precision blocks resolve

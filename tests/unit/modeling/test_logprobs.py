@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nemo_rl_fp16.modeling import build_model, position_ids_from_mask, response_logprobs, token_logprobs
+from nemo_rl_fp16.modeling.logprobs import chunked_token_logprobs
 
 CFG = {"config": {"model_type": "qwen2", "vocab_size": 48, "hidden_size": 64, "num_hidden_layers": 2,
                   "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 128,
@@ -42,3 +43,20 @@ def test_token_logprobs_are_fp32_from_fp16_logits():
     lp = token_logprobs(logits, torch.tensor([2]), 2.0)
     assert lp.dtype == torch.float32
     torch.testing.assert_close(lp, torch.log_softmax(torch.tensor([[0.5, 1.0, 1.5]]), -1)[:, 2])
+
+
+# chunked along T (issue 20): the same values and gradients as the whole computation
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_chunked_logprobs_and_grads_bitwise(dtype, chunk):
+    g = torch.Generator().manual_seed(0)
+    base = (4 * torch.randn(5, 7, 1000, generator=g)).to(dtype)
+    tokens = torch.randint(0, 1000, (5, 7), generator=g)
+    w = torch.randn(5, 7, generator=g)
+    out = []
+    for c in (None, chunk):
+        x = base.clone().requires_grad_(True)
+        y = token_logprobs(x, tokens, 0.7) if c is None else chunked_token_logprobs(x, tokens, 0.7, chunk=c)
+        (y * w).sum().backward()
+        out.append((y.detach(), x.grad))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])

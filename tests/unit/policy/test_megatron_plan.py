@@ -12,8 +12,28 @@ from nemo_rl_fp16.plan import make_plan, parallel_layout
 from nemo_rl_fp16.policy.memory import KNOWN_LAYOUTS, ModelLayout, estimate_memory
 
 
+@pytest.fixture(autouse=True)
+def _te_present(monkeypatch):
+    """The big recipes run sequence parallelism, which needs Transformer Engine (their GPU machines have it)."""
+    from nemo_rl_fp16.policy.megatron import attention
+
+    monkeypatch.setattr(attention, "te_available", lambda: True)
+
+
 def _plan(recipe, *over):
     return make_plan(typed(load_recipe(recipe, list(over))))
+
+
+@pytest.mark.parametrize("recipe", ["dense_14b_fp16", "moe_30b_a3b_fp16"])
+def test_big_recipes_refused_without_te(recipe, monkeypatch):
+    from nemo_rl_fp16.policy.megatron import attention
+
+    monkeypatch.setattr(attention, "te_available", lambda: False)
+    with pytest.raises(ConfigError) as e:
+        _plan(recipe)
+    assert str(e.value).count("\n") == 0 and "'policy.sequence_parallel': true" in str(e.value)
+    assert "WrappedTorchNorm" in str(e.value)
+    _plan(recipe, "policy.sequence_parallel=false")  # the fix the line names plans
 
 
 def test_dense_14b_plan():
@@ -23,6 +43,17 @@ def test_dense_14b_plan():
     assert plan["parameters"].startswith("14.77B total; 3.69B per GPU")
     assert "weights 6.9 GiB" in plan["memory/GPU"] and "grads 13.8 GiB" in plan["memory/GPU"]
     assert plan["trainer"].startswith("megatron")
+
+
+def test_distributed_optimizer_is_the_plan_memory_figure():
+    """CUDA default: megatron's distributed optimizer (the 30B-A3B recipe fits 80 GB per GPU only with it)."""
+    on, off = _plan("moe_30b_a3b_fp16")["memory/GPU"], _plan("moe_30b_a3b_fp16", "policy.use_distributed_optimizer=false")["memory/GPU"]
+    assert "= 49.2 GiB (policy.use_distributed_optimizer=true; 77.0 GiB with it off)" in on, on
+    assert "optimizer 21.3 GiB (fp32 master+Adam, sharded over DP" in on
+    assert "= 77.0 GiB (policy.use_distributed_optimizer=false; 49.2 GiB with it on)" in off, off
+    with pytest.raises(ConfigError, match="'policy.use_distributed_optimizer': true; allowed: null") as e:
+        _plan("sanity_tiny", "policy.use_distributed_optimizer=true")  # torch backend: refused, not ignored
+    assert "\n" not in str(e.value)
 
 
 def test_moe_30b_plan():

@@ -12,6 +12,7 @@ import torch
 from conftest import synthetic_batch
 
 from nemo_rl_fp16.interfaces import PolicyEngine, RolloutBatch
+from nemo_rl_fp16.modeling import logprobs as logprobs_module
 from nemo_rl_fp16.policy import TorchPolicy
 from nemo_rl_fp16.precision import PrecisionPolicy
 
@@ -246,3 +247,51 @@ def test_micro_batch_grads_accumulate_in_grad_reduce_dtype():
     g1 = one.train_step(_batch(), _loss_fn(_batch()), 1.0).grad_norm
     g12 = many.train_step(_batch(), _loss_fn(_batch()), 1.0).grad_norm
     assert g12 == pytest.approx(g1, rel=2e-3)
+
+
+# Torch backend memory (issue 20): log-probs chunked along T and layer recompute
+# (`policy.activation_checkpointing`), both bitwise equal to the plain computation (values and gradients).
+MEMORY_VOCAB = 64
+MEMORY_CFG = {"config": {"model_type": "qwen2", "vocab_size": MEMORY_VOCAB, "hidden_size": 64, "intermediate_size": 128,
+                         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                         "max_position_embeddings": 64, "rope_theta": 5000.0, "tie_word_embeddings": False}}
+
+
+def _memory_loss(batch):
+    adv = torch.randn(batch.num_samples, generator=torch.Generator().manual_seed(1))
+    mask = batch.response_mask.float()
+    return lambda logp, rows: (-(logp * adv[rows, None] * mask[rows]).sum() / mask.sum(), {})
+
+
+def _memory_run(monkeypatch, chunk_elements=None, **kw):
+    if chunk_elements is not None:
+        monkeypatch.setattr(logprobs_module, "LOGPROB_CHUNK_ELEMENTS", chunk_elements)
+    torch.manual_seed(0)
+    tr = TorchPolicy(MEMORY_CFG, PrecisionPolicy.from_name("fp16"), lr=1e-2, micro_batch_size=3, seed=2, **kw)
+    b = synthetic_batch(MEMORY_VOCAB, 6, 5, 7)
+    tr.layer_calls = 0
+
+    def count(*_):
+        tr.layer_calls += 1
+
+    tr.compute.model.layers[0].mlp.register_forward_pre_hook(count)  # inside the recomputed region
+    lp = tr.logprobs(b, 0.8)
+    res = [tr.train_step(b, _memory_loss(b), 0.8) for _ in range(2)]
+    return tr, lp, [r.grad_norm for r in res], {k: v.clone() for k, v in tr.master.state_dict().items()}
+
+
+def test_torch_policy_chunked_logprobs_bitwise(monkeypatch):
+    _, lp0, gn0, w0 = _memory_run(monkeypatch)
+    _, lp1, gn1, w1 = _memory_run(monkeypatch, chunk_elements=3 * 2 * MEMORY_VOCAB)  # 2 positions per chunk of a 3-row micro-batch
+    assert torch.equal(lp0, lp1) and gn0 == gn1 and all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
+def test_activation_checkpointing_recomputes_layers_bitwise(monkeypatch):
+    plain, lp0, gn0, w0 = _memory_run(monkeypatch)
+    tr, lp1, gn1, w1 = _memory_run(monkeypatch, activation_checkpointing=True)
+    # 2 micro-batches: scoring runs each layer once, each training step twice with recompute
+    assert (plain.layer_calls, tr.layer_calls) == (2 + 2 * 2, 2 + 2 * 2 * 2)
+    layers = [m for m in tr.compute.modules() if getattr(m, "gradient_checkpointing", False)]
+    assert len([m for m in layers if type(m).__name__.endswith("DecoderLayer")]) == 2
+    assert not any(m.training for m in tr.compute.modules() if type(m).__name__.endswith("Attention"))
+    assert torch.equal(lp0, lp1) and gn0 == gn1 and all(torch.equal(w0[k], w1[k]) for k in w0)

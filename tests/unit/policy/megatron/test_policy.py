@@ -239,3 +239,16 @@ def test_cuda_resume_is_refused_in_one_line():
     with pytest.raises(NotImplementedError, match="needs megatron dist-checkpointing") as e:
         MegatronPolicy.load_state_dict(SimpleNamespace(weights=None), {"model": {}, "optimizer": {}, "scaler": None})
     assert "\n" not in str(e.value) and "fp32 main params" in str(e.value)
+
+
+def test_distributed_optimizer_refused_on_cpu_and_resolved_on_cuda(mcore_cpu):
+    """`policy.use_distributed_optimizer`: megatron's distributed optimizer is CUDA-only (refused in one line
+    on CPU, never silently dropped); null resolves to on with CUDA, off on CPU (the build and the plan share it)."""
+    from nemo_rl_fp16.policy.factory import distributed_optimizer
+
+    with pytest.raises(ValueError, match="'policy.use_distributed_optimizer': true on CPU") as e:
+        _mtrainer(DENSE, use_distributed_optimizer=True)
+    assert "\n" not in str(e.value)
+    assert _mtrainer(DENSE, use_distributed_optimizer=False).use_distributed_optimizer is False
+    assert [distributed_optimizer(v, d) for v in (None, True, False) for d in ("cuda", "cpu")] == \
+        [True, False, True, True, False, False]
