@@ -29,13 +29,14 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = ROOT / "tests" / "unit" / "policy"  # conftest.py: free_port, cpu_redirects (pytest fixtures do not reach torchrun)
+MEGATRON = HERE / "megatron"  # test_policy.py: DENSE, _batch, _weights
 CASES = ("dense", "tied", "fp16")
 CHECKS = [f"{c} {what} OK" for c in CASES for what in ("logprobs", "headroom", "step")] + [
     "fp16 overflow OK", "dense checkpoint OK"]
 
 
 def _cfg(case: str) -> dict:
-    from test_megatron_policy import DENSE
+    from test_policy import DENSE
 
     return {"config": {**DENSE["config"], "tie_word_embeddings": case == "tied"}}
 
@@ -72,7 +73,7 @@ def _plant_inf(grads):
 def _run(case: str, pp: int, ckpt_dir: str | None = None) -> dict:
     """Every observable of one case at PP=`pp` (a collective under PP)."""
     import torch
-    from test_megatron_policy import _batch, _weights
+    from test_policy import _batch, _weights
 
     from nemo_rl_fp16.policy.megatron.pipeline import gather_stages
     from nemo_rl_fp16.policy.megatron.policy import MegatronPolicy
@@ -112,17 +113,19 @@ def _run(case: str, pp: int, ckpt_dir: str | None = None) -> dict:
     return out
 
 
-def test_pp2_matches_pp1(tmp_path, mcore_cpu):
+def test_pp2_matches_pp1(tmp_path):
+    pytest.importorskip("megatron.core")
     import torch
-    sys.path.insert(0, str(HERE))
-    from conftest import free_port, reset_megatron
+    sys.path[:0] = [str(HERE), str(MEGATRON)]
+    from conftest import cpu_redirects, free_port, reset_megatron
 
     ref = {}
-    for case in CASES:
+    with cpu_redirects():  # the PP=1 reference (tests/unit's mcore_cpu fixture does not reach tests/integration)
+        for case in CASES:
+            reset_megatron()
+            ref[case] = _run(case, 1)
         reset_megatron()
-        ref[case] = _run(case, 1)
     torch.save(ref, tmp_path / "ref.pt")
-    reset_megatron()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PP_REF": str(tmp_path / "ref.pt"),
            "CKPT_DIR": str(tmp_path / "dist"),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -141,7 +144,8 @@ def test_pp2_matches_pp1(tmp_path, mcore_cpu):
     from nemo_rl_fp16.policy.megatron.dist_export import export_hf_from_dist
 
     want = torch.load(tmp_path / "pp2_weights.pt")
-    hf = export_hf_from_dist(tmp_path / "dist", _cfg("dense"), tmp_path / "hf", max_shard_bytes=32 * 1024)
+    with cpu_redirects():
+        hf = export_hf_from_dist(tmp_path / "dist", _cfg("dense"), tmp_path / "hf", max_shard_bytes=32 * 1024)
     got = {}
     for f in hf.glob("model-*-of-*.safetensors"):
         got.update(load_file(str(f)))
@@ -149,10 +153,9 @@ def test_pp2_matches_pp1(tmp_path, mcore_cpu):
 
 
 def _worker() -> None:  # pragma: no cover - runs under torchrun
-    sys.path.insert(0, str(HERE))
+    sys.path[:0] = [str(HERE), str(MEGATRON)]
     import torch
     import torch.distributed as dist
-    sys.path.insert(0, str(HERE))
     from conftest import cpu_redirects, reset_megatron
 
     torch.set_num_threads(1)
