@@ -15,6 +15,7 @@ dry run refuses exactly what the build would.
 
 from __future__ import annotations
 
+from nemo_rl_fp16.policy.megatron import attention
 from nemo_rl_fp16.policy.megatron.attention import resolve_attention
 
 __all__ = ["padded_width", "sequence_parallel_problem", "spec_attention"]
@@ -42,6 +43,11 @@ def spec_attention(requested: str, *, cuda: bool, sliding_window: int | None = N
     return resolve_attention(requested, cuda=cuda)
 
 
+def _te_installed() -> bool:
+    """`attention.te_available()`, looked up at call time (so a test's stand-in for it is seen)."""
+    return attention.te_available()
+
+
 def sequence_parallel_problem(*, sequence_parallel: bool, tp: int, attention: str) -> str | None:
     """One line when `policy.sequence_parallel=true` cannot run as asked, else None.
 
@@ -59,6 +65,10 @@ def sequence_parallel_problem(*, sequence_parallel: bool, tp: int, attention: st
     if tp < 2:
         return (f"{head} with policy.tensor_parallel_size={tp} (sequence parallelism splits the sequence over "
                 "TP ranks; megatron ignores it at TP 1); set policy.sequence_parallel=false or tensor_parallel_size>1")
+    if attention != "te" and not _te_installed():  # the environment, not the recipe: say what to install
+        return ("policy.sequence_parallel=true needs Transformer Engine (megatron's local layer spec norm, "
+                "WrappedTorchNorm, refuses sequence parallelism), which is not installed; install transformer_engine "
+                "on the CUDA nodes (policy.attention=auto|te), or set policy.sequence_parallel=false")
     if attention != "te":
         return (f"{head} with policy.attention resolving to '{attention}' (the local layer spec's norm, megatron's "
                 "WrappedTorchNorm, refuses sequence parallelism: it needs Transformer Engine on CUDA); install "

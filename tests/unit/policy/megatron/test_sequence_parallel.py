@@ -52,7 +52,12 @@ def test_sp_refusal_rules():
     tp1 = sequence_parallel_problem(sequence_parallel=True, tp=1, attention="te")
     assert "policy.tensor_parallel_size=1" in tp1 and "sequence_parallel=false" in tp1
     local = sequence_parallel_problem(sequence_parallel=True, tp=2, attention="sdpa")
-    assert "'policy.sequence_parallel': true" in local and "WrappedTorchNorm" in local and "\n" not in local
+    assert "WrappedTorchNorm" in local and "sequence_parallel=false" in local and "\n" not in local
+    if te_available():  # TE there, the recipe asked for another spec: a bad value
+        assert "'policy.sequence_parallel': true" in local
+    else:  # the environment lacks TE: said as the dry run's other environment refusals are
+        assert local.startswith("policy.sequence_parallel=true needs Transformer Engine") and \
+            "which is not installed;" in local
     assert [padded_width(w, 4) for w in (11, 12, 13, 14)] == [12, 12, 16, 16]
 
 
@@ -64,7 +69,7 @@ def test_dry_run_and_build_refuse_sp_without_te_in_the_same_line(mcore_cpu):
     with pytest.raises(ConfigError) as plan_err:
         make_plan(rc)
     line = str(plan_err.value)
-    assert line.count("\n") == 0 and "'policy.sequence_parallel': true" in line, line
+    assert line.count("\n") == 0 and "policy.sequence_parallel=true needs Transformer Engine" in line, line
     with pytest.raises(ValueError) as build_err:  # refused before any parallel state or model is built
         _mtrainer(DENSE, tensor_parallel_size=2, sequence_parallel=True, attention="sdpa")
     assert str(build_err.value) == line
