@@ -13,6 +13,7 @@ from nemo_rl_fp16.config import ConfigError, load_recipe, typed
 from nemo_rl_fp16.data import get_dataset
 from nemo_rl_fp16.modeling import build_model
 from nemo_rl_fp16.policy import TorchPolicy
+from nemo_rl_fp16.policy.reference import ReferencePolicy
 from nemo_rl_fp16.rollout import TorchRolloutEngine
 
 QUIET = Console(quiet=True)
@@ -68,9 +69,11 @@ def test_build_run_fp16_both_engines_start_from_the_same_weights(tmp_path):
 def test_build_run_reference_and_declared_ablation(tmp_path):
     setup = build_run(_rc(tmp_path, "algorithm.kl_coef=0.01", "precision.rollout=bf16",
                           "precision.allow_mismatch=true"), console=QUIET)
-    assert isinstance(setup.reference, TorchPolicy) and setup.reference is not setup.policy
-    ref, pol = setup.reference.state_dict()["model"], setup.policy.state_dict()["model"]
-    assert all(torch.equal(ref[k], pol[k]) for k in pol)  # the KL anchor is the initial policy
+    # the KL reference is forward-only (issue 20): π's starting weights in param_dtype, nothing trainable
+    assert isinstance(setup.reference, ReferencePolicy) and setup.reference is not setup.policy
+    ref, pol = setup.reference.compute.state_dict(), setup.policy.compute.state_dict()
+    assert ref.keys() == pol.keys() and all(torch.equal(ref[k], pol[k]) for k in pol)  # the anchor is the initial π
+    assert not any(p.requires_grad for p in setup.reference.compute.parameters())
     assert setup.train_policy.param_dtype == torch.float16 and setup.rollout_policy.param_dtype == torch.bfloat16
     assert {p.dtype for p in setup.rollout.model.parameters()} == {torch.bfloat16}
 
