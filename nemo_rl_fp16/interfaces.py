@@ -180,8 +180,9 @@ class TrainStepResult:
 # hand each micro-batch's metrics back in `TrainStepResult.micro_metrics`. The loop passes
 # `algorithms.BoundLoss` (`PolicyLossFn.bind`: NeMo-RL's loss interface with global normalisers,
 # each metric's denominator declared by `PolicyLossFn.metric_denominators`); any callable with
-# this signature works (tests pass plain functions).
-LossFn = Callable[[torch.Tensor, slice], tuple[torch.Tensor, dict[str, float]]]
+# this signature works (tests pass plain functions). `rows` is a slice, or int64 row indices under
+# sequence packing (`policy.packing`: a rank's rows sorted by length): index per-row data with it.
+LossFn = Callable[[torch.Tensor, slice | torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
 
 
 @runtime_checkable

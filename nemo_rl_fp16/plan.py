@@ -86,7 +86,7 @@ def unimplemented_problems(cfg: RecipeConfig) -> list[str]:
         cfg (RecipeConfig): the typed recipe.
 
     Returns:
-        list[str]: one refusal line each: pipeline or context parallelism > 1, LoRA with megatron,
+        list[str]: one refusal line each: context parallelism > 1, sequence packing with PP > 1, LoRA with megatron,
             and the router-replay combinations the engines cannot honour (`router_replay_problems`).
     """
     p, out = cfg.policy, []
@@ -98,6 +98,10 @@ def unimplemented_problems(cfg: RecipeConfig) -> list[str]:
         if getattr(p, key) > 1:
             out.append(f"bad value for 'policy.{key}': {getattr(p, key)}; allowed: 1 ({why}); "
                        "use tensor/expert/data parallelism")
+    if p.sequence_packing and p.pipeline_parallel_size > 1:
+        from nemo_rl_fp16.policy.packing import PACKING_WITH_PP
+
+        out.append(PACKING_WITH_PP)
     if p.backend == "megatron" and p.lora.enabled:
         out.append("bad value for 'policy.lora.enabled': true; allowed: false with policy.backend=megatron; "
                    "use policy.backend=torch for LoRA")

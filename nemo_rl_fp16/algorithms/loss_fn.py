@@ -45,11 +45,12 @@ class LossInputs:
     mask: torch.Tensor
     ref_logp: torch.Tensor | None = None
 
-    def rows(self, rows: slice) -> LossInputs:
+    def rows(self, rows: slice | torch.Tensor) -> LossInputs:
         """The same inputs restricted to `rows` (views, no copy).
 
         Args:
-            rows (slice): the rows of the batch to keep (a micro-batch or a data-parallel share).
+            rows (slice | torch.Tensor): the rows of the batch to keep (a micro-batch or a data-parallel
+                share): a slice (views) or int64 row indices (sequence packing: copies).
 
         Returns:
             LossInputs: each tensor sliced to `[rows, T]` (`ref_logp` stays None when absent).
@@ -182,12 +183,12 @@ class BoundLoss:
     global_valid_toks: float
     global_valid_seqs: float
 
-    def __call__(self, logp: torch.Tensor, rows: slice) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(self, logp: torch.Tensor, rows: slice | torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss share and metrics of micro-batch `rows` (`interfaces.LossFn`).
 
         Args:
             logp (torch.Tensor): `[n, T]` fp32 log π_θ of `rows`, with grad.
-            rows (slice): the micro-batch's rows of the batch.
+            rows (slice | torch.Tensor): the micro-batch's rows of the batch (int64 indices under packing).
 
         Returns:
             tuple[torch.Tensor, dict[str, float]]: as `PolicyLossFn.__call__`.

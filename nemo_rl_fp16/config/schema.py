@@ -162,6 +162,7 @@ class PolicySection(_Section):
     context_parallel_size: int = Field(1, ge=1)
     sequence_parallel: bool = False
     activation_checkpointing: bool = False
+    sequence_packing: bool = False
     attention: Literal["auto", "te", "sdpa", "local"] = "auto"
     fused_elementwise: bool = False
     use_distributed_optimizer: bool | None = None

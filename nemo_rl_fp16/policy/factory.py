@@ -17,7 +17,7 @@ def build_policy(rc: RecipeConfig, model_cfg: dict, precision: PrecisionPolicy, 
 
     Args:
         rc (RecipeConfig): the typed recipe; reads `policy.*` (lr, weight_decay, max_grad_norm,
-            micro_batch_size, parallel sizes, lora, router_replay, attention, ...) and `seed`.
+            micro_batch_size, parallel sizes, lora, router_replay, attention, sequence_packing, ...) and `seed`.
         model_cfg (dict): the recipe's `model:` block (`RecipeConfig.model.model_dump()`).
         precision (PrecisionPolicy): the trainer side's dtypes and loss scaling.
         device (str): `cpu` or `cuda` (the run's device, `plan.run_device`).
@@ -37,6 +37,7 @@ def build_policy(rc: RecipeConfig, model_cfg: dict, precision: PrecisionPolicy, 
             expert_parallel_size=p.expert_parallel_size, sequence_parallel=p.sequence_parallel,
             activation_checkpointing=p.activation_checkpointing, attention=p.attention,
             fused_elementwise=p.fused_elementwise, router_replay=p.router_replay,
+            sequence_packing=p.sequence_packing,
             use_distributed_optimizer=distributed_optimizer(p.use_distributed_optimizer, device))
     from nemo_rl_fp16.policy.torch_policy import TorchPolicy
 
@@ -44,7 +45,7 @@ def build_policy(rc: RecipeConfig, model_cfg: dict, precision: PrecisionPolicy, 
                        max_grad_norm=p.max_grad_norm, micro_batch_size=p.micro_batch_size,
                        seed=rc.seed, device=device, initial_state_dict=init,
                        lora=p.lora.model_dump() if p.lora.enabled else None, router_replay=p.router_replay,
-                       activation_checkpointing=p.activation_checkpointing)
+                       activation_checkpointing=p.activation_checkpointing, sequence_packing=p.sequence_packing)
 
 
 def distributed_optimizer(value: bool | None, device: str) -> bool:

@@ -13,6 +13,11 @@ slice of the rows (`slices(n, local=True)`), and returns full-batch results (`ga
 micro-batch's exact share of the global loss (normalised by the global valid tokens / sequences),
 so the micro-batches' and ranks' gradients are summed and never reweighted; only the reported
 metrics are weighted, by row share. Layout of the rows: `interfaces.RolloutBatch`.
+
+Sequence packing (`packing=True`, `policy.sequence_packing`, `packing.py`): each rank sorts its own
+rows by real length and scores micro-batches of neighbours in a compact layout; the loss closure
+then receives each micro-batch's original row indices (an int64 tensor instead of a slice) and the
+log-probs are scattered back to the original row order before the gathers.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 
 from nemo_rl_fp16.interfaces import LossFn, RolloutBatch
 from nemo_rl_fp16.modeling import position_ids_from_mask
+from nemo_rl_fp16.policy.packing import compact, packed_slices, uncompact
 from nemo_rl_fp16.policy.trim import trim, untrim
 from nemo_rl_fp16.precision.range_monitor import ActivationMonitor
 
@@ -96,17 +102,21 @@ class MicroBatchLoop:
             trailing response columns dropped). The megatron backend turns it on (bitwise on CPU,
             training included); the torch backend leaves it off: its fp16 log-probs stay bitwise
             but weight gradients reduce over fewer tokens in another order (~1e-6), `test_trim.py`.
+        packing: sequence packing (`packing.py`, `policy.sequence_packing`): this rank's rows sorted
+            by real length, micro-batches of neighbours, each in the compact layout (supersedes
+            `trim`). The recording pass of MoE experts (`logprobs(around=...)`) runs unpacked.
 
     Raises:
         ValueError: `micro_batch_size < 1`.
     """
 
-    def __init__(self, adapter: ModelAdapter, micro_batch_size: int, trim: bool = False):
+    def __init__(self, adapter: ModelAdapter, micro_batch_size: int, trim: bool = False, packing: bool = False):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         self.adapter = adapter
         self.micro_batch_size = int(micro_batch_size)
         self.trim = bool(trim)
+        self.packing = bool(packing)
 
     def slices(self, n: int, local: bool = False) -> Iterator[slice]:
         """Row slices of at most `micro_batch_size` rows.
@@ -130,6 +140,26 @@ class MicroBatchLoop:
             lo, hi = rank * n // world, (rank + 1) * n // world
         for start in range(lo, hi, self.micro_batch_size):
             yield slice(start, min(hi, start + self.micro_batch_size))
+
+    def local_micro_batches(self, batch: RolloutBatch, packed: bool | None = None) -> Iterator[slice | torch.Tensor]:
+        """This rank's micro-batches of `batch`: contiguous slices, or sorted neighbours when packing.
+
+        Args:
+            batch: the whole batch (`N` rows).
+            packed: sort by real length (`packing.packed_slices`); None: `self.packing`.
+
+        Yields:
+            `slice` (unpacked) or `[n_mb]` int64 row indices (packed) into `batch`'s rows; the same
+            count, `ceil(N / size / micro_batch_size)`, on every data-parallel rank.
+
+        Raises:
+            ValueError: as `slices`.
+        """
+        spans = list(self.slices(batch.num_samples, local=True))
+        if not (self.packing if packed is None else packed) or not spans:
+            yield from spans
+            return
+        yield from packed_slices(batch, slice(spans[0].start, spans[-1].stop), self.micro_batch_size)
 
     def gather_rows(self, local: torch.Tensor) -> torch.Tensor:
         """Concatenate every data-parallel rank's rows in rank order (`local` alone without DP).
@@ -158,19 +188,23 @@ class MicroBatchLoop:
         Returns:
             `[N, T]` fp32, 0 where `response_mask` is 0, on `batch.input_ids`' device.
         """
-        out = []
+        out, order = [], []
         device = self.adapter.device
         with torch.no_grad(), self.adapter.numerics():
-            for rows in self.slices(batch.num_samples, local=True):
+            # expert recording (around) reads the micro-batch's full width in row order: unpacked, untrimmed
+            for rows in self.local_micro_batches(batch, packed=self.packing and around is None):
                 mb = batch.select(rows)
                 with around(mb) if around is not None else contextlib.nullcontext():
-                    # expert recording (around) reads the micro-batch's full width: no trimming there
                     logp = self._score(mb, temperature) if around is None else self.adapter.score(mb, temperature)
                 out.append(torch.where(mb.response_mask.to(device).bool(), logp, 0.0))
-        return self.gather_rows(torch.cat(out)).to(batch.input_ids.device)
+                order.append(rows)
+        return self.gather_rows(_in_row_order(out, order)).to(batch.input_ids.device)
 
     def _score(self, mb: RolloutBatch, temperature: float) -> torch.Tensor:
-        """`adapter.score` of the micro-batch trimmed to its own length (`trim.trim`), at the batch's width."""
+        """`adapter.score` of the micro-batch packed (`packing.compact`) or trimmed (`trim.trim`), at the batch's width."""
+        if self.packing:
+            packed = compact(mb)
+            return uncompact(self.adapter.score(packed.batch, temperature), packed)
         if not self.trim:
             return self.adapter.score(mb, temperature)
         return untrim(self.adapter.score(trim(mb), temperature), mb.response_mask.shape[1])
@@ -182,7 +216,8 @@ class MicroBatchLoop:
         Args:
             batch: the whole batch (`N` rows); this rank takes its slice.
             loss_fn: the loop's loss closure (`interfaces.LossFn`): each micro-batch's exact share of
-                the global loss, so nothing is reweighted here.
+                the global loss, so nothing is reweighted here; called with the micro-batch's rows
+                (a slice, or int64 row indices when packing).
             temperature: as `ModelAdapter.score`.
             backward: runs the backward of one micro-batch's loss (the backend scales the loss).
 
@@ -192,14 +227,14 @@ class MicroBatchLoop:
         """
         loss_sum, metric_sums, micro, n_rows = 0.0, {}, [], batch.num_samples
         with self.adapter.numerics():
-            for rows in self.slices(n_rows, local=True):
+            for rows in self.local_micro_batches(batch):
                 mb = batch.select(rows)
                 logp = self._score(mb, temperature)
                 loss, metrics = loss_fn(logp.to(mb.input_ids.device), rows)
                 backward(loss)
                 loss_sum += float(loss.detach())
                 micro.append({k: float(v) for k, v in metrics.items()})
-                w = (rows.stop - rows.start) / n_rows
+                w = mb.num_samples / n_rows
                 for k, v in metrics.items():
                     metric_sums[k] = metric_sums.get(k, 0.0) + w * float(v)
         return self._reduce_step_metrics(loss_sum, metric_sums, micro)
@@ -238,3 +273,20 @@ class MicroBatchLoop:
                 model(input_ids=mb.input_ids.to(device), attention_mask=attn,
                       position_ids=position_ids_from_mask(attn), use_cache=False, logits_to_keep=1)
         return monitor.metrics()
+
+
+def _in_row_order(parts: list[torch.Tensor], rows: list[slice | torch.Tensor]) -> torch.Tensor:
+    """Concatenate per-micro-batch results and put them back in row order (packed rows are permuted).
+
+    Args:
+        parts: `[n_mb, ...]` results of each micro-batch.
+        rows: the micro-batches' rows (slices: already in order; int64 indices: a permutation of a span).
+
+    Returns:
+        `[sum n_mb, ...]` in increasing row order.
+    """
+    out = torch.cat(parts)
+    if all(isinstance(r, slice) for r in rows):
+        return out
+    idx = torch.cat([torch.arange(r.start, r.stop) if isinstance(r, slice) else r.cpu() for r in rows])
+    return out[idx.argsort().to(out.device)]  # out[m] is row idx[m]

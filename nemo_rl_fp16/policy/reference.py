@@ -78,7 +78,7 @@ def build_reference(rc: Any, model_cfg: Mapping[str, Any], precision: PrecisionP
 
     Args:
         rc: the typed recipe (`policy.backend`, `micro_batch_size`, parallel sizes, `attention`,
-            `router_replay`) and `seed`.
+            `router_replay`, `sequence_packing`: π_ref scores as π does) and `seed`.
         model_cfg: the recipe's `model:` block.
         precision: the policy-side precision (`param_dtype` is the reference's weight dtype).
         device: `cpu` or `cuda`.
@@ -96,14 +96,16 @@ def build_reference(rc: Any, model_cfg: Mapping[str, Any], precision: PrecisionP
             initial_state_dict=init, tensor_parallel_size=p.tensor_parallel_size,
             pipeline_parallel_size=p.pipeline_parallel_size, expert_parallel_size=p.expert_parallel_size,
             sequence_parallel=p.sequence_parallel, attention=p.attention, fused_elementwise=p.fused_elementwise,
-            router_replay=p.router_replay, forward_only=True)
+            router_replay=p.router_replay, sequence_packing=p.sequence_packing, forward_only=True)
         return ReferencePolicy(mp.loop, mp.compute, precision)
     return _torch_reference(model_cfg, precision, micro_batch_size=p.micro_batch_size, seed=rc.seed,
-                            device=device, init=init, router_replay=p.router_replay)
+                            device=device, init=init, router_replay=p.router_replay,
+                            sequence_packing=p.sequence_packing)
 
 
 def _torch_reference(model_cfg: Mapping[str, Any], precision: PrecisionPolicy, *, micro_batch_size: int, seed: int,
-                     device: str, init: Mapping[str, torch.Tensor] | None, router_replay: str) -> ReferencePolicy:
+                     device: str, init: Mapping[str, torch.Tensor] | None, router_replay: str,
+                     sequence_packing: bool = False) -> ReferencePolicy:
     """The torch backend's π_ref: `TorchPolicy`'s compute copy alone (fp32 built, loaded, rounded once)."""
     from nemo_rl_fp16.modeling import build_model, cast_params_, load_weights_
     from nemo_rl_fp16.modeling.moe_routing import RouterHooks, run_gates_in_weight_dtype
@@ -125,4 +127,4 @@ def _torch_reference(model_cfg: Mapping[str, Any], precision: PrecisionPolicy, *
     # data parallel over the default group as the FSDP policy does (each rank scores its rows), unsharded weights
     adapter = HFModelAdapter(model, precision, dev, experts=experts,
                              fsdp=dist and torch.distributed.get_world_size() > 1)
-    return ReferencePolicy(MicroBatchLoop(adapter, micro_batch_size), model, precision)
+    return ReferencePolicy(MicroBatchLoop(adapter, micro_batch_size, packing=sequence_packing), model, precision)

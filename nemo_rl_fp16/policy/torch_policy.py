@@ -126,6 +126,7 @@ class TorchPolicy:
         router_replay: `"none"`, `"rollout"` (R3) or `"trainer"` (R2); `expert_routing`; needs an HF MoE model.
         activation_checkpointing: recompute each decoder layer in backward (HF gradient checkpointing,
             `use_reentrant=False`; `enable_layer_recompute`): the same values, less activation memory.
+        sequence_packing: sorted, compactly laid-out micro-batches (`packing.py`; `policy.sequence_packing`).
 
     Attributes:
         weights: the fp32 master step (`MasterWeights`: master, compute copy, optimizer, scaler).
@@ -142,7 +143,7 @@ class TorchPolicy:
                  seed: int = 0, device: torch.device | str = "cpu",
                  initial_state_dict: Mapping[str, torch.Tensor] | None = None,
                  lora: Mapping[str, Any] | None = None, router_replay: str = "none",
-                 activation_checkpointing: bool = False):
+                 activation_checkpointing: bool = False, sequence_packing: bool = False):
         check_router_replay(router_replay)
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
@@ -173,7 +174,7 @@ class TorchPolicy:
         optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
         self.weights = MasterWeights(master, compute, optimizer, policy, max_grad_norm=max_grad_norm)
         self.adapter = HFModelAdapter(compute, policy, self.device, experts=self.experts, fsdp=self._fsdp)
-        self.loop = MicroBatchLoop(self.adapter, micro_batch_size)
+        self.loop = MicroBatchLoop(self.adapter, micro_batch_size, packing=sequence_packing)
 
     @property
     def master(self) -> torch.nn.Module:

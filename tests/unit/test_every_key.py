@@ -113,6 +113,7 @@ TABLE: dict[str, tuple[list[str], list[str], str, object]] = {
     "policy.activation_checkpointing": ([], ["policy.activation_checkpointing=true"], "trainer",
                                         lambda t: sum(getattr(m, "gradient_checkpointing", False)
                                                       for m in t.compute.modules())),
+    "policy.sequence_packing": ([], ["policy.sequence_packing=true"], "trainer", lambda t: t.loop.packing),  # numbers: policy/test_packing
     "policy.attention": ([], ["policy.attention=sdpa"], REFUSED, None),
     "policy.fused_elementwise": ([], ["policy.fused_elementwise=true"], REFUSED, None),
     "policy.use_distributed_optimizer": (MEGATRON, ["policy.use_distributed_optimizer=false"], "plan", plan("memory/GPU")),

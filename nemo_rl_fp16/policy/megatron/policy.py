@@ -67,6 +67,7 @@ from nemo_rl_fp16.policy.megatron.sequence_parallel import sequence_parallel_pro
 from nemo_rl_fp16.policy.megatron.sharding import gather_full_state_dict, load_shard_, shard_state_dict
 from nemo_rl_fp16.policy.micro_batches import DataParallel, MicroBatchLoop
 from nemo_rl_fp16.policy.mixed_precision import GradHook, MasterWeights, check_master_dtype
+from nemo_rl_fp16.policy.packing import PACKING_WITH_PP
 from nemo_rl_fp16.precision import DynamicLossScaler, PrecisionPolicy, audit_model, dtype_name, is_router_param
 from nemo_rl_fp16.precision.cpu_numerics import cpu_numerics
 
@@ -147,6 +148,9 @@ class MegatronPolicy:
         fused_elementwise: megatron's compiled SwiGLU / bias-dropout-add (`model.transformer_config`).
         router_replay: `"none"`, `"rollout"` (R3) or `"trainer"` (R2) (`expert_routing`); needs an MoE
             model and, with TP > 1, no sequence parallelism.
+        sequence_packing: sorted micro-batches in the compact layout (`policy.packing`); PP = 1 only
+            (the pipeline schedule runs every micro-batch at the batch's width). Without it the
+            micro-batches are trimmed (`policy.trim`).
         forward_only: build only the scoring model in `param_dtype` (no fp32 master, optimizer or
             gradient buffers): the KL reference (`policy.reference.ReferencePolicy`); `train_step` refuses.
 
@@ -164,7 +168,7 @@ class MegatronPolicy:
             an unknown `router_replay`, replay with a dense model or sequence parallelism, PP with
             an MoE model (`ModelLayout.parallel_problems`), sequence parallelism the layer spec
             cannot run (`sequence_parallel.sequence_parallel_problem`), or
-            `use_distributed_optimizer=True` on CPU.
+            `use_distributed_optimizer=True` on CPU, `sequence_packing` with PP > 1.
     """
 
     def __init__(self, model_cfg: Mapping[str, Any], policy: PrecisionPolicy, *, lr: float,
@@ -174,9 +178,11 @@ class MegatronPolicy:
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, expert_parallel_size: int = 1,
                  sequence_parallel: bool = False, activation_checkpointing: bool = False,
                  use_distributed_optimizer: bool = False, attention: str = "auto", fused_elementwise: bool = False,
-                 router_replay: str = "none", forward_only: bool = False):
+                 router_replay: str = "none", sequence_packing: bool = False, forward_only: bool = False):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        if sequence_packing and int(pipeline_parallel_size) > 1:  # the validation stage: plan.unimplemented_problems
+            raise ValueError(PACKING_WITH_PP)
         check_master_dtype(policy)
         check_router_replay(router_replay)
         self.precision = policy
@@ -266,9 +272,9 @@ class MegatronPolicy:
             self._model.routing = MegatronRouting(self._model.module)
         self.experts = ExpertRouting(self._model.routing, router_replay, self.device)
         self.adapter = MegatronModelAdapter(self._model, policy, self.device, self.experts)
-        # own-length micro-batches (trim.py); the pipeline schedule runs the batch's width
+        # own-length micro-batches (trim.py) or packed ones (packing.py); the pipeline schedule runs the batch's width
         self.loop = (PipelineLoop(self.adapter, micro_batch_size) if pp > 1
-                     else MicroBatchLoop(self.adapter, micro_batch_size, trim=True))
+                     else MicroBatchLoop(self.adapter, micro_batch_size, trim=True, packing=sequence_packing))
 
     def _stage(self, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This pipeline stage's part of a TP/EP-sharded state dict (everything at PP=1)."""
