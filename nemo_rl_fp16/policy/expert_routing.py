@@ -36,6 +36,7 @@ from nemo_rl_fp16.modeling.moe_routing import (
     response_experts,
 )
 from nemo_rl_fp16.policy.micro_batches import MicroBatchLoop
+from nemo_rl_fp16.policy.packing import PACKED, in_row_order
 
 __all__ = ["ExpertRouting", "RouterTaps", "check_router_replay"]
 
@@ -171,6 +172,7 @@ class ExpertRouting:
             return loop.logprobs(batch, temperature)
         own: list[torch.Tensor] = []
         used: list[torch.Tensor] = []
+        rows: list[torch.Tensor | None] = []  # packed micro-batches: their rows (sorted by length, not in order)
 
         @contextlib.contextmanager
         def recording(mb: RolloutBatch):
@@ -180,12 +182,15 @@ class ExpertRouting:
             finally:
                 taps.recording = False
             n, s = mb.input_ids.shape
+            packed = mb.extras.get(PACKED)  # a compact forward (sequence packing): back to the row's columns
             for dst, which in ((own, "own"), (used, "used")):
-                dst.append(response_experts(taps.collect(which, n, s), mb.prompt_width, mb.response_mask))
+                x = response_experts(taps.collect(which, n, s), mb.prompt_width, mb.response_mask)
+                dst.append(x if packed is None else packed.restore(x, -1))
+            rows.append(None if packed is None else packed.rows)
 
         out = loop.logprobs(batch, temperature, around=recording)
         # int32 through the gather (gloo), int16 at rest
-        own_all, used_all = (loop.gather_rows(torch.cat(x).int()).short().cpu() for x in (own, used))
+        own_all, used_all = (loop.gather_rows(in_row_order(x, rows).int()).short().cpu() for x in (own, used))
         self._last = (batch.input_ids.detach().cpu(), own_all, used_all)
         return out
 

@@ -30,7 +30,7 @@ import torch
 
 from nemo_rl_fp16.interfaces import LossFn, RolloutBatch
 from nemo_rl_fp16.modeling import position_ids_from_mask
-from nemo_rl_fp16.policy.packing import compact, packed_slices, uncompact
+from nemo_rl_fp16.policy.packing import compact, in_row_order, packed_slices, uncompact
 from nemo_rl_fp16.policy.trim import trim, untrim
 from nemo_rl_fp16.precision.range_monitor import ActivationMonitor
 
@@ -104,7 +104,7 @@ class MicroBatchLoop:
             but weight gradients reduce over fewer tokens in another order (~1e-6), `test_trim.py`.
         packing: sequence packing (`packing.py`, `policy.sequence_packing`): this rank's rows sorted
             by real length, micro-batches of neighbours, each in the compact layout (supersedes
-            `trim`). The recording pass of MoE experts (`logprobs(around=...)`) runs unpacked.
+            `trim`).
 
     Raises:
         ValueError: `micro_batch_size < 1`.
@@ -183,7 +183,9 @@ class MicroBatchLoop:
         Args:
             batch: the rollout batch (`N` rows).
             temperature: as `ModelAdapter.score`.
-            around: optional scope entered around each micro-batch's scoring (e.g. expert recording).
+            around: optional scope entered around each micro-batch's scoring forward (e.g. expert
+                recording), with the batch that forward runs: packed, the compact one, whose
+                `extras[packing.PACKED]` (`packing.Compact`) restores its response columns and rows.
 
         Returns:
             `[N, T]` fp32, 0 where `response_mask` is 0, on `batch.input_ids`' device.
@@ -191,14 +193,20 @@ class MicroBatchLoop:
         out, order = [], []
         device = self.adapter.device
         with torch.no_grad(), self.adapter.numerics():
-            # expert recording (around) reads the micro-batch's full width in row order: unpacked, untrimmed
-            for rows in self.local_micro_batches(batch, packed=self.packing and around is None):
+            for rows in self.local_micro_batches(batch):
                 mb = batch.select(rows)
-                with around(mb) if around is not None else contextlib.nullcontext():
-                    logp = self._score(mb, temperature) if around is None else self.adapter.score(mb, temperature)
+                if around is None:
+                    logp = self._score(mb, temperature)
+                elif self.packing:  # the scope sees the forward's compact batch (`extras[PACKED]`: how to undo it)
+                    packed = compact(mb, rows)
+                    with around(packed.batch):
+                        logp = uncompact(self.adapter.score(packed.batch, temperature), packed)
+                else:  # expert recording reads the micro-batch's full width: no trimming there
+                    with around(mb):
+                        logp = self.adapter.score(mb, temperature)
                 out.append(torch.where(mb.response_mask.to(device).bool(), logp, 0.0))
                 order.append(rows)
-        return self.gather_rows(_in_row_order(out, order)).to(batch.input_ids.device)
+        return self.gather_rows(in_row_order(out, order)).to(batch.input_ids.device)
 
     def _score(self, mb: RolloutBatch, temperature: float) -> torch.Tensor:
         """`adapter.score` of the micro-batch packed (`packing.compact`) or trimmed (`trim.trim`), at the batch's width."""
@@ -274,19 +282,3 @@ class MicroBatchLoop:
                       position_ids=position_ids_from_mask(attn), use_cache=False, logits_to_keep=1)
         return monitor.metrics()
 
-
-def _in_row_order(parts: list[torch.Tensor], rows: list[slice | torch.Tensor]) -> torch.Tensor:
-    """Concatenate per-micro-batch results and put them back in row order (packed rows are permuted).
-
-    Args:
-        parts: `[n_mb, ...]` results of each micro-batch.
-        rows: the micro-batches' rows (slices: already in order; int64 indices: a permutation of a span).
-
-    Returns:
-        `[sum n_mb, ...]` in increasing row order.
-    """
-    out = torch.cat(parts)
-    if all(isinstance(r, slice) for r in rows):
-        return out
-    idx = torch.cat([torch.arange(r.start, r.stop) if isinstance(r, slice) else r.cpu() for r in rows])
-    return out[idx.argsort().to(out.device)]  # out[m] is row idx[m]

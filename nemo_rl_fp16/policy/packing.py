@@ -44,7 +44,11 @@ import torch
 
 from nemo_rl_fp16.interfaces import RolloutBatch
 
-__all__ = ["PACKING_WITH_PP", "Compact", "compact", "packed_slices", "real_lengths", "uncompact"]
+__all__ = ["PACKED", "PACKING_WITH_PP", "Compact", "compact", "in_row_order", "packed_slices", "real_lengths",
+           "uncompact"]
+
+#: `RolloutBatch.extras` key of a packed forward's batch: the `Compact` it came from (expert recording reads it)
+PACKED = "sequence_packing"
 
 #: the refusal of `policy.sequence_packing` with pipeline parallelism (validation stage and the megatron policy)
 PACKING_WITH_PP = ("bad value for 'policy.sequence_packing': true with policy.pipeline_parallel_size > 1; allowed: "
@@ -95,11 +99,26 @@ class Compact:
         offsets: `[n]` int64 `p_i - min p`: row i's response token j is column `offsets[i] + j`
             of the scorer's `[n, W - min p]` log-probs.
         width: T, the original response width.
+        rows: the micro-batch's row indices into the whole batch (None: not given).
     """
 
     batch: RolloutBatch
     offsets: torch.Tensor
     width: int
+    rows: torch.Tensor | None = None
+
+    def restore(self, x: torch.Tensor, fill: float | int = 0) -> torch.Tensor:
+        """A per-response-column tensor of the compact batch back in the original response layout.
+
+        Args:
+            x: `[n, W - min p, ...]` values of the compact batch's response columns (log-probs,
+                recorded expert ids).
+            fill: the value of columns past the compact width (masked ones).
+
+        Returns:
+            `[n, T, ...]`: row i's column j is `x[i, offsets[i] + j]` (a gather: differentiable).
+        """
+        return _shift(x, -self.offsets, self.width, fill)
 
 
 def _shift(x: torch.Tensor, offsets: torch.Tensor, width: int, fill) -> torch.Tensor:
@@ -114,18 +133,20 @@ def _shift(x: torch.Tensor, offsets: torch.Tensor, width: int, fill) -> torch.Te
     return torch.where(okx, out, torch.as_tensor(fill, dtype=x.dtype, device=x.device))
 
 
-def compact(mb: RolloutBatch) -> Compact:
+def compact(mb: RolloutBatch, rows: torch.Tensor | None = None) -> Compact:
     """The micro-batch with each row's real tokens left-aligned and the width cut to the longest row.
 
     Args:
         mb: `n` rows of `[P + T]` (`interfaces.RolloutBatch` layout: one contiguous run of real
             tokens per row, prompt left-padded, response right-padded).
+        rows: `mb`'s row indices in the whole batch, kept in `Compact.rows` and, with the `Compact`
+            itself, in the compact batch's `extras[PACKED]`.
 
     Returns:
         The `Compact` micro-batch: `input_ids` / `attention_mask` `[n, W]` with
         `W = max_i (p_i + r_i)`, `prompt_width = min_i p_i` (>= 1), `response_mask`,
         `rollout_logp` and `rollout_experts` `[n, W - min p, ...]` shifted right by `offsets`
-        (0 / -1 elsewhere); `prompt_index` and `extras` as `mb`'s.
+        (0 / -1 elsewhere); `prompt_index` as `mb`'s; `extras` `mb`'s plus `PACKED`.
 
     Raises:
         ValueError: a row with no prompt token, or a response-mask entry outside the row's real tokens.
@@ -153,7 +174,9 @@ def compact(mb: RolloutBatch) -> Compact:
         mb, input_ids=ids, attention_mask=attn.to(mb.attention_mask.dtype), prompt_width=pmin,
         response_mask=_shift(mb.response_mask, offsets, rw, 0), rollout_logp=_shift(mb.rollout_logp, offsets, rw, 0.0),
         rollout_experts=experts)
-    return Compact(batch, offsets, mb.response_mask.shape[1])
+    out = Compact(batch, offsets, mb.response_mask.shape[1], rows)
+    out.batch = dataclasses.replace(batch, extras={**mb.extras, PACKED: out})
+    return out
 
 
 def uncompact(logp: torch.Tensor, packed: Compact) -> torch.Tensor:
@@ -167,8 +190,21 @@ def uncompact(logp: torch.Tensor, packed: Compact) -> torch.Tensor:
         `[n, T]`, row i's column j = `logp[i, offsets[i] + j]`, 0 past the compact width (those
         columns are masked); differentiable (a gather).
     """
-    n, rw = logp.shape
-    t = packed.width
-    c = torch.arange(t, device=logp.device)[None, :] + packed.offsets.to(logp.device)[:, None]
-    ok = c < rw
-    return torch.where(ok, logp.gather(1, c.clamp(max=rw - 1)), torch.zeros((), dtype=logp.dtype, device=logp.device))
+    return packed.restore(logp, 0.0)
+
+
+def in_row_order(parts: list[torch.Tensor], rows: list[slice | torch.Tensor | None]) -> torch.Tensor:
+    """Concatenate per-micro-batch results and put them back in row order (packed rows are permuted).
+
+    Args:
+        parts: `[n_mb, ...]` results of each micro-batch, in the order they ran.
+        rows: each micro-batch's rows: a slice or None (in order already) or int64 row indices.
+
+    Returns:
+        `[sum n_mb, ...]` in increasing row order.
+    """
+    out = torch.cat(parts)
+    if all(r is None or isinstance(r, slice) for r in rows):
+        return out
+    idx = torch.cat([r.cpu() for r in rows])
+    return out[idx.argsort().to(out.device)]  # out[m] is row idx[m]

@@ -147,24 +147,6 @@ def test_torch_packed_train_step_same_loss_and_grad_norm():
         torch.testing.assert_close(w_on[k], w_off[k], atol=1e-4, rtol=0)
 
 
-def test_recording_pass_runs_unpacked_in_row_order():
-    """MoE expert recording (`around`) reads the micro-batch's full width in row order: packing steps aside."""
-    tr = _policy(True)
-    b = ragged()
-    seen = []
-    out = tr.loop.logprobs(b, 0.8, around=lambda mb: _record(seen, mb))
-    assert all(mb.input_ids.shape == (3, b.input_ids.shape[1]) for mb in seen)
-    assert torch.equal(torch.cat([mb.input_ids for mb in seen]), b.input_ids)
-    torch.testing.assert_close(out, _policy(False).logprobs(b, 0.8), atol=ATOL, rtol=0)
-
-
-def _record(seen, mb):
-    import contextlib
-
-    seen.append(mb)
-    return contextlib.nullcontext()
-
-
 def test_reference_policy_honours_sequence_packing():
     from nemo_rl_fp16.policy.reference import _torch_reference
 
@@ -220,3 +202,44 @@ def test_validation_stage_refuses_packing_with_pipeline_parallelism_in_one_line(
     lines = [x for x in refusals("policy.pipeline_parallel_size=2", "policy.sequence_packing=true")
              if "sequence_packing" in x]
     assert len(lines) == 1 and "set policy.sequence_packing=false" in lines[0]
+
+
+MOE = {"config": {"model_type": "qwen3_moe", "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128,
+                  "moe_intermediate_size": 64, "num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": True,
+                  "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                  "max_position_embeddings": 64, "tie_word_embeddings": False}}
+
+
+def test_r3_replay_lands_on_the_same_positions_when_packed():
+    """Each response token's replayed experts follow it to its compact column (`moe_routing.replay_targets`)."""
+    b = ragged()
+    b.rollout_experts[b.rollout_experts >= 0] = 3 - b.rollout_experts[b.rollout_experts >= 0]  # not the gate's pick
+    out = {}
+    for packing, replay in ((True, "rollout"), (False, "rollout"), (False, "none")):
+        tr = TorchPolicy(MOE, FP32, lr=1e-2, micro_batch_size=3, seed=2, router_replay=replay,
+                         sequence_packing=packing)
+        fn, _ = _loss(b)
+        out[packing, replay] = (tr.loop.logprobs(b, 1.0), tr.train_step(b, fn, 1.0).grad_norm)
+    (lp_on, g_on), (lp_off, g_off), (lp_own, _) = out[True, "rollout"], out[False, "rollout"], out[False, "none"]
+    assert (lp_off - lp_own).abs().max() > 1e-2  # replay changes the log-probs: a misplaced replay would show
+    torch.testing.assert_close(lp_on, lp_off, atol=ATOL, rtol=0)
+    assert g_on == pytest.approx(g_off, rel=1e-5)
+
+
+def test_moe_expert_recording_pass_is_packed_and_returns_row_order():
+    """The old-logprob pass of an MoE model records each response token's experts: packed, the same ids."""
+    b = ragged()
+    res = {}
+    for packing in (True, False):
+        tr = TorchPolicy(MOE, FP32, lr=1e-2, micro_batch_size=3, seed=2, sequence_packing=packing)
+        widths = []
+        real = tr.adapter.score
+        tr.adapter.score = lambda mb, t, real=real, widths=widths: widths.append(mb.input_ids.shape[1]) or real(mb, t)
+        lp = tr.logprobs(b, 1.0)  # ExpertRouting.logprobs: the recording scope around each forward
+        res[packing] = (lp, tr.selected_experts(b), tr.selected_experts(b, replayed=True), widths)
+    (lp_on, own_on, used_on, w_on), (lp_off, own_off, used_off, w_off) = res[True], res[False]
+    assert max(w_on) < b.input_ids.shape[1] == max(w_off)  # the recording forwards ran compact
+    torch.testing.assert_close(lp_on, lp_off, atol=ATOL, rtol=0)
+    assert own_on.shape == own_off.shape == (*b.response_mask.shape, 2, 2)
+    assert torch.equal(own_on, own_off) and torch.equal(used_on, used_off)
+    assert (own_on[b.response_mask == 0] == -1).all()
