@@ -243,3 +243,63 @@ def test_moe_expert_recording_pass_is_packed_and_returns_row_order():
     assert own_on.shape == own_off.shape == (*b.response_mask.shape, 2, 2)
     assert torch.equal(own_on, own_off) and torch.equal(used_on, used_off)
     assert (own_on[b.response_mask == 0] == -1).all()
+
+
+def _dp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        tr = _policy(True, mbs=4)
+        b = _dp_batch()
+        mbs = [r.tolist() for r in tr.loop.local_micro_batches(b)]
+        logp = tr.logprobs(b, 1.0)
+        fn, _ = _loss(b)
+        r = tr.train_step(b, fn, 1.0)
+        if rank == 0:
+            torch.save({"fsdp": tr._fsdp, "logp": logp, "loss": r.metrics["loss"], "grad_norm": r.grad_norm,
+                        "micro": len(r.micro_metrics), "rank0_mbs": mbs}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _dp_batch() -> RolloutBatch:
+    """12 rows: rank 0's 6 all short, rank 1's 6 spread from short to the full width."""
+    b = ragged(n=12)
+    keep = b.attention_mask.clone()
+    keep[:6, b.prompt_width + 2:] = 0  # rank 0: responses of at most 2 tokens
+    keep[:6, :b.prompt_width - 2] = 0  # and prompts of at most 2
+    ids = b.input_ids * keep
+    return RolloutBatch(input_ids=ids, attention_mask=keep, response_mask=keep[:, b.prompt_width:].clone(),
+                        rollout_logp=b.rollout_logp * keep[:, b.prompt_width:], prompt_width=b.prompt_width,
+                        prompt_index=b.prompt_index)
+
+
+def test_fsdp2_two_ranks_pack_their_own_rows_in_the_same_number_of_micro_batches(tmp_path):
+    """DP=2 over gloo (FSDP2): each rank sorts its own 6 rows into 2 micro-batches of <= 4 whatever their
+    lengths (a different count would hang FSDP's per-micro-batch collectives); the packed log-probs and
+    step match one unpacked process."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "rank0.pt")
+    mp.start_processes(_dp_worker, args=(2, port, out), nprocs=2, start_method="spawn")
+    got = torch.load(out, weights_only=True)
+    b = _dp_batch()
+    single = _policy(False, mbs=4)
+    ref_logp = single.logprobs(b, 1.0)
+    fn, _ = _loss(b)
+    ref = single.train_step(b, fn, 1.0)
+    assert got["fsdp"] and got["micro"] == 4  # 2 per rank, both ranks gathered
+    assert sorted(sum(got["rank0_mbs"], [])) == list(range(6))  # rank 0 packs its own rows only
+    torch.testing.assert_close(got["logp"], ref_logp, atol=ATOL, rtol=0)
+    assert got["loss"] == pytest.approx(ref.metrics["loss"], rel=1e-5, abs=1e-7)
+    assert got["grad_norm"] == pytest.approx(ref.grad_norm, rel=1e-5)
