@@ -303,3 +303,32 @@ def test_fsdp2_two_ranks_pack_their_own_rows_in_the_same_number_of_micro_batches
     torch.testing.assert_close(got["logp"], ref_logp, atol=ATOL, rtol=0)
     assert got["loss"] == pytest.approx(ref.metrics["loss"], rel=1e-5, abs=1e-7)
     assert got["grad_norm"] == pytest.approx(ref.grad_norm, rel=1e-5)
+
+
+def test_megatron_moe_r3_packed_equals_unpacked(mcore_cpu):
+    """Megatron MoE (RouterReplay in rotated positions): packed R3 replays every response token's rollout
+    experts (recorded `used` ids == the rollout's), and log-probs, own experts and the step match unpacked."""
+    from conftest import reset_megatron
+
+    from nemo_rl_fp16.policy.megatron.policy import MegatronPolicy
+
+    b = ragged()
+    first = b.rollout_experts[..., :1].long().clamp(min=0)
+    ex = torch.cat([first, (first + 1 + torch.arange(first.numel()).reshape(first.shape) % 3) % 4], -1).short()
+    ex[b.response_mask == 0] = -1
+    b.rollout_experts = ex
+    m = b.response_mask.bool()
+    res = {}
+    for packing in (True, False):
+        reset_megatron()
+        tr = MegatronPolicy(MOE, FP32, lr=1e-2, micro_batch_size=3, seed=2, router_replay="rollout",
+                            sequence_packing=packing)
+        lp = tr.logprobs(b, 1.0)
+        own, used = tr.selected_experts(b), tr.selected_experts(b, replayed=True)
+        fn, _ = _loss(b)
+        res[packing] = (lp, own, used, tr.train_step(b, fn, 1.0).grad_norm)
+    (lp_on, own_on, used_on, g_on), (lp_off, own_off, used_off, g_off) = res[True], res[False]
+    assert torch.equal(used_on[m], ex[m].sort(-1).values)  # every (token, layer) replayed, packed
+    assert torch.equal(used_on, used_off) and torch.equal(own_on, own_off)
+    torch.testing.assert_close(lp_on, lp_off, atol=ATOL, rtol=0)
+    assert g_on == pytest.approx(g_off, rel=1e-5)
