@@ -141,12 +141,11 @@ class MicroBatchLoop:
         for start in range(lo, hi, self.micro_batch_size):
             yield slice(start, min(hi, start + self.micro_batch_size))
 
-    def local_micro_batches(self, batch: RolloutBatch, packed: bool | None = None) -> Iterator[slice | torch.Tensor]:
+    def local_micro_batches(self, batch: RolloutBatch) -> Iterator[slice | torch.Tensor]:
         """This rank's micro-batches of `batch`: contiguous slices, or sorted neighbours when packing.
 
         Args:
             batch: the whole batch (`N` rows).
-            packed: sort by real length (`packing.packed_slices`); None: `self.packing`.
 
         Yields:
             `slice` (unpacked) or `[n_mb]` int64 row indices (packed) into `batch`'s rows; the same
@@ -156,7 +155,7 @@ class MicroBatchLoop:
             ValueError: as `slices`.
         """
         spans = list(self.slices(batch.num_samples, local=True))
-        if not (self.packing if packed is None else packed) or not spans:
+        if not self.packing or not spans:
             yield from spans
             return
         yield from packed_slices(batch, slice(spans[0].start, spans[-1].stop), self.micro_batch_size)
@@ -281,4 +280,3 @@ class MicroBatchLoop:
                 model(input_ids=mb.input_ids.to(device), attention_mask=attn,
                       position_ids=position_ids_from_mask(attn), use_cache=False, logits_to_keep=1)
         return monitor.metrics()
-
