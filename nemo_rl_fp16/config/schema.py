@@ -244,6 +244,7 @@ class RewardSection(_Section):
     """`reward`: the reward function (`data.rewards`)."""
 
     name: Literal["exact_match", "math_verify"] = "exact_match"
+    workers: int | None = Field(None, ge=0)
 
 
 class WarmStartSection(_Section):

@@ -157,6 +157,8 @@ TABLE: dict[str, tuple[list[str], list[str], str, object]] = {
     "data.eval_num_problems": (["trainer.eval_every=1"], ["data.eval_num_problems=5"], "eval_set", lambda ps: len(ps)),
     "data.seed": ([], ["data.seed=3"], "order", lambda idx: idx),
     "reward.name": ([], ["reward.name=math_verify"], "reward", lambda r: r("the answer is \\boxed{4}", "4")),
+    # 9: never the automatic count (min(8, CPUs)); the pooled values are the serial ones (test_reward_processes)
+    "reward.workers": ([], ["reward.workers=9"], "scorer", lambda s: s.workers),
     "warm_start.enabled": ([], ["warm_start.enabled=true"], "init", lambda w: float(w["lm_head.weight"].sum())),
     "warm_start.steps": (["warm_start.enabled=true"], ["warm_start.steps=3"], "init",
                          lambda w: float(w["lm_head.weight"].sum())),
@@ -353,6 +355,8 @@ PROBES = {
     "order": lambda rc, cfg: _loop(rc).prompts_for_step(0),
     "sampling": lambda rc, cfg: _loop(rc).sampling,
     "reward": lambda rc, cfg: __import__("nemo_rl_fp16.data", fromlist=["x"]).get_reward(rc.reward.name),
+    "scorer": lambda rc, cfg: __import__("nemo_rl_fp16.data.reward_pool", fromlist=["x"]).RewardScorer(
+        rc.reward.name, __import__("nemo_rl_fp16.data", fromlist=["x"]).get_reward(rc.reward.name), rc.reward.workers),
     "run": _run,
     "mismatch": _mismatch,
     "refused_or_run": _refused_or_run,
