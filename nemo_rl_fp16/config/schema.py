@@ -305,6 +305,7 @@ class ClusterSection(_Section):
 
     nodes: int = Field(1, ge=1)
     gpus_per_node: int = Field(0, ge=0)
+    gpu_memory_gb: float = Field(0.0, ge=0)
     ray: RaySection = RaySection()
 
 

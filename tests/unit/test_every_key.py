@@ -190,6 +190,8 @@ TABLE: dict[str, tuple[list[str], list[str], str, object]] = {
     "logging.mlflow.project": (["logging.mlflow.enabled=true"], ["logging.mlflow.project=p"], "refused_or_run", None),
     "cluster.nodes": (MEGATRON, ["cluster.nodes=2"], "plan", plan("layout")),
     "cluster.gpus_per_node": (["device=auto"], ["cluster.gpus_per_node=1"], "plan", plan("device")),
+    # the plan's fit check (a layout over it is refused: tests/unit/test_memory_budget.py)
+    "cluster.gpu_memory_gb": (MEGATRON, ["cluster.gpu_memory_gb=80"], "plan", plan("memory/peak")),
     "cluster.ray.enabled": ([], ["cluster.ray.enabled=true"], "plan", plan("placement")),
     "cluster.ray.address": (RAY, ["cluster.ray.address=10.0.0.1:6379"], "plan", plan("placement")),
     "cluster.ray.layout": (RAY, ["cluster.ray.layout=split"], "plan", plan("placement")),
