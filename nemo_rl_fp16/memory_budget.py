@@ -116,12 +116,13 @@ class MemoryBudget:
 def _local_estimate(cfg: RecipeConfig, lay: ModelLayout, layout: Layout, param_bytes: int, seq: int,
                     dist_opt: bool):
     p = cfg.policy
+    positions = min(cfg.rollout.max_new_tokens + 1, seq)  # the response positions' logits only
     if p.backend == "megatron":
         return estimate_memory(lay, tp=layout.tp, pp=layout.pp, ep=layout.ep, dp=layout.dp, param_bytes=param_bytes,
                                micro_batch=p.micro_batch_size, seq=seq, sequence_parallel=p.sequence_parallel,
-                               recompute=p.activation_checkpointing)
+                               recompute=p.activation_checkpointing, logit_positions=positions)
     return estimate_torch_memory(lay, dp=layout.dp, param_bytes=param_bytes, micro_batch=p.micro_batch_size,
-                                 seq=seq, recompute=p.activation_checkpointing)
+                                 seq=seq, recompute=p.activation_checkpointing, logit_positions=positions)
 
 
 def lora_parameters(lay: ModelLayout, rank: int, targets: list[str]) -> int:

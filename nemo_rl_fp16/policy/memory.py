@@ -14,7 +14,8 @@ Estimates (bytes per GPU; megatron's fp16/bf16 mixed-precision layout):
   (2022) per layer `s*b*h*(10 + 24/TP + 5*a*s/(h*TP))` bytes (sequence parallel: all of it / TP;
   fused/flash attention drops the `5*a*s/h` score term; full recompute keeps `2*s*b*h` per
   layer plus one layer's full set while it is recomputed);
-- logits: the fp32 logits and log-softmax of the vocab-parallel cross entropy, `2 * 4*s*b*V/TP`.
+- logits: the fp32 logits and log-softmax of the vocab-parallel cross entropy, `2 * 4*r*b*V/TP`
+  over the `r` response positions only (both backends ask the model for those logits alone).
 Local parameters: non-expert parameters / (TP x PP) (embeddings and output layer split over TP on
 their stage), expert parameters / (EP x PP) (expert tensor parallelism is 1 in this backend).
 
@@ -29,7 +30,7 @@ Torch backend (`estimate_torch_memory`; HF model, FSDP2 over the DP ranks when D
 - activations: as above with TP 1 (HF attention through SDPA: no score matrices); with
   `policy.activation_checkpointing` each layer keeps its input (`2*s*b*h`) plus one layer's full
   set while it is recomputed;
-- logits: the model-dtype `[b, s, V]` logits and their gradient (`2 * param_bytes*s*b*V`), plus
+- logits: the model-dtype `[b, r, V]` logits and their gradient (`2 * param_bytes*r*b*V`), plus
   the chunked fp32 log-softmax (`modeling.logprobs.chunked_token_logprobs`: at most 3 fp32 tensors
   of `LOGPROB_CHUNK_ELEMENTS` at a time).
 All of it is a planning figure, not a bound: the allocator's fragmentation, the CUDA context and
@@ -128,7 +129,7 @@ class MemoryEstimate:
 
 def estimate_memory(lay: ModelLayout, *, tp: int, pp: int, ep: int, dp: int, param_bytes: int, micro_batch: int,
                     seq: int, sequence_parallel: bool = False, recompute: bool = False,
-                    fused_attention: bool = True) -> MemoryEstimate:
+                    fused_attention: bool = True, logit_positions: int | None = None) -> MemoryEstimate:
     """Per-GPU bytes of one megatron trainer rank (see module doc for the formulas).
 
     Args:
@@ -143,6 +144,7 @@ def estimate_memory(lay: ModelLayout, *, tp: int, pp: int, ep: int, dp: int, par
         sequence_parallel: megatron sequence parallelism.
         recompute: full activation recomputation (only layer inputs are kept).
         fused_attention: flash/SDPA-style attention (no `[s, s]` score matrices kept).
+        logit_positions: positions whose logits are computed (the response width + 1; None: `seq`).
 
     Returns:
         The estimate (bytes).
@@ -158,7 +160,7 @@ def estimate_memory(lay: ModelLayout, *, tp: int, pp: int, ep: int, dp: int, par
     opt_dist = 12 * (local_dense / dp + local_experts / expert_dp)
     acts = _activations(lay, tp=tp, pp=pp, micro_batch=micro_batch, seq=seq, sequence_parallel=sequence_parallel,
                         recompute=recompute, fused_attention=fused_attention)
-    logits = 2 * 4 * seq * micro_batch * lay.vocab_size / tp
+    logits = 2 * 4 * (logit_positions or seq) * micro_batch * lay.vocab_size / tp
     return MemoryEstimate(params_local=int(local), weights=param_bytes * local, grads=4 * local, optimizer=opt,
                           optimizer_distributed=opt_dist, activations=acts, logits=logits)
 
@@ -178,7 +180,7 @@ def _activations(lay: ModelLayout, *, tp: int, pp: int, micro_batch: int, seq: i
 
 
 def estimate_torch_memory(lay: ModelLayout, *, dp: int, param_bytes: int, micro_batch: int, seq: int,
-                          recompute: bool = False) -> MemoryEstimate:
+                          recompute: bool = False, logit_positions: int | None = None) -> MemoryEstimate:
     """Per-GPU bytes of one torch-backend trainer rank (HF model; FSDP2 over DP when DP > 1; module doc).
 
     Args:
@@ -188,6 +190,7 @@ def estimate_torch_memory(lay: ModelLayout, *, dp: int, param_bytes: int, micro_
         micro_batch: rows per micro-batch.
         seq: tokens per row.
         recompute: `policy.activation_checkpointing` (HF gradient checkpointing of every decoder layer).
+        logit_positions: positions whose logits are computed (the response width + 1; None: `seq`).
 
     Returns:
         The estimate (bytes); `optimizer_distributed` equals `optimizer` (the torch backend's
@@ -207,7 +210,7 @@ def estimate_torch_memory(lay: ModelLayout, *, dp: int, param_bytes: int, micro_
     opt = 8 * total / dp
     acts = _activations(lay, tp=1, pp=1, micro_batch=micro_batch, seq=seq, sequence_parallel=False,
                         recompute=recompute, fused_attention=True)
-    bsv = micro_batch * seq * lay.vocab_size
+    bsv = micro_batch * (logit_positions or seq) * lay.vocab_size
     logits = 2 * param_bytes * bsv + 3 * 4 * min(LOGPROB_CHUNK_ELEMENTS, bsv)
     return MemoryEstimate(params_local=int(total / dp), weights=weights, grads=grads, optimizer=opt,
                           optimizer_distributed=opt, activations=acts, logits=logits)

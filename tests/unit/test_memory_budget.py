@@ -24,7 +24,7 @@ def _budget(recipe, *over):
     return plan_memory(cfg, parallel_layout(cfg), run_device(cfg)), cfg
 
 
-@pytest.mark.parametrize("recipe, train_gib", [("moe_30b_a3b_fp16", 49.5), ("dense_14b_fp16", 43.5)])
+@pytest.mark.parametrize("recipe, train_gib", [("moe_30b_a3b_fp16", 48.9), ("dense_14b_fp16", 43.2)])
 def test_big_recipes_fit_80gb_cards_with_the_distributed_optimizer(recipe, train_gib):
     """The issue's target: per the plan, both big recipes fit their stated 80 GB cards (79.2 GiB)."""
     b, cfg = _budget(recipe)
@@ -63,7 +63,7 @@ def test_refusal_names_the_largest_item_and_its_key(recipe, over, item, key):
 
 def test_unknown_gpu_memory_is_not_checked():
     b, cfg = _budget("moe_30b_a3b_fp16", "policy.use_distributed_optimizer=false", "cluster.gpu_memory_gb=0")
-    assert b.peak().total / GIB > 77 and memory_problems(b, cfg) == []
+    assert b.peak().total / GIB > 76 and memory_problems(b, cfg) == []
     assert "not checked (cluster.gpu_memory_gb=0: unknown)" in make_plan(cfg)["memory/peak"]
 
 
