@@ -221,7 +221,8 @@ def plan_memory(cfg: RecipeConfig, layout: Layout, device: str) -> MemoryBudget 
     phases = [train, refit_phase]
     rollout_phase = None
     if vllm and colocated:
-        refit_phase.add("vLLM", model_bytes / r.tensor_parallel_size, keys["vLLM"])  # its weights, woken
+        refit_phase.add("vLLM weights", model_bytes / r.tensor_parallel_size,  # woken for the refit
+                        "rollout.tensor_parallel_size")
         if gpu:
             phases.append(Phase("rollout", {**stay.items, "vLLM": r.gpu_memory_utilization * gpu},
                                 {**stay.keys, "vLLM": keys["vLLM"]}))

@@ -1,12 +1,14 @@
-"""The validation stage and the run plan: every check a run needs, before any work.
+"""The validation stage: every check a run needs, before any work.
 
 `check_run` is the one validation stage shared by the dry run and the real run (every command
 calls it: `commands.validate`, and `commands.rl.run` first thing): the schema (`config/schema.py`,
 pydantic) has already checked keys, types, ranges and dtype combinations; here come the layout
 (`parallel_layout`), the device (`run_device`, the one rule the plan, `assembly` and the Ray
-driver use), what this version does not implement, and the environment a run needs
+driver use), what this version does not implement, the memory fit against
+`cluster.gpu_memory_gb` (`memory_budget`), and the environment a run needs
 (`environment_problems`: paths, optional packages, dataset rows, prompt length vs the model's
 context). Nothing is built: a bad run fails in seconds. This module imports no run assembly.
+The plan's printable lines are `plan_lines.py`'s (`make_plan` here computes the layout first).
 """
 
 from __future__ import annotations
