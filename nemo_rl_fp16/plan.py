@@ -1,12 +1,14 @@
-"""The validation stage and the run plan: every check a run needs, before any work.
+"""The validation stage: every check a run needs, before any work.
 
 `check_run` is the one validation stage shared by the dry run and the real run (every command
 calls it: `commands.validate`, and `commands.rl.run` first thing): the schema (`config/schema.py`,
 pydantic) has already checked keys, types, ranges and dtype combinations; here come the layout
 (`parallel_layout`), the device (`run_device`, the one rule the plan, `assembly` and the Ray
-driver use), what this version does not implement, and the environment a run needs
+driver use), what this version does not implement, the memory fit against
+`cluster.gpu_memory_gb` (`memory_budget`), and the environment a run needs
 (`environment_problems`: paths, optional packages, dataset rows, prompt length vs the model's
 context). Nothing is built: a bad run fails in seconds. This module imports no run assembly.
+The plan's printable lines are `plan_lines.py`'s (`make_plan` here computes the layout first).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nemo_rl_fp16.config import ConfigError, RecipeConfig
-from nemo_rl_fp16.precision import PRESET_OF, resolve_policies
 
 
 @dataclass(frozen=True)
@@ -67,12 +68,16 @@ def device_problems(cfg: RecipeConfig, device: str) -> list[str]:
         device (str): the run's device (`run_device`).
 
     Returns:
-        list[str]: one refusal line each (cuda under Ray without declared GPUs; megatron off CUDA).
+        list[str]: one refusal line each (cuda under Ray without declared GPUs; a GPU memory size
+            off CUDA; megatron off CUDA).
     """
     out = []
     if device == "cuda" and cfg.cluster.ray.enabled and cfg.cluster.gpus_per_node == 0:
         out.append("bad value for 'device': cuda; allowed: cpu or auto with cluster.gpus_per_node=0 under Ray "
                    "(Ray gives actors no GPU); set cluster.gpus_per_node to the GPUs per node")
+    if cfg.cluster.gpu_memory_gb and device != "cuda":
+        out.append(f"bad value for 'cluster.gpu_memory_gb': {cfg.cluster.gpu_memory_gb:g}; allowed: 0 on device "
+                   f"{device} (no GPU memory to check); set cluster.gpu_memory_gb=0, or device=cuda with GPUs")
     if cfg.policy.backend == "megatron" and device != "cuda":
         out.append(f"bad value for 'policy.backend': megatron on device {device}; allowed: torch on CPU "
                    "(megatron-core hard-codes CUDA calls); set device=cuda (with GPUs) or policy.backend=torch")
@@ -240,131 +245,23 @@ def megatron_layout_problems(cfg: RecipeConfig) -> list[str]:
     return out + ([sp] if sp else [])
 
 
-def _megatron_plan_lines(cfg: RecipeConfig, layout: Layout, param_dtype) -> dict[str, str]:
-    """Parameter count and per-GPU memory estimate lines (megatron backend)."""
-    from nemo_rl_fp16.policy.memory import estimate_memory, fmt_gib, fmt_params, model_layout
-
-    lay, source = model_layout(cfg.model)
-    if lay is None:
-        return {"parameters": f"unknown ({source}); memory estimate skipped"}
-    n = lay.num_parameters()
-    params = f"{fmt_params(n['total'])} total"
-    if lay.is_moe:
-        params += f", {fmt_params(n['active'])} active/token ({lay.num_experts} experts, top-{lay.moe_top_k})"
-    seq = min(cfg.rollout.max_new_tokens + 1024, lay.max_position_embeddings)
-    import torch
-
-    from nemo_rl_fp16.policy.factory import distributed_optimizer
-
-    dist = distributed_optimizer(cfg.policy.use_distributed_optimizer, run_device(cfg))
-    m = estimate_memory(lay, tp=layout.tp, pp=layout.pp, ep=layout.ep, dp=layout.dp,
-                        param_bytes=torch.tensor([], dtype=param_dtype).element_size(),
-                        micro_batch=cfg.policy.micro_batch_size, seq=seq,
-                        sequence_parallel=cfg.policy.sequence_parallel, recompute=cfg.policy.activation_checkpointing)
-    return {
-        "parameters": f"{params}; {fmt_params(m.params_local)} per GPU (layout from {source})",
-        "memory/GPU": (f"weights {fmt_gib(m.weights)} + grads {fmt_gib(m.grads)} (fp32) + optimizer "
-                       f"{fmt_gib(m.optimizer_distributed if dist else m.optimizer)} (fp32 master+Adam"
-                       f"{', sharded over DP: distributed optimizer' if dist else ''}) + "
-                       f"activations {fmt_gib(m.activations)} (micro-batch {cfg.policy.micro_batch_size} x seq {seq}"
-                       f"{', recompute' if cfg.policy.activation_checkpointing else ''}) = "
-                       f"{fmt_gib(m.total_distributed if dist else m.total)} "
-                       f"(policy.use_distributed_optimizer={str(dist).lower()}; "
-                       f"{fmt_gib(m.total if dist else m.total_distributed)} with it {'off' if dist else 'on'})"),
-    }
-
-
 def make_plan(cfg: RecipeConfig) -> dict[str, object]:
-    """What the run will do, as an ordered dict of printable facts.
+    """What the run will do, as an ordered dict of printable facts (`plan_lines.plan_facts`).
 
     Args:
         cfg (RecipeConfig): the typed recipe.
 
     Returns:
-        dict[str, object]: label -> printable fact (recipe, model, device, both engines' dtypes,
-            the precision contract, loss scaling, layout, placement, router replay, algorithm, data,
-            batch, steps, warm start, eval; megatron memory lines for `policy.backend=megatron`).
+        dict[str, object]: label -> printable fact (`plan_lines.plan_facts`), with the memory budget
+            per GPU and per host (`memory_budget`).
+
+    Raises:
+        ConfigError: the layout's refusals (`parallel_layout`).
+        PrecisionMismatchError: an undeclared trainer/rollout ablation (exit 3).
     """
-    train_pol, rollout_pol = resolve_policies(cfg.precision.model_dump())
-    layout = parallel_layout(cfg)
-    device = run_device(cfg) + (" (auto)" if cfg.device == "auto" else "")
-    model = cfg.model.name_or_path or f"built from config ({cfg.model.config.get('model_type', '?')})"
-    samples = cfg.data.prompts_per_step * cfg.rollout.num_generations
-    plan = {
-        "recipe": cfg.recipe,
-        "output_dir": cfg.output_dir,
-        "model": model,
-        "device": device,
-        "trainer": f"{cfg.policy.backend}  dtypes: {_dtypes(train_pol.describe())}",
-        "rollout": f"{cfg.rollout.backend}  dtypes: {_dtypes(rollout_pol.describe())}",
-        "precision contract": (
-            "trainer and rollout agree" if not train_pol.differences(rollout_pol)
-            else "DELIBERATE MISMATCH: " + "; ".join(train_pol.differences(rollout_pol))
-        ),
-        "loss scaling": train_pol.describe()["loss_scale"],
-        "layout": str(layout),
-        "placement": _placement_line(cfg),
-        "router replay": _replay_line(cfg),
-        "algorithm": (
-            f"{cfg.algorithm.name} + correction {cfg.algorithm.correction}, reduction "
-            f"{cfg.algorithm.reduction}, clip [{1 - cfg.algorithm.clip_low:g}, {1 + cfg.algorithm.clip_high:g}]"
-        ),
-        "data": f"{cfg.data.dataset} ({cfg.data.path or f'{cfg.data.num_problems} problems'}), reward {cfg.reward.name}",
-        "batch": (
-            f"{cfg.data.prompts_per_step} prompts x {cfg.rollout.num_generations} generations = {samples} "
-            f"samples/step, <= {cfg.rollout.max_new_tokens} new tokens, {cfg.algorithm.updates_per_rollout} "
-            f"update(s)/rollout"
-        ),
-        "steps": f"{cfg.trainer.max_steps} (save every {cfg.trainer.save_every or 'end'}, resume {cfg.trainer.resume})",
-        "warm start": (f"{cfg.warm_start.steps} SFT steps, cached in {cfg.warm_start.cache_dir}"
-                       if cfg.warm_start.enabled else "off"),
-        "eval": (f"every {cfg.trainer.eval_every} steps and at the end: greedy accuracy, pass@{cfg.trainer.eval_k}, "
-                 f"mean@{cfg.trainer.eval_k} on " + (cfg.data.eval_path or f"{cfg.data.eval_num_problems} held-out "
-                                                     f"{cfg.data.dataset} problems")
-                 if cfg.trainer.eval_every else "off"),
-    }
-    if cfg.policy.backend == "megatron":
-        plan.update(_megatron_plan_lines(cfg, layout, train_pol.param_dtype))
-    return plan
+    from nemo_rl_fp16.plan_lines import plan_facts
 
-
-def _replay_line(cfg: RecipeConfig) -> str:
-    if cfg.policy.router_replay == "rollout":
-        return "rollout (R3): the trainer routes response tokens to the rollout engine's recorded experts"
-    if cfg.policy.router_replay == "trainer":
-        return "trainer (R2): the update passes route response tokens as the trainer's old-logprob pass did"
-    return "none (MoE: each engine routes with its own gate; the flip rate is logged with the torch rollout engine)"
-
-
-def _placement_line(cfg: RecipeConfig) -> str:
-    r = cfg.cluster.ray
-    if not r.enabled:
-        return "one process (cluster.ray.enabled=false)"
-    from nemo_rl_fp16.distributed.placement import plan_placement
-
-    pl = plan_placement(r.layout, r.trainer_workers, r.rollout_workers, gpus=cfg.cluster.gpus_per_node > 0,
-                        cpus_per_worker=r.cpus_per_worker, rollout_tp=cfg.rollout.tensor_parallel_size)
-    total = ", ".join(f"{k} {v:g}" for k, v in pl.total.items())
-    return (f"Ray {r.layout}: {r.trainer_workers} trainer ranks + {r.rollout_workers} rollout engines in "
-            f"{len(pl.bundles)} bundles ({total}); Ray at {r.address or 'RAY_ADDRESS or a local instance'}")
-
-
-def _dtypes(d: dict[str, str]) -> str:
-    keys = ("param_dtype", "compute_dtype", "master_dtype", "logits_dtype", "router_dtype", "kv_cache_dtype")
-    return ", ".join(f"{k.removesuffix('_dtype')}={PRESET_OF[d[k]]}" for k in keys)
-
-
-def format_plan(plan: dict[str, object]) -> str:
-    """The plan (`make_plan`) as aligned `key  value` lines for the dry run.
-
-    Args:
-        plan (dict[str, object]): as `make_plan` returns.
-
-    Returns:
-        str: one indented `key  value` line per entry, keys padded to one width.
-    """
-    width = max(len(k) for k in plan)
-    return "\n".join(f"  {k:<{width}}  {v}" for k, v in plan.items())
+    return plan_facts(cfg, parallel_layout(cfg), run_device(cfg))
 
 
 # --------------------------------------------------------------------------- environment checks
@@ -509,9 +406,10 @@ def data_problems(cfg: RecipeConfig) -> list[str]:
 
 
 def check_run(cfg: RecipeConfig) -> dict[str, object]:
-    """The validation stage: the plan (layout, device, precision) plus the environment checks.
+    """The validation stage: the plan (layout, device, precision), the memory fit, the environment checks.
 
-    Returns the plan (`make_plan`). Raises `ConfigError` with one line per problem (exit 2) or
+    Returns the plan (`make_plan`). A layout whose peak per trainer GPU exceeds
+    `cluster.gpu_memory_gb` is refused in one line (`memory_budget.memory_problems`). Raises `ConfigError` with one line per problem (exit 2) or
     `PrecisionMismatchError` for an undeclared trainer/rollout ablation (exit 3).
 
     Args:
@@ -525,6 +423,12 @@ def check_run(cfg: RecipeConfig) -> dict[str, object]:
         PrecisionMismatchError: an undeclared trainer/rollout ablation (exit 3).
     """
     plan = make_plan(cfg)
+    from nemo_rl_fp16.memory_budget import memory_problems, plan_memory
+
+    layout, device = parallel_layout(cfg), run_device(cfg)
+    fit = memory_problems(plan_memory(cfg, layout, device), cfg) if device == "cuda" else []
+    if fit:  # a layout that does not fit the stated GPU memory: refused before the environment checks
+        raise ConfigError("\n".join(fit))
     problems = environment_problems(cfg)
     if problems:
         raise ConfigError("\n".join(problems))

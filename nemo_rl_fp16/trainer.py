@@ -23,6 +23,7 @@ import torch
 from nemo_rl_fp16 import checkpoint as ckpt
 from nemo_rl_fp16.algorithms import LossInputs, PolicyLossFn, combine_metrics, group_advantages
 from nemo_rl_fp16.config import RecipeConfig
+from nemo_rl_fp16.data.reward_pool import RewardScorer
 from nemo_rl_fp16.guards import NonFiniteError, check_reward, check_update, check_weights
 from nemo_rl_fp16.interfaces import PolicyEngine, RolloutBatch, RolloutEngine, SamplingParams, TrainStepResult
 from nemo_rl_fp16.mismatch import mismatch_metrics
@@ -196,11 +197,14 @@ class RLTrainer:
             NonFiniteError: the reward function returned a non-finite value (`guards.check_reward`).
         """
         g = self.cfg.rollout.num_generations
-        out = []
-        for row, (ids, m) in enumerate(zip(batch.responses.tolist(), batch.response_mask.tolist(), strict=True)):
+        texts = []
+        for ids, m in zip(batch.responses.tolist(), batch.response_mask.tolist(), strict=True):
             tokens = [t for t, keep in zip(ids, m, strict=True) if keep and t != self.run.tokenizer.eos_token_id]
-            text = self.run.tokenizer.decode(tokens, skip_special_tokens=True)
-            out.append(check_reward(self.run.reward(text, answers[row // g]), self.cfg.reward.name, row, row // g, text))
+            texts.append(self.run.tokenizer.decode(tokens, skip_special_tokens=True))
+        if getattr(self, "_scorer", None) is None:  # `reward.workers` processes (data/reward_pool.py)
+            self._scorer = RewardScorer(self.cfg.reward.name, self.run.reward, self.cfg.reward.workers)
+        scores = self._scorer(texts, [answers[row // g] for row in range(len(texts))])
+        out = [check_reward(r, self.cfg.reward.name, row, row // g, texts[row]) for row, r in enumerate(scores)]
         return torch.tensor(out, dtype=torch.float32)
 
     def update(self, batch: RolloutBatch, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,

@@ -5,7 +5,8 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from nemo_rl_fp16.config import to_yaml, typed
-from nemo_rl_fp16.plan import check_run, format_plan
+from nemo_rl_fp16.plan import check_run
+from nemo_rl_fp16.plan_lines import format_plan
 
 
 def validate(command: str, cfg: DictConfig, dry_run: bool) -> bool:

@@ -245,6 +245,7 @@ class RewardSection(_Section):
     """`reward`: the reward function (`data.rewards`)."""
 
     name: Literal["exact_match", "math_verify"] = "exact_match"
+    workers: int | None = Field(None, ge=0)
 
 
 class WarmStartSection(_Section):
@@ -305,6 +306,7 @@ class ClusterSection(_Section):
 
     nodes: int = Field(1, ge=1)
     gpus_per_node: int = Field(0, ge=0)
+    gpu_memory_gb: float = Field(0.0, ge=0)
     ray: RaySection = RaySection()
 
 

@@ -120,7 +120,9 @@ class RayPolicyGroup:
         return self._all("rollout_state_dict")[0]
 
     def activation_headroom(self, batch: RolloutBatch) -> dict[str, float]:
-        """fp16 activation headroom metrics of the batch (rank 0's answer).
+        """fp16 activation headroom metrics of the whole batch (rank 0's answer, the same on every rank).
+
+        Each rank runs its data-parallel share and the ranks all-reduce (`MicroBatchLoop.activation_headroom`).
 
         Args:
             batch (RolloutBatch): the rows to run a no-grad forward over.

@@ -1,4 +1,4 @@
-"""Parameter counts and per-GPU memory estimates for the dry-run plan (megatron backend).
+"""Parameter counts and per-GPU memory estimates of one trainer rank, for the dry-run plan.
 
 Everything is computed from the model layout (`ModelLayout`, an HF config) and the parallel
 sizes; no model is built and megatron-core need not be installed. The layout comes from, in
@@ -13,9 +13,28 @@ Estimates (bytes per GPU; megatron's fp16/bf16 mixed-precision layout):
 - activations: one micro-batch of `seq` tokens through `layers/PP` layers, Korthikanti et al.
   (2022) per layer `s*b*h*(10 + 24/TP + 5*a*s/(h*TP))` bytes (sequence parallel: all of it / TP;
   fused/flash attention drops the `5*a*s/h` score term; full recompute keeps `2*s*b*h` per
-  layer), plus the fp32 logits and log-softmax `2 * 4*s*b*V/TP`. A planning figure, not a bound.
+  layer plus one layer's full set while it is recomputed);
+- logits: the fp32 logits and log-softmax of the vocab-parallel cross entropy, `2 * 4*r*b*V/TP`
+  over the `r` response positions only (both backends ask the model for those logits alone).
 Local parameters: non-expert parameters / (TP x PP) (embeddings and output layer split over TP on
 their stage), expert parameters / (EP x PP) (expert tensor parallelism is 1 in this backend).
+
+Torch backend (`estimate_torch_memory`; HF model, FSDP2 over the DP ranks when DP > 1):
+- one rank (DP 1): weights = fp32 master (4) + compute copy (param bytes) per parameter; grads =
+  fp32 accumulators (4) + one micro-batch's compute-dtype grads (param bytes); optimizer = Adam
+  m and v (8), all unsharded;
+- FSDP2 (DP > 1): the fp32 master, its fp32 grads (`reduce_dtype`) and Adam state are sharded
+  over DP (4 + 4 + 8 per parameter / DP); each rank also holds the root's all-gathered
+  parameters (embeddings, output layer) and two decoder layers' (the one running and the
+  prefetched one) in the compute dtype, with their grads;
+- activations: as above with TP 1 (HF attention through SDPA: no score matrices); with
+  `policy.activation_checkpointing` each layer keeps its input (`2*s*b*h`) plus one layer's full
+  set while it is recomputed;
+- logits: the model-dtype `[b, r, V]` logits and their gradient (`2 * param_bytes*r*b*V`), plus
+  the chunked fp32 log-softmax (`modeling.logprobs.chunked_token_logprobs`: at most 3 fp32 tensors
+  of `LOGPROB_CHUNK_ELEMENTS` at a time).
+All of it is a planning figure, not a bound: the allocator's fragmentation, the CUDA context and
+the communication buffers come on top.
 """
 
 from __future__ import annotations
@@ -85,7 +104,8 @@ class MemoryEstimate:
         grads: fp32 gradient buffers.
         optimizer: fp32 main params + Adam moments (12 bytes per local parameter).
         optimizer_distributed: the same with megatron's distributed optimizer (sharded over DP).
-        activations: saved activations of one micro-batch plus the fp32 logits.
+        activations: saved activations of one micro-batch (decoder layers).
+        logits: the logits and log-softmax of one micro-batch.
     """
 
     params_local: int
@@ -94,21 +114,22 @@ class MemoryEstimate:
     optimizer: float
     optimizer_distributed: float
     activations: float
+    logits: float = 0.0
 
     @property
     def total(self) -> float:
         """Bytes per GPU without the distributed optimizer."""
-        return self.weights + self.grads + self.optimizer + self.activations
+        return self.weights + self.grads + self.optimizer + self.activations + self.logits
 
     @property
     def total_distributed(self) -> float:
         """Bytes per GPU with the distributed optimizer."""
-        return self.weights + self.grads + self.optimizer_distributed + self.activations
+        return self.weights + self.grads + self.optimizer_distributed + self.activations + self.logits
 
 
 def estimate_memory(lay: ModelLayout, *, tp: int, pp: int, ep: int, dp: int, param_bytes: int, micro_batch: int,
                     seq: int, sequence_parallel: bool = False, recompute: bool = False,
-                    fused_attention: bool = True) -> MemoryEstimate:
+                    fused_attention: bool = True, logit_positions: int | None = None) -> MemoryEstimate:
     """Per-GPU bytes of one megatron trainer rank (see module doc for the formulas).
 
     Args:
@@ -123,6 +144,7 @@ def estimate_memory(lay: ModelLayout, *, tp: int, pp: int, ep: int, dp: int, par
         sequence_parallel: megatron sequence parallelism.
         recompute: full activation recomputation (only layer inputs are kept).
         fused_attention: flash/SDPA-style attention (no `[s, s]` score matrices kept).
+        logit_positions: positions whose logits are computed (the response width + 1; None: `seq`).
 
     Returns:
         The estimate (bytes).
@@ -136,18 +158,62 @@ def estimate_memory(lay: ModelLayout, *, tp: int, pp: int, ep: int, dp: int, par
     expert_dp = max(dp * tp // ep, 1)  # expert data parallel size with expert TP = 1
     opt = 12 * local
     opt_dist = 12 * (local_dense / dp + local_experts / expert_dp)
+    acts = _activations(lay, tp=tp, pp=pp, micro_batch=micro_batch, seq=seq, sequence_parallel=sequence_parallel,
+                        recompute=recompute, fused_attention=fused_attention)
+    logits = 2 * 4 * (logit_positions or seq) * micro_batch * lay.vocab_size / tp
+    return MemoryEstimate(params_local=int(local), weights=param_bytes * local, grads=4 * local, optimizer=opt,
+                          optimizer_distributed=opt_dist, activations=acts, logits=logits)
+
+
+def _activations(lay: ModelLayout, *, tp: int, pp: int, micro_batch: int, seq: int, sequence_parallel: bool,
+                 recompute: bool, fused_attention: bool) -> float:
+    """Saved activation bytes of one micro-batch through this stage's layers (module doc)."""
     s, b, h, a = seq, micro_batch, lay.hidden_size, lay.num_heads
     layers = -(-lay.num_layers // pp)
-    if recompute:
-        per_layer = 2 * s * b * h / (tp if sequence_parallel else 1)
+    score = 0 if fused_attention else 5 * a * s / (h * tp)
+    full = s * b * h * ((34 / tp if sequence_parallel else 10 + 24 / tp) + score)
+    if lay.is_moe:  # routed tokens: k copies of the expert MLP activations instead of one dense MLP
+        full += s * b * h * 8 * max(lay.moe_top_k - 1, 0) * lay.moe_ffn_hidden_size / max(4 * h, 1)
+    if recompute:  # layer inputs, plus one layer's full set while it is recomputed in backward
+        return layers * 2 * s * b * h / (tp if sequence_parallel else 1) + full
+    return layers * full
+
+
+def estimate_torch_memory(lay: ModelLayout, *, dp: int, param_bytes: int, micro_batch: int, seq: int,
+                          recompute: bool = False, logit_positions: int | None = None) -> MemoryEstimate:
+    """Per-GPU bytes of one torch-backend trainer rank (HF model; FSDP2 over DP when DP > 1; module doc).
+
+    Args:
+        lay: the model layout.
+        dp: data-parallel size (the FSDP2 world; 1: no sharding).
+        param_bytes: bytes per compute-dtype parameter (2 for fp16/bf16, 4 for fp32).
+        micro_batch: rows per micro-batch.
+        seq: tokens per row.
+        recompute: `policy.activation_checkpointing` (HF gradient checkpointing of every decoder layer).
+        logit_positions: positions whose logits are computed (the response width + 1; None: `seq`).
+
+    Returns:
+        The estimate (bytes); `optimizer_distributed` equals `optimizer` (the torch backend's
+        sharding is FSDP2's, over DP, already in every figure when DP > 1).
+    """
+    from nemo_rl_fp16.modeling.logprobs import LOGPROB_CHUNK_ELEMENTS
+
+    n = lay.num_parameters()
+    total = n["total"]
+    if dp > 1:  # FSDP2: sharded fp32 master/grads/Adam + the unsharded root and two layers in compute dtype
+        layer = (total - n["embedding"] - n["output"] - lay.hidden_size) / lay.num_layers
+        gathered = n["embedding"] + n["output"] + 2 * layer
+        weights = 4 * total / dp + param_bytes * gathered
+        grads = 4 * total / dp + param_bytes * gathered
     else:
-        score = 0 if fused_attention else 5 * a * s / (h * tp)
-        per_layer = s * b * h * ((34 / tp if sequence_parallel else 10 + 24 / tp) + score)
-        if lay.is_moe:  # routed tokens: k copies of the expert MLP activations instead of one dense MLP
-            per_layer += s * b * h * 8 * max(lay.moe_top_k - 1, 0) * lay.moe_ffn_hidden_size / max(4 * h, 1)
-    logits = 2 * 4 * s * b * lay.vocab_size / tp
-    return MemoryEstimate(params_local=int(local), weights=param_bytes * local, grads=4 * local, optimizer=opt,
-                          optimizer_distributed=opt_dist, activations=layers * per_layer + logits)
+        weights, grads = (4 + param_bytes) * total, (4 + param_bytes) * total
+    opt = 8 * total / dp
+    acts = _activations(lay, tp=1, pp=1, micro_batch=micro_batch, seq=seq, sequence_parallel=False,
+                        recompute=recompute, fused_attention=True)
+    bsv = micro_batch * (logit_positions or seq) * lay.vocab_size
+    logits = 2 * param_bytes * bsv + 3 * 4 * min(LOGPROB_CHUNK_ELEMENTS, bsv)
+    return MemoryEstimate(params_local=int(total / dp), weights=weights, grads=grads, optimizer=opt,
+                          optimizer_distributed=opt, activations=acts, logits=logits)
 
 
 def fmt_params(n: float) -> str:

@@ -260,23 +260,36 @@ class MicroBatchLoop:
         vals = t.tolist()
         return vals[0], dict(zip(keys, vals[1:], strict=True)), [m for part in every for m in part]
 
-    def activation_headroom(self, model: torch.nn.Module, batch: RolloutBatch) -> dict[str, float]:
+    def activation_headroom(self, model: torch.nn.Module, batch: RolloutBatch,
+                            shard_group: Any = None) -> dict[str, float]:
         """fp16 range monitor: max |hidden state| per decoder layer over a no-grad forward of `batch`.
+
+        Each data-parallel rank runs its own rows, then the ranks all-reduce (MAX of each layer's
+        absmax, SUM of the non-finite counts: `ActivationMonitor.all_reduce`): every rank returns
+        the whole batch's figures.
 
         Args:
             model: the compute model, called HF-style (`input_ids`, `attention_mask`, `position_ids`,
                 `use_cache`, `logits_to_keep`); its decoder layers are found by `ActivationMonitor`.
-            batch: every row is run (no data-parallel split), in micro-batches.
+            batch: the whole batch; this rank runs its data-parallel share, in micro-batches.
+            shard_group: a group whose ranks hold disjoint pieces of each hidden state (megatron's
+                TP group under sequence parallelism), reduced the same way; None: none.
 
         Returns:
             `range/act_absmax[/layer{i}]`, `range/fp16_headroom` (65504 / max) and
-            `range/act_nonfinite`; every position counts, padding included (it runs in fp16 too).
+            `range/act_nonfinite` of the whole batch, the same on every rank; every position counts,
+            padding included (it runs in fp16 too).
         """
         device = self.adapter.device
         with torch.no_grad(), self.adapter.numerics(), ActivationMonitor(model) as monitor:
-            for rows in self.slices(batch.num_samples):
+            for rows in self.slices(batch.num_samples, local=True):
                 mb = batch.select(rows)
                 attn = mb.attention_mask.to(device)
                 model(input_ids=mb.input_ids.to(device), attention_mask=attn,
                       position_ids=position_ids_from_mask(attn), use_cache=False, logits_to_keep=1)
+        _, world, group = self.adapter.data_parallel()
+        if world > 1:
+            monitor.all_reduce(group, device)
+        if shard_group is not None:
+            monitor.all_reduce(shard_group, device)
         return monitor.metrics()

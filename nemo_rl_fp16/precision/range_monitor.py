@@ -50,6 +50,32 @@ class ActivationMonitor:
             h.remove()
         self._handles = []
 
+    def all_reduce(self, group: Any = None, device: Any = "cpu") -> None:
+        """Combine every rank's monitor in place: MAX of each layer's absmax, SUM of its non-finite count.
+
+        After it every rank of `group` holds the figures a single process would have seen over all
+        the ranks' forwards (a NaN absmax on any rank stays NaN; a layer no rank ran stays unseen).
+
+        Args:
+            group: the `torch.distributed` process group (None: the default group).
+            device: where the reduced tensors live (the backend's device: CUDA under NCCL).
+        """
+        dist = torch.distributed
+        n = len(self.max_abs)
+        if n == 0:
+            return
+        absmax = torch.tensor([-1.0 if m is None else (math.inf if m.isnan() else float(m)) for m in self.max_abs],
+                              dtype=torch.float64, device=device)
+        counts = torch.tensor([[0.0 if c is None else float(c) for c in self.nonfinite],
+                               [float(m is not None and bool(m.isnan())) for m in self.max_abs]],
+                              dtype=torch.float64, device=device)
+        dist.all_reduce(absmax, op=dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+        for i, (m, c, nan) in enumerate(zip(absmax.tolist(), *counts.tolist(), strict=True)):
+            seen = m >= 0
+            self.max_abs[i] = torch.tensor(math.nan if nan else m, dtype=torch.float32) if seen else None
+            self.nonfinite[i] = torch.tensor(int(c)) if seen else None
+
     def metrics(self, prefix: str = "range/") -> dict[str, float]:
         """Flat float metrics of the forwards seen; empty when no forward ran inside the monitor.
 

@@ -158,6 +158,8 @@ TABLE: dict[str, tuple[list[str], list[str], str, object]] = {
     "data.eval_num_problems": (["trainer.eval_every=1"], ["data.eval_num_problems=5"], "eval_set", lambda ps: len(ps)),
     "data.seed": ([], ["data.seed=3"], "order", lambda idx: idx),
     "reward.name": ([], ["reward.name=math_verify"], "reward", lambda r: r("the answer is \\boxed{4}", "4")),
+    # 9: never the automatic count (min(8, CPUs)); the pooled values are the serial ones (test_reward_processes)
+    "reward.workers": ([], ["reward.workers=9"], "scorer", lambda s: s.workers),
     "warm_start.enabled": ([], ["warm_start.enabled=true"], "init", lambda w: float(w["lm_head.weight"].sum())),
     "warm_start.steps": (["warm_start.enabled=true"], ["warm_start.steps=3"], "init",
                          lambda w: float(w["lm_head.weight"].sum())),
@@ -189,6 +191,8 @@ TABLE: dict[str, tuple[list[str], list[str], str, object]] = {
     "logging.mlflow.project": (["logging.mlflow.enabled=true"], ["logging.mlflow.project=p"], "refused_or_run", None),
     "cluster.nodes": (MEGATRON, ["cluster.nodes=2"], "plan", plan("layout")),
     "cluster.gpus_per_node": (["device=auto"], ["cluster.gpus_per_node=1"], "plan", plan("device")),
+    # the plan's fit check (a layout over it is refused: tests/unit/test_memory_budget.py)
+    "cluster.gpu_memory_gb": (MEGATRON, ["cluster.gpu_memory_gb=80"], "plan", plan("memory/peak")),
     "cluster.ray.enabled": ([], ["cluster.ray.enabled=true"], "plan", plan("placement")),
     "cluster.ray.address": (RAY, ["cluster.ray.address=10.0.0.1:6379"], "plan", plan("placement")),
     "cluster.ray.layout": (RAY, ["cluster.ray.layout=split"], "plan", plan("placement")),
@@ -354,6 +358,8 @@ PROBES = {
     "order": lambda rc, cfg: _loop(rc).prompts_for_step(0),
     "sampling": lambda rc, cfg: _loop(rc).sampling,
     "reward": lambda rc, cfg: __import__("nemo_rl_fp16.data", fromlist=["x"]).get_reward(rc.reward.name),
+    "scorer": lambda rc, cfg: __import__("nemo_rl_fp16.data.reward_pool", fromlist=["x"]).RewardScorer(
+        rc.reward.name, __import__("nemo_rl_fp16.data", fromlist=["x"]).get_reward(rc.reward.name), rc.reward.workers),
     "run": _run,
     "mismatch": _mismatch,
     "refused_or_run": _refused_or_run,

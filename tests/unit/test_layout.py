@@ -30,6 +30,7 @@ TESTED_ELSEWHERE = {
     "distributed/ray_engines.py": ["tests/unit/distributed/test_ray_run.py", "tests/integration/test_ray_runs.py"],
     "doctor_report.py": ["tests/unit/test_doctor.py"],
     "plan.py": ["tests/unit/test_validation.py"],  # the validation stage (plan.check_run)
+    "plan_lines.py": ["tests/unit/test_validation.py", "tests/unit/policy/test_megatron_plan.py"],  # the plan's lines
     "policy/memory.py": ["tests/unit/policy/test_megatron_plan.py"],
     # megatron-core parallel state (init + the DP view): every megatron test runs through it, TP/EP in torchrun
     "policy/megatron/parallel.py": ["tests/integration/test_megatron_parallel.py",

@@ -278,12 +278,14 @@ class PipelineLoop(MicroBatchLoop):
         loss_sum, metric_sums, micro = _broadcast_from_last(result)
         return self._reduce_step_metrics(loss_sum, metric_sums, micro)
 
-    def activation_headroom(self, model: torch.nn.Module, batch: RolloutBatch) -> dict[str, float]:
+    def activation_headroom(self, model: torch.nn.Module, batch: RolloutBatch,
+                            shard_group: Any = None) -> dict[str, float]:
         """fp16 range monitor over every stage's decoder layers (global layer indices), on every rank.
 
         Args:
             model: the compute model (this stage's layers are hooked).
-            batch: every row is run (no data-parallel split), in micro-batches.
+            batch: the whole batch; each data-parallel rank runs its share, the ranks all-reduce.
+            shard_group: as `MicroBatchLoop.activation_headroom` (the TP group under sequence parallelism).
 
         Returns:
             As `MicroBatchLoop.activation_headroom`, over the whole model.
@@ -292,7 +294,12 @@ class PipelineLoop(MicroBatchLoop):
             return logp.new_zeros(()), {}
 
         with torch.no_grad(), self.adapter.numerics(), ActivationMonitor(model) as monitor:
-            self._schedule(batch, list(self.slices(batch.num_samples)), 1.0, on_logp, forward_only=True)
+            self._schedule(batch, list(self.slices(batch.num_samples, local=True)), 1.0, on_logp, forward_only=True)
+        _, world, group = self.adapter.data_parallel()
+        if world > 1:  # this stage's layers over the data-parallel ranks' shares
+            monitor.all_reduce(group, self.adapter.device)
+        if shard_group is not None:
+            monitor.all_reduce(shard_group, self.adapter.device)
         mine = [(m.item(), n.item()) if m is not None else None for m, n in zip(monitor.max_abs, monitor.nonfinite,
                                                                                   strict=True)]
         ps = _ps()

@@ -438,6 +438,9 @@ class MegatronPolicy:
     def activation_headroom(self, batch: RolloutBatch) -> dict[str, float]:
         """fp16 range monitor over megatron's decoder layers (`MicroBatchLoop.activation_headroom`).
 
+        Each data-parallel rank runs its share of the rows; the ranks all-reduce (over TP as well under
+        sequence parallelism), so every rank returns the whole batch's figures.
+
         Args:
             batch (RolloutBatch): the rows of a no-grad forward.
 
@@ -445,7 +448,12 @@ class MegatronPolicy:
             `range/act_absmax[/layer{i}]`, `range/fp16_headroom` (65504 / max), `range/act_nonfinite`.
         """
         self._sync_compute()
-        return self.loop.activation_headroom(self.compute, batch)
+        from megatron.core import parallel_state as ps
+
+        # sequence parallel: each TP rank's layer outputs are a sequence shard, reduced over TP too
+        sp = self.tconfig.sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1
+        return self.loop.activation_headroom(self.compute, batch,
+                                             shard_group=ps.get_tensor_model_parallel_group() if sp else None)
 
     # -------------------------------------------------------------------------- weights
     def _fp32_named_params(self) -> dict[str, torch.Tensor]:

@@ -48,3 +48,29 @@ def test_activation_monitor_headroom_is_unsafe_on_nonfinite_activations(bad):
     m = mon.metrics()
     assert m["range/act_nonfinite"] >= 1 and m["range/act_absmax/layer0"] < 65504  # layer 0 looked fine
     assert m["range/fp16_headroom"] == 0.0
+
+
+def test_all_reduce_keeps_nan_unseen_layers_and_counts(tmp_path):
+    """`ActivationMonitor.all_reduce` on a one-rank gloo group: the values survive the round trip exactly
+    (a NaN maximum stays NaN, a layer no forward reached stays unseen). The 2-rank MAX/SUM against the
+    whole-batch probe: tests/integration/test_headroom_dp.py."""
+    import torch.distributed as dist
+
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        mon = ActivationMonitor(build_model({"config": {**CFG["config"], "num_hidden_layers": 3}}, torch.float16, seed=0))
+        mon.max_abs = [torch.tensor(3.25), torch.tensor(float("nan")), None]
+        mon.nonfinite = [torch.tensor(0), torch.tensor(5), None]
+        before = mon.metrics()
+        mon.all_reduce(None, "cpu")
+        after = mon.metrics()
+        assert mon.max_abs[2] is None and mon.nonfinite[2] is None
+        assert after["range/act_absmax/layer0"] == 3.25 and after["range/act_absmax/layer1"] != after["range/act_absmax/layer1"]
+        assert "range/act_absmax/layer2" not in after
+        assert after["range/act_nonfinite"] == before["range/act_nonfinite"] == 5.0
+        assert after["range/fp16_headroom"] == before["range/fp16_headroom"] == 0.0
+    finally:
+        if owned:
+            dist.destroy_process_group()
