@@ -33,10 +33,49 @@ import torch
 from rich.console import Console
 
 from nemo_rl_fp16.config import ConfigError, RecipeConfig
-from nemo_rl_fp16.distributed.placement import Placement, plan_placement
+from nemo_rl_fp16.distributed.placement import Placement, locality_groups, node_local_ranks, plan_placement
 from nemo_rl_fp16.distributed.workers import PolicyWorker, RolloutWorker
 from nemo_rl_fp16.interfaces import LossFn, RolloutBatch, SamplingParams, TrainStepResult
 from nemo_rl_fp16.precision import PrecisionPolicy
+
+
+def rank_groups(rc: RecipeConfig) -> list[int]:
+    """The trainer's rank-block sizes to keep inside one node (`placement.locality_groups`).
+
+    Args:
+        rc (RecipeConfig): the typed recipe (`policy.backend` and its parallel sizes).
+
+    Returns:
+        list[int]: TP, EP, TP x CP block sizes of the megatron backend; empty for the torch backend
+        (FSDP2 data parallel only: any order, nodes still filled one after another).
+    """
+    p = rc.policy
+    if p.backend != "megatron":
+        return []
+    return locality_groups(p.tensor_parallel_size, p.context_parallel_size, p.expert_parallel_size)
+
+
+def trainer_rank_order(pg: Any, placement: Placement, groups: list[int]) -> list:
+    """The trainer slots in rank order, from the nodes Ray put their bundles on (`node_local_ranks`).
+
+    Args:
+        pg: a ready Ray placement group of `placement.bundles`.
+        placement (Placement): the plan whose trainer slots are ordered.
+        groups (list[int]): rank-block sizes to keep inside one node (`rank_groups`).
+
+    Returns:
+        list[ActorSlot]: `placement.role("trainer")` re-ordered: entry r is trainer rank r's slot
+        (its `rank` field set to r).
+    """
+    from ray.util import placement_group_table
+
+    node_of = placement_group_table(pg)["bundles_to_node_id"]
+    slots = placement.role("trainer")
+    ranks = node_local_ranks([node_of[s.bundle] for s in slots], groups)
+    ordered = [None] * len(slots)
+    for slot, rank in zip(slots, ranks, strict=True):
+        ordered[rank] = dataclasses.replace(slot, rank=rank)
+    return ordered
 
 
 class RayPolicyGroup:
@@ -318,7 +357,9 @@ class RayEngines:
                 self.workers.append(handle)
                 return handle
 
-            trainers = [actor(PolicyWorker, s) for s in self.placement.role("trainer")]
+            #: trainer slots in rank order: TP / EP blocks inside one node where they fit (`trainer_rank_order`)
+            self.trainer_slots = trainer_rank_order(self.pg, self.placement, rank_groups(rc))
+            trainers = [actor(PolicyWorker, s) for s in self.trainer_slots]
             addr, port = ray.get(trainers[0].rendezvous.remote())
             backend = "nccl" if self.device == "cuda" else "gloo"
             init_ref = ray.put(init)
