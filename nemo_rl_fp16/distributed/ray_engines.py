@@ -338,7 +338,8 @@ class RayEngines:
                 ray.init(address=r.address, log_to_driver=False)
             else:  # a local Ray for this run: CPUs sized to the placement (may exceed the cores), GPUs detected
                 need_cpus = max(int(self.placement.total.get("CPU", 1) + 0.999), 1)
-                ray.init(num_cpus=need_cpus, include_dashboard=False, log_to_driver=False)
+                # address="local": always a new instance (address=None joins any Ray already running on this host)
+                ray.init(address="local", num_cpus=need_cpus, include_dashboard=False, log_to_driver=False)
                 self._started_ray = True
         self.pg = placement_group(self.placement.bundles, strategy="PACK")
         self.workers: list = []
