@@ -10,7 +10,11 @@ Two layouts (the recipe's `cluster.ray.layout`), as NeMo-RL and verl name them:
 - `split`: trainer bundles, then one bundle per rollout engine sized to its tensor-parallel
   degree; every actor owns its bundle.
 
-Kept free of Ray so the layouts are unit-tested without a cluster.
+Which trainer rank goes on which bundle is decided once Ray has placed the bundles on nodes:
+`node_local_ranks` (megatron's TP / EP rank blocks, `locality_groups`, inside one node where they
+fit; `split_blocks` names the ones that could not be).
+
+Kept free of Ray so the layouts and the rank order are unit-tested without a cluster.
 """
 
 from __future__ import annotations
@@ -181,3 +185,22 @@ def node_local_ranks(bundle_nodes: list[str], groups: list[int]) -> list[int]:
     for rank, b in enumerate(order):
         ranks[b] = rank
     return ranks
+
+
+def split_blocks(rank_nodes: list[str], groups: list[int]) -> list[str]:
+    """The rank blocks of the `groups` sizes that span more than one node (what the run reports).
+
+    Args:
+        rank_nodes (list[str]): the node id of each trainer rank, in rank order.
+        groups (list[int]): rank-block sizes that should be node-local (`locality_groups`).
+
+    Returns:
+        list[str]: one `"ranks a-b (size g) on n nodes"` per aligned block that spans nodes; empty when all are local.
+    """
+    out = []
+    for g in groups:
+        for lo in range(0, len(rank_nodes) - g + 1, g):
+            n = len(set(rank_nodes[lo:lo + g]))
+            if n > 1:
+                out.append(f"ranks {lo}-{lo + g - 1} (size {g}) on {n} nodes")
+    return out

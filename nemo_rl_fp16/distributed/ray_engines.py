@@ -1,7 +1,8 @@
 """Trainer ranks and rollout engines as Ray actors, behind the same two protocols as in-process engines.
 
 `RayEngines` (built by `assembly.build_run` when `cluster.ray.enabled=true`) places actors as
-`placement.plan_placement` says, in one Ray placement group:
+`placement.plan_placement` says, in one Ray placement group (PACK); trainer ranks are numbered
+from the nodes Ray chose (`trainer_rank_order`: megatron's TP / EP rank blocks inside one node):
 
 - `PolicyWorker` x `trainer_workers`: one torch.distributed rank each (gloo on CPU, NCCL on GPU),
   running the recipe's trainer (`policy.build_policy`: FSDP2 data parallel for the torch
@@ -33,7 +34,13 @@ import torch
 from rich.console import Console
 
 from nemo_rl_fp16.config import ConfigError, RecipeConfig
-from nemo_rl_fp16.distributed.placement import Placement, locality_groups, node_local_ranks, plan_placement
+from nemo_rl_fp16.distributed.placement import (
+    Placement,
+    locality_groups,
+    node_local_ranks,
+    plan_placement,
+    split_blocks,
+)
 from nemo_rl_fp16.distributed.workers import PolicyWorker, RolloutWorker
 from nemo_rl_fp16.interfaces import LossFn, RolloutBatch, SamplingParams, TrainStepResult
 from nemo_rl_fp16.precision import PrecisionPolicy
@@ -55,7 +62,7 @@ def rank_groups(rc: RecipeConfig) -> list[int]:
     return locality_groups(p.tensor_parallel_size, p.context_parallel_size, p.expert_parallel_size)
 
 
-def trainer_rank_order(pg: Any, placement: Placement, groups: list[int]) -> list:
+def trainer_rank_order(pg: Any, placement: Placement, groups: list[int]) -> tuple[list, list[str]]:
     """The trainer slots in rank order, from the nodes Ray put their bundles on (`node_local_ranks`).
 
     Args:
@@ -64,8 +71,8 @@ def trainer_rank_order(pg: Any, placement: Placement, groups: list[int]) -> list
         groups (list[int]): rank-block sizes to keep inside one node (`rank_groups`).
 
     Returns:
-        list[ActorSlot]: `placement.role("trainer")` re-ordered: entry r is trainer rank r's slot
-        (its `rank` field set to r).
+        tuple[list[ActorSlot], list[str]]: `placement.role("trainer")` re-ordered (entry r is trainer
+        rank r's slot, its `rank` field set to r), and the node id of each rank.
     """
     from ray.util import placement_group_table
 
@@ -75,7 +82,7 @@ def trainer_rank_order(pg: Any, placement: Placement, groups: list[int]) -> list
     ordered = [None] * len(slots)
     for slot, rank in zip(slots, ranks, strict=True):
         ordered[rank] = dataclasses.replace(slot, rank=rank)
-    return ordered
+    return ordered, [node_of[s.bundle] for s in ordered]
 
 
 class RayPolicyGroup:
@@ -359,7 +366,9 @@ class RayEngines:
                 return handle
 
             #: trainer slots in rank order: TP / EP blocks inside one node where they fit (`trainer_rank_order`)
-            self.trainer_slots = trainer_rank_order(self.pg, self.placement, rank_groups(rc))
+            self.trainer_slots, rank_nodes = trainer_rank_order(self.pg, self.placement, rank_groups(rc))
+            for line in split_blocks(rank_nodes, rank_groups(rc)):  # no node had room for the whole block
+                console.print(f"[yellow]warning: ray placement: TP/EP {line}: its collectives cross the network")
             trainers = [actor(PolicyWorker, s) for s in self.trainer_slots]
             addr, port = ray.get(trainers[0].rendezvous.remote())
             backend = "nccl" if self.device == "cuda" else "gloo"

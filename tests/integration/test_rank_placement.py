@@ -11,7 +11,7 @@ generator gives the TP and EP groups; each must sit on one node, in every trial.
 import pytest
 
 from nemo_rl_fp16.config import load_recipe, typed
-from nemo_rl_fp16.distributed.placement import plan_placement
+from nemo_rl_fp16.distributed.placement import plan_placement, split_blocks
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +56,8 @@ def test_tp_and_ep_groups_of_the_big_recipes_are_node_local(recipe):
         for _ in range(TRIALS):
             pg = placement_group(placement.bundles, strategy="PACK")  # as RayEngines reserves it
             ray.get(pg.ready(), timeout=120)
-            slots = trainer_rank_order(pg, placement, rank_groups(rc))
+            slots, rank_nodes = trainer_rank_order(pg, placement, rank_groups(rc))
+            assert split_blocks(rank_nodes, rank_groups(rc)) == []
             assert [s.rank for s in slots] == list(range(world))
             assert sorted(s.bundle for s in slots) == [s.bundle for s in placement.role("trainer")]
             actors = [ray.remote(Where).options(
@@ -64,6 +65,7 @@ def test_tp_and_ep_groups_of_the_big_recipes_are_node_local(recipe):
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=s.bundle),
             ).remote() for s in slots]
             node_of_rank = ray.get([a.node.remote() for a in actors])
+            assert node_of_rank == rank_nodes  # the actors run where the placement group table says
             for g in tp_groups + ep_groups:
                 assert len({node_of_rank[i] for i in g}) == 1, (recipe, g, node_of_rank)
             table = ray.util.placement_group_table(pg)["bundles_to_node_id"]

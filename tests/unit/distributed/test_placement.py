@@ -45,7 +45,7 @@ def test_colocated_refuses_multi_gpu_rollout_engines():
 # ---------------------------------------------------------------- node-aware rank assignment (issue 20)
 import random  # noqa: E402
 
-from nemo_rl_fp16.distributed.placement import locality_groups, node_local_ranks  # noqa: E402
+from nemo_rl_fp16.distributed.placement import locality_groups, node_local_ranks, split_blocks  # noqa: E402
 
 
 def _megatron_groups(world: int, tp: int, ep: int, cp: int = 1, pp: int = 1) -> tuple[list, list]:
@@ -104,6 +104,8 @@ def test_a_block_spans_nodes_only_when_no_node_has_room_for_it():
     ranks = node_local_ranks(nodes, locality_groups(tp=2, ep=8))
     assert all(len(s) == 1 for s in _spans(tp_groups, ranks, nodes))
     assert sorted(len(s) for s in _spans(ep_groups, ranks, nodes)) == [1, 2]
+    rank_nodes = [nodes[ranks.index(r)] for r in range(16)]
+    assert split_blocks(rank_nodes, locality_groups(tp=2, ep=8)) == ["ranks 8-15 (size 8) on 2 nodes"]  # reported
 
 
 def test_pure_data_parallel_fills_one_node_before_the_next():
