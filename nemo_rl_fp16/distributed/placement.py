@@ -10,7 +10,11 @@ Two layouts (the recipe's `cluster.ray.layout`), as NeMo-RL and verl name them:
 - `split`: trainer bundles, then one bundle per rollout engine sized to its tensor-parallel
   degree; every actor owns its bundle.
 
-Kept free of Ray so the layouts are unit-tested without a cluster.
+Which trainer rank goes on which bundle is decided once Ray has placed the bundles on nodes:
+`node_local_ranks` (megatron's TP / EP rank blocks, `locality_groups`, inside one node where they
+fit; `split_blocks` names the ones that could not be).
+
+Kept free of Ray so the layouts and the rank order are unit-tested without a cluster.
 """
 
 from __future__ import annotations
@@ -109,3 +113,94 @@ def plan_placement(layout: str, trainer_workers: int, rollout_workers: int, *, g
         bundles.append({"CPU": cpus_per_worker, **({"GPU": rgpu} if gpus else {})})
         slots.append(ActorSlot("rollout", j, len(bundles) - 1, cpus_per_worker, rgpu))
     return Placement(layout, bundles, slots)
+
+
+def locality_groups(tp: int = 1, cp: int = 1, ep: int = 1, etp: int = 1) -> list[int]:
+    """Sizes of the rank blocks to keep inside one node, most bandwidth-hungry first.
+
+    megatron-core numbers ranks in the order `tp-cp-ep-dp-pp` (`initialize_model_parallel`'s
+    default, which `policy/megatron/parallel.py` uses): a tensor-parallel group is `tp`
+    consecutive ranks, a TP x CP group `tp * cp`, and an expert-parallel group (the expert rank
+    generator: expert TP `etp`, then EP) `etp * ep` consecutive ranks. Each group is aligned to its
+    size, so keeping every aligned block of that size on one node keeps the group there.
+
+    Args:
+        tp (int): tensor-parallel size.
+        cp (int): context-parallel size.
+        ep (int): expert-parallel size.
+        etp (int): expert tensor-parallel size (the package uses 1).
+
+    Returns:
+        list[int]: block sizes > 1 in priority order (TP, EP, TP x CP); empty for pure data parallel.
+    """
+    out: list[int] = []
+    for g in (tp, etp * ep, tp * cp):
+        if g > 1 and g not in out:
+            out.append(g)
+    return out
+
+
+def node_local_ranks(bundle_nodes: list[str], groups: list[int]) -> list[int]:
+    """Trainer rank of each bundle, so that rank blocks of the `groups` sizes stay inside one node.
+
+    Ray's PACK strategy gives bundle i no particular node (a 16-bundle group on 4 x 8 simulated
+    GPUs landed node2, node3 x 8, node2 x 7), so rank = bundle index splits TP and EP groups
+    across nodes. Here ranks go to nodes in aligned blocks, largest block size first: the sizes
+    that nest (each divides the one kept before it; `groups[0]`, TP, always kept) are placed
+    from the largest down, node by node (nodes by bundle count, then first appearance), as many
+    whole blocks as a node holds; bundles left over go at the next smaller size, and finally one
+    by one. Consecutive ranks therefore fill one node before the next, every block of a kept
+    size that fits in a node is inside one, and a block is split only when no node has room for
+    it (e.g. 6 + 10 bundles with EP 8: one EP group must span both nodes). NeMo-RL and verl
+    likewise order workers by node (NeMo-RL sorts bundles by node IP).
+
+    Args:
+        bundle_nodes (list[str]): the node id of each trainer bundle, in bundle order
+            (`ray.util.placement_group_table(pg)["bundles_to_node_id"]`).
+        groups (list[int]): rank-block sizes to keep node-local, in priority order (`locality_groups`).
+
+    Returns:
+        list[int]: `ranks[b]` = the trainer rank of bundle `b`; a permutation of `0..len(bundle_nodes)-1`.
+
+    Raises:
+        ValueError: a block size below 1.
+    """
+    if any(g < 1 for g in groups):
+        raise ValueError(f"rank-block sizes must be >= 1, got {list(groups)}")
+    chain: list[int] = []
+    for g in groups:  # keep sizes nested with every size kept so far, so all blocks stay aligned
+        if all(g % k == 0 or k % g == 0 for k in chain):
+            chain.append(g)
+    pools: dict[str, list[int]] = {}
+    for b, node in enumerate(bundle_nodes):
+        pools.setdefault(node, []).append(b)
+    nodes = sorted(pools, key=lambda n: -len(pools[n]))  # stable: ties keep first appearance
+    order: list[int] = []
+    for g in sorted(set(chain) | {1}, reverse=True):
+        for node in nodes:
+            whole = len(pools[node]) // g * g
+            order += pools[node][:whole]
+            pools[node] = pools[node][whole:]
+    ranks = [0] * len(bundle_nodes)
+    for rank, b in enumerate(order):
+        ranks[b] = rank
+    return ranks
+
+
+def split_blocks(rank_nodes: list[str], groups: list[int]) -> list[str]:
+    """The rank blocks of the `groups` sizes that span more than one node (what the run reports).
+
+    Args:
+        rank_nodes (list[str]): the node id of each trainer rank, in rank order.
+        groups (list[int]): rank-block sizes that should be node-local (`locality_groups`).
+
+    Returns:
+        list[str]: one `"ranks a-b (size g) on n nodes"` per aligned block that spans nodes; empty when all are local.
+    """
+    out = []
+    for g in groups:
+        for lo in range(0, len(rank_nodes) - g + 1, g):
+            n = len(set(rank_nodes[lo:lo + g]))
+            if n > 1:
+                out.append(f"ranks {lo}-{lo + g - 1} (size {g}) on {n} nodes")
+    return out

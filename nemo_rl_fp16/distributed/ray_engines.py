@@ -1,7 +1,8 @@
 """Trainer ranks and rollout engines as Ray actors, behind the same two protocols as in-process engines.
 
 `RayEngines` (built by `assembly.build_run` when `cluster.ray.enabled=true`) places actors as
-`placement.plan_placement` says, in one Ray placement group:
+`placement.plan_placement` says, in one Ray placement group (PACK); trainer ranks are numbered
+from the nodes Ray chose (`trainer_rank_order`: megatron's TP / EP rank blocks inside one node):
 
 - `PolicyWorker` x `trainer_workers`: one torch.distributed rank each (gloo on CPU, NCCL on GPU),
   running the recipe's trainer (`policy.build_policy`: FSDP2 data parallel for the torch
@@ -33,10 +34,55 @@ import torch
 from rich.console import Console
 
 from nemo_rl_fp16.config import ConfigError, RecipeConfig
-from nemo_rl_fp16.distributed.placement import Placement, plan_placement
+from nemo_rl_fp16.distributed.placement import (
+    Placement,
+    locality_groups,
+    node_local_ranks,
+    plan_placement,
+    split_blocks,
+)
 from nemo_rl_fp16.distributed.workers import PolicyWorker, RolloutWorker
 from nemo_rl_fp16.interfaces import LossFn, RolloutBatch, SamplingParams, TrainStepResult
 from nemo_rl_fp16.precision import PrecisionPolicy
+
+
+def rank_groups(rc: RecipeConfig) -> list[int]:
+    """The trainer's rank-block sizes to keep inside one node (`placement.locality_groups`).
+
+    Args:
+        rc (RecipeConfig): the typed recipe (`policy.backend` and its parallel sizes).
+
+    Returns:
+        list[int]: TP, EP, TP x CP block sizes of the megatron backend; empty for the torch backend
+        (FSDP2 data parallel only: any order, nodes still filled one after another).
+    """
+    p = rc.policy
+    if p.backend != "megatron":
+        return []
+    return locality_groups(p.tensor_parallel_size, p.context_parallel_size, p.expert_parallel_size)
+
+
+def trainer_rank_order(pg: Any, placement: Placement, groups: list[int]) -> tuple[list, list[str]]:
+    """The trainer slots in rank order, from the nodes Ray put their bundles on (`node_local_ranks`).
+
+    Args:
+        pg: a ready Ray placement group of `placement.bundles`.
+        placement (Placement): the plan whose trainer slots are ordered.
+        groups (list[int]): rank-block sizes to keep inside one node (`rank_groups`).
+
+    Returns:
+        tuple[list[ActorSlot], list[str]]: `placement.role("trainer")` re-ordered (entry r is trainer
+        rank r's slot, its `rank` field set to r), and the node id of each rank.
+    """
+    from ray.util import placement_group_table
+
+    node_of = placement_group_table(pg)["bundles_to_node_id"]
+    slots = placement.role("trainer")
+    ranks = node_local_ranks([node_of[s.bundle] for s in slots], groups)
+    ordered = [None] * len(slots)
+    for slot, rank in zip(slots, ranks, strict=True):
+        ordered[rank] = dataclasses.replace(slot, rank=rank)
+    return ordered, [node_of[s.bundle] for s in ordered]
 
 
 class RayPolicyGroup:
@@ -301,7 +347,8 @@ class RayEngines:
                 ray.init(address=r.address, log_to_driver=False)
             else:  # a local Ray for this run: CPUs sized to the placement (may exceed the cores), GPUs detected
                 need_cpus = max(int(self.placement.total.get("CPU", 1) + 0.999), 1)
-                ray.init(num_cpus=need_cpus, include_dashboard=False, log_to_driver=False)
+                # address="local": always a new instance (address=None joins any Ray already running on this host)
+                ray.init(address="local", num_cpus=need_cpus, include_dashboard=False, log_to_driver=False)
                 self._started_ray = True
         self.pg = placement_group(self.placement.bundles, strategy="PACK")
         self.workers: list = []
@@ -320,7 +367,11 @@ class RayEngines:
                 self.workers.append(handle)
                 return handle
 
-            trainers = [actor(PolicyWorker, s) for s in self.placement.role("trainer")]
+            #: trainer slots in rank order: TP / EP blocks inside one node where they fit (`trainer_rank_order`)
+            self.trainer_slots, rank_nodes = trainer_rank_order(self.pg, self.placement, rank_groups(rc))
+            for line in split_blocks(rank_nodes, rank_groups(rc)):  # no node had room for the whole block
+                console.print(f"[yellow]warning: ray placement: TP/EP {line}: its collectives cross the network")
+            trainers = [actor(PolicyWorker, s) for s in self.trainer_slots]
             addr, port = ray.get(trainers[0].rendezvous.remote())
             backend = "nccl" if self.device == "cuda" else "gloo"
             init_ref = ray.put(init)

