@@ -8,7 +8,9 @@ Order of one refit (`RayRolloutGroup.refit_from`, called by the loop's `RLTraine
 3. every trainer rank runs `push_weights`: each checks its own shards for NaN/inf (or values
    beyond the rollout dtype) and the ranks agree (`all_reduce`) before anything is sent; then
    the policy's weight stream (`rollout_stream`: Megatron gathers each piece to rank 0 only,
-   `policy/megatron/refit_stream.py`; other backends: `rollout_state_dict` on rank 0) is packed on
+   `policy/megatron/refit_stream.py`; the torch backend each FSDP2 parameter to rank 0 only, LoRA
+   merged per weight, `policy/torch_refit_stream.py`; an engine without a stream:
+   `rollout_state_dict` on rank 0) is packed on
    rank 0 into buckets of the rollout dtype (`rollout.refit.iter_buckets`, cast on the trainer's
    device) and each bucket goes to every engine through Ray's object store (one `ray.put` per
    bucket, read by all engines; the next bucket is made only after all engines loaded this one);
@@ -41,8 +43,9 @@ def free_cache() -> None:
 def checked_stream(policy: Any, step: int, dtype: torch.dtype, dst: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
     """The policy's rollout weights as `(HF name, fp32 tensor)` on rank `dst`, checked first; a collective.
 
-    `MegatronPolicy` streams piece by piece (`rollout_stream`) after every rank checked its own
-    shards; any other `PolicyEngine` gives its `rollout_state_dict()` (FSDP: a collective, the
+    `MegatronPolicy` and `TorchPolicy` stream piece by piece (`rollout_stream`) after every rank
+    checked its own shards (`_fp32_named_params`; LoRA: the merged weights, one at a time); any
+    other `PolicyEngine` gives its `rollout_state_dict()` (FSDP: a collective, the
     full copy on `dst` only), checked on `dst`. The ranks agree on the outcome (`all_reduce`)
     before anything is sent, so all raise together.
 
