@@ -17,8 +17,17 @@ Order of one refit (`RayRolloutGroup.refit_from`, called by the loop's `RLTraine
 4. the engines finish (`end_refit`: every weight must have come).
 
 The driver only gets `(bytes, transport)` back. Transport logged as `refit/mode` = `ray` (5).
-Not done: a NCCL broadcast group between rank 0 and the engines (`rollout.refit.broadcast_bucket`
-exists and is tested on gloo, not wired here), and CUDA IPC from rank 0 to a colocated engine.
+
+Broadcast transport (`rollout.refit_transport`, `choose_transport`: `auto` = broadcast for split
+layouts on CUDA): before the first refit the driver sets up a process group of its own
+(`rollout.refit.RefitGroup`: a TCP store on rank 0's node, NCCL on GPU, gloo on CPU) between trainer
+rank 0 (member 0) and the engines (`open_group`: rank 0 publishes `(addr, port)` through the driver,
+the engines join with `RolloutWorker.refit_group_join`; a vLLM engine's workers join inside vLLM,
+`vllm_worker.nrl_refit_group_join`). Step 3 then sends each bucket with
+`rollout.refit.broadcast_bucket` (metadata as JSON bytes, then the buffer, on rank 0's device)
+while every engine receives until the end marker (`RolloutWorker.refit_receive` ->
+`receive_buckets`); `refit/mode` = `broadcast` (3). Nothing goes through the object store.
+Not done: CUDA IPC from rank 0 to a colocated engine (colocated uses the object store).
 """
 
 from __future__ import annotations
@@ -82,19 +91,103 @@ def checked_stream(policy: Any, step: int, dtype: torch.dtype, dst: int = 0) -> 
     return policy.rollout_stream(dst) if stream is None else stream
 
 
-def push_weights(policy: Any, engines: list, dtype: torch.dtype, bucket_bytes: int, step: int) -> tuple[int, str]:
+def choose_transport(setting: str, device: str, layout: str) -> str:
+    """The Ray refit's transport from `rollout.refit_transport`.
+
+    `auto`: `broadcast` for split layouts on CUDA (one NCCL broadcast per bucket from rank 0's GPU
+    to every engine's GPU, no host copy), `object_store` otherwise (colocated: NCCL cannot join two
+    ranks on one GPU; on CPU one `ray.put` per bucket shared by all engines on a node is as cheap as a
+    gloo broadcast, which sends the bucket to each engine over TCP).
+
+    Args:
+        setting: `auto` | `object_store` | `broadcast`.
+        device: `cuda` or `cpu`.
+        layout: `colocated` or `split`.
+
+    Returns:
+        `object_store` or `broadcast`.
+
+    Raises:
+        ValueError: an unknown setting.
+    """
+    if setting not in ("auto", "object_store", "broadcast"):
+        raise ValueError(f"rollout.refit_transport={setting!r}: use auto, object_store or broadcast")
+    if setting == "auto":
+        return "broadcast" if device == "cuda" and layout == "split" else "object_store"
+    return setting
+
+
+def open_group(trainers: list, engines: list, device: str) -> tuple[str, int]:
+    """Set up the broadcast group: trainer rank 0 (member 0) and every engine's receivers (from the driver).
+
+    Rank 0 publishes its address and a free port (`PolicyWorker.rendezvous`) through the driver;
+    every member then joins at once (`PolicyWorker.refit_group_join`, `RolloutWorker.refit_group_join`;
+    a vLLM engine's workers join inside vLLM through `nrl_refit_group_join`). Only addresses and ints
+    cross Ray.
+
+    Args:
+        trainers: `PolicyWorker` handles (rank 0 first).
+        engines: `RolloutWorker` handles.
+        device: `cuda` (NCCL) or `cpu` (gloo).
+
+    Returns:
+        `(backend, world size)`.
+    """
+    import ray
+
+    backend = "nccl" if device == "cuda" else "gloo"
+    sizes = ray.get([e.refit_group_size.remote() for e in engines])
+    world = 1 + sum(sizes)
+    addr, port = ray.get(trainers[0].rendezvous.remote())
+    firsts = [1 + sum(sizes[:i]) for i in range(len(engines))]
+    ray.get([trainers[0].refit_group_join.remote(addr, port, world, backend)]
+            + [e.refit_group_join.remote(addr, port, r, world, backend) for e, r in zip(engines, firsts, strict=True)])
+    return backend, world
+
+
+def receive_buckets(engine: Any, group: Any) -> tuple[int, str]:
+    """An engine's side of a broadcast refit: receive buckets from member 0 until the end, load each.
+
+    A vLLM engine in place receives in its workers (`engine.receive_refit_broadcast`); any other
+    engine (torch, vLLM in restart mode) here, through `engine.load_bucket`.
+
+    Args:
+        engine: the rollout engine (after `begin_refit`).
+        group: this process's `rollout.refit.RefitGroup` (None when the engine's workers hold it).
+
+    Returns:
+        `(bytes received, "broadcast")` ("restart" when the engine restarted to take them).
+    """
+    from nemo_rl_fp16.rollout.refit import broadcast_bucket
+
+    if group is None:
+        n = engine.receive_refit_broadcast()
+    else:
+        n = 0
+        while (b := broadcast_bucket(None, 0, group, group.device)) is not None:
+            n += engine.load_bucket(b.meta.to_wire(), b.buffer)
+            del b
+    engine.end_refit()
+    return n, "restart" if getattr(engine, "last_refit_transport", None) == "restart" else "broadcast"
+
+
+def push_weights(policy: Any, engines: list, dtype: torch.dtype, bucket_bytes: int, step: int,
+                 group: Any = None) -> tuple[int, str]:
     """One refit from this trainer rank (run on every rank at once; rank 0 sends).
 
     Args:
         policy: the rank's policy engine.
-        engines: `RolloutWorker` actor handles (they expose `refit_begin` / `refit_bucket` / `refit_end`).
+        engines: `RolloutWorker` actor handles (they expose `refit_begin` / `refit_bucket` / `refit_end`,
+            and `refit_receive` for the broadcast).
         dtype: the rollout dtype the buckets are cast to.
         bucket_bytes: bucket size in bytes (`rollout.refit_bucket_mb`).
         step: the RL step (for the non-finite message).
+        group: on rank 0, the broadcast group (`rollout.refit.RefitGroup`, member 0) when the
+            transport is `broadcast`; None: Ray's object store.
 
     Returns:
-        `(bytes sent to all engines together, "ray")` on rank 0 ("restart" when an engine restarted
-        to take them), `(0, "ray")` elsewhere.
+        `(bytes sent to all engines together, "ray" | "broadcast")` on rank 0 ("restart" when an
+        engine restarted to take them), `(0, ...)` elsewhere.
 
     Raises:
         NonFiniteError: a weight is NaN/inf or beyond `dtype` (`checked_stream`); nothing was sent.
@@ -102,7 +195,7 @@ def push_weights(policy: Any, engines: list, dtype: torch.dtype, bucket_bytes: i
     import ray
     import torch.distributed as dist
 
-    from nemo_rl_fp16.rollout.refit import iter_buckets
+    from nemo_rl_fp16.rollout.refit import broadcast_bucket, iter_buckets
 
     stream = checked_stream(policy, step, dtype, 0)
     me = dist.get_rank() if dist.is_initialized() else 0
@@ -112,6 +205,17 @@ def push_weights(policy: Any, engines: list, dtype: torch.dtype, bucket_bytes: i
         return 0, "ray"
     ray.get([e.refit_begin.remote() for e in engines])
     sent = 0
+    if group is not None:  # one broadcast per bucket; the engines receive until the empty bucket
+        receiving = [e.refit_receive.remote() for e in engines]
+        for bucket in iter_buckets(stream, dtype, bucket_bytes):
+            if bucket.buffer.device.type != group.device:
+                bucket.buffer = bucket.buffer.to(group.device)
+            broadcast_bucket(bucket, 0, group, group.device)
+            del bucket
+        broadcast_bucket(None, 0, group, group.device)
+        ends = ray.get(receiving)
+        sent = sum(n for n, _ in ends)
+        return sent, "restart" if any(mode == "restart" for _, mode in ends) else "broadcast"
     for bucket in iter_buckets(stream, dtype, bucket_bytes):
         ref = ray.put((bucket.meta.to_wire(), bucket.buffer.cpu()))  # one object-store copy for all engines
         ray.get([e.refit_bucket.remote(ref) for e in engines])
