@@ -9,7 +9,8 @@ holds at most a padded copy of its shard of one parameter. The full-state refit
 (`rollout_state_dict`, `get_model_state_dict(full_state_dict=True)`) is measured the same way and
 must exceed the model on rank 0, so the measurement can tell them apart. The streamed weights equal
 the full-state refit bitwise (fp32 before the cast; the vocabulary is odd, so the embedding's shards
-are uneven), for untied and tied embeddings.
+are uneven), for untied and tied embeddings, after a scoring pass and a train step (FSDP2's
+forward/backward leave the parameters as they find them: the stream reads the sharded master).
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ DENSE = {"config": {"model_type": "qwen2", "vocab_size": 1023, "hidden_size": 51
 BUCKET = 4 * MIB
 
 
+def _loss(logp, rows):
+    import torch
+
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    return -(logp * adv[rows, None]).mean(), {}
+
+
 def _worker() -> None:  # pragma: no cover - runs under torchrun
     import functools
     import gc
@@ -59,6 +67,9 @@ def _worker() -> None:  # pragma: no cover - runs under torchrun
     import torch
     import torch.distributed as dist
     from test_megatron_refit_memory import _peak_extra_mib, digest  # same folder (torchrun's sys.path)
+
+    sys.path.insert(0, str(HERE))
+    from conftest import synthetic_batch
 
     from nemo_rl_fp16.policy.torch_policy import TorchPolicy
     from nemo_rl_fp16.precision import PrecisionPolicy
@@ -76,8 +87,12 @@ def _worker() -> None:  # pragma: no cover - runs under torchrun
 
     for case in CASES:
         cfg = {"config": {**DENSE["config"], "tie_word_embeddings": case == "tied"}}
-        tr = TorchPolicy(cfg, PrecisionPolicy.from_name("fp16"), lr=1e-3, micro_batch_size=2)
+        tr = TorchPolicy(cfg, PrecisionPolicy.from_name("bf16"), lr=1e-3, micro_batch_size=2)  # no overflow skip
         assert tr._fsdp
+        batch = synthetic_batch(1023, 4, 3, 4, seed=0)
+        tr.logprobs(batch, 1.0)
+        step = tr.train_step(batch, _loss, 1.0)
+        assert not step.skipped and step.grad_norm > 0  # the weights moved: the stream reads the trained master
         # bitwise: the fp32 stream equals the full state dict, name for name, in order
         full = tr.rollout_state_dict()
         got = list(tr.rollout_stream(0))
