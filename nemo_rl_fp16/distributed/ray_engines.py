@@ -299,6 +299,10 @@ class RayEngines:
                                                        rollout_tp=rc.rollout.tensor_parallel_size)
         except ValueError as e:
             raise ConfigError(str(e)) from e
+        try:  # the refit transport, refused here (before Ray starts) where it cannot work
+            transport = choose_transport(rc.rollout.refit_transport, device, r.layout)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
         self._remove_pg = remove_placement_group
         self._started_ray = False
         if not ray.is_initialized():
@@ -340,8 +344,7 @@ class RayEngines:
             self.rollout = RayRolloutGroup(rollouts, rollout_pol, tokenizer.pad_token_id,
                                            colocated=r.layout == "colocated",
                                            bucket_bytes=int(rc.rollout.refit_bucket_mb * 2**20),
-                                           transport=choose_transport(rc.rollout.refit_transport, self.device,
-                                                                      r.layout), device=self.device)
+                                           transport=transport, device=self.device)
             self.rollout.refit_from(self.policy, 0)  # the engines start from the trainers' own weights
         except BaseException:
             self.close()

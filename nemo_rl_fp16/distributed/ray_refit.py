@@ -108,10 +108,15 @@ def choose_transport(setting: str, device: str, layout: str) -> str:
         `object_store` or `broadcast`.
 
     Raises:
-        ValueError: an unknown setting.
+        ValueError: an unknown setting, or `broadcast` for a colocated layout on CUDA (NCCL cannot
+            put trainer rank 0 and an engine that share its GPU in one group).
     """
     if setting not in ("auto", "object_store", "broadcast"):
         raise ValueError(f"rollout.refit_transport={setting!r}: use auto, object_store or broadcast")
+    if setting == "broadcast" and device == "cuda" and layout == "colocated":
+        raise ValueError("rollout.refit_transport=broadcast with cluster.ray.layout=colocated on cuda: NCCL cannot "
+                         "join trainer rank 0 and the engine sharing its GPU; set rollout.refit_transport=auto "
+                         "(object_store here) or cluster.ray.layout=split")
     if setting == "auto":
         return "broadcast" if device == "cuda" and layout == "split" else "object_store"
     return setting

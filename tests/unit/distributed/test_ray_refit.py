@@ -26,8 +26,27 @@ def test_unknown_transport_is_refused():
         choose_transport("nccl", "cuda", "split")
 
 
+def test_broadcast_on_a_shared_gpu_is_refused():
+    with pytest.raises(ValueError, match="layout=colocated on cuda: NCCL cannot .* set rollout.refit_transport=auto"):
+        choose_transport("broadcast", "cuda", "colocated")
+
+
 def test_transport_key_without_ray_is_refused_not_ignored():
     with pytest.raises(ConfigError, match=r"rollout\.refit_transport.*cluster\.ray\.enabled=true"):
         typed(load_recipe("sanity_tiny", ["rollout.refit_transport=broadcast"]))
     rc = typed(load_recipe("sanity_tiny", ["rollout.refit_transport=broadcast", "cluster.ray.enabled=true"]))
     assert rc.rollout.refit_transport == "broadcast"
+
+
+def test_validation_stage_refuses_broadcast_on_a_shared_gpu():
+    """The refusal comes from the layout check (`plan.parallel_layout`, run by `check_run`), before any work."""
+    from nemo_rl_fp16.plan import parallel_layout
+
+    rc = typed(load_recipe("sanity_tiny", ["cluster.ray.enabled=true", "device=cuda", "cluster.gpus_per_node=2",
+                                           "cluster.ray.trainer_workers=2", "rollout.refit_transport=broadcast"]))
+    with pytest.raises(ConfigError, match="rollout.refit_transport=broadcast with cluster.ray.layout=colocated on cuda"):
+        parallel_layout(rc)
+    split = typed(load_recipe("sanity_tiny", ["cluster.ray.enabled=true", "device=cuda", "cluster.gpus_per_node=4",
+                                              "cluster.ray.trainer_workers=2", "cluster.ray.layout=split",
+                                              "rollout.refit_transport=broadcast"]))
+    parallel_layout(split)  # split: NCCL between distinct GPUs, accepted
