@@ -332,32 +332,23 @@ class TorchPolicy:
         return {k: v.detach() for k, v in self.master.state_dict().items()}
 
     def rollout_stream(self, dst: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
-        """The refit's weights one tensor at a time on rank `dst` only (`torch_refit_stream.py`); LoRA: merged.
-
-        A collective under FSDP: every rank iterates it to the end; only `dst` gets tensors. Equals
-        `rollout_state_dict()` bitwise, name for name, without ever holding it whole.
+        """`rollout_state_dict()` one tensor at a time on rank `dst` only (`torch_refit_stream.stream_policy`).
 
         Args:
-            dst: the global rank that sends to the rollout engines.
+            dst: the global rank that sends to the rollout engines (FSDP: every rank iterates it).
 
         Returns:
             An iterator of `(HF name, fp32 tensor)` (empty on the other ranks).
         """
-        from nemo_rl_fp16.policy.torch_refit_stream import stream_fsdp, stream_merged_lora
+        from nemo_rl_fp16.policy.torch_refit_stream import stream_policy
 
-        if self._lora:
-            return stream_merged_lora(self.master)
-        if self._fsdp:
-            return stream_fsdp(self.master, dst)
-        return iter([(k, v.detach()) for k, v in self.master.state_dict().items()])
+        return stream_policy(self.master, lora=self._lora, fsdp=self._fsdp, dst=dst)
 
     def _fp32_named_params(self) -> Mapping[str, torch.Tensor]:
-        """What the refit's non-finite check reads on this rank: its own fp32 shards (FSDP), the merged weights (LoRA)."""
-        from nemo_rl_fp16.policy.torch_refit_stream import LazyItems, stream_merged_lora
+        """What the refit's non-finite check reads here (`torch_refit_stream.check_items`)."""
+        from nemo_rl_fp16.policy.torch_refit_stream import check_items
 
-        if self._lora:  # the merged values are what is sent: checked one at a time, never all held
-            return LazyItems(lambda: stream_merged_lora(self.master))
-        return {k: (v.to_local() if hasattr(v, "to_local") else v).detach() for k, v in self.master.named_parameters()}
+        return check_items(self.master, lora=self._lora)
 
     def audit(self) -> list[str]:
         """Dtype findings: the compute copy against the policy, the master and optimizer state against fp32.

@@ -17,7 +17,7 @@ once, on the rank that sends it to the rollout engines, and never all of them to
   merged weight exists at a time, not a merged model.
 
 Names and order are the model's `state_dict()` (HF names), so the stream equals the full-state
-refit bitwise (`tests/integration/test_torch_refit_stream.py`). Tensors stay on their device (the
+refit bitwise (`tests/integration/test_fsdp_refit_memory.py`). Tensors stay on their device (the
 cast to the rollout dtype happens there, in `rollout.refit.iter_buckets`).
 """
 
@@ -116,6 +116,44 @@ def stream_merged_lora(peft_model: torch.nn.Module) -> Iterator[tuple[str, torch
             merged = v.detach() + sum(m.get_delta_weight(a) for a in m.active_adapters)
         yield k, merged
         del merged
+
+
+def stream_policy(master: torch.nn.Module, *, lora: bool, fsdp: bool, dst: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """`TorchPolicy.rollout_stream`: the refit's weights one tensor at a time on rank `dst` only.
+
+    Equals `TorchPolicy.rollout_state_dict()` bitwise, name for name and in order, without ever
+    holding it whole. A collective under FSDP (every rank iterates it to the end).
+
+    Args:
+        master: the policy's fp32 master (peft-wrapped with LoRA, `fully_shard`-ed under FSDP).
+        lora: LoRA adapters (merged per weight, `stream_merged_lora`).
+        fsdp: FSDP2-sharded (`stream_fsdp`).
+        dst: the global rank that sends to the rollout engines.
+
+    Returns:
+        An iterator of `(HF name, fp32 tensor)` (empty on the other ranks).
+    """
+    if lora:
+        return stream_merged_lora(master)
+    if fsdp:
+        return stream_fsdp(master, dst)
+    return iter([(k, v.detach()) for k, v in master.state_dict().items()])
+
+
+def check_items(master: torch.nn.Module, *, lora: bool) -> LazyItems | dict[str, torch.Tensor]:
+    """What the refit's non-finite check (`ray_refit.checked_stream`) reads on this rank.
+
+    Args:
+        master: the policy's fp32 master.
+        lora: LoRA: the merged weights are what is sent, so they are checked, one at a time.
+
+    Returns:
+        `LazyItems` over the merged stream (LoRA), else this rank's own fp32 parameters (FSDP:
+        its local shards).
+    """
+    if lora:
+        return LazyItems(lambda: stream_merged_lora(master))
+    return {k: (v.to_local() if hasattr(v, "to_local") else v).detach() for k, v in master.named_parameters()}
 
 
 class LazyItems:

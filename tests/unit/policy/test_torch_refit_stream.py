@@ -1,7 +1,7 @@
 """`TorchPolicy.rollout_stream` single-process: the same tensors as `rollout_state_dict`, bitwise, name for name.
 
 LoRA: the merged weights come one at a time (`W + scaling * B @ A` as each target's weight comes).
-FSDP2 (2 ranks, gloo) is `tests/integration/test_torch_refit_stream.py`.
+FSDP2 (2 ranks, gloo) is `tests/integration/test_fsdp_refit_memory.py`.
 """
 
 import pytest
