@@ -198,6 +198,12 @@ def parallel_layout(cfg: RecipeConfig) -> Layout:
                 problems.append(f"cluster.ray places {need:g} GPUs ({ray.layout}: {ray.trainer_workers} trainer ranks, "
                                 f"{ray.rollout_workers} rollout engines x TP {cfg.rollout.tensor_parallel_size}) but the "
                                 f"cluster has {have} (cluster.nodes x cluster.gpus_per_node)")
+        from nemo_rl_fp16.distributed.ray_refit import choose_transport
+
+        try:
+            choose_transport(cfg.rollout.refit_transport, run_device(cfg), ray.layout)
+        except ValueError as e:
+            problems.append(str(e))
     if (dp * p.context_parallel_size) % p.expert_parallel_size:
         problems.append(
             f"policy.expert_parallel_size={p.expert_parallel_size} must divide DP x CP = "

@@ -182,6 +182,7 @@ class RolloutSection(_Section):
     gpu_memory_utilization: float = Field(0.6, gt=0, le=1)
     enforce_eager: bool = False
     refit_bucket_mb: float = Field(256.0, gt=0)
+    refit_transport: Literal["auto", "object_store", "broadcast"] = "auto"
 
 
 class AlgorithmSection(_Section):
@@ -370,9 +371,12 @@ class RecipeConfig(_Section):
             ("policy", self.policy, ("sequence_parallel", "attention", "fused_elementwise",
                                      "use_distributed_optimizer"),
              self.policy.backend != "megatron", "policy.backend=megatron"),
-            ("rollout", self.rollout, ("tensor_parallel_size", "gpu_memory_utilization", "enforce_eager",
-                                        "refit_bucket_mb"),
+            ("rollout", self.rollout, ("tensor_parallel_size", "gpu_memory_utilization", "enforce_eager"),
              self.rollout.backend != "vllm", "rollout.backend=vllm"),
+            ("rollout", self.rollout, ("refit_bucket_mb",),  # the vLLM engine's refit and the Ray refit read it
+             self.rollout.backend != "vllm" and not self.cluster.ray.enabled,
+             "rollout.backend=vllm or cluster.ray.enabled=true"),
+            ("rollout", self.rollout, ("refit_transport",), not self.cluster.ray.enabled, "cluster.ray.enabled=true"),
             ("data", self.data, ("path", "prompt_key", "answer_key", "template"),
              self.data.dataset != "jsonl", "data.dataset=jsonl"),
         )

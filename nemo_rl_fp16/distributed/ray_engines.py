@@ -41,6 +41,7 @@ from nemo_rl_fp16.distributed.placement import (
     plan_placement,
     split_blocks,
 )
+from nemo_rl_fp16.distributed.ray_refit import choose_transport, open_group
 from nemo_rl_fp16.distributed.workers import PolicyWorker, RolloutWorker
 from nemo_rl_fp16.interfaces import LossFn, RolloutBatch, SamplingParams, TrainStepResult
 from nemo_rl_fp16.precision import PrecisionPolicy
@@ -207,7 +208,7 @@ class RayRolloutGroup:
     """`RolloutEngine` over the rollout workers: prompts split between them, batches stacked."""
 
     def __init__(self, workers: list, precision: PrecisionPolicy, pad_token_id: int, colocated: bool,
-                 bucket_bytes: int = 256 * 2**20):
+                 bucket_bytes: int = 256 * 2**20, transport: str = "object_store", device: str = "cpu"):
         """Wrap `workers` (`RolloutWorker` handles); colocated engines sleep between rollouts; refit buckets of `bucket_bytes`.
 
         Args:
@@ -216,6 +217,8 @@ class RayRolloutGroup:
             pad_token_id (int): pads the engines' batches to one width in `generate`.
             colocated (bool): the engines share GPUs with trainer ranks (they sleep after each rollout).
             bucket_bytes (int): the refit bucket size (`rollout.refit_bucket_mb`).
+            transport (str): `object_store` or `broadcast` (`ray_refit.choose_transport`).
+            device (str): `cuda` (a broadcast group on NCCL) or `cpu` (gloo).
         """
         self.workers = workers
         self.precision = precision
@@ -223,6 +226,7 @@ class RayRolloutGroup:
         self.colocated = colocated
         self.bucket_bytes = int(bucket_bytes)
         self._asleep = False
+        self.transport, self.device, self._group = transport, device, False
         #: bytes all engines received in the last refit and its transport (metrics `refit/bytes`, `refit/mode`)
         self.last_refit_bytes: int | None = None
         self.last_refit_transport: str | None = None
@@ -288,6 +292,9 @@ class RayRolloutGroup:
 
         ray.get([w.free_cache.remote() for w in policy.workers])
         self._wake(["weights"])
+        if self.transport == "broadcast" and not self._group:  # once: rank 0 + the engines (`ray_refit.open_group`)
+            open_group(policy.workers, self.workers, self.device)
+            self._group = True
         stats = ray.get([w.push_weights.remote(self.workers, self.precision.param_dtype, self.bucket_bytes, step)
                          for w in policy.workers])
         self.last_refit_bytes, self.last_refit_transport = stats[0]
@@ -340,6 +347,10 @@ class RayEngines:
                                                        rollout_tp=rc.rollout.tensor_parallel_size)
         except ValueError as e:
             raise ConfigError(str(e)) from e
+        try:  # the refit transport, refused here (before Ray starts) where it cannot work
+            transport = choose_transport(rc.rollout.refit_transport, device, r.layout)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
         self._remove_pg = remove_placement_group
         self._started_ray = False
         if not ray.is_initialized():
@@ -385,7 +396,8 @@ class RayEngines:
                                     str(model_dir / f"r{j}")) for j, w in enumerate(rollouts)])
             self.rollout = RayRolloutGroup(rollouts, rollout_pol, tokenizer.pad_token_id,
                                            colocated=r.layout == "colocated",
-                                           bucket_bytes=int(rc.rollout.refit_bucket_mb * 2**20))
+                                           bucket_bytes=int(rc.rollout.refit_bucket_mb * 2**20),
+                                           transport=transport, device=self.device)
             self.rollout.refit_from(self.policy, 0)  # the engines start from the trainers' own weights
         except BaseException:
             self.close()

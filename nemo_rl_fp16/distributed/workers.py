@@ -129,7 +129,21 @@ class PolicyWorker:
         """
         from nemo_rl_fp16.distributed.ray_refit import push_weights
 
-        return push_weights(self.engines["policy"], engines, dtype, bucket_bytes, step)
+        return push_weights(self.engines["policy"], engines, dtype, bucket_bytes, step,
+                            getattr(self, "refit_group", None))
+
+    def refit_group_join(self, addr: str, port: int, world: int, backend: str) -> None:
+        """Host the refit broadcast group as member 0 (rank 0 only; `ray_refit.open_group`).
+
+        Args:
+            addr: this node's address (from `rendezvous`).
+            port: the free port `rendezvous` found.
+            world: members in all.
+            backend: "nccl" or "gloo".
+        """
+        from nemo_rl_fp16.rollout.refit import RefitGroup
+
+        self.refit_group = RefitGroup(addr, port, 0, world, backend)
 
     def close(self) -> None:
         """Leave the process group."""
@@ -216,6 +230,40 @@ class RolloutWorker:
             The bucket's bytes.
         """
         return self.engine.load_bucket(*bucket)
+
+    def refit_group_size(self) -> int:
+        """Receivers this engine adds to the refit broadcast group (vLLM: its workers; else 1).
+
+        Returns:
+            The number of members it joins with.
+        """
+        return int(self.engine.refit_group_size()) if hasattr(self.engine, "refit_group_size") else 1
+
+    def refit_group_join(self, addr: str, port: int, first: int, world: int, backend: str) -> None:
+        """Join trainer rank 0's refit broadcast group (`ray_refit.open_group`): vLLM workers inside vLLM, else here.
+
+        Args:
+            addr: trainer rank 0's address.
+            port: its refit store's port.
+            first: this engine's first member rank.
+            world: members in all.
+            backend: "nccl" or "gloo".
+        """
+        from nemo_rl_fp16.rollout.refit import RefitGroup
+
+        joined = hasattr(self.engine, "join_refit_group") and self.engine.join_refit_group(addr, port, first, world,
+                                                                                             backend)
+        self.refit_group = None if joined else RefitGroup(addr, port, first, world, backend)
+
+    def refit_receive(self) -> tuple[int, str]:
+        """Receive one broadcast refit and finish it (`ray_refit.receive_buckets`), after `refit_begin`.
+
+        Returns:
+            `(bytes received, "broadcast")`, or "restart" when the engine restarted to take them.
+        """
+        from nemo_rl_fp16.distributed.ray_refit import receive_buckets
+
+        return receive_buckets(self.engine, self.refit_group)
 
     def refit_end(self) -> tuple[int, str]:
         """Finish the refit (every weight must have come).

@@ -332,6 +332,25 @@ class TorchPolicy:
             return get_model_state_dict(self.master, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {k: v.detach() for k, v in self.master.state_dict().items()}
 
+    def rollout_stream(self, dst: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+        """`rollout_state_dict()` one tensor at a time on rank `dst` only (`torch_refit_stream.stream_policy`).
+
+        Args:
+            dst: the global rank that sends to the rollout engines (FSDP: every rank iterates it).
+
+        Returns:
+            An iterator of `(HF name, fp32 tensor)` (empty on the other ranks).
+        """
+        from nemo_rl_fp16.policy.torch_refit_stream import stream_policy
+
+        return stream_policy(self.master, lora=self._lora, fsdp=self._fsdp, dst=dst)
+
+    def _fp32_named_params(self) -> Mapping[str, torch.Tensor]:
+        """What the refit's non-finite check reads here (`torch_refit_stream.check_items`)."""
+        from nemo_rl_fp16.policy.torch_refit_stream import check_items
+
+        return check_items(self.master, lora=self._lora)
+
     def audit(self) -> list[str]:
         """Dtype findings: the compute copy against the policy, the master and optimizer state against fp32.
 

@@ -285,6 +285,60 @@ def open_cuda_ipc(h: dict, device: int | None = None) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------- broadcast (split layouts)
+class RefitGroup:
+    """A process group of its own between the sending trainer rank (rank 0) and the engines' receivers.
+
+    Built from a TCP store at the sender's `(addr, port)` and a backend object
+    (`ProcessGroupGloo` on CPU, `ProcessGroupNCCL` on GPU) without touching the default
+    process group, so trainer rank 0 keeps its trainers' group and an engine process (a Ray
+    actor, a vLLM worker) needs none. Every member constructs it at once (a rendezvous).
+    """
+
+    def __init__(self, addr: str, port: int, rank: int, world: int, backend: str, timeout_s: float = 600.0):
+        """Join (rank 0: host) the group.
+
+        Args:
+            addr: the sender's address (its node IP).
+            port: a free port on the sender's node (rank 0 listens on it).
+            rank: this member's rank (0 = the sender).
+            world: members in all (1 + the engines' receivers).
+            backend: "gloo" (CPU tensors) or "nccl" (CUDA tensors, this process's current device).
+            timeout_s: rendezvous and collective timeout in seconds.
+
+        Raises:
+            ValueError: an unknown backend or a rank outside `[0, world)`.
+        """
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"refit group backend must be gloo or nccl, got {backend!r}")
+        if not 0 <= rank < world:
+            raise ValueError(f"refit group rank {rank} outside [0, {world})")
+        timeout = timedelta(seconds=timeout_s)
+        store = dist.TCPStore(addr, int(port), world, rank == 0, timeout, wait_for_workers=False)
+        self.store = dist.PrefixStore("nrl_refit/", store)
+        self.pg = (dist.ProcessGroupGloo(self.store, rank, world, timeout) if backend == "gloo"
+                   else dist.ProcessGroupNCCL(self.store, rank, world))
+        self.rank, self.world, self.backend = rank, world, backend
+        #: where receive buffers live for this backend
+        self.device = "cpu" if backend == "gloo" else "cuda"
+
+    def broadcast(self, t: torch.Tensor, src: int) -> None:
+        """Broadcast `t` in place from member `src` (a collective of the group).
+
+        Args:
+            t: a contiguous tensor on `self.device`, the same shape and dtype on every member.
+            src: the sending member's rank.
+        """
+        import torch.distributed as dist
+
+        opts = dist.BroadcastOptions()
+        opts.rootRank, opts.rootTensor = int(src), 0
+        self.pg.broadcast([t], opts).wait()
+
+
 def broadcast_bucket(bucket: Bucket | None, src: int, group=None, device: torch.device | str = "cpu") -> Bucket | None:
     """Collective: `src` sends `bucket` (None: end of stream), every other rank gets it back.
 
@@ -293,8 +347,8 @@ def broadcast_bucket(bucket: Bucket | None, src: int, group=None, device: torch.
 
     Args:
         bucket: the bucket on `src` (None there: end of stream); ignored on the other ranks.
-        src: the sending global rank.
-        group: the torch.distributed group (None: the default group).
+        src: the sending rank (global rank for a torch.distributed group; member rank for a `RefitGroup`).
+        group: a `RefitGroup`, or a torch.distributed group (None: the default group).
         device: where the receive buffers live ("cuda" for NCCL, "cpu" for gloo).
 
     Returns:
@@ -302,22 +356,28 @@ def broadcast_bucket(bucket: Bucket | None, src: int, group=None, device: torch.
     """
     import torch.distributed as dist
 
-    me = dist.get_rank()
+    if isinstance(group, RefitGroup):
+        me, bcast = group.rank, group.broadcast
+    else:
+        me = dist.get_rank()
+
+        def bcast(t: torch.Tensor, root: int) -> None:
+            dist.broadcast(t, root, group=group)
     length = torch.zeros(1, dtype=torch.int64, device=device)
     if me == src:
         blob = b"" if bucket is None else json.dumps(bucket.meta.to_wire()).encode()
         length[0] = len(blob)
-    dist.broadcast(length, src, group=group)
+    bcast(length, src)
     if int(length.item()) == 0:
         return None
     if me == src:
         data = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(device)
     else:
         data = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
-    dist.broadcast(data, src, group=group)
+    bcast(data, src)
     meta = bucket.meta if me == src else BucketMeta.from_wire(json.loads(bytes(data.cpu().numpy())))
     buf = bucket.buffer.contiguous() if me == src else torch.empty(meta.nbytes, dtype=torch.uint8, device=device)
-    dist.broadcast(buf, src, group=group)
+    bcast(buf, src)
     return Bucket(meta, buf)
 
 

@@ -199,6 +199,48 @@ class VllmRefit:
             self.last_refit_bytes = pushed
         return pushed
 
+    # ------------------------------------------------------------------ broadcast from a trainer rank (Ray)
+    def refit_group_size(self) -> int:
+        """Members this engine adds to a trainer's refit broadcast group.
+
+        One per vLLM worker in place; one (the engine's own process, `load_bucket`) in restart mode.
+
+        Returns:
+            The number of receivers.
+        """
+        return 1 if self.refit_mode == "restart" else len(self.llm.collective_rpc("nrl_rank"))
+
+    def join_refit_group(self, addr: str, port: int, first: int, world: int, backend: str) -> bool:
+        """Have the vLLM workers join the refit group (`nrl_refit_group_join`, by name, msgpack-safe args).
+
+        Args:
+            addr: trainer rank 0's address.
+            port: its refit store's port.
+            first: the member rank of worker 0.
+            world: members in all.
+            backend: "nccl" or "gloo".
+
+        Returns:
+            True when the workers joined; False in restart mode (the caller joins in this process).
+        """
+        if self.refit_mode == "restart":
+            return False
+        shapes = {k: list(v) for k, v in self._hf_shapes.items()}
+        self.llm.collective_rpc("nrl_refit_group_join", args=(addr, int(port), int(first), int(world), backend,
+                                                              shapes, sorted(self._tied)))
+        return True
+
+    def receive_refit_broadcast(self) -> int:
+        """The workers receive a broadcast refit (`nrl_refit_receive`), after `begin_refit`.
+
+        Returns:
+            The bytes worker 0 received.
+        """
+        n = int(self.llm.collective_rpc("nrl_refit_receive")[0])
+        self._pushed = getattr(self, "_pushed", 0) + n
+        self.last_refit_transport = "broadcast"
+        return n
+
     def _finish_in_place(self) -> None:
         missing = self.llm.collective_rpc("nrl_refit_end")[0]
         self.llm.reset_prefix_cache()

@@ -128,3 +128,58 @@ class RolloutWorkerExtension:
         missing = sorted({n for n, _ in model.named_parameters()} - getattr(self, "_nrl_loaded", set()))
         self._nrl_loaded = set()
         return missing
+
+    # ---------------------------------------------------------------- broadcast refit (split layouts)
+    def nrl_rank(self) -> int:
+        """This worker's rank within its engine (vLLM's `self.rank`; 0 for a single worker).
+
+        Returns:
+            The worker's rank.
+        """
+        return int(getattr(self, "rank", 0))
+
+    def nrl_refit_group_join(self, addr: str, port: int, first: int, world: int, backend: str,
+                             shapes: dict, tied: list) -> int:
+        """Join the trainer's refit broadcast group (`refit.RefitGroup`) as member `first + rank`.
+
+        Args:
+            addr: trainer rank 0's address.
+            port: its refit store's port.
+            first: the member rank of this engine's worker 0.
+            world: members in all.
+            backend: "nccl" (GPU) or "gloo" (CPU).
+            shapes: the checkpoint's `{name: shape}` (trainer names are mapped to these, `vllm_refit.checkpoint_meta`).
+            tied: names the checkpoint omits (a tied `lm_head.weight`).
+
+        Returns:
+            This worker's member rank.
+        """
+        from nemo_rl_fp16.rollout.refit import RefitGroup
+
+        me = int(first) + self.nrl_rank()
+        self._nrl_group = RefitGroup(addr, int(port), me, int(world), backend)
+        self._nrl_shapes = {k: tuple(v) for k, v in shapes.items()}
+        self._nrl_tied = set(tied)
+        return me
+
+    def nrl_refit_receive(self) -> int:
+        """Receive buckets from member 0 until the end marker; load each like `nrl_refit_bucket`.
+
+        Call between `nrl_refit_begin` and `nrl_refit_end`.
+
+        Returns:
+            The bytes received.
+        """
+        from nemo_rl_fp16.rollout.refit import broadcast_bucket, views
+        from nemo_rl_fp16.rollout.vllm_refit import checkpoint_meta
+
+        g = self._nrl_group
+        device = torch.device("cuda", torch.cuda.current_device()) if g.device == "cuda" else "cpu"
+        n = 0
+        while (b := broadcast_bucket(None, 0, g, device)) is not None:
+            m = checkpoint_meta(b.meta, self._nrl_shapes, self._nrl_tied)
+            loaded = self.model_runner.get_model().load_weights(views(m, b.buffer))
+            self._nrl_loaded |= set(loaded or ())
+            n += b.meta.nbytes
+            del b
+        return n

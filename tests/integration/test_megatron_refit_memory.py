@@ -1,4 +1,5 @@
-"""Trainer side of the refit: what each Megatron rank materialises (TP=2 dense, EP=2 MoE; 2 processes, gloo).
+"""Trainer side of the refit: what each Megatron rank materialises (TP=2 dense, EP=2 MoE, PP=2 dense untied
+and tied; 2 processes, gloo).
 
 Each rank measures its own peak resident memory (Linux `VmHWM`, reset through
 `/proc/self/clear_refs`; glibc's mmap threshold is lowered so freed blocks go back to the OS and
@@ -6,9 +7,12 @@ reuse cannot hide an allocation) while the refit stream (`MegatronPolicy.rollout
 into fp16 buckets by `rollout.refit.iter_buckets`, each bucket hashed by a stand-in consumer) runs,
 and asserts the issue-19 bound: the sending rank holds one piece (one decoder layer or the
 embeddings) of the full model in fp32 plus one bucket — not the model; the other rank only sends
-its shards. The old all-gather (`rollout_state_dict`) is measured the same way and must exceed
-the model size on both ranks, so the test can tell the two apart. The streamed weights must equal
-`rollout_state_dict()` bitwise.
+its shards. With PP=2 each stage sends its own layers (`refit_stream.stream_hf_weights_pp`): rank 1
+(the last stage) gathers nothing and sends one piece at a time to rank 0, so it holds about one
+piece, never its stage. The old all-gather (`rollout_state_dict`) is measured the same way and must
+exceed the model size on both ranks, so the test can tell the two apart. The streamed weights must
+equal `rollout_state_dict()` bitwise, and with PP=2 also the HF weights the policy started from
+(what the PP=1 refit gives).
 
 The worker is this file run as a script under torchrun (like `test_megatron_parallel.py`).
 """
@@ -41,8 +45,9 @@ def test_refit_stream_memory_tp2_and_ep2(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    for check in ("TP2 stream bound OK", "TP2 stream bitwise OK", "EP2 stream bound OK", "EP2 stream bitwise OK"):
-        assert f"rank0 {check}" in out and f"rank1 {check}" in out, out[-4000:]
+    for tag in ("TP2", "EP2", "PP2", "PP2tied"):
+        for check in ("stream bound OK", "stream bitwise OK"):
+            assert f"rank0 {tag} {check}" in out and f"rank1 {tag} {check}" in out, out[-4000:]
     print("\n".join(line for line in out.splitlines() if "stream_peak=" in line))  # the measured numbers (-s)
 
 
@@ -124,13 +129,17 @@ def _worker() -> None:  # pragma: no cover - runs under torchrun
     rank = dist.get_rank()
 
     with cpu_redirects():
-        for tag, cfg, par in (("TP2", DENSE, {"tensor_parallel_size": 2}), ("EP2", MOE, {"expert_parallel_size": 2})):
+        tied = {"config": {**DENSE["config"], "tie_word_embeddings": True}}
+        for tag, cfg, par in (("TP2", DENSE, {"tensor_parallel_size": 2}), ("EP2", MOE, {"expert_parallel_size": 2}),
+                              ("PP2", DENSE, {"pipeline_parallel_size": 2}),
+                              ("PP2tied", tied, {"pipeline_parallel_size": 2})):
             if parallel_state.model_parallel_is_initialized():
                 parallel_state.destroy_model_parallel()
             hf = build_model(cfg, torch.float32, seed=0)
             sd = {k: v.detach().clone() for k, v in hf.state_dict().items()}
             del hf
             model_mib, piece_mib = _pieces_mib(sd)
+            start = {k: digest(v.to(torch.float16)) for k, v in sd.items()}  # = the PP=1 refit of these weights
             tr = MegatronPolicy(cfg, PrecisionPolicy.from_name("fp16"), lr=1e-3, micro_batch_size=2,
                                 initial_state_dict=sd, **par)
             del sd
@@ -145,12 +154,16 @@ def _worker() -> None:  # pragma: no cover - runs under torchrun
                 bound = 2 * piece_mib + 1.5 * BUCKET / MIB + 8
                 assert stream_peak <= bound, (tag, stream_peak, bound)
                 assert stream_peak < model_mib / 2, (tag, stream_peak, model_mib)
+            elif tag.startswith("PP"):
+                assert streamed == {}  # only the sending rank receives
+                assert stream_peak <= 2 * piece_mib + 8, (tag, stream_peak, piece_mib)  # one piece of its stage
             else:
                 assert streamed == {}  # only the sending rank receives
                 assert stream_peak <= 8, (tag, stream_peak)  # it sends its shards, materialises nothing
             print(f"rank{rank} {tag} stream bound OK", flush=True)
             want = {k: digest(v.to(torch.float16)) for k, v in tr.rollout_state_dict().items()}
             assert rank != 0 or streamed == want, (tag, set(streamed) ^ set(want))
+            assert rank != 0 or not tag.startswith("PP") or streamed == start, tag  # the PP=1 weights
             print(f"rank{rank} {tag} stream bitwise OK", flush=True)
             del tr
             gc.collect()

@@ -134,6 +134,7 @@ TABLE: dict[str, tuple[list[str], list[str], str, object]] = {
     "rollout.gpu_memory_utilization": ([], ["rollout.gpu_memory_utilization=0.9"], REFUSED, None),
     "rollout.enforce_eager": ([], ["rollout.enforce_eager=true"], REFUSED, None),
     "rollout.refit_bucket_mb": ([], ["rollout.refit_bucket_mb=64"], REFUSED, None),  # torch rollout
+    "rollout.refit_transport": ([], ["rollout.refit_transport=broadcast"], REFUSED, None),  # without Ray
     "algorithm.name": ([], ["algorithm.name=gspo"], "plan", plan("algorithm")),
     "algorithm.correction": ([], ["algorithm.correction=mis"], "plan", plan("algorithm")),
     "algorithm.clip_low": ([], ["algorithm.clip_low=0.1"], "plan", plan("algorithm")),

@@ -40,7 +40,6 @@ TESTED_ELSEWHERE = {
     "rollout/vllm_engine.py": ["tests/vllm/test_vllm_engine.py"],  # needs vLLM: the separate job
     "rollout/vllm_worker.py": ["tests/vllm/test_vllm_engine.py"],
     "distributed/workers.py": ["tests/unit/distributed/test_ray_run.py", "tests/integration/test_ray_runs.py"],
-    "distributed/ray_refit.py": ["tests/integration/test_ray_runs.py", "tests/unit/distributed/test_ray_run.py"],
     "doctor_probes.py": ["tests/unit/test_doctor.py", "tests/unit/policy/test_megatron_doctor.py"],
     "policy/megatron/pipeline.py": ["tests/integration/test_megatron_pipeline.py"],  # PP=2 needs 2 ranks (torchrun)
     # finalize_model_grads over TP/DP: 2 ranks (torchrun)

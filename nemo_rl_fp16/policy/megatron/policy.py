@@ -61,7 +61,7 @@ from nemo_rl_fp16.policy.megatron.pipeline import (
     gather_stages,
     stage_state_dict,
 )
-from nemo_rl_fp16.policy.megatron.refit_stream import local_spec_names, stream_hf_weights
+from nemo_rl_fp16.policy.megatron.refit_stream import local_spec_names, stream_hf_weights, stream_hf_weights_pp
 from nemo_rl_fp16.policy.megatron.routing import MegatronRouting, install_partial_replays
 from nemo_rl_fp16.policy.megatron.sequence_parallel import sequence_parallel_problem, spec_attention
 from nemo_rl_fp16.policy.megatron.sharding import gather_full_state_dict, load_shard_, shard_state_dict
@@ -494,9 +494,9 @@ class MegatronPolicy:
         Returns:
             An iterator of `(HF name, fp32 tensor)` (empty on the other ranks).
         """
-        if self.pp > 1:  # stages hold different layers: gathered whole (`refit_stream` streams one stage's shards)
-            full = self.rollout_state_dict()
-            return iter(full.items()) if torch.distributed.get_rank() == dst else iter(())
+        if self.pp > 1:  # each stage's sender sends its layers to `dst`, one at a time
+            return stream_hf_weights_pp(local_spec_names(self._fp32_named_params()), self.layout,
+                                        fused_experts=self._hf_fused_experts, dst=dst)
         return stream_hf_weights(local_spec_names(self._fp32_named_params()), self.layout,
                                  fused_experts=self._hf_fused_experts, dst=dst)
 

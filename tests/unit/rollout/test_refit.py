@@ -204,3 +204,61 @@ def test_gloo_broadcast_to_a_consumer_process(tmp_path):
     got = json.load(open(out))
     assert got["n"] > 1
     assert got["digests"] == {k: _digest(v.to(torch.float16)) for k, v in sd.items()}
+
+
+def _group_worker(rank: int, port: int, trainer_port: int, out: str, shapes: dict):
+    """Member 0 is a "trainer rank" with a default process group of its own; member 1 a consumer."""
+    import torch.distributed as dist
+
+    from nemo_rl_fp16.rollout.refit import RefitGroup
+
+    if rank == 0:  # its trainers' group stays the default one; the refit group is separate
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{trainer_port}", rank=0, world_size=1)
+    try:
+        g = RefitGroup("127.0.0.1", port, rank, 2, "gloo", timeout_s=60)
+        assert (g.rank, g.world, g.device) == (rank, 2, "cpu")
+        if rank == 0:
+            for b in iter_buckets(_state().items(), torch.float16, 1500):
+                broadcast_bucket(b, 0, g)
+            broadcast_bucket(None, 0, g)
+            assert dist.get_world_size() == 1  # the default group is untouched
+        else:
+            own = {k: torch.zeros(s, dtype=torch.float16) for k, s in shapes.items()}
+            seen: set[str] = set()
+            n = 0
+            while (b := broadcast_bucket(None, 0, g, g.device)) is not None:
+                load_bucket_into(own, b.meta, b.buffer, seen)
+                n += 1
+            with open(f"{out}.{rank}", "w") as f:
+                json.dump({"n": n, "digests": {k: _digest(v) for k, v in own.items()}}, f)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_refit_group_beside_the_default_group_broadcasts_to_a_consumer(tmp_path):
+    """`RefitGroup`: a gloo group of its own (TCP store on member 0), no default process group needed
+    on the consumer, none disturbed on the sender: the consumer gets every weight bitwise (two
+    engines at once: `tests/integration/test_ray_refit_broadcast.py`)."""
+    import socket
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    sd = _state()
+    out = str(tmp_path / "consumer")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_group_worker, args=(*ports, out, {k: list(v.shape) for k, v in sd.items()}), nprocs=2, join=True)
+    got = json.load(open(f"{out}.1"))
+    assert got["n"] > 1 and got["digests"] == {k: _digest(v.to(torch.float16)) for k, v in sd.items()}
+
+
+def test_refit_group_refuses_a_bad_backend_or_rank():
+    from nemo_rl_fp16.rollout.refit import RefitGroup
+
+    with pytest.raises(ValueError, match="gloo or nccl, got 'mpi'"):
+        RefitGroup("127.0.0.1", 1, 0, 2, "mpi")
+    with pytest.raises(ValueError, match=r"rank 2 outside \[0, 2\)"):
+        RefitGroup("127.0.0.1", 1, 2, 2, "gloo")

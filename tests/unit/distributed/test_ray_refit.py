@@ -1,0 +1,52 @@
+"""`ray_refit.choose_transport`: `rollout.refit_transport` -> the Ray refit's transport.
+
+The transports themselves run under Ray in `tests/integration/test_ray_refit_broadcast.py`.
+"""
+
+import pytest
+
+from nemo_rl_fp16.config import ConfigError, load_recipe, typed
+from nemo_rl_fp16.distributed.ray_refit import choose_transport
+
+
+@pytest.mark.parametrize(("setting", "device", "layout", "want"), [
+    ("auto", "cuda", "split", "broadcast"),  # NCCL between rank 0's GPU and the engines' GPUs
+    ("auto", "cuda", "colocated", "object_store"),  # one GPU per trainer/engine pair: no NCCL between them
+    ("auto", "cpu", "split", "object_store"),
+    ("auto", "cpu", "colocated", "object_store"),
+    ("broadcast", "cpu", "colocated", "broadcast"),  # asked for: done (gloo)
+    ("object_store", "cuda", "split", "object_store"),
+])
+def test_transport_choice(setting, device, layout, want):
+    assert choose_transport(setting, device, layout) == want
+
+
+def test_unknown_transport_is_refused():
+    with pytest.raises(ValueError, match="rollout.refit_transport='nccl': use auto, object_store or broadcast"):
+        choose_transport("nccl", "cuda", "split")
+
+
+def test_broadcast_on_a_shared_gpu_is_refused():
+    with pytest.raises(ValueError, match="layout=colocated on cuda: NCCL cannot .* set rollout.refit_transport=auto"):
+        choose_transport("broadcast", "cuda", "colocated")
+
+
+def test_transport_key_without_ray_is_refused_not_ignored():
+    with pytest.raises(ConfigError, match=r"rollout\.refit_transport.*cluster\.ray\.enabled=true"):
+        typed(load_recipe("sanity_tiny", ["rollout.refit_transport=broadcast"]))
+    rc = typed(load_recipe("sanity_tiny", ["rollout.refit_transport=broadcast", "cluster.ray.enabled=true"]))
+    assert rc.rollout.refit_transport == "broadcast"
+
+
+def test_validation_stage_refuses_broadcast_on_a_shared_gpu():
+    """The refusal comes from the layout check (`plan.parallel_layout`, run by `check_run`), before any work."""
+    from nemo_rl_fp16.plan import parallel_layout
+
+    rc = typed(load_recipe("sanity_tiny", ["cluster.ray.enabled=true", "device=cuda", "cluster.gpus_per_node=2",
+                                           "cluster.ray.trainer_workers=2", "rollout.refit_transport=broadcast"]))
+    with pytest.raises(ConfigError, match="rollout.refit_transport=broadcast with cluster.ray.layout=colocated on cuda"):
+        parallel_layout(rc)
+    split = typed(load_recipe("sanity_tiny", ["cluster.ray.enabled=true", "device=cuda", "cluster.gpus_per_node=4",
+                                              "cluster.ray.trainer_workers=2", "cluster.ray.layout=split",
+                                              "rollout.refit_transport=broadcast"]))
+    parallel_layout(split)  # split: NCCL between distinct GPUs, accepted
