@@ -203,7 +203,11 @@ def plan_memory(cfg: RecipeConfig, layout: Layout, device: str) -> MemoryBudget 
     colocated = not ray.enabled or ray.layout == "colocated"
     vllm = r.backend == "vllm"
     fsdp = p.backend == "torch" and layout.dp > 1
-    refit = REFIT_BUCKETS_ON_SENDER * r.refit_bucket_mb * 2**20 if vllm and not fsdp else 0.0
+    # the sending rank holds ~1.5 buckets; an FSDP2 sender also gathers one fp32 parameter at a time
+    # (`policy/torch_refit_stream.py`), the largest being the embedding
+    refit = REFIT_BUCKETS_ON_SENDER * r.refit_bucket_mb * 2**20 if vllm else 0.0
+    if vllm and fsdp:
+        refit += 4 * lay.vocab_size * lay.hidden_size
     torch_engine = model_bytes if r.backend == "torch" and colocated and device == "cuda" else 0.0
 
     train = Phase("train")
@@ -233,12 +237,11 @@ def plan_memory(cfg: RecipeConfig, layout: Layout, device: str) -> MemoryBudget 
     if p.backend == "megatron":
         alternative = train.total - optimizer + (m.optimizer if dist else m.optimizer_distributed)
     budget = MemoryBudget(phases, rollout_phase, [], gpu, alternative, dist, model_bytes / r.tensor_parallel_size)
-    budget.hosts = _host_lines(cfg, layout, budget, model_bytes, fsdp, lay)
+    budget.hosts = _host_lines(cfg, layout, budget, model_bytes, device)
     return budget
 
 
-def _host_lines(cfg: RecipeConfig, layout: Layout, b: MemoryBudget, model_bytes: float, fsdp: bool,
-                lay: ModelLayout) -> list[str]:
+def _host_lines(cfg: RecipeConfig, layout: Layout, b: MemoryBudget, model_bytes: float, device: str) -> list[str]:
     """Per node: its GPUs' sum (trainer GPUs first, then rollout GPUs, node by node) and host RAM."""
     ray, r = cfg.cluster.ray, cfg.rollout
     per_node = max(cfg.cluster.gpus_per_node, 1)
@@ -247,6 +250,14 @@ def _host_lines(cfg: RecipeConfig, layout: Layout, b: MemoryBudget, model_bytes:
     rollout_gpus = 0 if colocated or r.backend != "vllm" else ray.rollout_workers * r.tensor_parallel_size
     engines = (ray.rollout_workers if ray.enabled else 1) if r.backend == "vllm" else 0
     bucket = r.refit_bucket_mb * 2**20 if r.backend == "vllm" else 0.0
+    transport = "object_store"
+    if ray.enabled:
+        from nemo_rl_fp16.distributed.ray_refit import choose_transport
+
+        try:
+            transport = choose_transport(r.refit_transport, device, ray.layout)
+        except ValueError:  # refused by the validation stage (`plan.parallel_layout`) with its own line
+            transport = "object_store"
     t_peak, v_gpu = b.peak().total, (b.rollout.items.get("vLLM", 0.0) if b.rollout else 0.0)
     lines: list[str] = []
     seen: dict[str, list[int]] = {}
@@ -258,7 +269,7 @@ def _host_lines(cfg: RecipeConfig, layout: Layout, b: MemoryBudget, model_bytes:
             engines * nt // max(trainer_gpus, 1))
         host = 0.0
         parts = []
-        if ray.enabled and bucket:  # the object store: the sender's node and every engine's node hold a bucket
+        if ray.enabled and bucket and transport == "object_store":  # the sender's node and each engine's node
             copies = (1 if i == 0 else 0) + (1 if node_engines else 0)
             if copies:
                 host += copies * bucket
@@ -266,10 +277,6 @@ def _host_lines(cfg: RecipeConfig, layout: Layout, b: MemoryBudget, model_bytes:
         if colocated and r.backend == "vllm" and node_engines:
             host += node_engines * model_bytes
             parts.append(f"vLLM weights asleep {node_engines} x {fmt_gib(model_bytes)}")
-        if fsdp and i == 0 and r.backend == "vllm":
-            full = 4 * lay.num_parameters()["total"]
-            host += full
-            parts.append(f"rank 0's full fp32 state dict for the refit (FSDP2) {fmt_gib(full)}")
         gpu_sum = nt * t_peak + nv * v_gpu
         what = ", ".join(x for x in (f"{nt} trainer GPU{'s' * (nt != 1)} x {fmt_gib(t_peak)}" if nt else "",
                                      f"{nv} vLLM GPU{'s' * (nv != 1)} x {fmt_gib(v_gpu)}" if nv else "") if x)

@@ -34,11 +34,28 @@ def test_big_recipes_fit_80gb_cards_with_the_distributed_optimizer(recipe, train
     plan = make_plan(cfg)
     assert "fits cluster.gpu_memory_gb=79.2" in plan["memory/peak"]
     assert plan["memory/rollout GPU"].startswith("vLLM 0.85 x 79.2 GiB = 67.3 GiB")
-    # the split layout: trainer nodes, then vLLM nodes; the refit bucket sits in Ray's object store
+    # the split layout: trainer nodes, then vLLM nodes; on CUDA the refit broadcasts GPU to GPU
+    # (rollout.refit_transport=auto), so no bucket sits in host RAM
     assert "8 trainer GPUs x" in plan["memory/host"] and "8 vLLM GPUs x 67.3 GiB" in plan["memory/host"]
-    assert "refit bucket x 1 (Ray object store) 256.0 MiB" in plan["memory/host"]
+    assert "Ray object store" not in plan["memory/host"] and "host RAM 0.0 MiB" in plan["memory/host"]
     refit = next(p for p in b.trainer if p.name == "refit")
     assert refit.items["refit buffers"] == 1.5 * 256 * 2**20  # ~1.5 buckets on the sending rank
+    # through Ray's object store instead: the sender's node and each engine's node hold one bucket
+    store = make_plan(typed(load_recipe(recipe, ["rollout.refit_transport=object_store"])))
+    assert "refit bucket x 1 (Ray object store) 256.0 MiB" in store["memory/host"]
+
+
+def test_fsdp_refit_counts_one_gathered_parameter_not_the_model():
+    """The FSDP2 refit streams one fp32 parameter at a time to the sender (`policy/torch_refit_stream.py`):
+    the plan counts the buckets plus the largest parameter (the embedding), no full state dict on the host."""
+    b, cfg = _budget("grpo_fp16", "cluster.ray.enabled=true", "cluster.ray.trainer_workers=8",
+                     "cluster.ray.rollout_workers=8")
+    refit = next(p for p in b.trainer if p.name == "refit")
+    from nemo_rl_fp16.policy.memory import model_layout
+
+    lay, _ = model_layout(cfg.model)
+    assert refit.items["refit buffers"] == 1.5 * cfg.rollout.refit_bucket_mb * 2**20 + 4 * lay.vocab_size * lay.hidden_size
+    assert "state dict" not in make_plan(cfg)["memory/host"]
 
 
 @pytest.mark.parametrize("recipe, over, item, key", [
@@ -78,8 +95,8 @@ def test_colocated_vllm_shares_the_trainer_gpu():
     rollout = next(p for p in b.trainer if p.name == "rollout")
     assert rollout.items["vLLM"] == pytest.approx(0.6 * 79.2 * GIB)
     assert "activations" not in rollout.items and "weights" in rollout.items
-    host = make_plan(cfg)["memory/host"]  # 8 engines asleep (weights on the host) + rank 0's full fp32 state dict
-    assert "vLLM weights asleep 8 x 2.9 GiB" in host and "full fp32 state dict for the refit (FSDP2) 5.8 GiB" in host
+    host = make_plan(cfg)["memory/host"]  # 8 engines asleep (weights on the host); the FSDP2 refit streams
+    assert "vLLM weights asleep 8 x 2.9 GiB" in host and "state dict" not in host
 
 
 def test_reference_is_weights_in_param_dtype_only():
