@@ -67,15 +67,18 @@ def device_problems(cfg: RecipeConfig, device: str) -> list[str]:
         device (str): the run's device (`run_device`).
 
     Returns:
-        list[str]: one refusal line each (cuda under Ray without declared GPUs; megatron off CUDA).
+        list[str]: one refusal line each (cuda under Ray without declared GPUs; megatron's distributed
+            optimizer off CUDA). megatron on CPU is allowed: a rehearsal mode
+            (`policy.megatron.cpu_rehearsal`), noted in the plan.
     """
     out = []
     if device == "cuda" and cfg.cluster.ray.enabled and cfg.cluster.gpus_per_node == 0:
         out.append("bad value for 'device': cuda; allowed: cpu or auto with cluster.gpus_per_node=0 under Ray "
                    "(Ray gives actors no GPU); set cluster.gpus_per_node to the GPUs per node")
-    if cfg.policy.backend == "megatron" and device != "cuda":
-        out.append(f"bad value for 'policy.backend': megatron on device {device}; allowed: torch on CPU "
-                   "(megatron-core hard-codes CUDA calls); set device=cuda (with GPUs) or policy.backend=torch")
+    if cfg.policy.backend == "megatron" and device != "cuda" and cfg.policy.use_distributed_optimizer:
+        out.append("bad value for 'policy.use_distributed_optimizer': true on CPU; allowed: false or null (megatron's "
+                   "distributed optimizer keeps its buffers and grad scaler on CUDA; the CPU rehearsal steps torch "
+                   "AdamW over fp32 master weights); set policy.use_distributed_optimizer=null")
     return out
 
 
@@ -227,8 +230,8 @@ def megatron_layout_problems(cfg: RecipeConfig) -> list[str]:
 
     p = cfg.policy
     out = lay.parallel_problems(p.tensor_parallel_size, p.pipeline_parallel_size, p.expert_parallel_size)
-    try:  # the rule the policy's constructor applies (megatron runs on CUDA only: device_problems)
-        attention = spec_attention(p.attention, cuda=True, sliding_window=lay.sliding_window)
+    try:  # the rule the policy's constructor applies (on CUDA: the CPU rehearsal has no TE either)
+        attention = spec_attention(p.attention, cuda=run_device(cfg) == "cuda", sliding_window=lay.sliding_window)
     except ValueError as e:
         return [*out, f"bad value for 'policy.attention': {p.attention}; {e}"]
     sp = sequence_parallel_problem(sequence_parallel=p.sequence_parallel, tp=p.tensor_parallel_size,
@@ -321,7 +324,14 @@ def make_plan(cfg: RecipeConfig) -> dict[str, object]:
     }
     if cfg.policy.backend == "megatron":
         plan.update(_megatron_plan_lines(cfg, layout, train_pol.param_dtype))
+        if run_device(cfg) == "cpu":
+            plan["megatron on CPU"] = CPU_MEGATRON_NOTE
     return plan
+
+
+#: the plan's note for `policy.backend=megatron` on CPU (allowed, for rehearsals and tests)
+CPU_MEGATRON_NOTE = ("REHEARSAL mode: megatron-core over gloo with its CUDA calls redirected to the CPU "
+                     "(policy/megatron/cpu_rehearsal.py); slow, for layout rehearsals and tests, not for training")
 
 
 def _replay_line(cfg: RecipeConfig) -> str:
