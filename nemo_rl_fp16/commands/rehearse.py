@@ -37,8 +37,9 @@ from nemo_rl_fp16.config import ConfigError, RecipeConfig, load_recipe, typed
 
 __all__ = ["main", "miniature", "rehearse", "simulated_cluster", "tp_replica_check"]
 
-#: rehearsal options (`rehearse.<key>=<value>` on the command line) and their defaults
-OPTIONS = {"nodes": 2, "trainer_ranks": 4, "rollout_engines": 2, "steps": 2}
+#: rehearsal options (`rehearse.<key>=<value>` on the command line) and their defaults (trainer_ranks None:
+#: 4, or 8 where the recipe's EP groups span data-parallel ranks: `miniature`)
+OPTIONS: dict[str, int | None] = {"nodes": 2, "trainer_ranks": None, "rollout_engines": 2, "steps": 2}
 
 #: the metrics printed for each step
 STEP_KEYS = ("reward/mean", "loss/value", "train/grad_norm", "train/loss_scale", "mismatch/kl_k3", "refit/bytes")
@@ -53,14 +54,14 @@ TINY_MOE = {"model_type": "qwen3_moe", "vocab_size": 32, "hidden_size": 64, "int
             "max_position_embeddings": 64, "tie_word_embeddings": False}
 
 
-def split_options(overrides: list[str]) -> tuple[dict[str, int], list[str]]:
+def split_options(overrides: list[str]) -> tuple[dict[str, int | None], list[str]]:
     """`rehearse.<key>=<int>` options apart from the recipe overrides.
 
     Args:
         overrides (list[str]): the command line's dotlist.
 
     Returns:
-        tuple[dict[str, int], list[str]]: the options (defaults filled in) and the other overrides.
+        tuple[dict[str, int | None], list[str]]: the options (defaults filled in) and the other overrides.
 
     Raises:
         ConfigError: an unknown `rehearse.` key or a value that is not an integer >= 1.
@@ -79,13 +80,15 @@ def split_options(overrides: list[str]) -> tuple[dict[str, int], list[str]]:
     return opts, rest
 
 
-def miniature(rc: RecipeConfig, *, trainer_ranks: int = 4, rollout_engines: int = 2, steps: int = 2,
+def miniature(rc: RecipeConfig, *, trainer_ranks: int | None = None, rollout_engines: int = 2, steps: int = 2,
               nodes: int = 2) -> tuple[list[str], list[str]]:
     """The overrides that shrink a recipe to a CPU rehearsal of its parallel layout, and what they change.
 
     Args:
         rc (RecipeConfig): the real recipe (typed).
-        trainer_ranks (int): trainer ranks of the miniature (TP x DP).
+        trainer_ranks (int | None): trainer ranks of the miniature (TP x DP); None: TP x 2, or, where the
+            recipe's EP is larger than its TP (megatron's EP groups then span data-parallel ranks, each
+            with its own rows, as EP 8 over TP 2 does), TP x 2TP with EP 2TP, which keeps that.
         rollout_engines (int): the most rollout engines (the recipe's count if fewer).
         steps (int): RL steps.
         nodes (int): nodes of the simulated cluster.
@@ -106,6 +109,9 @@ def miniature(rc: RecipeConfig, *, trainer_ranks: int = 4, rollout_engines: int 
         lay = None
     moe = bool(lay.is_moe) if lay is not None else p.expert_parallel_size > 1
     tp = min(p.tensor_parallel_size, 2)
+    ep_spans_dp = moe and p.expert_parallel_size > p.tensor_parallel_size
+    if trainer_ranks is None:
+        trainer_ranks = tp * (max(2, 2 * tp) if ep_spans_dp else 2)
     if trainer_ranks % tp:
         raise ConfigError(f"bad value for 'rehearse.trainer_ranks': {trainer_ranks}; allowed: a multiple of the "
                           f"miniature's TP {tp}")
@@ -144,7 +150,9 @@ def miniature(rc: RecipeConfig, *, trainer_ranks: int = 4, rollout_engines: int 
                if p.sequence_parallel else "off (as the recipe)")
     notes = [
         f"trainer: {p.backend} TP {p.tensor_parallel_size} x DP {_dp(rc)} (EP {p.expert_parallel_size}) -> "
-        f"TP {tp} x DP {dp} (EP {ep}) on {trainer_ranks} CPU ranks over gloo (NCCL not exercised)",
+        f"TP {tp} x DP {dp} (EP {ep}) on {trainer_ranks} CPU ranks over gloo (NCCL not exercised)"
+        + (f"; an EP group covers {-(-ep // tp)} TP group(s) (DP ranks with their own rows), in the recipe "
+           f"{-(-p.expert_parallel_size // p.tensor_parallel_size)}" if moe and ep > 1 else ""),
         f"sequence parallel: {sp_note}",
         f"activation recompute: {'on' if p.activation_checkpointing else 'off'} (as the recipe)",
         f"rollout: {rc.rollout.backend} x {rc.cluster.ray.rollout_workers if rc.cluster.ray.enabled else 1} at TP "

@@ -1,8 +1,9 @@
 """The CPU layout rehearsal of each big recipe, as a user runs it: 2 RL steps on a simulated 2-node Ray cluster.
 
-`nemo-rl-fp16 rehearse recipe=<big recipe>` shrinks the recipe (megatron TP 2 x DP 2, EP 2 for the
-MoE, Ray split layout, 2 torch rollout engines in their own actors; tiny config-built model) and
-runs it through the normal run path on a `ray.cluster_utils.Cluster` of 2 nodes.
+`nemo-rl-fp16 rehearse recipe=<big recipe>` shrinks the recipe (megatron TP 2 x DP 2 for the dense
+one; TP 2 x DP 4 with EP 4 for the MoE, whose EP groups span DP ranks as the recipe's do; Ray split
+layout, 2 torch rollout engines in their own actors; tiny config-built model) and runs it through
+the normal run path on a `ray.cluster_utils.Cluster` of 2 nodes.
 """
 
 import json
@@ -39,21 +40,26 @@ def _rehearse(recipe: str, out: Path, ws: Path) -> tuple[str, list[dict]]:
     return proc.stdout, rows
 
 
-@pytest.mark.parametrize("recipe, replicated, moe", [("dense_14b_fp16", 5, False), ("moe_30b_a3b_fp16", 11, True)])
-def test_rehearsal_of_big_recipe_runs_two_steps_on_a_simulated_two_node_cluster(tmp_path, ws_cache, recipe,
+@pytest.mark.parametrize("recipe, ranks, replicated, moe", [("dense_14b_fp16", 4, 5, False),
+                                                            ("moe_30b_a3b_fp16", 8, 11, True)])
+def test_rehearsal_of_big_recipe_runs_two_steps_on_a_simulated_two_node_cluster(tmp_path, ws_cache, recipe, ranks,
                                                                                  replicated, moe):
     out, rows = _rehearse(recipe, tmp_path / "run", ws_cache)
     flat = " ".join(out.split())  # rich wraps long lines
     # the layout kinds: megatron ranks over gloo as Ray actors, split layout, two rollout engines in their own actors
-    assert "ray: 4 x MegatronPolicy ranks (gloo) + 2 rollout engines, split on cpu" in flat
-    assert ("TP 2 x DP 2 (EP 2)" if moe else "TP 4 x DP 2 (EP 1) -> TP 2 x DP 2 (EP 1)") in flat
+    assert f"ray: {ranks} x MegatronPolicy ranks (gloo) + 2 rollout engines, split on cpu" in flat
+    if moe:  # EP groups of 4 ranks hold 2 TP groups each, with their own rows (megatron's allgather dispatcher)
+        assert "TP 2 x DP 8 (EP 8) -> TP 2 x DP 4 (EP 4)" in flat and "an EP group covers 2 TP group(s)" in flat
+    else:
+        assert "TP 4 x DP 2 (EP 1) -> TP 2 x DP 2 (EP 1)" in flat
     assert "sequence parallel: off (the recipe: on)" in flat
-    # where each rank landed, on both simulated nodes (6 one-CPU bundles on 2 nodes of 3 CPUs)
+    # where each rank landed, on both simulated nodes (one-CPU bundles on 2 nodes of half of them each)
     placed = re.search(r"placement: trainer ranks (\{.*?\}); rollout engines (\{.*?\})", flat)
     assert placed, flat[-3000:]
     nodes = set(re.findall(r"'(node\d)'", placed.group(0)))
-    assert nodes == {"node0", "node1"} and len(re.findall(r"\d: 'node\d'", placed.group(0))) == 6
-    assert re.search(r"TP groups: ranks \[0, 1\] on .*ranks \[2, 3\] on", flat)
+    assert nodes == {"node0", "node1"} and len(re.findall(r"\d: 'node\d'", placed.group(0))) == ranks + 2
+    groups = re.search(r"TP groups: (.*?)(\(|TP replicas|step 1)", flat).group(1)
+    assert re.findall(r"ranks \[(\d), (\d)\]", groups) == [(str(r), str(r + 1)) for r in range(0, ranks, 2)]
     # 2 RL steps, every metric finite, and they trained (a gradient, weights refit to both engines)
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["check_cuda_clean", "cpu_redirects", "enable_for_process", "redirected"]
+__all__ = ["check_cuda_clean", "cpu_redirects", "enable_for_process", "ep_spans_data_parallel", "redirected"]
 
 
 class _TorchOnCPU:
@@ -141,3 +141,25 @@ def check_cuda_clean() -> None:
     if any(getattr(obj, name) is fn for obj, name, fn in _patches()):
         raise RuntimeError("megatron on CUDA in a process where megatron-core's CUDA calls are redirected to the CPU "
                            "(policy.megatron.cpu_rehearsal); run CPU and CUDA megatron engines in separate processes")
+
+
+def ep_spans_data_parallel() -> bool:
+    """Whether this rank's expert-parallel group reaches ranks outside its TP group (ranks with other rows).
+
+    On CPU megatron runs the allgather MoE token dispatcher (`model.transformer_config`), which
+    gathers tokens over the TP x EP group with equal sizes only; when that group spans
+    data-parallel ranks, their micro-batches must have one width, so the megatron policy then does
+    not trim them to their own length (`policy.trim`). E.g. TP 2 x DP 4 with EP 4: EP groups
+    [0..3], [4..7] span two TP groups each. The GPU path's alltoall dispatcher takes unequal counts.
+
+    Returns:
+        bool: True when the EP group is not inside the TP group (megatron's parallel state must be up).
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if ps.get_expert_model_parallel_world_size() == 1:
+        return False
+    ep = set(dist.get_process_group_ranks(ps.get_expert_model_parallel_group()))
+    tp = set(dist.get_process_group_ranks(ps.get_tensor_model_parallel_group()))
+    return not ep <= tp

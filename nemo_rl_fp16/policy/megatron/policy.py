@@ -51,7 +51,7 @@ from nemo_rl_fp16.policy.megatron.convert import (
     megatron_to_hf,
     te_names,
 )
-from nemo_rl_fp16.policy.megatron.cpu_rehearsal import check_cuda_clean, enable_for_process
+from nemo_rl_fp16.policy.megatron.cpu_rehearsal import check_cuda_clean, enable_for_process, ep_spans_data_parallel
 from nemo_rl_fp16.policy.megatron.grad_sync import CpuGradSync
 from nemo_rl_fp16.policy.megatron.model import MegatronCausalLM, build_gpt_model, transformer_config, unwrap
 from nemo_rl_fp16.policy.megatron.optimizer import back_off_grad_scalers, build_megatron_optimizer, megatron_train_step
@@ -272,9 +272,11 @@ class MegatronPolicy:
             self._model.routing = MegatronRouting(self._model.module)
         self.experts = ExpertRouting(self._model.routing, router_replay, self.device)
         self.adapter = MegatronModelAdapter(self._model, policy, self.device, self.experts)
-        # own-length micro-batches (trim.py); the pipeline schedule runs the batch's width
+        # own-length micro-batches (trim.py); the pipeline schedule runs the batch's width, and so does the CPU
+        # path when its allgather MoE dispatcher spans DP ranks (equal token counts: `ep_spans_data_parallel`)
+        trim = not (self.cpu and self.layout.is_moe and ep_spans_data_parallel())
         self.loop = (PipelineLoop(self.adapter, micro_batch_size) if pp > 1
-                     else MicroBatchLoop(self.adapter, micro_batch_size, trim=True))
+                     else MicroBatchLoop(self.adapter, micro_batch_size, trim=trim))
 
     def _stage(self, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This pipeline stage's part of a TP/EP-sharded state dict (everything at PP=1)."""

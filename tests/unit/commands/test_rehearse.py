@@ -34,24 +34,29 @@ def test_dense_14b_miniature_keeps_megatron_tp_dp_split_layout_and_engines():
     assert "TP 4 x DP 2" in text and "TP 2 x DP 2" in text and "vLLM" in text and "NCCL not exercised" in text
 
 
-def test_moe_30b_miniature_keeps_expert_parallelism_dividing_dp():
+def test_moe_30b_miniature_keeps_ep_groups_spanning_data_parallel_ranks():
+    """The recipe's EP 8 over TP 2 puts 4 TP groups (DP ranks with other rows) in one EP group: the miniature
+    keeps that kind with TP 2 x DP 4, EP 4 (2 TP groups per EP group), dividing DP and the tiny model's experts."""
     real, mini, notes = _mini("moe_30b_a3b_fp16")
     assert (real.policy.tensor_parallel_size, real.policy.expert_parallel_size) == (2, 8)
     p = mini.policy
-    assert (p.tensor_parallel_size, p.expert_parallel_size, p.sequence_parallel) == (2, 2, False)
-    assert mini.model.config["model_type"] == "qwen3_moe" and mini.model.config["num_experts"] % 2 == 0
-    assert (mini.cluster.ray.layout, mini.cluster.ray.rollout_workers) == ("split", 2)
+    assert (p.tensor_parallel_size, p.expert_parallel_size, p.sequence_parallel) == (2, 4, False)
+    assert mini.model.config["model_type"] == "qwen3_moe" and mini.model.config["num_experts"] % 4 == 0
+    ray = mini.cluster.ray
+    assert (ray.layout, ray.trainer_workers, ray.rollout_workers) == ("split", 8, 2)
     check_run(mini)
     layout = parallel_layout(mini)
-    assert (layout.tp, layout.dp, layout.ep) == (2, 2, 2)
-    assert "TP 2 x DP 8 (EP 8)" in notes[0] and "TP 2 x DP 2 (EP 2)" in notes[0]
+    assert (layout.tp, layout.dp, layout.ep) == (2, 4, 4)
+    assert "TP 2 x DP 8 (EP 8)" in notes[0] and "TP 2 x DP 4 (EP 4)" in notes[0]
+    assert "an EP group covers 2 TP group(s) (DP ranks with their own rows), in the recipe 4" in notes[0]
 
 
-def test_more_trainer_ranks_widen_dp_and_ep():
-    _, mini, _ = _mini("moe_30b_a3b_fp16", trainer_ranks=8, rollout_engines=1)
+def test_fewer_trainer_ranks_shrink_dp_and_ep():
+    _, mini, notes = _mini("moe_30b_a3b_fp16", trainer_ranks=4, rollout_engines=1)
     check_run(mini)
     layout = parallel_layout(mini)
-    assert (layout.tp, layout.dp, layout.ep) == (2, 4, 4) and mini.cluster.ray.rollout_workers == 1
+    assert (layout.tp, layout.dp, layout.ep) == (2, 2, 2) and mini.cluster.ray.rollout_workers == 1
+    assert "an EP group covers 1 TP group(s)" in notes[0]
 
 
 def test_trainer_ranks_that_do_not_hold_tp_are_refused():
@@ -61,7 +66,7 @@ def test_trainer_ranks_that_do_not_hold_tp_are_refused():
 
 def test_options_apart_from_overrides():
     opts, rest = split_options(["rehearse.nodes=3", "seed=4"])
-    assert opts == {"nodes": 3, "trainer_ranks": 4, "rollout_engines": 2, "steps": 2} and rest == ["seed=4"]
+    assert opts == {"nodes": 3, "trainer_ranks": None, "rollout_engines": 2, "steps": 2} and rest == ["seed=4"]
     with pytest.raises(ConfigError, match="unknown key 'rehearse.gpus'; allowed: rehearse.nodes"):
         split_options(["rehearse.gpus=2"])
     with pytest.raises(ConfigError, match="bad value for 'rehearse.steps': '0'; allowed: an integer >= 1"):
