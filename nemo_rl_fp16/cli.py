@@ -5,6 +5,7 @@
     nemo-rl-fp16 doctor recipe=mismatch_tiny [precision=fp16,bf16]
     nemo-rl-fp16 preflight recipe=grpo_fp16
     nemo-rl-fp16 demo [output_dir=...]
+    nemo-rl-fp16 rehearse recipe=dense_14b_fp16 [rehearse.nodes=2 rehearse.trainer_ranks=4]
     nemo-rl-fp16 recipes
     nemo-rl-fp16 launch slurm recipe=grpo_fp16 nodes=8 gpus_per_node=8 account=A partition=P [submit=true]
 
@@ -36,6 +37,8 @@ COMMANDS = {
     "preflight": ("grpo_fp16", "will fp16 overflow or underflow on this model? activation headroom, gradient "
                                "underflow at the initial loss scale (docs/doctor.md)"),
     "demo": ("demo_tiny", "CPU sanity demo: warm start, fp16 run, bf16 run, side-by-side report"),
+    "rehearse": ("dense_14b_fp16", "a recipe's parallel layout, shrunk, 2 RL steps on a simulated multi-node CPU Ray "
+                                   "cluster (docs/scaling.md)"),
 }
 EXIT_BUG, EXIT_CONFIG, EXIT_PRECISION, EXIT_INPUT, EXIT_NONFINITE, EXIT_STORAGE = 1, 2, 3, 4, 5, 6
 #: exit code -> meaning (documented in docs/runs.md)
@@ -181,6 +184,8 @@ def _run_command(command: str, args: Sequence[str]) -> int:
         from nemo_rl_fp16.commands.doctor import main as command_main
     elif command == "preflight":
         from nemo_rl_fp16.commands.preflight import main as command_main
+    elif command == "rehearse":
+        from nemo_rl_fp16.commands.rehearse import main as command_main
     else:
         from nemo_rl_fp16.commands.demo import main as command_main
     return command_main(recipe, overrides, dry_run)

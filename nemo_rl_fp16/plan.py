@@ -69,7 +69,8 @@ def device_problems(cfg: RecipeConfig, device: str) -> list[str]:
 
     Returns:
         list[str]: one refusal line each (cuda under Ray without declared GPUs; a GPU memory size
-            off CUDA; megatron off CUDA).
+            off CUDA; megatron's distributed optimizer off CUDA). megatron on CPU is allowed: a
+            rehearsal mode (`policy.megatron.cpu_rehearsal`), noted in the plan.
     """
     out = []
     if device == "cuda" and cfg.cluster.ray.enabled and cfg.cluster.gpus_per_node == 0:
@@ -78,9 +79,10 @@ def device_problems(cfg: RecipeConfig, device: str) -> list[str]:
     if cfg.cluster.gpu_memory_gb and device != "cuda":
         out.append(f"bad value for 'cluster.gpu_memory_gb': {cfg.cluster.gpu_memory_gb:g}; allowed: 0 on device "
                    f"{device} (no GPU memory to check); set cluster.gpu_memory_gb=0, or device=cuda with GPUs")
-    if cfg.policy.backend == "megatron" and device != "cuda":
-        out.append(f"bad value for 'policy.backend': megatron on device {device}; allowed: torch on CPU "
-                   "(megatron-core hard-codes CUDA calls); set device=cuda (with GPUs) or policy.backend=torch")
+    if cfg.policy.backend == "megatron" and device != "cuda" and cfg.policy.use_distributed_optimizer:
+        out.append("bad value for 'policy.use_distributed_optimizer': true on CPU; allowed: false or null (megatron's "
+                   "distributed optimizer keeps its buffers and grad scaler on CUDA; the CPU rehearsal steps torch "
+                   "AdamW over fp32 master weights); set policy.use_distributed_optimizer=null")
     return out
 
 
@@ -242,8 +244,8 @@ def megatron_layout_problems(cfg: RecipeConfig) -> list[str]:
 
     p = cfg.policy
     out = lay.parallel_problems(p.tensor_parallel_size, p.pipeline_parallel_size, p.expert_parallel_size)
-    try:  # the rule the policy's constructor applies (megatron runs on CUDA only: device_problems)
-        attention = spec_attention(p.attention, cuda=True, sliding_window=lay.sliding_window)
+    try:  # the rule the policy's constructor applies (on CUDA: the CPU rehearsal has no TE either)
+        attention = spec_attention(p.attention, cuda=run_device(cfg) == "cuda", sliding_window=lay.sliding_window)
     except ValueError as e:
         return [*out, f"bad value for 'policy.attention': {p.attention}; {e}"]
     sp = sequence_parallel_problem(sequence_parallel=p.sequence_parallel, tp=p.tensor_parallel_size,

@@ -71,7 +71,14 @@ def plan_facts(cfg: RecipeConfig, layout: Layout, run_device: str) -> dict[str, 
     }
     if cfg.policy.backend == "megatron" or run_device == "cuda":
         plan.update(_memory_plan_lines(cfg, layout, run_device))
+    if cfg.policy.backend == "megatron" and run_device == "cpu":
+        plan["megatron on CPU"] = CPU_MEGATRON_NOTE
     return plan
+
+
+#: the plan's note for `policy.backend=megatron` on CPU (allowed, for rehearsals and tests)
+CPU_MEGATRON_NOTE = ("REHEARSAL mode: megatron-core over gloo with its CUDA calls redirected to the CPU "
+                     "(policy/megatron/cpu_rehearsal.py); slow, for layout rehearsals and tests, not for training")
 
 
 def _replay_line(cfg: RecipeConfig) -> str:

@@ -361,7 +361,8 @@ def at_run_start(rc: Any, setup: Any, console: Any) -> dict | None:
         return None
     policy = setup.policy
     master = getattr(policy, "master", None)
-    if not isinstance(master, torch.nn.Module) or getattr(policy, "_fsdp", False):
+    # the megatron master (`MegatronCausalLM`) is not an HF model: the preflight cannot sample from it yet
+    if not isinstance(master, torch.nn.Module) or getattr(policy, "_fsdp", False) or rc.policy.backend == "megatron":
         why = f"policy.backend={rc.policy.backend}" + (" under Ray" if rc.cluster.ray.enabled else "") + \
             (" with FSDP" if getattr(policy, "_fsdp", False) else "")
         if mode == "refuse":

@@ -7,7 +7,7 @@ samples responses token by token (KV cache) and the recipe's trainer (`policy.ba
 the same tokens in one pass; `report.write_report` turns the log-probs into KL(µ‖π) tables and
 plots. MoE: also the router top-k flip rate (overall and per layer), and with
 `policy.router_replay=rollout` the trainer scores with the rollout's experts (R3). A backend that
-cannot run here is refused by the validation stage (e.g. Megatron on a CPU: `plan.device_problems`).
+cannot run here is refused by the validation stage (e.g. `device=cuda` under Ray without declared GPUs: `plan.device_problems`).
 """
 
 from __future__ import annotations

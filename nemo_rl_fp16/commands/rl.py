@@ -13,6 +13,7 @@ checkpoints, the optional HF export and the summary table.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -60,12 +61,15 @@ def main(recipe: str, overrides: list[str], dry_run: bool) -> int:
     return 0
 
 
-def run(cfg: DictConfig, console: Console | None = None) -> dict[str, float]:
+def run(cfg: DictConfig, console: Console | None = None,
+        inspect: Callable[[RunSetup], dict[str, float]] | None = None) -> dict[str, float]:
     """Run a recipe end to end (see module doc).
 
     Args:
         cfg (DictConfig): the loaded recipe (`config.load_recipe`).
         console (Console | None): where the run reports (a new `Console` by default).
+        inspect (Callable | None): called with the assembled run after the last step, before its
+            engines close (the layout rehearsal's cross-rank checks); its metrics join the result.
 
     Returns:
         dict[str, float]: the final step's metrics plus `run/wall_s` (seconds).
@@ -95,7 +99,10 @@ def run(cfg: DictConfig, console: Console | None = None) -> dict[str, float]:
         seed_everything(rc.seed)
         setup = build_run(rc, console=console)
         try:
-            return _run(rc, setup, out, console, start.resume_from, identity)
+            metrics = _run(rc, setup, out, console, start.resume_from, identity)
+            if inspect is not None:
+                metrics.update(inspect(setup))
+            return metrics
         except (OSError, RuntimeError) as e:
             msg = storage_error_message(e, out, ckpt.latest_checkpoint(out / "checkpoints"))
             if msg is None:

@@ -104,6 +104,7 @@ class RayPolicyGroup:
         self.workers = workers
         self.precision = precision
         self.target = target
+        self.nodes: list[str] = []  # the Ray node id of each rank (set by `RayEngines`)
 
     def _all(self, method: str, *args: Any) -> list:
         import ray
@@ -225,6 +226,7 @@ class RayRolloutGroup:
         self.pad_token_id = pad_token_id
         self.colocated = colocated
         self.bucket_bytes = int(bucket_bytes)
+        self.nodes: list[str] = []  # the Ray node id of each engine (set by `RayEngines`)
         self._asleep = False
         self.transport, self.device, self._group = transport, device, False
         #: bytes all engines received in the last refit and its transport (metrics `refit/bytes`, `refit/mode`)
@@ -308,6 +310,15 @@ class RayRolloutGroup:
         import ray
 
         return sorted({line for lines in ray.get([w.call.remote("audit") for w in self.workers]) for line in lines})
+
+
+def _slot_nodes(pg: Any, placement: Placement) -> tuple[list[str], list[str]]:
+    """The Ray node id each trainer rank and each rollout engine landed on (its bundle's node), in rank order."""
+    from ray.util import placement_group_table
+
+    bundle_node = placement_group_table(pg)["bundles_to_node_id"]
+    return ([bundle_node[s.bundle] for s in placement.role("trainer")],
+            [bundle_node[s.bundle] for s in placement.role("rollout")])
 
 
 class RayEngines:
@@ -404,6 +415,9 @@ class RayEngines:
             raise
         console.print(f"ray: {len(trainers)} x {kinds[0]} ranks ({backend}) + {len(rollouts)} rollout engines, "
                       f"{r.layout} on {self.device}")
+        self.policy.nodes, self.rollout.nodes = _slot_nodes(self.pg, self.placement)
+        console.print(f"placement: trainer ranks -> nodes {[n[:8] for n in self.policy.nodes]}; rollout engines -> "
+                      f"nodes {[n[:8] for n in self.rollout.nodes]}", soft_wrap=True, highlight=False)
 
     def close(self) -> None:
         """Kill the actors, remove the placement group, shut down a Ray this run started."""

@@ -57,13 +57,13 @@ def test_undeclared_precision_ablation_refused():
 def test_help_lists_commands_and_recipes_command():
     r = cli("--help")
     assert r.returncode == 0
-    for c in ("rl", "mismatch", "demo", "recipes"):
+    for c in ("rl", "mismatch", "demo", "rehearse", "recipes"):
         assert c in r.stdout
     r = cli("recipes")
     assert r.returncode == 0 and "sanity_tiny" in r.stdout.split()
 
 
-@pytest.mark.parametrize("command", ["mismatch", "demo"])
+@pytest.mark.parametrize("command", ["mismatch", "demo", "rehearse"])
 def test_other_commands_dry_run(command):
     r = cli(command, "dry_run=true")
     assert r.returncode == 0, r.stderr

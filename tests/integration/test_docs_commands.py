@@ -19,7 +19,7 @@ def _doc_commands():
             block = block.replace("\\\n", " ")
             for line in block.splitlines():
                 line = line.split("#")[0].strip()
-                if line.startswith("nemo-rl-fp16 ") and line.split()[1] in ("rl", "mismatch", "demo", "launch"):
+                if line.startswith("nemo-rl-fp16 ") and line.split()[1] in ("rl", "mismatch", "demo", "launch", "rehearse"):
                     cmds.append((md.name, line.split()[1:]))
     return cmds
 

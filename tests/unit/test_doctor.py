@@ -177,13 +177,14 @@ def test_parse_precisions():
 
 
 @pytest.mark.parametrize("override, what", [
-    ("policy.backend=megatron", "megatron on device cpu"),  # the megatron trainer's own device check
+    ("policy.backend=megatron policy.use_distributed_optimizer=true",
+     "'policy.use_distributed_optimizer': true on CPU"),  # the megatron trainer's own device check
     ("rollout.backend=vllm", "rollout.backend=vllm needs vLLM"),  # not installed here
 ])
 def test_unsupported_backends_refused_before_work(tmp_path, override, what):
     if "vllm" in override and _has_vllm():
         pytest.skip("vLLM is installed: nothing to refuse")
-    cfg = load_recipe("mismatch_tiny", [f"output_dir={tmp_path}/x", override, "device=cpu"])
+    cfg = load_recipe("mismatch_tiny", [f"output_dir={tmp_path}/x", *override.split(), "device=cpu"])
     with pytest.raises(ConfigError, match=what) as e:
         run_doctor(cfg, console=QUIET)
     assert len(str(e.value).splitlines()) == 1

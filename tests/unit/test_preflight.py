@@ -93,6 +93,12 @@ def test_at_run_start_modes(tiny):
     with pytest.raises(ConfigError, match="precision.preflight=refuse.*not support") as e:
         pf.at_run_start(typed(load_recipe("sanity_tiny", ["precision.preflight=refuse"])), setup, console)
     assert len(str(e.value).splitlines()) == 1
+    # the megatron trainer in this process (CPU rehearsal or one GPU): its master is no HF model, skipped in one line
+    mega = SimpleNamespace(policy=SimpleNamespace(master=torch.nn.Linear(2, 2)), train_policy=setup.train_policy)
+    buf.truncate(0)
+    rc_mega = typed(load_recipe("sanity_tiny", ["policy.backend=megatron", "device=cpu"]))
+    assert pf.at_run_start(rc_mega, mega, console) is None
+    assert "preflight (fp16): skipped (policy.backend=megatron is not supported yet)" in buf.getvalue()
     bf16 = SimpleNamespace(policy=None, train_policy=PrecisionPolicy.from_name("bf16"))
     assert pf.at_run_start(typed(load_recipe("sanity_tiny", ["precision.preflight=refuse"])), bf16, console) is None
     with pytest.raises(ConfigError, match="precision.preflight"):

@@ -6,6 +6,7 @@
   HF-call-compatible wrapper (row rotation for HF positions, vocab-parallel log-probs).
 - `convert`: HF <-> megatron weight names and layouts (pure functions) and the HF weight source.
 - `sharding`: TP/EP split and merge, `shard_state_dict`, `load_shard_`, `gather_full_state_dict`.
+- `cpu_rehearsal`: megatron-core's CUDA calls redirected to the CPU (rehearsals, tests).
 - `policy`: `MegatronPolicy`, the `PolicyEngine` (composes `policy.micro_batches` and, on CPU,
   `policy.mixed_precision`).
 

@@ -3,8 +3,8 @@
 `init_megatron_parallel` starts `torch.distributed` when nobody has (single process on a free
 local port, or from torchrun's `RANK` / `WORLD_SIZE`), then megatron's model-parallel groups and
 its model-parallel RNG. The data-parallel size is what is left: `world / (TP * PP)`.
-megatron-core on CPU also needs a few CUDA calls redirected; the package does not do that, the
-test fixtures do (`tests/unit/policy/conftest.py`).
+megatron-core on CPU also needs a few CUDA calls redirected (`cpu_rehearsal.py`; the policy turns
+them on for a CPU process).
 """
 
 from __future__ import annotations

@@ -22,8 +22,9 @@ Optimizer, two paths:
   skip. With more than one process the grads go through megatron-core's `finalize_model_grads`
   (`grad_sync.CpuGradSync`: TP/EP/DP on gloo) and are clipped by the model-parallel norm; pipeline
   stages run `pipeline.PipelineMasterWeights` (PP alone on CPU: combined with TP/EP/DP, log-probs only). megatron-core on CPU also
-  needs a few CUDA calls redirected; this package does not do that, the test fixtures do
-  (`tests/unit/policy/conftest.py`). The CPU path exists for CI.
+  needs a few CUDA calls redirected: `cpu_rehearsal.enable_for_process` does that for the life of
+  a CPU process (a CUDA model refuses to build where they are in place). The CPU path exists for
+  CI and layout rehearsals (`scripts/rehearse.py`).
 
 MoE routing (`routing.py`): MoE models are built with `moe_enable_routing_replay=True`, and
 megatron-core's `RouterReplay` records each router's top-k (the trainer's `selected_experts`, for
@@ -50,6 +51,7 @@ from nemo_rl_fp16.policy.megatron.convert import (
     megatron_to_hf,
     te_names,
 )
+from nemo_rl_fp16.policy.megatron.cpu_rehearsal import check_cuda_clean, enable_for_process, ep_spans_data_parallel
 from nemo_rl_fp16.policy.megatron.grad_sync import CpuGradSync
 from nemo_rl_fp16.policy.megatron.model import MegatronCausalLM, build_gpt_model, transformer_config, unwrap
 from nemo_rl_fp16.policy.megatron.optimizer import back_off_grad_scalers, build_megatron_optimizer, megatron_train_step
@@ -209,6 +211,10 @@ class MegatronPolicy:
         if router_replay != "none" and sequence_parallel and tp > 1:
             raise ValueError(f"policy.router_replay={router_replay} with policy.sequence_parallel=true is not wired "
                              "(the routers see a sequence shard); set policy.sequence_parallel=false")
+        if self.cpu:  # megatron-core's hard-coded CUDA calls sent to the CPU for this process (a rehearsal)
+            enable_for_process()
+        else:
+            check_cuda_clean()
         init_megatron_parallel(tp, pp, ep, seed=seed, cpu=self.cpu)
         shard: dict[str, torch.Tensor] = {}
         for part in hf_to_megatron_parts(hf_sd, self.layout):  # one layer's full tensors at a time
@@ -272,9 +278,16 @@ class MegatronPolicy:
             self._model.routing = MegatronRouting(self._model.module)
         self.experts = ExpertRouting(self._model.routing, router_replay, self.device)
         self.adapter = MegatronModelAdapter(self._model, policy, self.device, self.experts)
-        # own-length micro-batches (trim.py) or packed ones (packing.py); the pipeline schedule runs the batch's width
+        # own-length micro-batches (trim.py) or packed ones (packing.py); the pipeline schedule runs the batch's
+        # width, and so does the CPU path when its allgather MoE dispatcher spans DP ranks (equal token counts
+        # across the EP group: `ep_spans_data_parallel`), where packing is refused
+        trim = not (self.cpu and self.layout.is_moe and ep_spans_data_parallel())
+        if sequence_packing and not trim:
+            raise ValueError("bad value for 'policy.sequence_packing': true with a MoE expert-parallel group across "
+                             "data-parallel ranks on CPU; allowed: false (megatron's allgather dispatcher on CPU needs "
+                             "equal token counts over the group); set policy.sequence_packing=false")
         self.loop = (PipelineLoop(self.adapter, micro_batch_size) if pp > 1
-                     else MicroBatchLoop(self.adapter, micro_batch_size, trim=True, packing=sequence_packing))
+                     else MicroBatchLoop(self.adapter, micro_batch_size, trim=trim, packing=sequence_packing))
 
     def _stage(self, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This pipeline stage's part of a TP/EP-sharded state dict (everything at PP=1)."""
@@ -467,6 +480,23 @@ class MegatronPolicy:
                 for mp, fp in zip(mg, fg, strict=True):
                     main[id(mp)] = fp
         return {k: main.get(id(p), p) for k, p in unwrap(self.ddp).named_parameters()}
+
+    def tp_replicated_params(self) -> tuple[list[int], dict[str, torch.Tensor]]:
+        """This rank's tensor-parallel group and its fp32 parameters that every rank of it holds whole.
+
+        Norms, routers, q/k norms (not TP-sharded, not experts): `finalize_model_grads` sums their
+        gradients over TP, so after any number of steps they must be bitwise equal across the group
+        (the rehearsal checks this, `commands/rehearse.py`).
+
+        Returns:
+            tuple[list[int], dict[str, torch.Tensor]]: the TP group's global ranks, and megatron
+                name -> fp32 CPU copy of each replicated parameter.
+        """
+        from megatron.core import parallel_state as ps
+
+        ranks = torch.distributed.get_process_group_ranks(ps.get_tensor_model_parallel_group())
+        return ranks, {k: v.detach().float().cpu().clone() for k, v in self._fp32_named_params().items()
+                       if not getattr(v, "tensor_model_parallel", False) and getattr(v, "allreduce", True)}
 
     def rollout_state_dict(self) -> dict[str, torch.Tensor]:
         """fp32 master weights under HF names (TP/EP shards and PP stages gathered), for the rollout refit.

@@ -32,12 +32,14 @@ def test_mismatch_scores_with_the_recipe_backend(tmp_path, monkeypatch):
     assert set(report["runs"]) == {"fp32", "fp16"}
 
 
-def test_megatron_on_cpu_is_refused_before_any_work(tmp_path, capsys):
+def test_megatron_distributed_optimizer_on_cpu_is_refused_before_any_work(tmp_path, capsys):
+    """megatron on CPU is a rehearsal mode (allowed); its distributed optimizer is CUDA-only: one line, nothing written."""
     out = tmp_path / "mm"
-    code = main(["mismatch", "recipe=mismatch_tiny", "policy.backend=megatron", "device=cpu", f"output_dir={out}"])
+    code = main(["mismatch", "recipe=mismatch_tiny", "policy.backend=megatron", "device=cpu",
+                 "policy.use_distributed_optimizer=true", f"output_dir={out}"])
     assert code == EXIT_CONFIG
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "policy.backend" in lines[0] and "megatron" in lines[0], lines
+    assert len(lines) == 1 and "'policy.use_distributed_optimizer': true on CPU" in lines[0], lines
     assert not out.exists()
 
 

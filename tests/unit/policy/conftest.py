@@ -1,13 +1,13 @@
-"""Test-only CUDA redirects that let megatron-core (0.16.1 here) run forward and backward on CPU.
+"""Fixtures for megatron-core on CPU: the package's CUDA redirects scoped to one test, parallel-state resets.
 
 megatron-core hard-codes a few CUDA calls (current device, the model-parallel RNG tracker's CUDA
-RNG state). Tests redirect them to the CPU; the package never does. `cpu_redirects()` is a plain
-function so torchrun worker processes (which pytest fixtures do not reach) can apply it too.
+RNG state); the package redirects them to the CPU (`policy.megatron.cpu_rehearsal`). Tests scope
+them with `cpu_redirects()` (undone on exit), re-exported here so torchrun worker processes
+(which pytest fixtures do not reach) import it with `free_port` and `reset_megatron`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 
@@ -20,6 +20,8 @@ try:
     HAVE_MCORE = True
 except Exception:  # pragma: no cover - megatron-core not installed
     HAVE_MCORE = False
+
+from nemo_rl_fp16.policy.megatron.cpu_rehearsal import cpu_redirects  # noqa: E402 (no megatron import at load)
 
 
 def synthetic_batch(vocab: int, n: int, p: int, t: int, seed: int = 0):
@@ -35,42 +37,6 @@ def synthetic_batch(vocab: int, n: int, p: int, t: int, seed: int = 0):
     attn[:, p:] = resp
     return RolloutBatch(input_ids=ids, attention_mask=attn, response_mask=resp, rollout_logp=torch.zeros(n, t),
                         prompt_width=p, prompt_index=torch.arange(n) // 2)
-
-
-class _TorchOnCPU:
-    """`torch` for megatron's pipeline schedules module, with `zeros(..., device="cuda")` made on the CPU."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def zeros(*args, **kwargs):
-        if str(kwargs.get("device", "")).startswith("cuda"):
-            kwargs["device"] = "cpu"
-        return torch.zeros(*args, **kwargs)
-
-
-def cpu_redirects() -> contextlib.ExitStack:
-    """Patch the CUDA calls megatron-core makes on CPU; returns an ExitStack that undoes them."""
-    from megatron.core.pipeline_parallel import schedules
-    from megatron.core.tensor_parallel import random as mrandom
-
-    stack = contextlib.ExitStack()
-    patches = [
-        (torch.cuda, "current_device", lambda: "cpu"),
-        (torch.cuda, "get_rng_state", lambda *a, **k: torch.get_rng_state()),
-        (torch.cuda, "manual_seed", lambda seed: torch.manual_seed(seed)),
-        (torch.cuda, "synchronize", lambda *a, **k: None),  # dist_checkpointing's save syncs before writing
-        (mrandom, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state()),
-        (mrandom, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state)),
-        (torch.Tensor, "cuda", lambda self, *a, **k: self),  # a tied embedding's last-stage copy (PP) is synced on .cuda()
-        (schedules, "torch", _TorchOnCPU()),  # the pipeline schedules count tokens in a device="cuda" tensor
-    ]
-    for obj, name, fn in patches:
-        old = getattr(obj, name)
-        setattr(obj, name, fn)
-        stack.callback(setattr, obj, name, old)
-    return stack
 
 
 def reset_megatron() -> None:

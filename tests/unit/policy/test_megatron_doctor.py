@@ -93,18 +93,13 @@ def test_megatron_point_it_cannot_see_is_reported(mcore_cpu):
     assert all(x["visible"] for x in r["layers"] if x["name"] != "layers.0.input_layernorm")
 
 
-def test_run_doctor_with_the_megatron_trainer(mcore_cpu, tmp_path, monkeypatch):
-    from nemo_rl_fp16 import assembly
+def test_run_doctor_with_the_megatron_trainer(mcore_cpu, tmp_path):
     from nemo_rl_fp16.config import ConfigError, load_recipe
     from nemo_rl_fp16.doctor_report import run_doctor
 
     quiet = Console(quiet=True)
     over = [f"output_dir={tmp_path}/x", "policy.backend=megatron", "device=cpu", "mismatch.num_prompts=4",
             "rollout.max_new_tokens=8"]
-    with pytest.raises(ConfigError, match="megatron on device cpu") as e:  # the package never redirects CUDA calls
-        run_doctor(load_recipe("moe_tiny", over), ["fp16"], console=quiet)
-    assert len(str(e.value).splitlines()) == 1 and not (tmp_path / "x").exists()
-    monkeypatch.setattr(assembly, "device_problems", lambda *a, **k: [])  # the test redirects them (conftest)
     with pytest.raises(ConfigError, match="tensor_parallel_size=2; allowed: 1"):
         run_doctor(load_recipe("moe_tiny", [*over, "policy.tensor_parallel_size=2"]), ["fp16"], console=quiet)
     report = run_doctor(load_recipe("moe_tiny", over), ["fp32", "fp16"], console=quiet)

@@ -115,8 +115,16 @@ def test_memory_estimate_scales_with_parallelism():
     assert estimate_memory(lay, tp=4, dp=4, recompute=True, **kw).activations < four.activations
 
 
-def test_build_refuses_megatron_without_cuda_or_megatron_core():
+def test_megatron_on_cpu_is_a_rehearsal_the_plan_names():
+    """megatron on CPU builds (gloo, CUDA calls redirected: `cpu_rehearsal`), and the dry-run plan says it is a
+    rehearsal mode; on CUDA the note is absent."""
     from nemo_rl_fp16.assembly import check_policy_backend
+    from nemo_rl_fp16.plan import make_plan
+    from nemo_rl_fp16.plan_lines import CPU_MEGATRON_NOTE
 
-    with pytest.raises(ConfigError, match="(policy.backend=megatron needs megatron-core|'policy.backend': megatron on device cpu)"):
-        check_policy_backend(typed(load_recipe("sanity_tiny", ["policy.backend=megatron", "device=cpu"])))
+    pytest.importorskip("megatron.core")
+    cpu = typed(load_recipe("sanity_tiny", ["policy.backend=megatron", "device=cpu"]))
+    check_policy_backend(cpu)  # no refusal
+    assert make_plan(cpu)["megatron on CPU"] == CPU_MEGATRON_NOTE and "REHEARSAL" in CPU_MEGATRON_NOTE
+    cuda = typed(load_recipe("sanity_tiny", ["policy.backend=megatron", "device=cuda"]))
+    assert "megatron on CPU" not in make_plan(cuda)
