@@ -126,6 +126,7 @@ def miniature(rc: RecipeConfig, *, trainer_ranks: int | None = None, rollout_eng
     gens = 4
     prompts = 2 * dp  # every DP rank trains rows
     over = ["device=cpu", "model.name_or_path=null", "model.tokenizer=null", "cluster.gpus_per_node=0",
+            "cluster.gpu_memory_gb=0",
             f"cluster.nodes={nodes}", "cluster.ray.enabled=true", f"cluster.ray.layout={layout}",
             f"cluster.ray.trainer_workers={trainer_ranks}", f"cluster.ray.rollout_workers={engines}",
             "cluster.ray.cpus_per_worker=1", "cluster.ray.address=null",
