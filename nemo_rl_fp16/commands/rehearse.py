@@ -8,8 +8,10 @@ their own actors) meets most of its failure modes before the first step: groups 
 divide, collectives that hang, ranks on the wrong node, refit between actors. The rehearsal runs
 the same layout KINDS at a size that fits a laptop, through the normal run path (`commands.rl.run`
 -> `assembly.build_run` -> `distributed.RayEngines`): `miniature` derives the overrides from the
-recipe, `simulated_cluster` starts a local Ray cluster of `rehearse.nodes` nodes
-(`ray.cluster_utils.Cluster`), and the run prints where each rank landed and each step's metrics.
+recipe, `simulated_cluster` starts a local Ray cluster (`ray.cluster_utils.Cluster`) shaped like
+the recipe's split layout (`node_sizes`: trainer nodes of whole TP/EP blocks, a node for the
+engines; `rehearse.nodes` overrides the count), and the run prints where each rank landed and each
+step's metrics.
 
 What is kept: `policy.backend` (megatron runs on CPU over gloo: `policy.megatron.cpu_rehearsal`),
 TP, EP and DP (shrunk to `rehearse.trainer_ranks` ranks: TP min(TP, 2), DP the rest, EP min(EP,
@@ -35,11 +37,11 @@ from rich.console import Console
 
 from nemo_rl_fp16.config import ConfigError, RecipeConfig, load_recipe, typed
 
-__all__ = ["main", "miniature", "rehearse", "simulated_cluster", "tp_replica_check"]
+__all__ = ["block_size", "main", "miniature", "node_sizes", "rehearse", "simulated_cluster", "tp_replica_check"]
 
 #: rehearsal options (`rehearse.<key>=<value>` on the command line) and their defaults (trainer_ranks None:
-#: 4, or 8 where the recipe's EP groups span data-parallel ranks: `miniature`)
-OPTIONS: dict[str, int | None] = {"nodes": 2, "trainer_ranks": None, "rollout_engines": 2, "steps": 2}
+#: 4, or 8 where the recipe's EP groups span data-parallel ranks; nodes None: as the recipe, `miniature`)
+OPTIONS: dict[str, int | None] = {"nodes": None, "trainer_ranks": None, "rollout_engines": 2, "steps": 2}
 
 #: the metrics printed for each step
 STEP_KEYS = ("reward/mean", "loss/value", "train/grad_norm", "train/loss_scale", "mismatch/kl_k3", "refit/bytes")
@@ -81,7 +83,7 @@ def split_options(overrides: list[str]) -> tuple[dict[str, int | None], list[str
 
 
 def miniature(rc: RecipeConfig, *, trainer_ranks: int | None = None, rollout_engines: int = 2, steps: int = 2,
-              nodes: int = 2) -> tuple[list[str], list[str]]:
+              nodes: int | None = None) -> tuple[list[str], list[str]]:
     """The overrides that shrink a recipe to a CPU rehearsal of its parallel layout, and what they change.
 
     Args:
@@ -91,7 +93,8 @@ def miniature(rc: RecipeConfig, *, trainer_ranks: int | None = None, rollout_eng
             with its own rows, as EP 8 over TP 2 does), TP x 2TP with EP 2TP, which keeps that.
         rollout_engines (int): the most rollout engines (the recipe's count if fewer).
         steps (int): RL steps.
-        nodes (int): nodes of the simulated cluster.
+        nodes (int | None): nodes of the simulated cluster; None: as the recipe's split layout, its
+            trainer nodes (at most one per TP/EP block of the miniature) plus one node for the engines.
 
     Returns:
         tuple[list[str], list[str]]: dotlist overrides (applied after the recipe's own), and one
@@ -122,6 +125,10 @@ def miniature(rc: RecipeConfig, *, trainer_ranks: int | None = None, rollout_eng
                  and TINY_MOE["num_experts"] % e == 0)
     engines = min(rc.cluster.ray.rollout_workers if rc.cluster.ray.enabled else 1, rollout_engines)
     layout = rc.cluster.ray.layout if rc.cluster.ray.enabled else "split"
+    if nodes is None:  # the recipe's trainer nodes (16 ranks on 8-GPU nodes: 2), at most one per block, + engines
+        real_nodes = -(-(rc.cluster.ray.trainer_workers if rc.cluster.ray.enabled else _dp(rc)
+                         * p.tensor_parallel_size) // max(rc.cluster.gpus_per_node, 1))
+        nodes = max(1, min(real_nodes, trainer_ranks // block_size(tp, ep))) + (layout == "split")
     tiny = TINY_MOE if moe else TINY_DENSE
     gens = 4
     prompts = 2 * dp  # every DP rank trains rows
@@ -201,13 +208,51 @@ def _dp(rc: RecipeConfig) -> int:
     return max(world // (p.tensor_parallel_size * p.pipeline_parallel_size * p.context_parallel_size), 1)
 
 
-@contextlib.contextmanager
-def simulated_cluster(nodes: int, cpus_per_node: int) -> Iterator[list[str]]:
-    """A local Ray cluster of `nodes` simulated nodes (`ray.cluster_utils.Cluster`), connected; torn down on exit.
+def block_size(tp: int, ep: int) -> int:
+    """The largest rank block to keep inside one node (`placement.locality_groups`: TP, EP), 1 for none.
 
     Args:
-        nodes (int): nodes (the head is node 0).
-        cpus_per_node (int): logical CPUs each node offers (may exceed the machine's cores).
+        tp (int): tensor-parallel size.
+        ep (int): expert-parallel size.
+
+    Returns:
+        int: the block size (>= 1).
+    """
+    from nemo_rl_fp16.distributed.placement import locality_groups
+
+    return max(locality_groups(tp, 1, ep), default=1)
+
+
+def node_sizes(trainers: int, engines: int, nodes: int, block: int, layout: str) -> list[int]:
+    """One-CPU slots per simulated node: trainer nodes hold whole TP/EP blocks, the engines the last node.
+
+    The split layouts of the big recipes put the trainer ranks on their own nodes and the vLLM
+    engines on others; so does the miniature (for `nodes >= 2`), with each trainer node sized to a
+    multiple of `block` so Ray's PACK strategy has no reason to cut a block (the run's node-aware
+    rank order then keeps each block inside a node, `placement.node_local_ranks`).
+
+    Args:
+        trainers (int): trainer ranks.
+        engines (int): rollout engines.
+        nodes (int): simulated nodes (>= 1).
+        block (int): the largest rank block to keep inside a node (`block_size`).
+        layout (str): `split` or `colocated` (colocated: every node alike).
+
+    Returns:
+        list[int]: CPU slots of each node, node 0 first.
+    """
+    if layout != "split" or nodes < 2:
+        return [-(-(trainers + engines) // nodes)] * nodes
+    per = -(-trainers // (nodes - 1))
+    return [-(-per // block) * block] * (nodes - 1) + [engines]
+
+
+@contextlib.contextmanager
+def simulated_cluster(sizes: list[int]) -> Iterator[list[str]]:
+    """A local Ray cluster of simulated nodes (`ray.cluster_utils.Cluster`), connected; torn down on exit.
+
+    Args:
+        sizes (list[int]): logical CPUs each node offers (may exceed the machine's cores), node 0 (the head) first.
 
     Yields:
         list[str]: the node ids, node 0 first.
@@ -223,10 +268,10 @@ def simulated_cluster(nodes: int, cpus_per_node: int) -> Iterator[list[str]]:
     if ray.is_initialized():
         raise ConfigError("the rehearsal starts its own simulated Ray cluster; this process is already connected to "
                           "Ray (call it from a fresh process)")
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus_per_node, "include_dashboard": False})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": sizes[0], "include_dashboard": False})
     try:
-        for _ in range(nodes - 1):
-            cluster.add_node(num_cpus=cpus_per_node)
+        for n in sizes[1:]:
+            cluster.add_node(num_cpus=n)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
         yield [n.node_id for n in cluster.list_all_nodes()]
@@ -293,7 +338,9 @@ def rehearse(recipe: str, overrides: list[str], console: Console | None = None,
     console.print(f"rehearsal of {real.recipe}: its layout kinds, shrunk, on CPU", highlight=False)
     for line in notes:
         console.print(f"  {line}", soft_wrap=True, highlight=False)
-    per_node = -(-(mini.cluster.ray.trainer_workers + mini.cluster.ray.rollout_workers) // opts["nodes"])
+    ray_cfg = mini.cluster.ray
+    sizes = node_sizes(ray_cfg.trainer_workers, ray_cfg.rollout_workers, mini.cluster.nodes,
+                       block_size(mini.policy.tensor_parallel_size, mini.policy.expert_parallel_size), ray_cfg.layout)
     found: dict[str, float] = {}
 
     def inspect(setup) -> dict[str, float]:
@@ -314,7 +361,7 @@ def rehearse(recipe: str, overrides: list[str], console: Console | None = None,
                 soft_wrap=True, highlight=False)
         return found
 
-    with simulated_cluster(opts["nodes"], per_node) as node_ids:
+    with simulated_cluster(sizes) as node_ids:
         metrics = run(cfg, console=console, inspect=inspect)
     for row in _rows(Path(out) / "metrics.jsonl"):
         console.print(f"step {row['step']}: " + "  ".join(f"{k} {row[k]:.4g}" for k in STEP_KEYS if k in row),

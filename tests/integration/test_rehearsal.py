@@ -1,9 +1,10 @@
-"""The CPU layout rehearsal of each big recipe, as a user runs it: 2 RL steps on a simulated 2-node Ray cluster.
+"""The CPU layout rehearsal of each big recipe, as a user runs it: 2 RL steps on a simulated multi-node Ray cluster.
 
 `nemo-rl-fp16 rehearse recipe=<big recipe>` shrinks the recipe (megatron TP 2 x DP 2 for the dense
 one; TP 2 x DP 4 with EP 4 for the MoE, whose EP groups span DP ranks as the recipe's do; Ray split
 layout, 2 torch rollout engines in their own actors; tiny config-built model) and runs it through
-the normal run path on a `ray.cluster_utils.Cluster` of 2 nodes.
+the normal run path on a `ray.cluster_utils.Cluster` shaped like the recipe's split layout: its
+trainer nodes (dense: 1, MoE: 2, one EP group each) and a node for the engines.
 """
 
 import json
@@ -40,10 +41,10 @@ def _rehearse(recipe: str, out: Path, ws: Path) -> tuple[str, list[dict]]:
     return proc.stdout, rows
 
 
-@pytest.mark.parametrize("recipe, ranks, replicated, moe", [("dense_14b_fp16", 4, 5, False),
-                                                            ("moe_30b_a3b_fp16", 8, 11, True)])
-def test_rehearsal_of_big_recipe_runs_two_steps_on_a_simulated_two_node_cluster(tmp_path, ws_cache, recipe, ranks,
-                                                                                 replicated, moe):
+@pytest.mark.parametrize("recipe, ranks, replicated, moe, trainer_nodes", [("dense_14b_fp16", 4, 5, False, 1),
+                                                                           ("moe_30b_a3b_fp16", 8, 11, True, 2)])
+def test_rehearsal_of_big_recipe_runs_two_steps_on_a_simulated_multi_node_cluster(tmp_path, ws_cache, recipe, ranks,
+                                                                                   replicated, moe, trainer_nodes):
     out, rows = _rehearse(recipe, tmp_path / "run", ws_cache)
     flat = " ".join(out.split())  # rich wraps long lines
     # the layout kinds: megatron ranks over gloo as Ray actors, split layout, two rollout engines in their own actors
@@ -53,13 +54,19 @@ def test_rehearsal_of_big_recipe_runs_two_steps_on_a_simulated_two_node_cluster(
     else:
         assert "TP 4 x DP 2 (EP 1) -> TP 2 x DP 2 (EP 1)" in flat
     assert "sequence parallel: off (the recipe: on)" in flat
-    # where each rank landed, on both simulated nodes (one-CPU bundles on 2 nodes of half of them each)
+    # where each rank landed: trainer ranks on the trainer nodes, the engines on their own node, as the recipe
     placed = re.search(r"placement: trainer ranks (\{.*?\}); rollout engines (\{.*?\})", flat)
     assert placed, flat[-3000:]
-    nodes = set(re.findall(r"'(node\d)'", placed.group(0)))
-    assert nodes == {"node0", "node1"} and len(re.findall(r"\d: 'node\d'", placed.group(0))) == ranks + 2
+    trainer_at = set(re.findall(r"'(node\d)'", placed.group(1)))
+    engine_at = set(re.findall(r"'(node\d)'", placed.group(2)))
+    assert len(trainer_at) == trainer_nodes and len(engine_at) == 1 and not trainer_at & engine_at, placed.group(0)
+    assert len(re.findall(r"\d: 'node\d'", placed.group(0))) == ranks + 2
     groups = re.search(r"TP groups: (.*?)(\(|TP replicas|step 1)", flat).group(1)
     assert re.findall(r"ranks \[(\d), (\d)\]", groups) == [(str(r), str(r + 1)) for r in range(0, ranks, 2)]
+    # node-aware rank order (`placement.node_local_ranks`): no TP group crosses a node
+    spans = re.findall(r"on \[([^\]]*)\]", groups)
+    assert len(spans) == ranks // 2 and all(len(on.split(", ")) == 1 for on in spans), groups
+    assert "span nodes" not in flat and "warning: ray placement" not in flat
     # 2 RL steps, every metric finite, and they trained (a gradient, weights refit to both engines)
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from nemo_rl_fp16.commands.rehearse import miniature, split_options
+from nemo_rl_fp16.commands.rehearse import miniature, node_sizes, split_options
 from nemo_rl_fp16.config import ConfigError, load_recipe, typed
 from nemo_rl_fp16.plan import check_run, make_plan, parallel_layout
 
@@ -71,3 +71,17 @@ def test_options_apart_from_overrides():
         split_options(["rehearse.gpus=2"])
     with pytest.raises(ConfigError, match="bad value for 'rehearse.steps': '0'; allowed: an integer >= 1"):
         split_options(["rehearse.steps=0"])
+
+
+def test_simulated_nodes_follow_the_recipes_split_layout():
+    """Trainer nodes as the recipe (14B: 8 ranks on one 8-GPU node; 30B: 16 on two), at most one per TP/EP
+    block, plus a node for the engines; each trainer node holds whole blocks so no TP/EP group is cut."""
+    _, dense, _ = _mini("dense_14b_fp16")
+    _, moe, _ = _mini("moe_30b_a3b_fp16")
+    assert (dense.cluster.nodes, moe.cluster.nodes) == (2, 3)
+    assert node_sizes(4, 2, 2, 2, "split") == [4, 2]  # dense: TP 2 x DP 2 on one node, engines on the other
+    assert node_sizes(8, 2, 3, 4, "split") == [4, 4, 2]  # MoE: one EP 4 group per trainer node, DP across nodes
+    assert node_sizes(6, 2, 3, 4, "split") == [4, 4, 2]  # rounded up to whole blocks
+    assert node_sizes(4, 2, 2, 2, "colocated") == [3, 3]
+    _, two, _ = _mini("moe_30b_a3b_fp16", nodes=2)
+    assert two.cluster.nodes == 2
