@@ -46,6 +46,13 @@ from nemo_rl_fp16.rollout.refit import (
 _RELAY: dict[str, Any] = {}  # device -> the trainers' relay group (made once per process)
 
 
+def _ray_get(refs: Any) -> Any:
+    """`ray.get` (imported here: the transport's stand-in tests run without Ray)."""
+    import ray
+
+    return ray.get(refs)
+
+
 def ipc_mode(device: str) -> tuple[str, Callable[[int, torch.device], torch.Tensor]]:
     """The handle kind and the bucket allocator for the run's device.
 
@@ -195,7 +202,6 @@ def push_ipc(policy: Any, engine: Any, dtype: torch.dtype, bucket_bytes: int, st
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    import ray
     import torch.distributed as dist
 
     from nemo_rl_fp16.distributed.ray_refit import checked_stream
@@ -207,10 +213,10 @@ def push_ipc(policy: Any, engine: Any, dtype: torch.dtype, bucket_bytes: int, st
     dev = "cuda" if device == "cuda" else "cpu"
     send = None
     if engine is not None:
-        ray.get(engine.refit_begin.remote())
+        _ray_get(engine.refit_begin.remote())
 
         def send(meta: dict, handle: dict, kind: str) -> int:
-            return ray.get(engine.refit_ipc.remote(meta, handle, kind))
+            return _ray_get(engine.refit_ipc.remote(meta, handle, kind))
     err, bad = None, False
     if me == 0:
         for bucket in iter_buckets(stream, dtype, bucket_bytes, alloc=alloc):
@@ -240,7 +246,7 @@ def push_ipc(policy: Any, engine: Any, dtype: torch.dtype, bucket_bytes: int, st
                            f"(its error is in that rank's log); the refit stopped on every rank")
     if engine is None:
         return 0, mode
-    n, how = ray.get(engine.refit_end.remote())
+    n, how = _ray_get(engine.refit_end.remote())
     return int(n), "restart" if how == "restart" else mode
 
 

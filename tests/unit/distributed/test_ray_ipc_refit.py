@@ -104,9 +104,7 @@ def _released(handle: dict) -> bool:
 
 
 def _run(monkeypatch, state: dict, pause_s: float = 0.2):
-    import ray
-
-    monkeypatch.setattr(ray, "get", lambda x: x)  # the stand-in's calls answer directly (no cluster)
+    monkeypatch.setattr(ray_ipc_refit, "_ray_get", lambda x: x)  # the stand-in's calls answer directly (no cluster)
     events, handles = [], []
     mode0, alloc0 = ray_ipc_refit.ipc_mode("cpu")
 

@@ -60,3 +60,14 @@ def test_validation_stage_refuses_broadcast_on_a_shared_gpu():
                                               "cluster.ray.trainer_workers=2", "cluster.ray.layout=split",
                                               "rollout.refit_transport=broadcast"]))
     parallel_layout(split)  # split: NCCL between distinct GPUs, accepted
+
+
+def test_validation_stage_refuses_ipc_on_a_split_layout():
+    """`ipc` needs each engine on a trainer rank's bundle: a split layout is refused before any work."""
+    from nemo_rl_fp16.plan import parallel_layout
+
+    split = typed(load_recipe("sanity_tiny", ["cluster.ray.enabled=true", "cluster.ray.layout=split",
+                                              "rollout.refit_transport=ipc"]))
+    with pytest.raises(ConfigError, match="rollout.refit_transport=ipc with cluster.ray.layout=split"):
+        parallel_layout(split)
+    parallel_layout(typed(load_recipe("sanity_tiny", ["cluster.ray.enabled=true", "rollout.refit_transport=ipc"])))
