@@ -4,8 +4,10 @@ From the recipe alone (no model is built): the trainer rank's figures (`policy.m
 megatron or the torch backend), the forward-only KL reference (`policy/reference.py`: weights in
 `param_dtype` only, on the trainer's GPUs), the refit buffers (`rollout/refit.py`: the sending
 rank holds the bucket being filled and the gathered piece it is cut from, ~1.5 buckets of
-`rollout.refit_bucket_mb`; under Ray each bucket also lands in the object store of the sender's
-node and of each engine's node, `distributed/ray_refit.py`) and the rollout engine's share
+`rollout.refit_bucket_mb`; under Ray with the `object_store` transport each bucket also lands in
+the object store of the sender's node and of each engine's node, `distributed/ray_refit.py`; with
+`ipc` every trainer rank holds one relayed bucket on its own device, in host shared memory on CPU,
+`distributed/ray_ipc_refit.py`) and the rollout engine's share
 (vLLM: `rollout.gpu_memory_utilization` of each of its GPUs; colocated it shares the trainer's
 GPUs and sleeps while they train, its weights offloaded to host memory).
 
@@ -274,6 +276,9 @@ def _host_lines(cfg: RecipeConfig, layout: Layout, b: MemoryBudget, model_bytes:
             if copies:
                 host += copies * bucket
                 parts.append(f"refit bucket x {copies} (Ray object store) {fmt_gib(copies * bucket)}")
+        if ray.enabled and bucket and transport == "ipc" and device == "cpu" and nt:  # one relayed bucket per rank
+            host += nt * bucket
+            parts.append(f"refit bucket x {nt} (shared memory) {fmt_gib(nt * bucket)}")
         if colocated and r.backend == "vllm" and node_engines:
             host += node_engines * model_bytes
             parts.append(f"vLLM weights asleep {node_engines} x {fmt_gib(model_bytes)}")

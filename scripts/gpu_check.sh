@@ -73,7 +73,7 @@ run_section "megatron rope-scaled logits vs HF on CUDA (issue 17)" 60 "$OUT/mega
 run_section "megatron step benchmark (fp16/bf16: median of 5 pairs, MFU)" 200 "$OUT/megatron_bench.log" \
     "$PY" benchmarks/megatron_step.py --pairs 5 --json "$OUT/megatron_bench.json"
 
-run_section "refit: CUDA IPC transport, ~2 GB fp16 buckets to a stand-in consumer process (GB/s; issue 19)" 90 \
+run_section "refit: CUDA IPC transport, ~2 GB fp16 buckets to a stand-in consumer process (GB/s; issue 19; + the ipc sender loop, 16 MiB)" 90 \
     "$OUT/refit_ipc.log" "$PY" -m pytest -q -m gpu -s -p no:cacheprovider tests/gpu/test_refit_cuda_ipc.py
 
 run_section "rollout-vs-trainer mismatch on CUDA (torch engines)" 50 "$OUT/mismatch.log" \

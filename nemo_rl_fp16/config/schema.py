@@ -182,7 +182,7 @@ class RolloutSection(_Section):
     gpu_memory_utilization: float = Field(0.6, gt=0, le=1)
     enforce_eager: bool = False
     refit_bucket_mb: float = Field(256.0, gt=0)
-    refit_transport: Literal["auto", "object_store", "broadcast"] = "auto"
+    refit_transport: Literal["auto", "object_store", "broadcast", "ipc"] = "auto"
 
 
 class AlgorithmSection(_Section):

@@ -41,6 +41,7 @@ from nemo_rl_fp16.distributed.placement import (
     plan_placement,
     split_blocks,
 )
+from nemo_rl_fp16.distributed.ray_ipc_refit import check_pairs, merge_stats
 from nemo_rl_fp16.distributed.ray_refit import choose_transport, open_group
 from nemo_rl_fp16.distributed.workers import PolicyWorker, RolloutWorker
 from nemo_rl_fp16.interfaces import LossFn, RolloutBatch, SamplingParams, TrainStepResult
@@ -209,7 +210,8 @@ class RayRolloutGroup:
     """`RolloutEngine` over the rollout workers: prompts split between them, batches stacked."""
 
     def __init__(self, workers: list, precision: PrecisionPolicy, pad_token_id: int, colocated: bool,
-                 bucket_bytes: int = 256 * 2**20, transport: str = "object_store", device: str = "cpu"):
+                 bucket_bytes: int = 256 * 2**20, transport: str = "object_store", device: str = "cpu",
+                 engine_of_rank: list[int | None] | None = None):
         """Wrap `workers` (`RolloutWorker` handles); colocated engines sleep between rollouts; refit buckets of `bucket_bytes`.
 
         Args:
@@ -218,8 +220,10 @@ class RayRolloutGroup:
             pad_token_id (int): pads the engines' batches to one width in `generate`.
             colocated (bool): the engines share GPUs with trainer ranks (they sleep after each rollout).
             bucket_bytes (int): the refit bucket size (`rollout.refit_bucket_mb`).
-            transport (str): `object_store` or `broadcast` (`ray_refit.choose_transport`).
+            transport (str): `object_store`, `broadcast` or `ipc` (`ray_refit.choose_transport`).
             device (str): `cuda` (a broadcast group on NCCL) or `cpu` (gloo).
+            engine_of_rank (list[int | None] | None): `ipc` only: entry r is the engine on trainer rank
+                r's bundle (None: none there); every engine must appear once (`ray_ipc_refit.check_pairs`).
         """
         self.workers = workers
         self.precision = precision
@@ -229,6 +233,9 @@ class RayRolloutGroup:
         self.nodes: list[str] = []  # the Ray node id of each engine (set by `RayEngines`)
         self._asleep = False
         self.transport, self.device, self._group = transport, device, False
+        self.engine_of_rank = engine_of_rank
+        if transport == "ipc":
+            check_pairs(engine_of_rank or [], len(workers))
         #: bytes all engines received in the last refit and its transport (metrics `refit/bytes`, `refit/mode`)
         self.last_refit_bytes: int | None = None
         self.last_refit_transport: str | None = None
@@ -281,7 +288,9 @@ class RayRolloutGroup:
         """Refit every engine straight from the trainer ranks (`ray_refit.py`); the driver holds no weights.
 
         Order: trainer ranks free their cache, engines wake their weights only, every rank runs
-        `push_weights` (rank 0 sends buckets to the engines), the engines finish.
+        `push_weights` (rank 0 sends buckets to the engines), the engines finish. Transport `ipc`:
+        every rank runs `push_ipc` instead (`ray_ipc_refit.py`: rank 0's buckets relayed over the
+        trainers' group, each rank hands the engine on its bundle a handle per bucket).
 
         Args:
             policy: the trainer ranks.
@@ -297,6 +306,12 @@ class RayRolloutGroup:
         if self.transport == "broadcast" and not self._group:  # once: rank 0 + the engines (`ray_refit.open_group`)
             open_group(policy.workers, self.workers, self.device)
             self._group = True
+        if self.transport == "ipc":  # each rank hands the engine on its bundle a handle per bucket
+            engines = [None if j is None else self.workers[j] for j in self.engine_of_rank]
+            stats = ray.get([w.push_ipc.remote(e, self.precision.param_dtype, self.bucket_bytes, step, self.device)
+                             for w, e in zip(policy.workers, engines, strict=True)])
+            self.last_refit_bytes, self.last_refit_transport = merge_stats(stats)
+            return
         stats = ray.get([w.push_weights.remote(self.workers, self.precision.param_dtype, self.bucket_bytes, step)
                          for w in policy.workers])
         self.last_refit_bytes, self.last_refit_transport = stats[0]
@@ -408,7 +423,10 @@ class RayEngines:
             self.rollout = RayRolloutGroup(rollouts, rollout_pol, tokenizer.pad_token_id,
                                            colocated=r.layout == "colocated",
                                            bucket_bytes=int(rc.rollout.refit_bucket_mb * 2**20),
-                                           transport=transport, device=self.device)
+                                           transport=transport, device=self.device,
+                                           engine_of_rank=[next((s.rank for s in self.placement.role("rollout")
+                                                                 if s.bundle == t.bundle), None)
+                                                           for t in self.trainer_slots])
             self.rollout.refit_from(self.policy, 0)  # the engines start from the trainers' own weights
         except BaseException:
             self.close()

@@ -27,7 +27,11 @@ the engines join with `RolloutWorker.refit_group_join`; a vLLM engine's workers 
 `rollout.refit.broadcast_bucket` (metadata as JSON bytes, then the buffer, on rank 0's device)
 while every engine receives until the end marker (`RolloutWorker.refit_receive` ->
 `receive_buckets`); `refit/mode` = `broadcast` (3). Nothing goes through the object store.
-Not done: CUDA IPC from rank 0 to a colocated engine (colocated uses the object store).
+
+IPC transport (`ipc`; `auto` on colocated CUDA layouts; `ray_ipc_refit.py`): every trainer rank with an
+engine on its bundle gets each bucket (rank 0 packs it, then broadcasts it over the trainers' own
+group) and hands its engine a handle (CUDA IPC on GPU, shared memory on CPU); `refit/mode` =
+`cuda_ipc` (2) or `shm` (1).
 """
 
 from __future__ import annotations
@@ -94,31 +98,40 @@ def checked_stream(policy: Any, step: int, dtype: torch.dtype, dst: int = 0) -> 
 def choose_transport(setting: str, device: str, layout: str) -> str:
     """The Ray refit's transport from `rollout.refit_transport`.
 
-    `auto`: `broadcast` for split layouts on CUDA (one NCCL broadcast per bucket from rank 0's GPU
-    to every engine's GPU, no host copy), `object_store` otherwise (colocated: NCCL cannot join two
-    ranks on one GPU; on CPU one `ray.put` per bucket shared by all engines on a node is as cheap as a
-    gloo broadcast, which sends the bucket to each engine over TCP).
+    `auto`: `ipc` for colocated layouts on CUDA (each trainer rank hands the engine on its GPU a
+    CUDA IPC handle of the bucket, `ray_ipc_refit.py`), `broadcast` for split layouts on CUDA (one
+    NCCL broadcast per bucket from rank 0's GPU to every engine's GPU, no host copy),
+    `object_store` on CPU (one `ray.put` per bucket shared by all engines on a node is as cheap as a
+    gloo broadcast, which sends the bucket to each engine over TCP). `ipc` on CPU is the shared-memory
+    analogue (selectable, not the default).
 
     Args:
-        setting: `auto` | `object_store` | `broadcast`.
+        setting: `auto` | `object_store` | `broadcast` | `ipc`.
         device: `cuda` or `cpu`.
         layout: `colocated` or `split`.
 
     Returns:
-        `object_store` or `broadcast`.
+        `object_store`, `broadcast` or `ipc`.
 
     Raises:
-        ValueError: an unknown setting, or `broadcast` for a colocated layout on CUDA (NCCL cannot
-            put trainer rank 0 and an engine that share its GPU in one group).
+        ValueError: an unknown setting, `broadcast` for a colocated layout on CUDA (NCCL cannot
+            put trainer rank 0 and an engine that share its GPU in one group), or `ipc` for a split
+            layout (an engine must share a trainer rank's bundle to open its handles).
     """
-    if setting not in ("auto", "object_store", "broadcast"):
-        raise ValueError(f"rollout.refit_transport={setting!r}: use auto, object_store or broadcast")
+    if setting not in ("auto", "object_store", "broadcast", "ipc"):
+        raise ValueError(f"rollout.refit_transport={setting!r}: use auto, object_store, broadcast or ipc")
     if setting == "broadcast" and device == "cuda" and layout == "colocated":
         raise ValueError("rollout.refit_transport=broadcast with cluster.ray.layout=colocated on cuda: NCCL cannot "
                          "join trainer rank 0 and the engine sharing its GPU; set rollout.refit_transport=auto "
-                         "(object_store here) or cluster.ray.layout=split")
+                         "(ipc here) or cluster.ray.layout=split")
+    if setting == "ipc" and layout != "colocated":
+        raise ValueError(f"rollout.refit_transport=ipc with cluster.ray.layout={layout}: an engine opens the handles "
+                         "of the trainer rank it shares a bundle with; set cluster.ray.layout=colocated or "
+                         "rollout.refit_transport=auto")
     if setting == "auto":
-        return "broadcast" if device == "cuda" and layout == "split" else "object_store"
+        if device == "cuda":
+            return "ipc" if layout == "colocated" else "broadcast"
+        return "object_store"
     return setting
 
 

@@ -132,6 +132,23 @@ class PolicyWorker:
         return push_weights(self.engines["policy"], engines, dtype, bucket_bytes, step,
                             getattr(self, "refit_group", None))
 
+    def push_ipc(self, engine: Any, dtype: torch.dtype, bucket_bytes: int, step: int, device: str) -> tuple[int, str]:
+        """This rank's part of an `ipc` refit (`ray_ipc_refit.push_ipc`): buckets to the engine on its bundle by handle.
+
+        Args:
+            engine: the `RolloutWorker` handle sharing this rank's bundle, or None.
+            dtype: the rollout dtype.
+            bucket_bytes: the bucket size in bytes.
+            step: the RL step.
+            device: `cuda` or `cpu`.
+
+        Returns:
+            `(bytes this rank's engine loaded, "cuda_ipc" | "shm" | "restart")`.
+        """
+        from nemo_rl_fp16.distributed.ray_ipc_refit import push_ipc
+
+        return push_ipc(self.engines["policy"], engine, dtype, bucket_bytes, step, device)
+
     def refit_group_join(self, addr: str, port: int, world: int, backend: str) -> None:
         """Host the refit broadcast group as member 0 (rank 0 only; `ray_refit.open_group`).
 
@@ -230,6 +247,21 @@ class RolloutWorker:
             The bucket's bytes.
         """
         return self.engine.load_bucket(*bucket)
+
+    def refit_ipc(self, meta: dict, handle: dict, mode: str) -> int:
+        """Open a bucket's handle from the trainer rank on this bundle and load it in place (`ray_ipc_refit.receive_handle`).
+
+        Args:
+            meta: `BucketMeta.to_wire()`.
+            handle: `refit.cuda_ipc_handle` or `refit.shm_handle` of the bucket (str, bytes, ints).
+            mode: `cuda_ipc` or `shm`.
+
+        Returns:
+            The bytes loaded; the sender releases the bucket once this returns.
+        """
+        from nemo_rl_fp16.distributed.ray_ipc_refit import receive_handle
+
+        return receive_handle(self.engine, meta, handle, mode)
 
     def refit_group_size(self) -> int:
         """Receivers this engine adds to the refit broadcast group (vLLM: its workers; else 1).

@@ -339,7 +339,8 @@ class RefitGroup:
         self.pg.broadcast([t], opts).wait()
 
 
-def broadcast_bucket(bucket: Bucket | None, src: int, group=None, device: torch.device | str = "cpu") -> Bucket | None:
+def broadcast_bucket(bucket: Bucket | None, src: int, group=None, device: torch.device | str = "cpu", *,
+                     alloc: Callable[[int, torch.device], torch.Tensor] | None = None) -> Bucket | None:
     """Collective: `src` sends `bucket` (None: end of stream), every other rank gets it back.
 
     Metadata goes as a length-prefixed JSON byte tensor (no pickle), then the flat buffer.
@@ -350,6 +351,8 @@ def broadcast_bucket(bucket: Bucket | None, src: int, group=None, device: torch.
         src: the sending rank (global rank for a torch.distributed group; member rank for a `RefitGroup`).
         group: a `RefitGroup`, or a torch.distributed group (None: the default group).
         device: where the receive buffers live ("cuda" for NCCL, "cpu" for gloo).
+        alloc: `alloc(nbytes, device) -> flat uint8 tensor` for a receive buffer (default
+            `torch.empty`; `shm_alloc` when the receiver shares it on with a handle).
 
     Returns:
         The bucket (the sender's own on `src`), or None at end of stream.
@@ -376,7 +379,12 @@ def broadcast_bucket(bucket: Bucket | None, src: int, group=None, device: torch.
         data = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
     bcast(data, src)
     meta = bucket.meta if me == src else BucketMeta.from_wire(json.loads(bytes(data.cpu().numpy())))
-    buf = bucket.buffer.contiguous() if me == src else torch.empty(meta.nbytes, dtype=torch.uint8, device=device)
+    if me == src:
+        buf = bucket.buffer.contiguous()
+    elif alloc is not None:
+        buf = alloc(meta.nbytes, torch.device(device))
+    else:
+        buf = torch.empty(meta.nbytes, dtype=torch.uint8, device=device)
     bcast(buf, src)
     return Bucket(meta, buf)
 

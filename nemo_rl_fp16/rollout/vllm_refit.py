@@ -180,6 +180,34 @@ class VllmRefit:
         self.last_refit_transport = mode
         return m.nbytes
 
+    def load_bucket_handle(self, meta: dict, handle: dict, mode: str) -> int:
+        """Load one bucket a colocated trainer rank shares by handle (`ray_ipc_refit`): forwarded, not copied.
+
+        A worker in another process of the handle's kind (`cuda_ipc` on GPU, `shm` on CPU) gets the
+        handle itself with the checkpoint's names (`nrl_refit_bucket`) and loads from the trainer
+        rank's memory; otherwise (in-process worker, restart mode, another kind) the handle is
+        opened here and loaded by `load_bucket`.
+
+        Args:
+            meta: `BucketMeta.to_wire()`.
+            handle: `refit.cuda_ipc_handle` or `refit.shm_handle` of the bucket.
+            mode: `cuda_ipc` or `shm`.
+
+        Returns:
+            The bytes loaded; the worker has answered (the sender may release the bucket).
+        """
+        if (self._in_process() or getattr(self, "_collected", None) is not None
+                or refit_transport(False, self._device_type())[0] != mode):
+            from nemo_rl_fp16.rollout.refit import open_cuda_ipc, open_shm
+
+            buf = open_cuda_ipc(handle, torch.cuda.current_device()) if mode == "cuda_ipc" else open_shm(handle)
+            return self.load_bucket(meta, buf)
+        m = checkpoint_meta(BucketMeta.from_wire(meta), self._hf_shapes, self._tied)
+        self._pushed = getattr(self, "_pushed", 0) + int(meta["nbytes"])
+        self.llm.collective_rpc("nrl_refit_bucket", args=(m.to_wire(), handle, mode))
+        self.last_refit_transport = mode
+        return m.nbytes
+
     def end_refit(self) -> int:
         """Finish a bucketed refit: vLLM re-processes the layers, the prefix cache is reset.
 

@@ -97,6 +97,12 @@ def test_colocated_vllm_shares_the_trainer_gpu():
     assert "activations" not in rollout.items and "weights" in rollout.items
     host = make_plan(cfg)["memory/host"]  # 8 engines asleep (weights on the host); the FSDP2 refit streams
     assert "vLLM weights asleep 8 x 2.9 GiB" in host and "state dict" not in host
+    # on CUDA the colocated refit hands each engine CUDA IPC handles of GPU buckets (transport auto = ipc):
+    # no bucket in host RAM; through Ray's object store, the node counts the sender's and the engines' copy
+    assert "Ray object store" not in host and "shared memory" not in host
+    store = make_plan(typed(load_recipe("grpo_fp16", ["cluster.ray.enabled=true",
+                                                      "rollout.refit_transport=object_store"])))["memory/host"]
+    assert "refit bucket x 2 (Ray object store) 512.0 MiB" in store
 
 
 def test_reference_is_weights_in_param_dtype_only():

@@ -11,24 +11,34 @@ from nemo_rl_fp16.distributed.ray_refit import choose_transport
 
 @pytest.mark.parametrize(("setting", "device", "layout", "want"), [
     ("auto", "cuda", "split", "broadcast"),  # NCCL between rank 0's GPU and the engines' GPUs
-    ("auto", "cuda", "colocated", "object_store"),  # one GPU per trainer/engine pair: no NCCL between them
+    ("auto", "cuda", "colocated", "ipc"),  # one GPU per trainer/engine pair: CUDA IPC handles, no NCCL between them
     ("auto", "cpu", "split", "object_store"),
     ("auto", "cpu", "colocated", "object_store"),
     ("broadcast", "cpu", "colocated", "broadcast"),  # asked for: done (gloo)
     ("object_store", "cuda", "split", "object_store"),
+    ("object_store", "cuda", "colocated", "object_store"),
+    ("ipc", "cpu", "colocated", "ipc"),  # asked for: shared-memory handles
+    ("ipc", "cuda", "colocated", "ipc"),
 ])
 def test_transport_choice(setting, device, layout, want):
     assert choose_transport(setting, device, layout) == want
 
 
 def test_unknown_transport_is_refused():
-    with pytest.raises(ValueError, match="rollout.refit_transport='nccl': use auto, object_store or broadcast"):
+    with pytest.raises(ValueError, match="rollout.refit_transport='nccl': use auto, object_store, broadcast or ipc"):
         choose_transport("nccl", "cuda", "split")
 
 
 def test_broadcast_on_a_shared_gpu_is_refused():
     with pytest.raises(ValueError, match="layout=colocated on cuda: NCCL cannot .* set rollout.refit_transport=auto"):
         choose_transport("broadcast", "cuda", "colocated")
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_ipc_on_a_split_layout_is_refused(device):
+    with pytest.raises(ValueError, match="refit_transport=ipc with cluster.ray.layout=split: .* set cluster.ray.layout"
+                                         "=colocated"):
+        choose_transport("ipc", device, "split")
 
 
 def test_transport_key_without_ray_is_refused_not_ignored():
@@ -50,3 +60,14 @@ def test_validation_stage_refuses_broadcast_on_a_shared_gpu():
                                               "cluster.ray.trainer_workers=2", "cluster.ray.layout=split",
                                               "rollout.refit_transport=broadcast"]))
     parallel_layout(split)  # split: NCCL between distinct GPUs, accepted
+
+
+def test_validation_stage_refuses_ipc_on_a_split_layout():
+    """`ipc` needs each engine on a trainer rank's bundle: a split layout is refused before any work."""
+    from nemo_rl_fp16.plan import parallel_layout
+
+    split = typed(load_recipe("sanity_tiny", ["cluster.ray.enabled=true", "cluster.ray.layout=split",
+                                              "rollout.refit_transport=ipc"]))
+    with pytest.raises(ConfigError, match="rollout.refit_transport=ipc with cluster.ray.layout=split"):
+        parallel_layout(split)
+    parallel_layout(typed(load_recipe("sanity_tiny", ["cluster.ray.enabled=true", "rollout.refit_transport=ipc"])))
