@@ -1,7 +1,7 @@
 """The `ipc` refit transport under Ray: each trainer rank hands the engine on its own bundle a handle per bucket.
 
 Colocated layouts (`placement.py`: rollout engine j shares a bundle, on CUDA the GPU, with one
-trainer rank) with `rollout.refit_transport=ipc` (`auto` on CUDA; `ray_refit.choose_transport`).
+trainer rank) with `rollout.refit_transport=ipc` (opt-in; `ray_refit.choose_transport`).
 One refit, run on every trainer rank at once (`push_ipc`, from `PolicyWorker.push_ipc`):
 
 1. every rank checks its shards and iterates the policy's weight stream (`ray_refit.checked_stream`);

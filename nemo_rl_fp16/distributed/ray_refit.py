@@ -28,7 +28,7 @@ the engines join with `RolloutWorker.refit_group_join`; a vLLM engine's workers 
 while every engine receives until the end marker (`RolloutWorker.refit_receive` ->
 `receive_buckets`); `refit/mode` = `broadcast` (3). Nothing goes through the object store.
 
-IPC transport (`ipc`; `auto` on colocated CUDA layouts; `ray_ipc_refit.py`): every trainer rank with an
+IPC transport (`ipc`, colocated layouts, opt-in: `choose_transport`; `ray_ipc_refit.py`): every trainer rank with an
 engine on its bundle gets each bucket (rank 0 packs it, then broadcasts it over the trainers' own
 group) and hands its engine a handle (CUDA IPC on GPU, shared memory on CPU); `refit/mode` =
 `cuda_ipc` (2) or `shm` (1).
@@ -98,12 +98,14 @@ def checked_stream(policy: Any, step: int, dtype: torch.dtype, dst: int = 0) -> 
 def choose_transport(setting: str, device: str, layout: str) -> str:
     """The Ray refit's transport from `rollout.refit_transport`.
 
-    `auto`: `ipc` for colocated layouts on CUDA (each trainer rank hands the engine on its GPU a
-    CUDA IPC handle of the bucket, `ray_ipc_refit.py`), `broadcast` for split layouts on CUDA (one
-    NCCL broadcast per bucket from rank 0's GPU to every engine's GPU, no host copy),
-    `object_store` on CPU (one `ray.put` per bucket shared by all engines on a node is as cheap as a
-    gloo broadcast, which sends the bucket to each engine over TCP). `ipc` on CPU is the shared-memory
-    analogue (selectable, not the default).
+    `auto`: `broadcast` for split layouts on CUDA (one NCCL broadcast per bucket from rank 0's GPU
+    to every engine's GPU, no host copy), `object_store` otherwise: on CPU one `ray.put` per bucket
+    shared by all engines on a node is as cheap as a gloo broadcast, which sends the bucket to each
+    engine over TCP; colocated on CUDA, `ipc` (each trainer rank hands the engine on its GPU a CUDA
+    IPC handle, `ray_ipc_refit.py`) is opt-in until it has run on a GPU: its relay issues NCCL
+    collectives on two communicators from two threads on ranks other than 0 (the stream's gathers
+    and the bucket broadcasts), an order NCCL does not guarantee to be deadlock-free. `ipc` on CPU
+    is the shared-memory analogue (gloo, tested).
 
     Args:
         setting: `auto` | `object_store` | `broadcast` | `ipc`.
@@ -123,15 +125,13 @@ def choose_transport(setting: str, device: str, layout: str) -> str:
     if setting == "broadcast" and device == "cuda" and layout == "colocated":
         raise ValueError("rollout.refit_transport=broadcast with cluster.ray.layout=colocated on cuda: NCCL cannot "
                          "join trainer rank 0 and the engine sharing its GPU; set rollout.refit_transport=auto "
-                         "(ipc here) or cluster.ray.layout=split")
+                         "(object_store here), ipc, or cluster.ray.layout=split")
     if setting == "ipc" and layout != "colocated":
         raise ValueError(f"rollout.refit_transport=ipc with cluster.ray.layout={layout}: an engine opens the handles "
                          "of the trainer rank it shares a bundle with; set cluster.ray.layout=colocated or "
                          "rollout.refit_transport=auto")
     if setting == "auto":
-        if device == "cuda":
-            return "ipc" if layout == "colocated" else "broadcast"
-        return "object_store"
+        return "broadcast" if device == "cuda" and layout == "split" else "object_store"
     return setting
 
 

@@ -97,12 +97,12 @@ def test_colocated_vllm_shares_the_trainer_gpu():
     assert "activations" not in rollout.items and "weights" in rollout.items
     host = make_plan(cfg)["memory/host"]  # 8 engines asleep (weights on the host); the FSDP2 refit streams
     assert "vLLM weights asleep 8 x 2.9 GiB" in host and "state dict" not in host
-    # on CUDA the colocated refit hands each engine CUDA IPC handles of GPU buckets (transport auto = ipc):
-    # no bucket in host RAM; through Ray's object store, the node counts the sender's and the engines' copy
-    assert "Ray object store" not in host and "shared memory" not in host
-    store = make_plan(typed(load_recipe("grpo_fp16", ["cluster.ray.enabled=true",
-                                                      "rollout.refit_transport=object_store"])))["memory/host"]
-    assert "refit bucket x 2 (Ray object store) 512.0 MiB" in store
+    # colocated on CUDA the refit goes through Ray's object store (auto; ipc is opt-in): the node counts the
+    # sender's and the engines' copy; with ipc each engine gets CUDA IPC handles of GPU buckets, no host bucket
+    assert "refit bucket x 2 (Ray object store) 512.0 MiB" in host
+    ipc = make_plan(typed(load_recipe("grpo_fp16", ["cluster.ray.enabled=true",
+                                                    "rollout.refit_transport=ipc"])))["memory/host"]
+    assert "Ray object store" not in ipc and "shared memory" not in ipc
 
 
 def test_reference_is_weights_in_param_dtype_only():

@@ -11,7 +11,8 @@ from nemo_rl_fp16.distributed.ray_refit import choose_transport
 
 @pytest.mark.parametrize(("setting", "device", "layout", "want"), [
     ("auto", "cuda", "split", "broadcast"),  # NCCL between rank 0's GPU and the engines' GPUs
-    ("auto", "cuda", "colocated", "ipc"),  # one GPU per trainer/engine pair: CUDA IPC handles, no NCCL between them
+    ("auto", "cuda", "colocated", "object_store"),  # ipc is opt-in until its NCCL relay has run on a GPU
+    ("ipc", "cuda", "colocated", "ipc"),  # asked for: CUDA IPC handles
     ("auto", "cpu", "split", "object_store"),
     ("auto", "cpu", "colocated", "object_store"),
     ("broadcast", "cpu", "colocated", "broadcast"),  # asked for: done (gloo)
