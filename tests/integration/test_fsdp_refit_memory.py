@@ -15,8 +15,6 @@ forward/backward leave the parameters as they find them: the stream reads the sh
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,15 +30,9 @@ CASES = ("untied", "tied")
 
 def test_fsdp_refit_stream_bitwise_and_bounded(tmp_path):
     sys.path.insert(0, str(HERE))
-    from conftest import free_port
+    from conftest import torchrun
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MALLOC_MMAP_THRESHOLD_": "65536",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(Path(__file__).resolve())]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
+    out = torchrun(Path(__file__), timeout=600, MALLOC_MMAP_THRESHOLD_="65536")
     for case in CASES:
         for check in ("bitwise OK", "bound OK"):
             assert f"rank0 {case} {check}" in out and f"rank1 {case} {check}" in out, out[-4000:]

@@ -9,7 +9,6 @@ CPU redirects as in test_megatron_pipeline.py); the references run single-proces
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -56,7 +55,7 @@ def test_headroom_on_local_shards_equals_the_whole_batch(tmp_path):
     import torch
 
     sys.path[:0] = [str(HERE), str(MEGATRON)]
-    from conftest import free_port
+    from conftest import torchrun
 
     ref = {"torch": _torch_headroom()}
     try:
@@ -72,13 +71,7 @@ def test_headroom_on_local_shards_equals_the_whole_batch(tmp_path):
             reset_megatron()
     assert ref["torch"]["range/act_nonfinite"] == 0 and "range/act_absmax/layer1" in ref["torch"]
     torch.save(ref, tmp_path / "ref.pt")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "HEADROOM_REF": str(tmp_path / "ref.pt"),
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(Path(__file__).resolve())]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
+    out = torchrun(Path(__file__), timeout=600, HEADROOM_REF=str(tmp_path / "ref.pt"))
     for backend in ref:
         assert f"rank0 {backend} headroom OK" in out and f"rank1 {backend} headroom OK" in out, out[-4000:]
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,15 +32,9 @@ CHECKS = ("TP2 same-layout OK", "TP2 next-step OK", "TP2 resharded-TP1 OK", "TP2
 def test_dist_checkpoint_tp2_ep2_resume_and_reshard(tmp_path):
     pytest.importorskip("megatron.core")
     sys.path[:0] = [str(HELPERS), str(MEGATRON)]
-    from conftest import free_port
+    from conftest import torchrun
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "CKPT_ROOT": str(tmp_path),
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(Path(__file__).resolve())]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
+    out = torchrun(Path(__file__), timeout=600, CKPT_ROOT=str(tmp_path))
     for check in CHECKS:
         assert f"rank0 {check}" in out and f"rank1 {check}" in out, out[-4000:]
 

@@ -12,7 +12,6 @@ exercised here. The worker is this file run under torchrun.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -56,7 +55,7 @@ def _step(sd, **par):
 def test_tp2_step_keeps_replicated_weights_equal(tmp_path):
     pytest.importorskip("megatron.core")
     sys.path[:0] = [str(HELPERS), str(MEGATRON)]
-    from conftest import cpu_redirects, free_port, reset_megatron
+    from conftest import cpu_redirects, reset_megatron, torchrun
     from test_policy import _weights
 
     reset_megatron()
@@ -65,13 +64,7 @@ def test_tp2_step_keeps_replicated_weights_equal(tmp_path):
         _, res, grads = _step(sd)
         reset_megatron()
     torch.save({"init": sd, "grads": grads, "grad_norm": res.grad_norm}, tmp_path / "ref.pt")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "GRAD_SYNC_REF": str(tmp_path / "ref.pt"),
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(Path(__file__).resolve())]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
+    out = torchrun(Path(__file__), timeout=300, GRAD_SYNC_REF=str(tmp_path / "ref.pt"))
     for check in ("TP2 replicated equal", "TP2 == single grads", "DP2 == single grads"):
         assert f"rank0 {check}" in out and f"rank1 {check}" in out, out[-4000:]
 

@@ -6,8 +6,6 @@ from tests/unit/policy/conftest.py itself (pytest fixtures do not reach torchrun
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,16 +22,10 @@ MEGATRON = HELPERS / "megatron"  # test_policy.py: DENSE, MOE, _batch, _weights
 def test_tp2_and_ep2_match_single_rank(tmp_path):
     pytest.importorskip("megatron.core")
     sys.path.insert(0, str(HELPERS))
-    from conftest import free_port
+    from conftest import torchrun
 
     # the workers import this checkout's package (torchrun puts the script's folder, not the cwd, on sys.path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(Path(__file__).resolve())]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
+    out = torchrun(Path(__file__), timeout=240)
     for check in ("TP2 logprobs OK", "TP2 refit OK", "EP2 logprobs OK", "EP2 experts OK", "EP2 refit OK",
                   "TP2-KV1 logprobs OK", "TP2-KV1 refit OK"):
         assert f"rank0 {check}" in out and f"rank1 {check}" in out, out[-4000:]

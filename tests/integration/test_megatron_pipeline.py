@@ -19,7 +19,6 @@ themselves) build the same model at PP=2 and compare, on every rank:
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -117,7 +116,7 @@ def test_pp2_matches_pp1(tmp_path):
     pytest.importorskip("megatron.core")
     import torch
     sys.path[:0] = [str(HERE), str(MEGATRON)]
-    from conftest import cpu_redirects, free_port, reset_megatron
+    from conftest import cpu_redirects, reset_megatron, torchrun
 
     ref = {}
     with cpu_redirects():  # the PP=1 reference (tests/unit's mcore_cpu fixture does not reach tests/integration)
@@ -126,14 +125,7 @@ def test_pp2_matches_pp1(tmp_path):
             ref[case] = _run(case, 1)
         reset_megatron()
     torch.save(ref, tmp_path / "ref.pt")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PP_REF": str(tmp_path / "ref.pt"),
-           "CKPT_DIR": str(tmp_path / "dist"),
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(Path(__file__).resolve())]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
+    out = torchrun(Path(__file__), timeout=600, PP_REF=str(tmp_path / "ref.pt"), CKPT_DIR=str(tmp_path / "dist"))
     print("\n".join(line for line in out.splitlines() if " OK" in line))
     for check in CHECKS:
         assert f"rank0 {check}" in out and f"rank1 {check}" in out, out[-4000:]

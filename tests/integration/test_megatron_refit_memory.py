@@ -19,8 +19,6 @@ The worker is this file run as a script under torchrun (like `test_megatron_para
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -36,15 +34,9 @@ MIB = 2**20
 def test_refit_stream_memory_tp2_and_ep2(tmp_path):
     pytest.importorskip("megatron.core")
     sys.path.insert(0, str(HERE))
-    from conftest import free_port
+    from conftest import torchrun
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MALLOC_MMAP_THRESHOLD_": "65536",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(Path(__file__).resolve())]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
+    out = torchrun(Path(__file__), timeout=600, MALLOC_MMAP_THRESHOLD_="65536")
     for tag in ("TP2", "EP2", "PP2", "PP2tied"):
         for check in ("stream bound OK", "stream bitwise OK"):
             assert f"rank0 {tag} {check}" in out and f"rank1 {tag} {check}" in out, out[-4000:]

@@ -66,4 +66,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-__all__ = ["cpu_redirects", "reset_megatron", "free_port", "HAVE_MCORE", "os"]
+def torchrun(script, *, timeout: int = 600, nproc: int = 2, **env_extra: str) -> str:
+    """Run `script` under `torch.distributed.run` (gloo workers, one thread each) and return its output.
+
+    The repository root leads PYTHONPATH, so the workers import this checkout's package. Fails the
+    calling test (with the output's tail) when the launch exits non-zero.
+    """
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **env_extra,
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+           str(Path(script).resolve())]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=root)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+__all__ = ["cpu_redirects", "reset_megatron", "free_port", "torchrun", "HAVE_MCORE", "os"]
