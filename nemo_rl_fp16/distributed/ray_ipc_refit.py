@@ -21,7 +21,7 @@ One refit, run on every trainer rank at once (`push_ipc`, from `PolicyWorker.pus
    stream's collectives, sends the end marker) and every rank raises.
 
 `refit/mode` = `cuda_ipc` (2) on GPU, `shm` (1) on CPU (`refit.MODE_CODES`). Ran: CPU shared memory
-under Ray with 2 FSDP2 trainer ranks and 2 torch rollout engines (tests/integration/test_ray_refit_ipc.py),
+under Ray with 2 FSDP2 trainer ranks and 2 torch rollout engines (tests/integration/test_ray_refit_transports.py),
 the relay and its failure path over 2 gloo ranks (tests/integration/test_ipc_relay.py);
 the CUDA path has not run under Ray (docs/vllm.md).
 """

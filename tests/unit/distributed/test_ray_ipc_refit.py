@@ -6,7 +6,7 @@ by handle (`hand_over`); the consumer opens it after a pause and loads it with t
 answered: bucket k+1 is made only after the consumer answered bucket k, bucket k's memory is alive
 until then (the consumer, reading late, gets the right bytes) and released right after (its handle
 no longer opens). A consumer that fails stops the refit with its error. Under Ray with 2 FSDP2 ranks:
-tests/integration/test_ray_refit_ipc.py.
+tests/integration/test_ray_refit_transports.py.
 """
 
 import hashlib

@@ -1,6 +1,6 @@
 """`ray_refit.choose_transport`: `rollout.refit_transport` -> the Ray refit's transport.
 
-The transports themselves run under Ray in `tests/integration/test_ray_refit_broadcast.py`.
+The transports themselves run under Ray in `tests/integration/test_ray_refit_transports.py`.
 """
 
 import pytest

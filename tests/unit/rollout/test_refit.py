@@ -239,7 +239,7 @@ def _group_worker(rank: int, port: int, trainer_port: int, out: str, shapes: dic
 def test_refit_group_beside_the_default_group_broadcasts_to_a_consumer(tmp_path):
     """`RefitGroup`: a gloo group of its own (TCP store on member 0), no default process group needed
     on the consumer, none disturbed on the sender: the consumer gets every weight bitwise (two
-    engines at once: `tests/integration/test_ray_refit_broadcast.py`)."""
+    engines at once: `tests/integration/test_ray_refit_transports.py`)."""
     import socket
 
     ports = []
