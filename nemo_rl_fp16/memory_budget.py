@@ -196,7 +196,7 @@ def plan_memory(cfg: RecipeConfig, layout: Layout, device: str) -> MemoryBudget 
         m = dataclasses.replace(m, grads=(4 + param_bytes) * adapters, optimizer=8 * adapters,
                                 optimizer_distributed=8 * adapters)
     keys = _shrink_keys(cfg, lay, layout, dist)
-    gpu = cfg.cluster.gpu_memory_gb * GIB
+    gpu = cfg.cluster.gpu_memory_gb * GIB if device == "cuda" else 0.0  # off CUDA: nothing to check against
     optimizer = m.optimizer_distributed if dist else m.optimizer
     model_bytes = lay.num_parameters()["total"] * param_bytes  # the whole model in the rollout/param dtype
     reference = m.params_local * param_bytes if cfg.algorithm.kl_coef > 0 else 0.0
@@ -320,7 +320,9 @@ def memory_lines(b: MemoryBudget | str, cfg: RecipeConfig) -> dict[str, str]:
     out = {"memory/GPU": line}
     phases = ", ".join(f"{p.name} {fmt_gib(p.total)}" for p in b.trainer)
     fit = (f"fits cluster.gpu_memory_gb={cfg.cluster.gpu_memory_gb:g}" if b.gpu_bytes and not memory_problems(b, cfg)
-           else "not checked (cluster.gpu_memory_gb=0: unknown)" if not b.gpu_bytes else "DOES NOT FIT")
+           else "DOES NOT FIT" if b.gpu_bytes else "not checked (cluster.gpu_memory_gb=0: unknown)"
+           if not cfg.cluster.gpu_memory_gb else
+           f"not checked (cluster.gpu_memory_gb={cfg.cluster.gpu_memory_gb:g} describes the GPUs; this run has none)")
     colocated_vllm = cfg.rollout.backend == "vllm" and not b.rollout
     out["memory/peak"] = (f"trainer rank 0: {phases}; peak {fmt_gib(b.peak().total)} ({b.peak().name}); {fit}"
                           + ("" if b.gpu_bytes or not colocated_vllm else

@@ -68,17 +68,15 @@ def device_problems(cfg: RecipeConfig, device: str) -> list[str]:
         device (str): the run's device (`run_device`).
 
     Returns:
-        list[str]: one refusal line each (cuda under Ray without declared GPUs; a GPU memory size
-            off CUDA; megatron's distributed optimizer off CUDA). megatron on CPU is allowed: a
+        list[str]: one refusal line each (cuda under Ray without declared GPUs; megatron's distributed
+            optimizer off CUDA). A GPU recipe's `cluster.gpu_memory_gb` is not checked off CUDA (the
+            plan says so). megatron on CPU is allowed: a
             rehearsal mode (`policy.megatron.cpu_rehearsal`), noted in the plan.
     """
     out = []
     if device == "cuda" and cfg.cluster.ray.enabled and cfg.cluster.gpus_per_node == 0:
         out.append("bad value for 'device': cuda; allowed: cpu or auto with cluster.gpus_per_node=0 under Ray "
                    "(Ray gives actors no GPU); set cluster.gpus_per_node to the GPUs per node")
-    if cfg.cluster.gpu_memory_gb and device != "cuda":
-        out.append(f"bad value for 'cluster.gpu_memory_gb': {cfg.cluster.gpu_memory_gb:g}; allowed: 0 on device "
-                   f"{device} (no GPU memory to check); set cluster.gpu_memory_gb=0, or device=cuda with GPUs")
     if cfg.policy.backend == "megatron" and device != "cuda" and cfg.policy.use_distributed_optimizer:
         out.append("bad value for 'policy.use_distributed_optimizer': true on CPU; allowed: false or null (megatron's "
                    "distributed optimizer keeps its buffers and grad scaler on CUDA; the CPU rehearsal steps torch "

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from nemo_rl_fp16.config import ConfigError, load_recipe, typed
-from nemo_rl_fp16.memory_budget import lora_parameters, memory_problems, plan_memory
+from nemo_rl_fp16.memory_budget import lora_parameters, memory_lines, memory_problems, plan_memory
 from nemo_rl_fp16.plan import check_run, make_plan, parallel_layout, run_device
 from nemo_rl_fp16.policy.memory import GIB, KNOWN_LAYOUTS, ModelLayout, estimate_torch_memory
 
@@ -84,9 +84,15 @@ def test_unknown_gpu_memory_is_not_checked():
     assert "not checked (cluster.gpu_memory_gb=0: unknown)" in make_plan(cfg)["memory/peak"]
 
 
-def test_gpu_memory_off_cuda_is_refused():
-    with pytest.raises(ConfigError, match=r"'cluster.gpu_memory_gb': 80; allowed: 0 on device cpu"):
-        parallel_layout(typed(load_recipe("sanity_tiny", ["cluster.gpu_memory_gb=80"])))
+def test_gpu_memory_is_not_checked_off_cuda_and_the_plan_says_so():
+    """A GPU recipe tried on CPU (grpo_fp16 sets 79.2) is not refused for its GPU size: nothing to check it
+    against; the plan says it was not checked. A layout that would not fit is refused on CUDA only."""
+    cfg = typed(load_recipe("grpo_fp16", ["device=cpu", "cluster.gpu_memory_gb=1"]))
+    layout = parallel_layout(cfg)  # no refusal
+    b = plan_memory(cfg, layout, "cpu")
+    assert memory_problems(b, cfg) == []
+    assert "not checked (cluster.gpu_memory_gb=1 describes the GPUs; this run has none)" in memory_lines(b, cfg)["memory/peak"]
+    assert memory_problems(plan_memory(cfg, layout, "cuda"), cfg)  # the same recipe on CUDA: refused
 
 
 def test_colocated_vllm_shares_the_trainer_gpu():
