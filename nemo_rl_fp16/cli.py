@@ -53,6 +53,7 @@ EXIT_CODES = {
     EXIT_STORAGE: "disk full or read-only while writing (the last checkpoint is intact)",
 }
 _TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
@@ -93,7 +94,7 @@ def split_args(command: str, args: Sequence[str]) -> tuple[str, list[str], bool]
             (OmegaConf dotlist overrides), and whether `dry_run` (or `+dry_run`) is true.
 
     Raises:
-        ConfigError: a word without `=`.
+        ConfigError: a word without `=`, or a `dry_run` value that is not a boolean.
     """
     recipe, dry_run, overrides = COMMANDS[command][0], False, []
     for a in args:
@@ -103,6 +104,9 @@ def split_args(command: str, args: Sequence[str]) -> tuple[str, list[str], bool]
         if key == "recipe":
             recipe = value
         elif key in ("dry_run", "+dry_run"):
+            if value.lower() not in _TRUE | _FALSE:  # a typo must not start the real run
+                raise ConfigError(f"bad value for 'dry_run': {value!r}; allowed: true or false (also 1/0, yes/no, "
+                                  "on/off)")
             dry_run = value.lower() in _TRUE
         else:
             overrides.append(a)

@@ -68,3 +68,14 @@ def test_other_commands_dry_run(command):
     r = cli(command, "dry_run=true")
     assert r.returncode == 0, r.stderr
     assert "plan" in r.stdout
+
+
+@pytest.mark.parametrize("command", ["rl", "rehearse"])
+def test_misspelled_dry_run_is_refused_not_taken_as_false(tmp_path, command):
+    """`dry_run=ture` must not start the real run (it did: any value but true/1/yes/on meant false)."""
+    recipe = "sanity_tiny" if command == "rl" else "dense_14b_fp16"
+    r = cli(command, f"recipe={recipe}", f"output_dir={tmp_path / 'out'}", "dry_run=ture")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [
+        "error: bad value for 'dry_run': 'ture'; allowed: true or false (also 1/0, yes/no, on/off)"]
+    assert not (tmp_path / "out").exists()
