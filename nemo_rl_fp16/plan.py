@@ -69,7 +69,7 @@ def device_problems(cfg: RecipeConfig, device: str) -> list[str]:
 
     Returns:
         list[str]: one refusal line each (cuda under Ray without declared GPUs; megatron's distributed
-            optimizer off CUDA). A GPU recipe's `cluster.gpu_memory_gb` is not checked off CUDA (the
+            optimizer off CUDA; sequence packing where megatron's CPU MoE dispatcher spans DP ranks). A GPU recipe's `cluster.gpu_memory_gb` is not checked off CUDA (the
             plan says so). megatron on CPU is allowed: a
             rehearsal mode (`policy.megatron.cpu_rehearsal`), noted in the plan.
     """
@@ -77,6 +77,12 @@ def device_problems(cfg: RecipeConfig, device: str) -> list[str]:
     if device == "cuda" and cfg.cluster.ray.enabled and cfg.cluster.gpus_per_node == 0:
         out.append("bad value for 'device': cuda; allowed: cpu or auto with cluster.gpus_per_node=0 under Ray "
                    "(Ray gives actors no GPU); set cluster.gpus_per_node to the GPUs per node")
+    p = cfg.policy
+    if p.backend == "megatron" and device != "cuda" and p.sequence_packing and \
+            p.expert_parallel_size > p.tensor_parallel_size:  # megatron's ranks: an EP group of EP consecutive ranks
+        from nemo_rl_fp16.policy.packing import PACKING_WITH_CPU_EP
+
+        out.append(PACKING_WITH_CPU_EP)
     if cfg.policy.backend == "megatron" and device != "cuda" and cfg.policy.use_distributed_optimizer:
         out.append("bad value for 'policy.use_distributed_optimizer': true on CPU; allowed: false or null (megatron's "
                    "distributed optimizer keeps its buffers and grad scaler on CUDA; the CPU rehearsal steps torch "

@@ -44,7 +44,7 @@ import torch
 
 from nemo_rl_fp16.interfaces import RolloutBatch
 
-__all__ = ["PACKED", "PACKING_WITH_PP", "Compact", "compact", "in_row_order", "packed_slices", "real_lengths",
+__all__ = ["PACKED", "PACKING_WITH_CPU_EP", "PACKING_WITH_PP", "Compact", "compact", "in_row_order", "packed_slices", "real_lengths",
            "uncompact"]
 
 #: `RolloutBatch.extras` key of a packed forward's batch: the `Compact` it came from (expert recording reads it)
@@ -54,6 +54,12 @@ PACKED = "sequence_packing"
 PACKING_WITH_PP = ("bad value for 'policy.sequence_packing': true with policy.pipeline_parallel_size > 1; allowed: "
                    "false (the pipeline schedule sends every micro-batch at the batch's width); "
                    "set policy.sequence_packing=false or policy.pipeline_parallel_size=1")
+
+
+#: the refusal of `policy.sequence_packing` where megatron's CPU (rehearsal) allgather MoE dispatcher spans DP ranks
+PACKING_WITH_CPU_EP = ("bad value for 'policy.sequence_packing': true with a MoE expert-parallel group across "
+                       "data-parallel ranks on CPU; allowed: false (megatron's allgather dispatcher on CPU needs "
+                       "equal token counts over the group); set policy.sequence_packing=false")
 
 
 def real_lengths(batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:

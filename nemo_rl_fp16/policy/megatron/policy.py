@@ -283,9 +283,9 @@ class MegatronPolicy:
         # across the EP group: `ep_spans_data_parallel`), where packing is refused
         trim = not (self.cpu and self.layout.is_moe and ep_spans_data_parallel())
         if sequence_packing and not trim:
-            raise ValueError("bad value for 'policy.sequence_packing': true with a MoE expert-parallel group across "
-                             "data-parallel ranks on CPU; allowed: false (megatron's allgather dispatcher on CPU needs "
-                             "equal token counts over the group); set policy.sequence_packing=false")
+            from nemo_rl_fp16.policy.packing import PACKING_WITH_CPU_EP
+
+            raise ValueError(PACKING_WITH_CPU_EP)  # the validation stage refuses it first (`plan.device_problems`)
         self.loop = (PipelineLoop(self.adapter, micro_batch_size) if pp > 1
                      else MicroBatchLoop(self.adapter, micro_batch_size, trim=trim, packing=sequence_packing))
 

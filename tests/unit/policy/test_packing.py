@@ -204,6 +204,28 @@ def test_validation_stage_refuses_packing_with_pipeline_parallelism_in_one_line(
     assert len(lines) == 1 and "set policy.sequence_packing=false" in lines[0]
 
 
+
+def test_validation_stage_refuses_packing_where_the_cpu_moe_dispatcher_spans_dp_ranks():
+    """megatron on CPU (the rehearsal mode) runs the allgather MoE dispatcher, which needs one width over an EP
+    group spanning DP ranks (EP > TP): packing there is refused before any work (it failed inside the Ray actor)."""
+    from nemo_rl_fp16.config import ConfigError, load_recipe, typed
+    from nemo_rl_fp16.plan import check_run
+    from nemo_rl_fp16.policy.packing import PACKING_WITH_CPU_EP
+
+    def lines(*extra):
+        base = ["policy.backend=megatron", "device=cpu", "cluster.ray.enabled=true", "cluster.ray.trainer_workers=2",
+                "cluster.ray.layout=split", *extra]
+        try:
+            check_run(typed(load_recipe("moe_tiny", base)))
+        except ConfigError as e:
+            return [x for x in str(e).splitlines() if "sequence_packing" in x]
+        return []
+
+    assert lines("policy.expert_parallel_size=2", "policy.sequence_packing=true") == [PACKING_WITH_CPU_EP]
+    assert lines("policy.expert_parallel_size=2", "policy.sequence_packing=false") == []
+    assert lines("policy.expert_parallel_size=2", "policy.tensor_parallel_size=2", "policy.sequence_packing=true") == []
+
+
 MOE = {"config": {"model_type": "qwen3_moe", "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128,
                   "moe_intermediate_size": 64, "num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": True,
                   "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
