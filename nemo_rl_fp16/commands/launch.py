@@ -307,10 +307,16 @@ def parse_args(args: Sequence[str]) -> tuple[SlurmJob, str | None, bool]:
         ray_port=_int("ray_port", 6379, 1), ray_wait_s=_int("ray_wait_s", 600, 1),
         ray_poll_s=_int("ray_poll_s", 5, 1), launcher=launcher, setup=kv.get("setup"),
     )
-    from nemo_rl_fp16.plan import parallel_layout
+    from nemo_rl_fp16.memory_budget import memory_problems, plan_memory
+    from nemo_rl_fp16.plan import parallel_layout, run_device
 
     head = 2 if job.launcher == "nemo-rl-fp16" else 3
-    parallel_layout(typed(load_recipe(recipe, job.rl_command()[head + 1:])))  # the run's layout fits the job
+    run_cfg = typed(load_recipe(recipe, job.rl_command()[head + 1:]))
+    layout = parallel_layout(run_cfg)  # the run's layout fits the job
+    device = run_device(run_cfg)  # and its GPUs (the check `plan.check_run` makes; the rest needs the cluster)
+    too_big = memory_problems(plan_memory(run_cfg, layout, device), run_cfg) if device == "cuda" else []
+    if too_big:
+        raise ConfigError("\n".join(too_big))
     script = kv.get("script") or str(out_dir / "launch" / f"{job.job_name}.sbatch")
     return job, script, submit_raw in _TRUE
 

@@ -60,6 +60,7 @@ def test_nemo_launcher_and_no_container(tmp_path):
     (["nodes=x"], "not an integer"), (["submit=maybe"], "not a boolean"), (["launcher=srun"], "launcher="),
     (["account=a b"], "account="), (["dry_run=true"], "no dry_run"),
     (["nodes=1", "gpus_per_node=4"], "cluster.ray places 8 GPUs"),  # grpo_fp16's 8 + 8 colocated actors
+    (["cluster.gpu_memory_gb=5"], r"bad value for 'cluster.gpu_memory_gb': 5; the plan needs .* largest item"),
 ])
 def test_bad_arguments_fail_before_writing(tmp_path, bad, msg):
     with pytest.raises(ConfigError, match=msg):
