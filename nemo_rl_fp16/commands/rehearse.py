@@ -37,7 +37,8 @@ from rich.console import Console
 
 from nemo_rl_fp16.config import ConfigError, RecipeConfig, load_recipe, typed
 
-__all__ = ["block_size", "main", "miniature", "node_sizes", "rehearse", "simulated_cluster", "tp_replica_check"]
+__all__ = ["block_size", "main", "miniature", "node_sizes", "rehearse", "replaced_overrides", "simulated_cluster",
+           "tp_replica_check"]
 
 #: rehearsal options (`rehearse.<key>=<value>` on the command line) and their defaults (trainer_ranks None:
 #: 4, or 8 where the recipe's EP groups span data-parallel ranks; nodes None: as the recipe, `miniature`)
@@ -80,6 +81,38 @@ def split_options(overrides: list[str]) -> tuple[dict[str, int | None], list[str
             raise ConfigError(f"bad value for 'rehearse.{key}': {value!r}; allowed: an integer >= 1")
         opts[key] = int(value)
     return opts, rest
+
+
+#: the miniature's keys derived from the recipe (a user override of these shapes what is shrunk); every other key
+#: the miniature sets replaces the user's value, so overriding it is refused (`replaced_overrides`)
+DERIVED = frozenset({"policy.tensor_parallel_size", "policy.expert_parallel_size", "policy.sequence_packing",
+                     "cluster.ray.layout", "cluster.nodes", "cluster.ray.trainer_workers",
+                     "cluster.ray.rollout_workers", "data.prompts_per_step"})
+#: where an option of the command sets what a replaced key would have
+OPTION_FOR = {"trainer.max_steps": "rehearse.steps", "cluster.ray.trainer_workers": "rehearse.trainer_ranks",
+              "cluster.ray.rollout_workers": "rehearse.rollout_engines", "cluster.nodes": "rehearse.nodes"}
+
+
+def replaced_overrides(user: list[str], over: list[str]) -> None:
+    """Refuse the user's overrides of keys the miniature sets to its own values (they would be dropped silently).
+
+    Args:
+        user (list[str]): the command line's recipe overrides (`key=value`).
+        over (list[str]): the miniature's overrides (`miniature`).
+
+    Raises:
+        ConfigError: one line per replaced key, naming the option that sets it where there is one.
+    """
+    fixed = {o.split("=", 1)[0] for o in over} - DERIVED
+    lines = []
+    for item in user:
+        key = item.split("=", 1)[0].lstrip("+")
+        if key in fixed:
+            hint = f"use {OPTION_FOR[key]}=N" if key in OPTION_FOR else "the rehearsal sets it for the miniature"
+            lines.append(f"bad key for 'rehearse': {key}; allowed: keys the miniature does not set ({hint}); "
+                         f"remove {key}=")
+    if lines:
+        raise ConfigError("\n".join(lines))
 
 
 def miniature(rc: RecipeConfig, *, trainer_ranks: int | None = None, rollout_engines: int = 2, steps: int = 2,
@@ -331,6 +364,7 @@ def rehearse(recipe: str, overrides: list[str], console: Console | None = None,
     real = typed(load_recipe(recipe, rest))
     over, notes = miniature(real, trainer_ranks=opts["trainer_ranks"], rollout_engines=opts["rollout_engines"],
                             steps=opts["steps"], nodes=opts["nodes"])
+    replaced_overrides(rest, over)
     given = [x.split("=", 1)[1] for x in rest if x.startswith("output_dir=")]
     out = output_dir or (given[-1] if given else tempfile.mkdtemp(prefix=f"rehearse_{real.recipe}_"))
     cfg: DictConfig = load_recipe(recipe, [*rest, *over, f"output_dir={out}"])
@@ -390,8 +424,12 @@ def main(recipe: str, overrides: list[str], dry_run: bool) -> int:
 
         opts, rest = split_options(overrides)
         real = typed(load_recipe(recipe, rest))
-        over, _ = miniature(real, trainer_ranks=opts["trainer_ranks"], rollout_engines=opts["rollout_engines"],
-                            steps=opts["steps"], nodes=opts["nodes"])
+        over, notes = miniature(real, trainer_ranks=opts["trainer_ranks"], rollout_engines=opts["rollout_engines"],
+                                steps=opts["steps"], nodes=opts["nodes"])
+        replaced_overrides(rest, over)
+        Console().print(f"rehearsal of {real.recipe}: its layout kinds, shrunk, on CPU", highlight=False)
+        for line in notes:
+            Console().print(f"  {line}", soft_wrap=True, highlight=False)
         validate("rl", load_recipe(recipe, [*rest, *over]), dry_run=True)
         return 0
     metrics = rehearse(recipe, overrides)

@@ -85,3 +85,20 @@ def test_simulated_nodes_follow_the_recipes_split_layout():
     assert node_sizes(4, 2, 2, 2, "colocated") == [3, 3]
     _, two, _ = _mini("moe_30b_a3b_fp16", nodes=2)
     assert two.cluster.nodes == 2
+
+
+def test_overrides_the_miniature_replaces_are_refused_naming_the_option():
+    """`trainer.max_steps=7` was silently dropped (the miniature sets 2): refused, pointing at rehearse.steps;
+    keys the miniature derives from the recipe (TP, EP, ...) still shape it."""
+    from nemo_rl_fp16.commands.rehearse import replaced_overrides
+
+    real = typed(load_recipe("dense_14b_fp16"))
+    over, _ = miniature(real)
+    with pytest.raises(ConfigError) as e:
+        replaced_overrides(["trainer.max_steps=7", "rollout.backend=vllm", "seed=3"], over)
+    assert str(e.value).splitlines() == [
+        "bad key for 'rehearse': trainer.max_steps; allowed: keys the miniature does not set (use rehearse.steps=N); "
+        "remove trainer.max_steps=",
+        "bad key for 'rehearse': rollout.backend; allowed: keys the miniature does not set (the rehearsal sets it for "
+        "the miniature); remove rollout.backend="]
+    replaced_overrides(["policy.tensor_parallel_size=8", "seed=3", "output_dir=/tmp/x"], over)  # no refusal
