@@ -156,6 +156,10 @@ def miniature(rc: RecipeConfig, *, trainer_ranks: int | None = None, rollout_eng
     if moe and p.expert_parallel_size > 1:
         ep = max(e for e in (1, 2, 4) if e <= min(p.expert_parallel_size, dp) and dp % e == 0
                  and TINY_MOE["num_experts"] % e == 0)
+    if moe and p.expert_parallel_size > 1 and ep == 1:
+        raise ConfigError(f"bad value for 'rehearse.trainer_ranks': {trainer_ranks}; allowed: a multiple of "
+                          f"{2 * tp} (TP {tp} x a DP that EP 2 divides): the recipe's expert parallelism "
+                          f"(EP {p.expert_parallel_size}) would not be rehearsed at DP {dp}")
     engines = min(rc.cluster.ray.rollout_workers if rc.cluster.ray.enabled else 1, rollout_engines)
     layout = rc.cluster.ray.layout if rc.cluster.ray.enabled else "split"
     if nodes is None:  # the recipe's trainer nodes (16 ranks on 8-GPU nodes: 2), at most one per block, + engines

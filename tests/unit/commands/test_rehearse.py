@@ -102,3 +102,12 @@ def test_overrides_the_miniature_replaces_are_refused_naming_the_option():
         "bad key for 'rehearse': rollout.backend; allowed: keys the miniature does not set (the rehearsal sets it for "
         "the miniature); remove rollout.backend="]
     replaced_overrides(["policy.tensor_parallel_size=8", "seed=3", "output_dir=/tmp/x"], over)  # no refusal
+
+
+def test_trainer_ranks_that_lose_expert_parallelism_are_refused():
+    """TP 2 x DP 3 cannot hold an EP group dividing DP: the MoE rehearsal would run EP 1 without saying so."""
+    real = typed(load_recipe("moe_30b_a3b_fp16"))
+    with pytest.raises(ConfigError, match=r"'rehearse.trainer_ranks': 6; allowed: a multiple of 4 .*EP 8"):
+        miniature(real, trainer_ranks=6)
+    over, _ = miniature(real, trainer_ranks=4)
+    assert "policy.expert_parallel_size=2" in over
