@@ -50,6 +50,8 @@ def plan_facts(cfg: RecipeConfig, layout: Layout, run_device: str) -> dict[str, 
         "loss scaling": train_pol.describe()["loss_scale"],
         "layout": str(layout),
         "placement": _placement_line(cfg),
+        "refit": _refit_line(cfg, run_device),
+        "micro-batches": _micro_batch_line(cfg),
         "router replay": _replay_line(cfg),
         "algorithm": (
             f"{cfg.algorithm.name} + correction {cfg.algorithm.correction}, reduction "
@@ -79,6 +81,34 @@ def plan_facts(cfg: RecipeConfig, layout: Layout, run_device: str) -> dict[str, 
 #: the plan's note for `policy.backend=megatron` on CPU (allowed, for rehearsals and tests)
 CPU_MEGATRON_NOTE = ("REHEARSAL mode: megatron-core over gloo with its CUDA calls redirected to the CPU "
                      "(policy/megatron/cpu_rehearsal.py); slow, for layout rehearsals and tests, not for training")
+
+
+def _refit_line(cfg: RecipeConfig, device: str) -> str:
+    r = cfg.rollout
+    bucket = f"buckets of <= {r.refit_bucket_mb:g} MiB in the rollout dtype"
+    if not cfg.cluster.ray.enabled:
+        return f"in process ({'vLLM: ' + bucket if r.backend == 'vllm' else 'the torch engine copies the weights'})"
+    from nemo_rl_fp16.distributed.ray_refit import choose_transport
+
+    try:
+        transport = choose_transport(r.refit_transport, device, cfg.cluster.ray.layout)
+    except ValueError:  # refused by the validation stage with its own line
+        transport = r.refit_transport
+    how = {"object_store": "trainer rank 0 -> Ray's object store -> every engine",
+           "broadcast": "trainer rank 0 broadcasts to every engine (a gloo/NCCL group of its own)",
+           "ipc": "every trainer rank hands the engine on its bundle a handle (CUDA IPC / shared memory)"}[transport]
+    return f"{transport} (rollout.refit_transport={r.refit_transport}): {how}; {bucket}"
+
+
+def _micro_batch_line(cfg: RecipeConfig) -> str:
+    p = cfg.policy
+    if p.sequence_packing:
+        how = "packed: rows sorted by length, neighbours together, real tokens left-aligned (policy.sequence_packing)"
+    elif p.backend == "megatron" and p.pipeline_parallel_size == 1:
+        how = "trimmed to their own length (policy/trim.py; policy.sequence_packing=true packs them)"
+    else:
+        how = "at the batch's padded width (policy.sequence_packing=true packs them)"
+    return f"{p.micro_batch_size} rows each, {how}"
 
 
 def _replay_line(cfg: RecipeConfig) -> str:
