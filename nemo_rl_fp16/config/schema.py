@@ -421,6 +421,8 @@ def _format_errors(err: ValidationError, data: dict) -> str:
             prefix = ".".join(str(p) for p in loc[:-1])
             hint = (f"did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close
                     else f"valid keys here: {', '.join(valid)}")
+            if key == "rehearse":  # the `rehearse` command's own options (`commands/rehearse.py`)
+                hint = "rehearse.* options belong to the rehearse command: nemo-rl-fp16 rehearse recipe=... rehearse.steps=N"
             lines.append(f"unknown key '{key}' (value {value!r}); {hint}")
         elif e["type"] == "literal_error":
             lines.append(f"bad value for '{key}': {value!r}; allowed: {e['ctx']['expected']}")

@@ -67,3 +67,10 @@ def test_layout_validation():
                                           "cluster.nodes=2"]))
     lay = parallel_layout(cfg)
     assert (lay.world_size, lay.tp, lay.dp) == (16, 2, 8)
+
+
+def test_rehearse_options_under_rl_point_to_the_rehearse_command():
+    """`rl ... rehearse.steps=3` suggested 'reward'; the key belongs to another command."""
+    with pytest.raises(ConfigError, match=r"unknown key 'rehearse' .*; rehearse\.\* options belong to the rehearse "
+                                          r"command: nemo-rl-fp16 rehearse recipe=\.\.\. rehearse\.steps=N"):
+        typed(load_recipe("sanity_tiny", ["rehearse.steps=3"]))
