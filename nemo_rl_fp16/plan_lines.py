@@ -28,9 +28,9 @@ def plan_facts(cfg: RecipeConfig, layout: Layout, run_device: str) -> dict[str, 
 
     Returns:
         dict[str, object]: label -> printable fact (recipe, model, device, both engines' dtypes,
-            the precision contract, loss scaling, layout, placement, router replay, algorithm, data,
-            batch, steps, warm start, eval; parameters and memory lines (`memory_lines`) with the
-            megatron backend or on CUDA).
+            the precision contract, loss scaling, layout, placement, refit, micro-batches, router
+            replay, algorithm, data, batch, steps, warm start, eval; parameters and memory lines
+            (`memory_lines`) on CUDA; megatron on CPU: the rehearsal-mode note).
     """
     train_pol, rollout_pol = resolve_policies(cfg.precision.model_dump())
     device = run_device + (" (auto)" if cfg.device == "auto" else "")
@@ -71,7 +71,7 @@ def plan_facts(cfg: RecipeConfig, layout: Layout, run_device: str) -> dict[str, 
                                                      f"{cfg.data.dataset} problems")
                  if cfg.trainer.eval_every else "off"),
     }
-    if cfg.policy.backend == "megatron" or run_device == "cuda":
+    if run_device == "cuda":  # per-GPU figures; a CPU run (megatron: the rehearsal mode) has no GPU to plan
         plan.update(_memory_plan_lines(cfg, layout, run_device))
     if cfg.policy.backend == "megatron" and run_device == "cpu":
         plan["megatron on CPU"] = CPU_MEGATRON_NOTE
