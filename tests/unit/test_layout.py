@@ -42,6 +42,7 @@ TESTED_ELSEWHERE = {
     "distributed/workers.py": ["tests/unit/distributed/test_ray_run.py", "tests/integration/test_ray_runs.py"],
     "doctor_probes.py": ["tests/unit/test_doctor.py", "tests/unit/policy/test_megatron_doctor.py"],
     "policy/megatron/pipeline.py": ["tests/integration/test_megatron_pipeline.py"],  # PP=2 needs 2 ranks (torchrun)
+    "policy/megatron/adapter.py": ["tests/unit/policy/megatron/test_policy.py"],  # the policy's scoring path
     # finalize_model_grads over TP/DP: 2 ranks (torchrun)
     "policy/megatron/grad_sync.py": ["tests/integration/test_megatron_grad_sync.py"],
     "policy/megatron/refit_stream.py": ["tests/integration/test_megatron_refit_memory.py"],  # TP/EP=2 (torchrun)

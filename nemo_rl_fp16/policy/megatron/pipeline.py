@@ -161,7 +161,7 @@ class PipelineLoop(MicroBatchLoop):
     """`MicroBatchLoop` whose forwards and backwards run through megatron-core's pipeline schedule.
 
     Args:
-        adapter: the megatron model adapter (`policy.MegatronModelAdapter`).
+        adapter: the megatron model adapter (`adapter.MegatronModelAdapter`).
         micro_batch_size: rows per micro-batch (>= 1).
 
     Raises:

@@ -35,7 +35,6 @@ through the same backend-neutral logic as the torch backend (`policy.expert_rout
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ import torch
 from nemo_rl_fp16.interfaces import LossFn, RolloutBatch, TrainStepResult
 from nemo_rl_fp16.modeling.layout import ModelLayout
 from nemo_rl_fp16.policy.expert_routing import ExpertRouting, check_router_replay
+from nemo_rl_fp16.policy.megatron.adapter import MegatronModelAdapter
 from nemo_rl_fp16.policy.megatron.convert import (
     hf_source,
     hf_to_megatron,
@@ -55,7 +55,7 @@ from nemo_rl_fp16.policy.megatron.cpu_rehearsal import check_cuda_clean, enable_
 from nemo_rl_fp16.policy.megatron.grad_sync import CpuGradSync
 from nemo_rl_fp16.policy.megatron.model import MegatronCausalLM, build_gpt_model, transformer_config, unwrap
 from nemo_rl_fp16.policy.megatron.optimizer import back_off_grad_scalers, build_megatron_optimizer, megatron_train_step
-from nemo_rl_fp16.policy.megatron.parallel import data_parallel, init_megatron_parallel
+from nemo_rl_fp16.policy.megatron.parallel import init_megatron_parallel
 from nemo_rl_fp16.policy.megatron.pipeline import (
     PipelineLoop,
     PipelineMasterWeights,
@@ -67,64 +67,12 @@ from nemo_rl_fp16.policy.megatron.refit_stream import local_spec_names, stream_h
 from nemo_rl_fp16.policy.megatron.routing import MegatronRouting, install_partial_replays
 from nemo_rl_fp16.policy.megatron.sequence_parallel import sequence_parallel_problem, spec_attention
 from nemo_rl_fp16.policy.megatron.sharding import gather_full_state_dict, load_shard_, shard_state_dict
-from nemo_rl_fp16.policy.micro_batches import DataParallel, MicroBatchLoop
+from nemo_rl_fp16.policy.micro_batches import MicroBatchLoop
 from nemo_rl_fp16.policy.mixed_precision import GradHook, MasterWeights, check_master_dtype
 from nemo_rl_fp16.policy.packing import PACKING_WITH_PP
 from nemo_rl_fp16.precision import DynamicLossScaler, PrecisionPolicy, audit_model, dtype_name, is_router_param
-from nemo_rl_fp16.precision.cpu_numerics import cpu_numerics
 
 __all__ = ["MegatronModelAdapter", "MegatronPolicy"]
-
-
-class MegatronModelAdapter:
-    """`micro_batches.ModelAdapter` over a `MegatronCausalLM` (vocab-parallel scoring, megatron's DP group).
-
-    Args:
-        compute: the compute model.
-        precision: the policy-side precision (`param_dtype` picks the numerics, `logits_dtype` the log-softmax).
-        device: where the model runs.
-        experts: the MoE routing of `compute` (`expert_routing.ExpertRouting`; replay, recording).
-    """
-
-    def __init__(self, compute: MegatronCausalLM, precision: PrecisionPolicy, device: torch.device,
-                 experts: ExpertRouting):
-        self.compute = compute
-        self.precision = precision
-        self.device = device
-        self.experts = experts
-
-    def score(self, mb: RolloutBatch, temperature: float) -> torch.Tensor:
-        """`[n, T]` fp32 log π of the response tokens (`MegatronCausalLM.response_logprobs`), routed as `experts` says.
-
-        Args:
-            mb (RolloutBatch): `n` rows of `[P + T]` tokens.
-            temperature (float): the sampling temperature T° (log-probs of `logits / T°`).
-
-        Returns:
-            torch.Tensor: `[n, T]` fp32 log π, gathered over TP (vocab-parallel log-softmax), 0 where masked.
-
-        Raises:
-            ValueError: replay is on and the batch carries no recorded experts (`ExpertRouting.replay_experts`).
-        """
-        with self.experts.replaying(mb):
-            return self.compute.response_logprobs(mb.input_ids.to(self.device), mb.attention_mask.to(self.device),
-                                                  mb.prompt_width, temperature, self.precision.logits_dtype)
-
-    def numerics(self) -> AbstractContextManager:
-        """`precision.cpu_numerics` for `param_dtype` on this device (a no-op on GPUs and for fp32).
-
-        Returns:
-            AbstractContextManager: the numerics scope of every forward/backward.
-        """
-        return cpu_numerics(self.device, self.precision.param_dtype)
-
-    def data_parallel(self) -> DataParallel:
-        """The data-parallel rank, size and group in megatron's parallel state (`parallel.data_parallel`).
-
-        Returns:
-            DataParallel: rank, size and process group of megatron's data-parallel group.
-        """
-        return data_parallel()
 
 
 class MegatronPolicy:
