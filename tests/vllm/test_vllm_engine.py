@@ -371,7 +371,7 @@ def test_ray_vllm_engines_take_an_ipc_refit_by_handle(tmp_path):
     """`rollout.refit_transport=ipc` with 2 vLLM-CPU engines (colocated, shared memory): each trainer rank
     hands the engine on its bundle a shared-memory handle per bucket (`ray_ipc_refit.push_ipc`), the
     engine opens it and loads in place (`load_bucket_handle`); the rollouts after a trained step match
-    the trainer (rounding only). Written without vLLM at hand (issue 19, ipc): first run is the vLLM job."""
+    the trainer (rounding only)."""
     import json
 
     pytest.importorskip("ray")
