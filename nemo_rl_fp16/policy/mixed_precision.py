@@ -157,6 +157,14 @@ class MasterWeights:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self._master_params, self.max_grad_norm))
         else:
             grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        return self._finish_step(found_inf, grad_norm, scale, loss_sum, metric_sums, micro)
+
+    def _finish_step(self, found_inf: bool, grad_norm: float, scale: float, loss_sum: float,
+                     metric_sums: dict[str, float], micro: list[dict[str, float]]) -> TrainStepResult:
+        """The end of every train step (also `PipelineMasterWeights.train_step`'s).
+
+        The optimizer steps unless an overflow skips it, grads are cleared, the loss scale is updated.
+        """
         if not found_inf:
             self.optimizer.step()
             self._stale = True

@@ -380,16 +380,7 @@ class PipelineMasterWeights(MasterWeights):
             grad_hook(grads)
         found_inf = any_nonfinite(grads)
         grad_norm = float("nan") if found_inf else self._clip()
-        if not found_inf:
-            self.optimizer.step()
-            self._stale = True
-        self.master.zero_grad(set_to_none=True)
-        self.compute.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.update(found_inf)
-        metrics = {"loss": loss_sum, **metric_sums, "loss_scale": scale, "skipped": float(found_inf)}
-        return TrainStepResult(skipped=found_inf, grad_norm=grad_norm, loss_scale=scale, metrics=metrics,
-                               micro_metrics=micro)
+        return self._finish_step(found_inf, grad_norm, scale, loss_sum, metric_sums, micro)
 
     def _accumulate_one(self, i: int):
         def hook(p: torch.Tensor) -> None:
