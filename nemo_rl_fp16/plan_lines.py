@@ -73,6 +73,9 @@ def plan_facts(cfg: RecipeConfig, layout: Layout, run_device: str) -> dict[str, 
     }
     if run_device == "cuda":  # per-GPU figures; a CPU run (megatron: the rehearsal mode) has no GPU to plan
         plan.update(_memory_plan_lines(cfg, layout, run_device))
+    elif cfg.cluster.gpu_memory_gb:  # a GPU recipe tried off CUDA: its GPU size is not checked, and said so
+        plan["memory/peak"] = (f"not checked (cluster.gpu_memory_gb={cfg.cluster.gpu_memory_gb:g} describes the "
+                               f"GPUs; this run has none)")
     if cfg.policy.backend == "megatron" and run_device == "cpu":
         plan["megatron on CPU"] = CPU_MEGATRON_NOTE
     return plan

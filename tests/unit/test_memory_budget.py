@@ -92,6 +92,7 @@ def test_gpu_memory_is_not_checked_off_cuda_and_the_plan_says_so():
     b = plan_memory(cfg, layout, "cpu")
     assert memory_problems(b, cfg) == []
     assert "not checked (cluster.gpu_memory_gb=1 describes the GPUs; this run has none)" in memory_lines(b, cfg)["memory/peak"]
+    assert make_plan(cfg)["memory/peak"] == "not checked (cluster.gpu_memory_gb=1 describes the GPUs; this run has none)"
     assert memory_problems(plan_memory(cfg, layout, "cuda"), cfg)  # the same recipe on CUDA: refused
 
 
